@@ -1,0 +1,5 @@
+import sys
+
+from deepretrieval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install DeepRetrieval for CPU (tests, local engine, HF rollout). GPU extras: requirements-gpu.txt.
+# On a machine without a GPU, point pip at the CPU wheels first if torch is not installed yet:
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" bash install.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+# torch first and pinned, so that nothing below pulls a multi-GB CUDA build.
+if ! "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(not ((2, 4) <= v <= (2, 14)))' 2>/dev/null; then
+  "$PY" -m pip install -q ${TORCH_PIP_ARGS:-} "torch==2.13.0"
+fi
+"$PY" -m pip install -q -r requirements.txt
+"$PY" -m pip install -q --no-deps -e .
