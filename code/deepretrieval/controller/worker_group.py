@@ -1,0 +1,227 @@
+"""Worker groups: one worker process per device slot, called as one object.
+
+`group.method(*args)` runs `method` on every worker, split and joined as the method's
+`@register(Dispatch...)` says (see dispatch.py). Two implementations share that interface:
+
+- `RayWorkerGroup`   one Ray actor per slot of a `ResourcePool`; torch.distributed is initialised in
+                     the workers (gloo on CPU, NCCL on GPU) with rank 0's address; every call waits
+                     at most `call_timeout_s`.
+- `LocalWorkerGroup` the same worker class instantiated in this process (world size 1), for
+                     debugging and for single-GPU machines without Ray.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Any, Dict, List, Optional, Sequence
+
+from deepretrieval.controller.dispatch import Dispatch, collect, dispatch_args, dispatch_mode_of, register
+from deepretrieval.controller.ray_utils import WorkerFailed, kill_actors, ray_get
+from deepretrieval.controller.resource_pool import ResourcePool
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Base class of worker roles: knows its rank and sets up torch.distributed."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device_type = os.environ.get("DR_DEVICE", "cpu")
+
+    @property
+    def device(self):
+        import torch
+
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_distributed(self, timeout_s: float = 600.0) -> int:
+        """Join the group's process group (no-op for a single worker); returns the rank."""
+        import torch
+        import torch.distributed as dist
+
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.local_rank if torch.cuda.device_count() > self.local_rank else 0)
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device_type == "cuda" else "gloo"
+            if self.device_type == "cuda":
+                backend = "cpu:gloo,cuda:nccl"  # gloo for CPU tensors (checkpoint metadata), NCCL for GPU
+            dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        return self.rank
+
+    def ensure_process_group(self) -> None:
+        """A single-process group, for code (FSDP2, DCP) that needs one even with one worker."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo" if self.device_type != "cuda" else "cpu:gloo,cuda:nccl",
+                                    store=dist.HashStore(), rank=0, world_size=1)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def ping(self) -> Dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "pid": os.getpid(), "device": self.device_type}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class _WorkerHost:
+    """The Ray actor holding one worker: sets the process environment, then builds the worker."""
+
+    def __init__(self, worker_cls: type, env: Dict[str, str], args: Sequence[Any], kwargs: Dict[str, Any]):
+        os.environ.update(env)
+        import torch
+
+        threads = int(env.get("DR_NUM_THREADS", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.worker = worker_cls(*args, **kwargs)
+
+    @staticmethod
+    def address() -> tuple:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    @staticmethod
+    def set_master(addr: str, port: int) -> None:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.worker, method)(*args, **kwargs)
+
+
+class _GroupBase:
+    worker_cls: type
+    world_size: int
+
+    def _run(self, method: str, per_args: List[List[Any]], per_kwargs: List[Dict[str, Any]]) -> List[Any]:
+        raise NotImplementedError  # implemented by RayWorkerGroup and LocalWorkerGroup
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        mode = dispatch_mode_of(self.worker_cls, method)
+        per_args, per_kwargs, pad_info = dispatch_args(mode, self.world_size, args, kwargs)
+        outputs = self._run(method, per_args, per_kwargs)
+        return collect(mode, outputs, pad_info)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("worker_cls", "world_size"):
+            raise AttributeError(name)
+        dispatch_mode_of(self.worker_cls, name)  # raises for unregistered names
+        return lambda *args, **kwargs: self.call(name, *args, **kwargs)
+
+
+class RayWorkerGroup(_GroupBase):
+    """`resource_pool.world_size` Ray actors running `worker_cls(*args, **kwargs)`."""
+
+    def __init__(
+        self,
+        resource_pool: ResourcePool,
+        worker_cls: type,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+        name_prefix: str = "worker",
+        start_timeout_s: float = 300.0,
+        call_timeout_s: float = 3600.0,
+        env: Optional[Dict[str, str]] = None,
+        num_threads: int = 0,
+    ):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.worker_cls = worker_cls
+        self.world_size = resource_pool.world_size
+        self.name_prefix = name_prefix
+        self.call_timeout_s = call_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.actors: List[Any] = []
+        share = 1.0 / resource_pool.max_colocate_count
+        host_cls = ray.remote(_WorkerHost)
+        device = "cuda" if resource_pool.use_gpu else "cpu"
+        master: Optional[tuple] = None
+        try:
+            slots = resource_pool.slots()
+            local_ranks: Dict[int, int] = {}
+            for rank, (pg, bundle) in enumerate(slots):
+                node_key = id(pg)
+                local_rank = local_ranks.get(node_key, 0)
+                local_ranks[node_key] = local_rank + 1
+                options: Dict[str, Any] = dict(
+                    num_cpus=share * resource_pool.cpus_per_slot,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=bundle),
+                    name=None,
+                    max_concurrency=1,
+                )
+                if resource_pool.use_gpu:
+                    options["num_gpus"] = share
+                worker_env = {
+                    "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
+                    # Ray shows each GPU actor only its own device, so the local index is 0
+                    "LOCAL_RANK": "0" if resource_pool.use_gpu else str(local_rank),
+                    "DR_DEVICE": device, "DR_NUM_THREADS": str(num_threads),
+                }
+                if master is not None:
+                    worker_env["MASTER_ADDR"], worker_env["MASTER_PORT"] = master[0], str(master[1])
+                worker_env.update(env or {})
+                actor = host_cls.options(**options).remote(worker_cls, worker_env, list(args), dict(kwargs or {}))
+                self.actors.append(actor)
+                if rank == 0:
+                    # rank 0 picks the rendezvous address on its own node; others are told it
+                    master = ray_get(actor.address.remote(), start_timeout_s, f"starting {name_prefix} rank 0")
+                    ray_get(actor.set_master.remote(*master), start_timeout_s, f"starting {name_prefix}")
+            ray_get([a.call.remote("ping") for a in self.actors], start_timeout_s, f"starting {name_prefix} workers")
+            # the process group's own timeout bounds every later collective, so it gets the call
+            # timeout; the rendezvous itself is bounded by the driver's start timeout (_run)
+            self.call("init_distributed", timeout_s=max(start_timeout_s, call_timeout_s))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _run(self, method: str, per_args: List[List[Any]], per_kwargs: List[Dict[str, Any]]) -> List[Any]:
+        timeout = self.start_timeout_s if method == "init_distributed" else self.call_timeout_s
+        refs = [a.call.remote(method, *per_args[r], **per_kwargs[r]) for r, a in enumerate(self.actors)]
+        try:
+            return ray_get(refs, timeout, f"{self.name_prefix}.{method}")
+        except WorkerFailed:
+            raise
+        except BaseException:
+            # a timeout or Ctrl-C leaves the other ranks inside a collective: they cannot be reused
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        kill_actors(self.actors)
+        self.actors = []
+
+
+class LocalWorkerGroup(_GroupBase):
+    """The worker in this process (rank 0 of 1) behind the worker-group interface."""
+
+    def __init__(self, worker_cls: type, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                 device: str = "cpu", name_prefix: str = "worker"):
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DR_DEVICE": device}.items():
+            os.environ[key] = value
+        self.worker_cls = worker_cls
+        self.world_size = 1
+        self.name_prefix = name_prefix
+        self.worker = worker_cls(*args, **dict(kwargs or {}))
+        self.call("init_distributed")
+
+    def _run(self, method: str, per_args: List[List[Any]], per_kwargs: List[Dict[str, Any]]) -> List[Any]:
+        return [getattr(self.worker, method)(*per_args[0], **per_kwargs[0])]
+
+    def shutdown(self) -> None:
+        self.worker = None

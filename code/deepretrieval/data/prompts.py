@@ -1,0 +1,162 @@
+"""Prompt templates for the literature-search tasks, in one place.
+
+A prompt is stored as chat messages (verl's `prompt` column) plus an *assistant prefix*: text the
+model's turn starts with. The reasoning style prefixes `Let me solve this step by step.\\n<think>\\n`
+(as the original DeepRetrieval prompts did), so the response starts mid-thought and the reward's
+format check counts that `<think>` (`think_in_prompt`). The tokenizer's chat template is applied
+when the dataset is loaded (`deepretrieval.data.dataset`); `render_raw_text` is the plain-text
+rendering for base models without a chat template.
+
+Styles:
+  reasoning        think in <think>...</think>, answer in <answer>{"query": ...}</answer>; prompt opens <think>
+  reasoning_free   same tags, but the model opens <think> itself (for templates that add their own turn text)
+  no_reason        answer only: <answer>{"query": ...}</answer>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+Message = Dict[str, str]
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    name: str
+    reasoning: bool
+    assistant_prefix: str
+
+    @property
+    def think_in_prompt(self) -> bool:
+        """Whether the prompt itself opens the `<think>` block the response must close."""
+        return self.assistant_prefix.rstrip().endswith("<think>")
+
+
+PROMPT_STYLES: Dict[str, PromptStyle] = {
+    "reasoning": PromptStyle("reasoning", True, "Let me solve this step by step.\n<think>\n"),
+    "reasoning_free": PromptStyle("reasoning_free", True, ""),
+    "no_reason": PromptStyle("no_reason", False, ""),
+}
+
+BASE_PREAMBLE = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User "
+    "with the answer."
+)
+
+# What each engine accepts; the model is told the syntax of the engine that will run its query.
+ENGINE_SYNTAX: Dict[str, str] = {
+    "pubmed": (
+        "The query is run on PubMed. Use PubMed Boolean syntax: the operators AND, OR, NOT (upper case, "
+        'applied left to right, so group with parentheses), "double quotes" for exact phrases, optional '
+        "field tags such as [Title/Abstract] or [MeSH Terms], and * for truncation."
+    ),
+    "ctgov": (
+        "The query is run on ClinicalTrials.gov. Use its search syntax: the operators AND, OR, NOT "
+        '(upper case), parentheses for grouping and "double quotes" for exact phrases.'
+    ),
+    "local": (
+        "The query is run on a local search engine that accepts PubMed Boolean syntax: the operators "
+        "AND, OR, NOT (upper case, applied left to right, so group with parentheses), "
+        '"double quotes" for exact phrases, optional field tags [tiab], [ti], [ab] or [mh], and * for '
+        "truncation. Terms joined without an operator must all match."
+    ),
+    # the trial collection holds description text only: no MeSH headings to tag
+    "local_trials": (
+        "The query is run on a local search engine over trial descriptions that accepts PubMed "
+        "Boolean syntax: the operators AND, OR, NOT (upper case, applied left to right, so group with "
+        'parentheses), "double quotes" for exact phrases and * for truncation. Terms joined without '
+        "an operator must all match."
+    ),
+}
+
+PICO_INTRO = (
+    "The Assistant is a clinical specialist. He is conducting research and doing a medical literature "
+    "review. His task is to create query terms for a search to find relevant {what} on {where}.\n\n"
+    "The research is defined using the PICO framework:\n"
+    "P: Patient, Problem or Population - Who or what is the research about?\n"
+    "I: Intervention - What is the main intervention or exposure being considered?\n"
+    "C: Comparison - What is the intervention being compared to?\n"
+    "O: Outcome - What are the relevant outcomes or effects being measured?"
+)
+
+# task kind -> (instruction, how the input is introduced)
+TASK_TEXT: Dict[str, Dict[str, str]] = {
+    "pico_publication": {
+        "instruction": PICO_INTRO.format(what="publications", where="PubMed"),
+        "input_intro": "The research is defined by the following PICO:",
+    },
+    "pico_trial": {
+        "instruction": PICO_INTRO.format(what="clinical trials", where="ClinicalTrials.gov"),
+        "input_intro": "The research is defined by the following PICO:",
+    },
+    "review_question": {
+        "instruction": (
+            "The Assistant is a medical librarian preparing a systematic review. His task is to write "
+            "a search query that finds, in a database of PubMed records (titles, abstracts and MeSH "
+            "headings), all studies that the review should screen for the given review question."
+        ),
+        "input_intro": "The review question is:",
+    },
+    "patient_trials": {
+        "instruction": (
+            "The Assistant is a clinical research coordinator. His task is to write a search query that "
+            "finds, in a collection of clinical trial descriptions, the trials a patient could be "
+            "eligible for, given the patient's case description."
+        ),
+        "input_intro": "The patient case is:",
+    },
+}
+
+ANSWER_FORMAT_REASONING = (
+    "The Assistant should show his thinking process in <think> </think> tags. The Assistant should "
+    "return the final answer in JSON format in <answer> </answer> tags, for example:\n"
+    "<think>\n[thinking process]\n</think>\n<answer>\n{\n    \"query\": \"....\"\n}\n</answer>"
+)
+ANSWER_FORMAT_NO_REASON = (
+    "The Assistant should return the final answer directly, in JSON format in <answer> </answer> tags, "
+    "without any explanation, for example:\n<answer>\n{\n    \"query\": \"....\"\n}\n</answer>"
+)
+
+
+def get_style(style: str) -> PromptStyle:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[style]
+
+
+def build_user_content(task_kind: str, task_input: str, engine: str, style: str = "reasoning") -> str:
+    """The user turn: role and task, the engine's query syntax, the answer format, then the input."""
+    if task_kind not in TASK_TEXT:
+        raise ValueError(f"unknown task kind {task_kind!r}; known: {', '.join(TASK_TEXT)}")
+    if engine not in ENGINE_SYNTAX:
+        raise ValueError(f"unknown engine {engine!r} for prompts; known: {', '.join(ENGINE_SYNTAX)}")
+    text = TASK_TEXT[task_kind]
+    fmt = ANSWER_FORMAT_REASONING if get_style(style).reasoning else ANSWER_FORMAT_NO_REASON
+    return (
+        f"{text['instruction']}\n\n{ENGINE_SYNTAX[engine]}\n\n{fmt}\n\n"
+        f"{text['input_intro']}\n{task_input.strip()}"
+    )
+
+
+def build_messages(task_kind: str, task_input: str, engine: str, style: str = "reasoning") -> List[Message]:
+    """Chat messages stored in the parquet `prompt` column (one user turn, as the original)."""
+    return [{"role": "user", "content": build_user_content(task_kind, task_input, engine, style)}]
+
+
+def render_raw_text(messages: List[Message], assistant_prefix: str = "") -> str:
+    """Plain-text conversation for base models: preamble, `Role: content` turns, then `Assistant: `."""
+    parts = [BASE_PREAMBLE, ""]
+    for message in messages:
+        role = message["role"]
+        if role == "system":
+            parts.append(message["content"])
+        else:
+            parts.append(f"{role.capitalize()}: {message['content']}")
+    return "\n".join(parts) + "\nAssistant: " + assistant_prefix
+
+
+def format_pico(pico: Dict[str, Optional[str]]) -> str:
+    """LEADS PICO dict -> the `P: ...\\nI: ...\\nC: ...\\nO: ...` input text."""
+    return "\n".join(f"{key}: {(pico.get(key) or '').strip()}" for key in ("P", "I", "C", "O"))

@@ -1,0 +1,335 @@
+"""Search tasks -> verl training rows (parquet).
+
+Every row follows verl's schema:
+    data_source   "pubmed" | "ctgov" | "pubmed_mini" | "trials_sigir"  (selects the reward's engine)
+    prompt        chat messages (see deepretrieval.data.prompts)
+    ability       "literature_search"
+    reward_model  {"style": "rule", "ground_truth": {"target": [ids], ...}}
+    extra_info    {"split", "index", "topic_id", "pub_date", "prompt_style", "assistant_prefix",
+                   "think_in_prompt", "n_targets", ...}
+
+One function per task turns raw records into rows (registry `TASKS`); `prepare_task` writes
+`train.parquet`, `test.parquet` and a small `val.parquet` (a seeded sample of the test split, as
+the original DeepRetrieval validated on a slice of its test set). Splits are deterministic for a
+given seed. The trials_sigir graded judgements travel in the ground truth as parallel lists
+(`judged`, `grades`): a dict keyed by trial id would become a parquet struct with one field per
+trial id in the whole split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from deepretrieval.data import prompts
+from deepretrieval.data.paths import data_root
+
+logger = logging.getLogger(__name__)
+
+ABILITY = "literature_search"
+SPLITS = ("train", "test", "val")
+
+Row = Dict[str, Any]
+
+
+def read_jsonl(path: "str | Path") -> List[Dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                logger.warning("%s:%d: skipped, not JSON (%s)", path, line_no, exc)
+    return rows
+
+
+def make_row(
+    data_source: str,
+    task_kind: str,
+    engine: str,
+    task_input: str,
+    ground_truth: Dict[str, Any],
+    split: str,
+    index: int,
+    topic_id: str,
+    style: str,
+    pub_date: Optional[str] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Row:
+    prompt_style = prompts.get_style(style)
+    extra_info = {
+        "split": split,
+        "index": index,
+        "topic_id": str(topic_id),
+        "pub_date": pub_date,
+        "prompt_style": prompt_style.name,
+        "assistant_prefix": prompt_style.assistant_prefix,
+        "think_in_prompt": prompt_style.think_in_prompt,
+        "n_targets": len(ground_truth["target"]),
+    }
+    extra_info.update(extra or {})
+    return {
+        "data_source": data_source,
+        "prompt": prompts.build_messages(task_kind, task_input, engine, style),
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": extra_info,
+    }
+
+
+def _reindex(rows: List[Row], split: str) -> List[Row]:
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        row["extra_info"] = dict(row["extra_info"], split=split, index=i)
+        out.append(row)
+    return out
+
+
+def _val_from_test(test_rows: List[Row], val_size: int, seed: int) -> List[Row]:
+    rng = random.Random(seed + 1)
+    picked = sorted(rng.sample(range(len(test_rows)), min(val_size, len(test_rows))))
+    return _reindex([test_rows[i] for i in picked], "val")
+
+
+def _shuffled(items: List[Any], seed: int) -> List[Any]:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def _limit(rows: List[Any], limit: Optional[int]) -> List[Any]:
+    return rows if limit is None else rows[:limit]
+
+
+# ---------------------------------------------------------------- LEADS PICO tasks (live engines)
+
+
+def leads_rows(
+    raw: Iterable[Dict[str, Any]], data_source: str, split: str, style: str, engine: Optional[str] = None
+) -> List[Row]:
+    """LEADS raw rows `{"id", "pico": {P,I,C,O}, "targets": [...], "pub_date"}` -> verl rows."""
+    task_kind = "pico_publication" if data_source == "pubmed" else "pico_trial"
+    engine = engine or data_source
+    rows, skipped = [], 0
+    for record in raw:
+        pico, targets = record.get("pico"), record.get("targets")
+        if not isinstance(pico, dict) or not targets:
+            skipped += 1
+            continue
+        rows.append(
+            make_row(
+                data_source,
+                task_kind,
+                engine,
+                prompts.format_pico(pico),
+                {"target": [str(t) for t in targets]},
+                split=split,
+                index=len(rows),
+                topic_id=str(record.get("id", len(rows))),
+                style=style,
+                pub_date=record.get("pub_date") or None,
+            )
+        )
+    if skipped:
+        logger.warning("%s/%s: skipped %d raw rows without PICO or targets", data_source, split, skipped)
+    return rows
+
+
+def _prepare_leads(
+    data_source: str,
+    default_train: Optional[str],
+    default_test: str,
+    input: Optional[str] = None,
+    test_input: Optional[str] = None,
+    seed: int = 42,
+    val_size: int = 100,
+    style: str = "reasoning",
+    max_train: Optional[int] = None,
+    max_test: Optional[int] = None,
+    **_: Any,
+) -> Dict[str, List[Row]]:
+    train_path = input or (str(data_root() / default_train) if default_train else None)
+    test_path = test_input or str(data_root() / default_test)
+    splits: Dict[str, List[Row]] = {}
+    if train_path is None:
+        logger.warning(
+            "%s: no training split is vendored (LEADS publication training split); pass --input "
+            "with it in the LEADS raw format. Writing test and val only.",
+            data_source,
+        )
+    else:
+        raw = _limit(_shuffled(read_jsonl(train_path), seed), max_train)
+        splits["train"] = leads_rows(raw, data_source, "train", style)
+    raw_test = _limit(_shuffled(read_jsonl(test_path), seed), max_test)
+    splits["test"] = leads_rows(raw_test, data_source, "test", style)
+    splits["val"] = _val_from_test(splits["test"], val_size, seed)
+    return splits
+
+
+def prepare_pubmed(**options: Any) -> Dict[str, List[Row]]:
+    """LEADS publication search on live PubMed; searches restricted to records up to `pub_date`."""
+    return _prepare_leads("pubmed", None, "leads/publication_test.jsonl", **options)
+
+
+def prepare_ctgov(**options: Any) -> Dict[str, List[Row]]:
+    """LEADS trial search on live ClinicalTrials.gov."""
+    return _prepare_leads("ctgov", "leads/trial_train.jsonl", "leads/trial_test.jsonl", **options)
+
+
+# ---------------------------------------------------------------- local-corpus tasks
+
+
+def split_topics(topics: List[Dict[str, Any]], test_fraction: float, seed: int) -> Dict[str, str]:
+    """Seeded topic split, stratified by collection: topic_id -> "train" | "test"."""
+    by_collection: Dict[str, List[str]] = {}
+    for topic in topics:
+        by_collection.setdefault(str(topic.get("collection", "")), []).append(str(topic["topic_id"]))
+    assignment = {}
+    for collection in sorted(by_collection):
+        ids = _shuffled(sorted(by_collection[collection]), seed)
+        n_test = max(1, int(round(len(ids) * test_fraction))) if len(ids) > 1 else 0
+        for i, topic_id in enumerate(ids):
+            assignment[topic_id] = "test" if i < n_test else "train"
+    return assignment
+
+
+def _prepare_topics(
+    data_source: str,
+    topics_file: str,
+    to_row: Callable[[Dict[str, Any], str, int, str], Optional[Row]],
+    input: Optional[str] = None,
+    seed: int = 42,
+    test_fraction: float = 0.25,
+    val_size: int = 100,
+    style: str = "reasoning",
+    **_: Any,
+) -> Dict[str, List[Row]]:
+    topics = read_jsonl(input or (data_root() / topics_file))
+    assignment = split_topics(topics, test_fraction, seed)
+    splits: Dict[str, List[Row]] = {"train": [], "test": []}
+    for topic in sorted(topics, key=lambda t: str(t["topic_id"])):
+        split = assignment[str(topic["topic_id"])]
+        row = to_row(topic, split, len(splits[split]), style)
+        if row is None:
+            logger.warning("%s: topic %s has no relevant documents, skipped", data_source, topic["topic_id"])
+            continue
+        splits[split].append(row)
+    splits["train"] = _reindex(_shuffled(splits["train"], seed), "train")
+    splits["val"] = _val_from_test(splits["test"], val_size, seed)
+    return splits
+
+
+def pubmed_mini_row(topic: Dict[str, Any], split: str, index: int, style: str) -> Optional[Row]:
+    relevant = [str(p) for p in topic.get("relevant") or []]
+    if not relevant:
+        return None
+    return make_row(
+        "pubmed_mini",
+        "review_question",
+        "local",
+        topic["title"],
+        {"target": relevant},
+        split=split,
+        index=index,
+        topic_id=topic["topic_id"],
+        style=style,
+        extra={"collection": topic.get("collection")},
+    )
+
+
+def trials_sigir_row(topic: Dict[str, Any], split: str, index: int, style: str) -> Optional[Row]:
+    judgements = {str(k): int(v) for k, v in (topic.get("judgements") or {}).items()}
+    judged = sorted(judgements)
+    relevant = [doc for doc in judged if judgements[doc] >= 1]
+    if not relevant:
+        return None
+    ground_truth = {"target": relevant, "judged": judged, "grades": [judgements[d] for d in judged]}
+    return make_row(
+        "trials_sigir",
+        "patient_trials",
+        "local_trials",
+        topic["patient"],
+        ground_truth,
+        split=split,
+        index=index,
+        topic_id=topic["topic_id"],
+        style=style,
+        extra={"collection": topic.get("collection")},
+    )
+
+
+def prepare_pubmed_mini(**options: Any) -> Dict[str, List[Row]]:
+    """Systematic-review question -> relevant PMIDs in the vendored PubMed subset (local engine)."""
+    return _prepare_topics("pubmed_mini", "pubmed_mini/topics.jsonl", pubmed_mini_row, **options)
+
+
+def prepare_trials_sigir(**options: Any) -> Dict[str, List[Row]]:
+    """Patient case -> trials judged eligible (grade >= 1) in the vendored SIGIR 2016 collection."""
+    return _prepare_topics("trials_sigir", "trials_sigir/topics.jsonl", trials_sigir_row, **options)
+
+
+def judgements_from_ground_truth(ground_truth: Dict[str, Any]) -> Dict[str, int]:
+    """The graded judgements of a trials_sigir row as {trial_id: grade}."""
+    judged = ground_truth.get("judged")
+    grades = ground_truth.get("grades")
+    if judged is None or grades is None:
+        return {str(t): 1 for t in ground_truth.get("target", [])}
+    return {str(d): int(g) for d, g in zip(judged, grades)}
+
+
+# ---------------------------------------------------------------- registry and writer
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    prepare: Callable[..., Dict[str, List[Row]]]
+    engine: str
+    description: str
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+TASKS: Dict[str, Task] = {
+    "pubmed": Task("pubmed", prepare_pubmed, "pubmed", "LEADS PICO -> PubMed publications (live API)"),
+    "ctgov": Task("ctgov", prepare_ctgov, "ctgov", "LEADS PICO -> ClinicalTrials.gov trials (live API)"),
+    "pubmed_mini": Task("pubmed_mini", prepare_pubmed_mini, "local", "review question -> PMIDs (local index)"),
+    "trials_sigir": Task("trials_sigir", prepare_trials_sigir, "local", "patient case -> trials (local index)"),
+}
+
+
+def build_splits(task: str, **options: Any) -> Dict[str, List[Row]]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return TASKS[task].prepare(**options)
+
+
+def write_splits(splits: Dict[str, List[Row]], out_dir: "str | Path") -> Dict[str, Path]:
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in SPLITS:
+        if split not in splits:
+            continue
+        path = out / f"{split}.parquet"
+        pd.DataFrame(splits[split]).to_parquet(path, index=False)
+        paths[split] = path
+    return paths
+
+
+def prepare_task(task: str, out_dir: "str | Path", **options: Any) -> Dict[str, Path]:
+    """Build the task's splits and write them as parquet under `out_dir`; returns split -> path."""
+    splits = build_splits(task, **options)
+    paths = write_splits(splits, out_dir)
+    for split, path in paths.items():
+        logger.info("%s %s: %d rows -> %s", task, split, len(splits[split]), path)
+    return paths

@@ -1,0 +1,495 @@
+"""The tiered recall reward of DeepRetrieval for literature search.
+
+    score = format_part + answer_part
+
+    format_part  = format_score (+1)        if the tags are right (parsing.check_format)
+                 = format_penalty (-4)      otherwise; then there is no search and answer_part = 0
+    answer_part  = tier(recall@K)           recall@K = |top-K retrieved ∩ targets| / |targets|
+                 = answer_error_penalty (-4)   no JSON object / no "query" string / blank query
+                 = query_syntax_penalty (-4)   the engine rejected the query (the model's fault)
+    tier(r)      = 5 if r >= 0.7, 4 if r >= 0.5, 3 if r >= 0.4, 1 if r >= 0.3, 0.5 if r >= 0.1,
+                   0.1 if r >= 0.05, else -3.5                 (thresholds inclusive)
+
+These defaults reproduce the original DeepRetrieval reward (verl/utils/reward_score/literature.py:
+format +1 / -4, the same tiers, -4 for an answer that fails to evaluate). A `search_unavailable`
+sample (network, rate limit, server error) is not the model's fault: it gets
+`search_unavailable_score` (0) and `search_unavailable=True`, so the trainer can leave it out of
+the update.
+
+Configuration (the trainer's `reward` section; dict or DictConfig) overrides any default and maps
+each data source to its engine:
+
+    reward:
+      format_score: 1.0
+      tiers: [[0.7, 5], [0.5, 4], ...]        # (min recall, reward), any order
+      below_tiers_score: -3.5
+      sources:                                  # or the same keys at the top level
+        pubmed_mini: {engine: local, index: pubmed_mini, k: 100}
+        pubmed: {engine: pubmed, k: 3000, use_pub_date: true, base_url: ..., cache: ...}
+
+Keys of a source other than the reserved ones (`SOURCE_KEYS` and the scoring keys) are passed
+to `make_engine(engine, **options)`. A local source without `index_dir` uses the vendored corpus
+named by `index` (default: the data source name), built on first use (deepretrieval.data.paths).
+Engines are created lazily, once per process, keyed by their options, so the function-style
+`compute_score` works inside Ray workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from deepretrieval.rewards.parsing import (
+    ERROR_FORMAT,
+    ERROR_NONE,
+    ERROR_QUERY_SYNTAX,
+    ERROR_SEARCH_UNAVAILABLE,
+    check_format,
+    parse_answer,
+)
+from deepretrieval.search.base import (
+    QuerySyntaxError,
+    SearchEngine,
+    SearchEngineError,
+    SearchUnavailable,
+    make_engine,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIERS: Tuple[Tuple[float, float], ...] = (
+    (0.7, 5.0),
+    (0.5, 4.0),
+    (0.4, 3.0),
+    (0.3, 1.0),
+    (0.1, 0.5),
+    (0.05, 0.1),
+)
+
+# Per data source defaults: live tasks recall@3000, local tasks recall@100.
+DEFAULT_SOURCES: Dict[str, Dict[str, Any]] = {
+    "pubmed": {"engine": "pubmed", "k": 3000, "use_pub_date": True},
+    "ctgov": {"engine": "ctgov", "k": 3000, "use_pub_date": False},
+    "pubmed_mini": {"engine": "local", "index": "pubmed_mini", "k": 100},
+    "trials_sigir": {"engine": "local", "index": "trials_sigir", "k": 100},
+}
+
+# Keys of a source entry that configure scoring, not the engine constructor.
+SOURCE_KEYS = ("engine", "k", "use_pub_date", "index", "num_workers", "reasoning", "think_in_prompt")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Reward values; every field can be overridden globally or per data source."""
+
+    format_score: float = 1.0
+    format_penalty: float = -4.0
+    tiers: Tuple[Tuple[float, float], ...] = DEFAULT_TIERS
+    below_tiers_score: float = -3.5
+    answer_error_penalty: float = -4.0
+    query_syntax_penalty: float = -4.0
+    search_unavailable_score: float = 0.0
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """How one data source is searched and scored."""
+
+    name: str
+    engine: str
+    k: int
+    use_pub_date: bool = False
+    index: Optional[str] = None
+    num_workers: Optional[int] = None
+    reasoning: Optional[bool] = None  # None: read extra_info.prompt_style (default True)
+    think_in_prompt: Optional[bool] = None  # None: read extra_info.think_in_prompt (default False)
+    engine_options: Tuple[Tuple[str, Any], ...] = ()
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def engine_key(self) -> str:
+        """Identity of the engine instance this source uses (shared between sources when equal)."""
+        options = dict(self.engine_options)
+        if self.engine == "local" and "index_dir" not in options:
+            options["index"] = self.index or self.name
+        return json.dumps([self.engine, options], sort_keys=True, default=str)
+
+
+def _to_plain(config: Any) -> Dict[str, Any]:
+    if config is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # omegaconf is a dependency, but the reward must not need it
+        pass
+    return copy.deepcopy(dict(config))
+
+
+def _scoring_overrides(section: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for name in ScoringConfig.field_names():
+        if name in section and section[name] is not None:
+            value = section[name]
+            if name == "tiers":
+                items = value.items() if isinstance(value, Mapping) else value
+                value = tuple(sorted(((float(t), float(r)) for t, r in items), reverse=True))
+            else:
+                value = float(value)
+            out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The parsed `reward` section: global scoring values plus one SourceConfig per data source."""
+
+    scoring: ScoringConfig
+    sources: Dict[str, SourceConfig]
+
+    @classmethod
+    def from_config(cls, config: Any = None) -> "RewardConfig":
+        plain = _to_plain(config)
+        scoring = ScoringConfig(**_scoring_overrides(plain))
+        raw_sources = {name: dict(entry) for name, entry in DEFAULT_SOURCES.items()}
+        given = dict(plain.get("sources") or {})
+        for key, value in plain.items():
+            if isinstance(value, Mapping) and "engine" in value and key != "sources":
+                given[key] = value
+        for name, entry in given.items():
+            entry = dict(entry or {})
+            if "engine" in entry and entry["engine"] != raw_sources.get(name, {}).get("engine"):
+                raw_sources[name] = entry  # a different engine: defaults of the old one do not apply
+            else:
+                raw_sources.setdefault(name, {}).update(entry)
+        sources = {}
+        for name, entry in raw_sources.items():
+            if "engine" not in entry:
+                raise ValueError(f"reward source {name!r} has no engine")
+            scoring_keys = set(ScoringConfig.field_names())
+            options = {
+                k: v for k, v in entry.items() if k not in SOURCE_KEYS and k not in scoring_keys
+            }
+            sources[name] = SourceConfig(
+                name=name,
+                engine=str(entry["engine"]),
+                k=int(entry.get("k", 100)),
+                use_pub_date=bool(entry.get("use_pub_date", False)),
+                index=entry.get("index"),
+                num_workers=entry.get("num_workers"),
+                reasoning=entry.get("reasoning"),
+                think_in_prompt=entry.get("think_in_prompt"),
+                engine_options=tuple(sorted(options.items())),
+                scoring=replace(scoring, **_scoring_overrides(entry)),
+            )
+        return cls(scoring=scoring, sources=sources)
+
+    def source(self, data_source: str) -> SourceConfig:
+        if data_source not in self.sources:
+            raise KeyError(
+                f"no reward source configured for data_source {data_source!r}; "
+                f"known: {', '.join(sorted(self.sources))}"
+            )
+        return self.sources[data_source]
+
+
+# ---------------------------------------------------------------- pure scoring functions
+
+
+def recall_at_k(retrieved: Sequence[str], targets: Sequence[str], k: Optional[int] = None) -> float:
+    """|top-k retrieved ∩ targets| / |targets| (ids compared as strings; 0.0 without targets)."""
+    target_set = {str(t) for t in targets}
+    if not target_set:
+        return 0.0
+    top = retrieved if k is None else retrieved[:k]
+    return len({str(d) for d in top} & target_set) / len(target_set)
+
+
+def tier_reward(
+    recall: float, tiers: Sequence[Tuple[float, float]] = DEFAULT_TIERS, below: float = -3.5
+) -> Tuple[float, float]:
+    """(reward, threshold reached) for a recall; thresholds inclusive, threshold 0.0 when below all."""
+    for threshold, reward in sorted(tiers, reverse=True):
+        # tolerance: 7/10 computed as a float must reach the 0.7 tier
+        if recall >= threshold - 1e-12:
+            return float(reward), float(threshold)
+    return float(below), 0.0
+
+
+def _targets_of(ground_truth: Any) -> List[str]:
+    if isinstance(ground_truth, Mapping):
+        target = ground_truth.get("target")
+    else:
+        target = ground_truth
+    if target is None:
+        return []
+    if isinstance(target, str):
+        return [target]
+    return [str(t) for t in list(target)]
+
+
+def _flag(extra_info: Optional[Mapping[str, Any]], key: str, configured: Optional[bool], default: bool) -> bool:
+    if configured is not None:
+        return bool(configured)
+    if extra_info and extra_info.get(key) is not None:
+        return bool(extra_info.get(key))
+    return default
+
+
+@dataclass
+class PreparedSample:
+    """A response after parsing, before searching: what to search (if anything) and with what."""
+
+    data_source: str
+    format_ok: bool
+    query: Optional[str]
+    error: str
+    detail: str
+    targets: List[str]
+    source: SourceConfig
+    filters: Dict[str, Any]
+
+    @property
+    def needs_search(self) -> bool:
+        return self.error == ERROR_NONE and self.query is not None
+
+    def search_key(self) -> Tuple[str, str, int, str]:
+        """Samples with equal keys share one search."""
+        override = _OVERRIDES.get(self.source.name)
+        engine_id = f"override:{self.source.name}:{id(override)}" if override is not None else self.source.engine_key()
+        return (
+            engine_id,
+            self.query or "",
+            self.source.k,
+            json.dumps(self.filters, sort_keys=True, default=str),
+        )
+
+
+def prepare_sample(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Optional[Mapping[str, Any]],
+    config: RewardConfig,
+) -> PreparedSample:
+    source = config.source(data_source)
+    # reasoning unless the source says otherwise or the row was prepared with the no_reason style
+    reasoning_default = not (extra_info and extra_info.get("prompt_style") == "no_reason")
+    reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
+    think_in_prompt = _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
+    format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
+    parsed = parse_answer(solution_str)
+    filters: Dict[str, Any] = {}
+    if source.use_pub_date and extra_info and extra_info.get("pub_date"):
+        filters["max_date"] = str(extra_info["pub_date"])
+    if not format_ok:
+        # the original never searched a badly formatted response; the parsed query is still logged
+        error, detail = ERROR_FORMAT, format_detail
+    else:
+        error, detail = parsed.error, parsed.detail
+    return PreparedSample(
+        data_source=data_source,
+        format_ok=format_ok,
+        query=parsed.query,
+        error=error,
+        detail=detail,
+        targets=_targets_of(ground_truth),
+        source=source,
+        filters=filters,
+    )
+
+
+@dataclass
+class SearchOutcome:
+    """What one search produced: ids, or a classified error."""
+
+    ids: List[str]
+    error: str = ERROR_NONE
+    detail: str = ""
+    total: int = 0
+    elapsed_s: float = 0.0
+    cached: bool = False
+
+
+def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> Dict[str, Any]:
+    """Combine a prepared sample and its search outcome into the reward dict."""
+    scoring = sample.source.scoring
+    result: Dict[str, Any] = {
+        "score": 0.0,
+        "format_ok": sample.format_ok,
+        "query": sample.query,
+        "recall": 0.0,
+        "n_retrieved": 0,
+        "error": sample.error,
+        "error_detail": sample.detail,
+        "tier": None,
+        "format_score": scoring.format_score if sample.format_ok else scoring.format_penalty,
+        "answer_score": 0.0,
+        "search_unavailable": False,
+        "n_targets": len(sample.targets),
+        "search_time_s": 0.0,
+        "cached": False,
+    }
+    if sample.error == ERROR_FORMAT:
+        pass
+    elif sample.error != ERROR_NONE:
+        result["answer_score"] = scoring.answer_error_penalty
+    elif outcome is None:
+        raise ValueError("a sample that needs a search was finished without a search outcome")
+    else:
+        result["search_time_s"] = outcome.elapsed_s
+        result["cached"] = outcome.cached
+        if outcome.error == ERROR_QUERY_SYNTAX:
+            result.update(error=ERROR_QUERY_SYNTAX, error_detail=outcome.detail)
+            result["answer_score"] = scoring.query_syntax_penalty
+        elif outcome.error != ERROR_NONE:
+            result.update(
+                error=ERROR_SEARCH_UNAVAILABLE,
+                error_detail=outcome.detail,
+                search_unavailable=True,
+                recall=None,
+                score=scoring.search_unavailable_score,
+            )
+            return result
+        else:
+            retrieved = outcome.ids[: sample.source.k]
+            recall = recall_at_k(retrieved, sample.targets)
+            answer, tier = tier_reward(recall, scoring.tiers, scoring.below_tiers_score)
+            result.update(recall=recall, n_retrieved=len(retrieved), tier=tier, answer_score=answer)
+            if not sample.targets:
+                logger.warning("%s: sample without targets; recall set to 0", sample.data_source)
+    result["score"] = float(result["format_score"] + result["answer_score"])
+    return result
+
+
+# ---------------------------------------------------------------- engines (lazy, one per process)
+
+_ENGINES: Dict[str, SearchEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+_OVERRIDES: Dict[str, SearchEngine] = {}
+
+
+def set_engine(data_source: str, engine: Optional[SearchEngine]) -> None:
+    """Use `engine` for `data_source` in this process (tests, custom engines); None removes it."""
+    if engine is None:
+        _OVERRIDES.pop(data_source, None)
+    else:
+        _OVERRIDES[data_source] = engine
+
+
+def get_engine(source: SourceConfig) -> SearchEngine:
+    """The process-wide engine for a source, created on first use."""
+    if source.name in _OVERRIDES:
+        return _OVERRIDES[source.name]
+    key = source.engine_key()
+    engine = _ENGINES.get(key)
+    if engine is not None:
+        return engine
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            options = dict(source.engine_options)
+            if source.engine == "local" and "index_dir" not in options:
+                from deepretrieval.data.paths import ensure_local_index
+
+                options["index_dir"] = str(ensure_local_index(source.index or source.name))
+            engine = make_engine(source.engine, **options)
+            _ENGINES[key] = engine
+    return engine
+
+
+def clear_engines() -> None:
+    """Close and forget the process-wide engines."""
+    with _ENGINES_LOCK:
+        for engine in _ENGINES.values():
+            try:
+                engine.close()
+            except Exception:  # closing is best effort
+                logger.debug("engine close failed", exc_info=True)
+        _ENGINES.clear()
+
+
+def run_search(sample: PreparedSample, engine: Optional[SearchEngine] = None) -> SearchOutcome:
+    """Search a prepared sample's query; search errors come back classified, never raised.
+
+    An engine that cannot be *configured* (unknown engine name, bad options) raises: that is a
+    setup mistake, not a transient failure to leave out of the update."""
+    start = time.perf_counter()
+    if engine is None:
+        try:
+            engine = get_engine(sample.source)
+        except SearchEngineError as exc:  # e.g. the index cannot be opened; config errors raise
+            return SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, f"engine: {exc}", elapsed_s=time.perf_counter() - start)
+    try:
+        result = engine.search(sample.query or "", k=sample.source.k, **sample.filters)
+    except QuerySyntaxError as exc:
+        return SearchOutcome([], ERROR_QUERY_SYNTAX, str(exc), elapsed_s=time.perf_counter() - start)
+    except (SearchUnavailable, SearchEngineError) as exc:
+        return SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, str(exc), elapsed_s=time.perf_counter() - start)
+    except Exception as exc:  # an engine bug must not kill a training run; it is counted, not scored
+        logger.exception("search failed unexpectedly for %r", sample.query)
+        return SearchOutcome(
+            [], ERROR_SEARCH_UNAVAILABLE, f"{type(exc).__name__}: {exc}", elapsed_s=time.perf_counter() - start
+        )
+    if result.error:  # an engine may report instead of raising
+        kind = result.error.get("type")
+        error = ERROR_QUERY_SYNTAX if kind == ERROR_QUERY_SYNTAX else ERROR_SEARCH_UNAVAILABLE
+        return SearchOutcome([], error, result.error.get("message", ""), elapsed_s=time.perf_counter() - start)
+    return SearchOutcome(
+        ids=[str(i) for i in result.ids],
+        total=int(result.total),
+        elapsed_s=time.perf_counter() - start,
+        cached=bool(result.cached),
+    )
+
+
+# ---------------------------------------------------------------- verl entry point
+
+_DEFAULT_CONFIG: Optional[RewardConfig] = None
+
+
+def configure(config: Any = None) -> RewardConfig:
+    """Set this process's reward configuration (used when compute_score gets no `config`)."""
+    global _DEFAULT_CONFIG
+    _DEFAULT_CONFIG = config if isinstance(config, RewardConfig) else RewardConfig.from_config(config)
+    return _DEFAULT_CONFIG
+
+
+def resolve_config(config: Any = None) -> RewardConfig:
+    if isinstance(config, RewardConfig):
+        return config
+    if config is not None:
+        return RewardConfig.from_config(config)
+    return _DEFAULT_CONFIG or configure(None)
+
+
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Optional[Mapping[str, Any]] = None,
+    config: Any = None,
+    engine: Optional[SearchEngine] = None,
+) -> Dict[str, Any]:
+    """verl's reward signature: score one decoded response.
+
+    Returns a dict with `score`, `format_ok`, `query`, `recall` (None when the search was
+    unavailable), `n_retrieved`, `error` (none | format | json | empty_query | query_syntax |
+    search_unavailable), `tier` (recall threshold reached; 0.0 below all; None without recall),
+    `format_score`, `answer_score`, `search_unavailable`, `error_detail`, `search_time_s`, `cached`.
+    """
+    cfg = resolve_config(config)
+    sample = prepare_sample(data_source, solution_str, ground_truth, extra_info, cfg)
+    outcome = run_search(sample, engine) if sample.needs_search else None
+    return finish_sample(sample, outcome)

@@ -1,0 +1,169 @@
+"""ClinicalTrials.gov through API v2: `GET {base}/studies`.
+
+Request: `query.term` (the generated query, always an encoded parameter), `pageSize`
+(<= 1000), `pageToken` from the previous page's `nextPageToken`, `fields=NCTId` (only the
+identifier comes back), `countTotal=true` on the first page, `format=json`, and for the
+date filters `filter.advanced=AREA[StudyFirstPostDate]RANGE[<min>,<max>]` (first-posted
+date; partial dates widen to the first/last day they cover, an open side is MIN/MAX).
+
+Answer: `{"studies": [{"protocolSection": {"identificationModule": {"nctId": ...}}}],
+"nextPageToken": ..., "totalCount": N}`; paging stops at k ids or when no token remains.
+
+Classification: HTTP 400 with a text body starting "Error parsing query" is the query's
+fault -> `QuerySyntaxError`; any other 4xx means our request is wrong -> `SearchUnavailable`
+(immediately, not the model's fault). 429/5xx, timeouts, connection errors and truncated or
+malformed JSON are retried, then `SearchUnavailable`.
+
+Rate: ClinicalTrials.gov publishes no limit (its robots.txt asks for a 1 s crawl delay);
+the default `DEFAULT_RATE` is that 1 request/s, shared by every thread and process through
+`ratelimit.RateLimiter`. Raise it with `rate_limit=` for mirrors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Dict, List, Optional, Union
+from urllib.parse import urlsplit
+
+from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
+from deepretrieval.search.cache import SearchCache, resolve_cache
+from deepretrieval.search.http import (
+    HttpClient,
+    LiveSearchEngine,
+    RetryPolicy,
+    TransientError,
+    date_bound_iso,
+    decode_json,
+)
+from deepretrieval.search.ratelimit import RATE_HEADROOM, RateLimiter, credential_tag
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "https://clinicaltrials.gov/api/v2/"
+URL_ENV = "DEEPRETRIEVAL_CTGOV_URL"
+DEFAULT_RATE = 1.0
+MAX_PAGE_SIZE = 1000
+QUERY_FAULT_PATTERN = re.compile(r"error\s+parsing\s+query|syntax\s+error", re.IGNORECASE)
+
+
+def parse_studies_page(payload: Any) -> Dict[str, Any]:
+    """Validate one `/studies` JSON page -> {ids, total (or None), next_token}."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("studies"), list):
+        raise TransientError("unexpected /studies answer (no 'studies' list)")
+    ids: List[str] = []
+    for study in payload["studies"]:
+        try:
+            nct = study["protocolSection"]["identificationModule"]["nctId"]
+        except (KeyError, TypeError):
+            raise TransientError("study without protocolSection.identificationModule.nctId") from None
+        ids.append(str(nct))
+    total = payload.get("totalCount")
+    try:
+        total = int(total) if total is not None else None
+    except (TypeError, ValueError):
+        raise TransientError(f"unusable totalCount {total!r}") from None
+    token = payload.get("nextPageToken") or None
+    return {"ids": ids, "total": total, "next_token": token}
+
+
+class CTGovSearchEngine(LiveSearchEngine, SearchEngine):
+    """`search(query, k, min_date=None, max_date=None) -> SearchResult` against `/studies`."""
+
+    name = "ctgov"
+    FILTERS = ("min_date", "max_date")
+
+    def __init__(
+        self,
+        base_url: Optional[str] = None,
+        cache: Union[bool, None, str, "os.PathLike[str]", SearchCache] = True,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        rate_limit: Optional[float] = None,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        page_size: int = MAX_PAGE_SIZE,
+        cache_ttl: Optional[float] = None,
+        ratelimit_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        pool_size: int = 32,
+    ):
+        self._remember_options(locals())
+        base = base_url or os.environ.get(URL_ENV) or DEFAULT_URL
+        self.base_url = base.rstrip("/") + "/"
+        self.page_size = max(1, min(int(page_size), MAX_PAGE_SIZE))
+        self.rate_limit = rate_limit if rate_limit is not None else DEFAULT_RATE
+        host = urlsplit(self.base_url).netloc
+        limiter = RateLimiter(self.rate_limit, credential_tag(f"ctgov@{host}", None), ratelimit_dir, headroom=RATE_HEADROOM)
+        policy = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
+        self.http = HttpClient("ctgov", limiter, policy, timeout=timeout, pool_size=pool_size, user_agent="deepretrieval")
+        self._owns_cache = not isinstance(cache, SearchCache)
+        self.cache = resolve_cache(cache, ttl=cache_ttl)
+
+    def __repr__(self) -> str:
+        return f"CTGovSearchEngine(base_url={self.base_url!r}, rate_limit={self.rate_limit:g})"
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "engine": self.name, "base_url": self.base_url, "page_size": self.page_size,
+            "rate_limit": self.rate_limit, "timeout": self.http.timeout,
+            "max_retries": self.http.policy.max_retries,
+            "cache": str(self.cache.path) if self.cache is not None else None,
+        }
+
+    @staticmethod
+    def date_filter(min_date: Any = None, max_date: Any = None) -> Optional[str]:
+        """The Essie expression restricting the first-posted date, or None without dates."""
+        if min_date is None and max_date is None:
+            return None
+        lo = date_bound_iso(min_date, end=False, name="min_date") if min_date is not None else "MIN"
+        hi = date_bound_iso(max_date, end=True, name="max_date") if max_date is not None else "MAX"
+        return f"AREA[StudyFirstPostDate]RANGE[{lo},{hi}]"
+
+    def _page(self, params: Dict[str, str], query: str) -> Dict[str, Any]:
+        def handle(response):
+            if response.status_code == 200:
+                return parse_studies_page(decode_json(response))
+            text = (response.text or "").strip()[:300]
+            if response.status_code == 400 and QUERY_FAULT_PATTERN.search(text):
+                raise QuerySyntaxError(f"ClinicalTrials.gov rejected the query: {text}", query=query)
+            raise SearchUnavailable(
+                f"ClinicalTrials.gov answered HTTP {response.status_code}: {text or response.reason}"
+            )
+
+        return self.http.call("GET", self.base_url + "studies", handle, params=params, what="studies")
+
+    def _fetch(self, query: str, k: int, filters: Dict[str, Any]) -> SearchResult:
+        page_size = min(self.page_size, k)
+        params: Dict[str, str] = {
+            "query.term": query,
+            "pageSize": str(page_size),
+            "fields": "NCTId",
+            "format": "json",
+            "countTotal": "true",
+        }
+        advanced = self.date_filter(filters.get("min_date"), filters.get("max_date"))
+        if advanced:
+            params["filter.advanced"] = advanced
+        ids: List[str] = []
+        seen = set()
+        total: Optional[int] = None
+        token: Optional[str] = None
+        while len(ids) < k:
+            request = dict(params)
+            if token:
+                request["pageToken"] = token
+                request.pop("countTotal", None)  # the total only comes with the first page
+            page = self._page(request, query)
+            if total is None:
+                total = page["total"]
+            for nct in page["ids"]:
+                if nct not in seen:
+                    seen.add(nct)
+                    ids.append(nct)
+            token = page["next_token"]
+            if not token or not page["ids"]:
+                break
+        if total is None:
+            total = len(ids)
+        return SearchResult(ids=ids[:k], total=total, query=query, engine=self.name, k=k)

@@ -1,0 +1,387 @@
+"""Loading and validating the PPO trainer configuration.
+
+The defaults live in `config/ppo_trainer.yaml` (verl key names). `compose_config(overrides)` builds
+the run configuration from `key=value` overrides the way `python -m deepretrieval.trainer.main_ppo`
+does; `validate_config(cfg)` rejects, before anything expensive starts, every key that is not in the
+defaults (with a "did you mean") and every setting that cannot work: batch arithmetic that does not
+divide, unknown estimator names, a vLLM rollout without vLLM installed, and so on. Each problem is a
+`ConfigError` that names the key and says why.
+
+Batch-size arithmetic (verl semantics). With `W` data-parallel workers and `n` samples per prompt:
+    train_batch_size * n            % W == 0        (every worker gets the same number of samples)
+    ppo_mini_batch_size * n         % W == 0        (a mini-batch splits evenly over workers)
+    (ppo_mini_batch_size * n / W)   % ppo_micro_batch_size_per_gpu == 0
+    train_batch_size                % ppo_mini_batch_size == 0
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_NAME = "ppo_trainer"
+
+# Sections that accept keys the defaults do not list (their contents are checked by their owner).
+OPEN_SECTIONS = (
+    "actor_rollout_ref.model.override_config",
+    "critic.model.override_config",
+    "reward",
+)
+
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+KL_PENALTIES = ("kl", "abs", "mse", "k2", "low_var_kl", "k3")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
+ROLLOUT_NAMES = ("hf", "vllm")
+STRATEGIES = ("fsdp", "fsdp2")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `key` is the dotted key at fault."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"config key '{key}': {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def default_config() -> DictConfig:
+    """The defaults of `ppo_trainer.yaml` without Hydra's own sections, unresolved."""
+    cfg = OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")
+    for key in ("defaults", "hydra"):
+        if key in cfg:
+            cfg.pop(key)
+    return cfg
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].strip()
+    return key.lstrip("~+")
+
+
+def _in_open_section(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in OPEN_SECTIONS)
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():
+            return False
+        node = node._get_node(part)  # no interpolation resolution while walking
+    return True
+
+
+def _all_keys(cfg: Any, prefix: str = "") -> List[str]:
+    keys: List[str] = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            keys.extend(_all_keys(cfg._get_node(k), full))
+    return keys
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def check_override_keys(overrides: Sequence[str], defaults: Optional[DictConfig] = None) -> List[str]:
+    """Check the keys of `key=value` overrides against the defaults; returns the overrides ready for
+    Hydra (keys inside open sections get the `+` Hydra needs to add them). Hydra's own keys
+    (`hydra.*`) pass through. Raises ConfigError for an unknown key."""
+    defaults = default_config() if defaults is None else defaults
+    known = _all_keys(defaults)
+    ready: List[str] = []
+    for ov in overrides:
+        if "=" not in ov and not ov.startswith("~"):
+            raise ConfigError(ov, "expected key=value")
+        key = _override_key(ov)
+        if key.startswith("hydra.") or key == "hydra":
+            ready.append(ov)
+            continue
+        if _has_key(defaults, key):
+            ready.append(ov.lstrip("+") if ov.startswith("+") and not ov.startswith("++") else ov)
+            continue
+        if _in_open_section(key):
+            ready.append(ov if ov.startswith("+") else "++" + ov)
+            continue
+        raise ConfigError(key, "unknown key (not in ppo_trainer.yaml)" + _suggest(key, known))
+    return ready
+
+
+def compose_config(overrides: Sequence[str] = (), validate: bool = True) -> DictConfig:
+    """Build the run configuration from the defaults and `key=value` overrides (Hydra syntax)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    ready = check_override_keys(list(overrides))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name=CONFIG_NAME, overrides=ready)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def resolve_device(cfg: DictConfig) -> str:
+    """`trainer.device` made concrete: "cuda" or "cpu"."""
+    device = str(_get(cfg, "trainer.device", "auto"))
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+
+
+def _check_unknown(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
+    for key in cfg.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if _in_open_section(full):
+            continue
+        if key not in defaults.keys():
+            raise ConfigError(full, "unknown key (not in ppo_trainer.yaml)" + _suggest(full, _all_keys(defaults)))
+        sub, dsub = cfg._get_node(key), defaults._get_node(key)
+        if isinstance(sub, DictConfig) and isinstance(dsub, DictConfig) and not sub._is_missing() and not sub._is_none():
+            _check_unknown(sub, dsub, full)
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> Optional[int]:
+    value = _get(cfg, key)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def micro_batch_per_gpu(cfg: DictConfig, section: str, name: str, world: int, fallback: Optional[int] = None) -> int:
+    """verl's rule: exactly one of `<name>` (across all devices, deprecated) and `<name>_per_gpu`."""
+    global_key, per_gpu_key = f"{section}.{name}", f"{section}.{name}_per_gpu"
+    glob, per = _get(cfg, global_key), _get(cfg, per_gpu_key)
+    if glob is not None and per is not None:
+        raise ConfigError(global_key, f"set only one of '{global_key}' and '{per_gpu_key}' ('{per_gpu_key}' is preferred)")
+    if per is not None:
+        return _positive_int(cfg, per_gpu_key)  # type: ignore[return-value]
+    if glob is not None:
+        glob = _positive_int(cfg, global_key)
+        if glob % world:
+            raise ConfigError(global_key, f"{glob} is not divisible by the {world} data-parallel workers")
+        return glob // world
+    if fallback is not None:
+        return fallback
+    raise ConfigError(per_gpu_key, "must be set (samples per forward/backward on each device)")
+
+
+def uses_critic(cfg: DictConfig) -> bool:
+    return _get(cfg, "algorithm.adv_estimator") == "gae"
+
+
+def uses_reference(cfg: DictConfig) -> bool:
+    return bool(_get(cfg, "algorithm.use_kl_in_reward")) or bool(_get(cfg, "actor_rollout_ref.actor.use_kl_loss"))
+
+
+def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_batch: int) -> int:
+    mini = _positive_int(cfg, f"{section}.ppo_mini_batch_size")
+    if mini > train_batch:
+        raise ConfigError(f"{section}.ppo_mini_batch_size",
+                          f"{mini} is larger than data.train_batch_size={train_batch}")
+    if train_batch % mini:
+        raise ConfigError(f"{section}.ppo_mini_batch_size",
+                          f"data.train_batch_size={train_batch} is not a multiple of {mini}")
+    if (mini * n) % world:
+        raise ConfigError(f"{section}.ppo_mini_batch_size",
+                          f"{mini} prompts x rollout.n={n} = {mini * n} samples do not split over {world} workers")
+    micro = micro_batch_per_gpu(cfg, section, "ppo_micro_batch_size", world)
+    per_rank = mini * n // world
+    if per_rank % micro:
+        raise ConfigError(f"{section}.ppo_micro_batch_size_per_gpu",
+                          f"a mini-batch gives each of the {world} workers {per_rank} samples, "
+                          f"not a multiple of the micro-batch {micro}")
+    return micro
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first problem found; returns None when the config can run."""
+    _check_unknown(cfg, default_config())
+
+    for key in ("data.train_files", "actor_rollout_ref.model.path"):
+        if OmegaConf.is_missing(cfg, key) or _get(cfg, key) in (None, "", []):
+            raise ConfigError(key, "is required")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # interpolation errors name the key in their message
+        raise ConfigError(getattr(exc, "full_key", "?") or "?", f"cannot be resolved: {exc}") from None
+
+    device = _one_of(cfg, "trainer.device", ("auto", "cuda", "cpu"))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "cuda requested but torch sees no CUDA device")
+    world_n = _positive_int(cfg, "trainer.n_gpus_per_node")
+    nnodes = _positive_int(cfg, "trainer.nnodes")
+    world = world_n * nnodes
+    use_ray = _get(cfg, "trainer.use_ray")
+    if use_ray not in ("auto", True, False):
+        raise ConfigError("trainer.use_ray", f"must be auto, true or false; got {use_ray!r}")
+    if use_ray is False and world > 1:
+        raise ConfigError("trainer.use_ray", f"false (in-process) runs one worker, but {world} devices are requested "
+                          "(set trainer.n_gpus_per_node=1 trainer.nnodes=1)")
+    if world > 1 and importlib.util.find_spec("ray") is None:
+        raise ConfigError("trainer.n_gpus_per_node", f"{world} workers need Ray, which is not installed "
+                          "(pip install 'ray[default]', or run in-process with n_gpus_per_node=1)")
+
+    train_batch = _positive_int(cfg, "data.train_batch_size")
+    _positive_int(cfg, "data.val_batch_size", allow_none=True)
+    _positive_int(cfg, "data.max_prompt_length")
+    _positive_int(cfg, "data.max_response_length")
+    _one_of(cfg, "data.truncation", ("error", "left", "right"))
+    if _get(cfg, "actor_rollout_ref.rollout.prompt_length") != _get(cfg, "data.max_prompt_length"):
+        raise ConfigError("actor_rollout_ref.rollout.prompt_length", "must equal data.max_prompt_length")
+    if _get(cfg, "actor_rollout_ref.rollout.response_length") != _get(cfg, "data.max_response_length"):
+        raise ConfigError("actor_rollout_ref.rollout.response_length", "must equal data.max_response_length")
+
+    rollout = "actor_rollout_ref.rollout"
+    name = _one_of(cfg, f"{rollout}.name", ROLLOUT_NAMES)
+    if name == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{rollout}.name", "vllm rollout requested but the vllm package is not installed "
+                              "(pip install -r requirements-gpu.txt, or use rollout.name=hf)")
+        tp = _positive_int(cfg, f"{rollout}.tensor_model_parallel_size")
+        if world % tp:
+            raise ConfigError(f"{rollout}.tensor_model_parallel_size", f"{tp} does not divide the {world} devices")
+    n = _positive_int(cfg, f"{rollout}.n")
+    _positive_int(cfg, f"{rollout}.val_kwargs.n")
+    if n > 1 and not _get(cfg, f"{rollout}.do_sample"):
+        raise ConfigError(f"{rollout}.n", f"{n} samples per prompt need do_sample=true (greedy samples are identical)")
+    if (train_batch * n) % world:
+        raise ConfigError("data.train_batch_size", f"{train_batch} prompts x rollout.n={n} = {train_batch * n} samples "
+                          f"do not split evenly over {world} workers")
+
+    actor = "actor_rollout_ref.actor"
+    _one_of(cfg, f"{actor}.strategy", STRATEGIES)
+    _one_of(cfg, "critic.strategy", STRATEGIES)
+    actor_micro = _check_ppo_batches(cfg, actor, world, n, train_batch)
+    micro_batch_per_gpu(cfg, rollout, "log_prob_micro_batch_size", world, fallback=actor_micro)
+    micro_batch_per_gpu(cfg, "actor_rollout_ref.ref", "log_prob_micro_batch_size", world, fallback=actor_micro)
+    _positive_int(cfg, f"{actor}.ppo_epochs")
+    _one_of(cfg, f"{actor}.loss_agg_mode", LOSS_AGG_MODES)
+    _one_of(cfg, f"{actor}.kl_loss_type", KL_PENALTIES)
+    for fsdp_key in (f"{actor}.fsdp_config", "critic.model.fsdp_config"):
+        _one_of(cfg, f"{fsdp_key}.mixed_precision", ("auto", "bf16", "fp32"))
+    for section in (actor, "critic"):
+        if _get(cfg, f"{section}.use_dynamic_bsz"):
+            raise ConfigError(f"{section}.use_dynamic_bsz", "token-budget micro-batches are not supported; use false")
+        _one_of(cfg, f"{section}.optim.warmup_style", ("constant", "cosine"))
+    if int(_get(cfg, "actor_rollout_ref.model.lora_rank") or 0) > 0:
+        raise ConfigError("actor_rollout_ref.model.lora_rank", "LoRA training is not supported by this trainer yet; use 0")
+    if _get(cfg, "reward_model.enable"):
+        raise ConfigError("reward_model.enable", "model-based rewards are not supported; rewards come from the `reward` section")
+    if _get(cfg, "trainer.default_hdfs_dir") is not None:
+        raise ConfigError("trainer.default_hdfs_dir", "HDFS is not supported; use trainer.default_local_dir")
+
+    algo = "algorithm"
+    _one_of(cfg, f"{algo}.adv_estimator", ADV_ESTIMATORS)
+    _one_of(cfg, f"{algo}.kl_penalty", KL_PENALTIES)
+    _one_of(cfg, f"{algo}.kl_ctrl.type", ("fixed", "adaptive"))
+    if uses_critic(cfg):
+        _check_ppo_batches(cfg, "critic", world, n, train_batch)
+        micro_batch_per_gpu(cfg, "critic", "forward_micro_batch_size", world,
+                            fallback=micro_batch_per_gpu(cfg, "critic", "ppo_micro_batch_size", world))
+        _one_of(cfg, "critic.loss_agg_mode", LOSS_AGG_MODES)
+        if not _get(cfg, "critic.model.path"):
+            raise ConfigError("critic.model.path", "is required with adv_estimator=gae")
+    elif n < 2 and _get(cfg, f"{algo}.adv_estimator") in ("grpo", "rloo", "reinforce_plus_plus_baseline"):
+        raise ConfigError(f"{rollout}.n", f"{_get(cfg, f'{algo}.adv_estimator')} compares samples of one prompt; needs n >= 2")
+    if _get(cfg, f"{algo}.use_kl_in_reward") and _get(cfg, f"{actor}.use_kl_loss"):
+        logger.warning("both algorithm.use_kl_in_reward and actor.use_kl_loss are on: the KL is counted twice")
+
+    trainer = "trainer"
+    _positive_int(cfg, f"{trainer}.total_epochs")
+    _positive_int(cfg, f"{trainer}.total_training_steps", allow_none=True)
+    for key in ("save_freq", "test_freq"):
+        value = _get(cfg, f"{trainer}.{key}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise ConfigError(f"{trainer}.{key}", f"must be an integer >= -1, got {value!r}")
+    loggers = _get(cfg, f"{trainer}.logger")
+    if isinstance(loggers, str):
+        loggers = [loggers]
+    if not isinstance(loggers, (list, ListConfig)):
+        raise ConfigError(f"{trainer}.logger", f"must be a list, e.g. [console,jsonl]; got {loggers!r}")
+    for item in loggers:
+        if item not in LOGGERS:
+            raise ConfigError(f"{trainer}.logger", f"unknown logger {item!r}; known: {', '.join(LOGGERS)}")
+    keep = _get(cfg, f"{trainer}.max_actor_ckpt_to_keep")
+    if keep is not None:
+        _positive_int(cfg, f"{trainer}.max_actor_ckpt_to_keep")
+    mode = _get(cfg, f"{trainer}.resume_mode")
+    if mode not in ("auto", "disable", "resume_path"):
+        if not isinstance(mode, str) or not os.path.isdir(mode):
+            raise ConfigError(f"{trainer}.resume_mode", f"must be auto, disable, resume_path or an existing checkpoint "
+                              f"folder; {mode!r} is none of these")
+    if mode == "resume_path" and not _get(cfg, f"{trainer}.resume_from_path"):
+        raise ConfigError(f"{trainer}.resume_from_path", "required with resume_mode=resume_path")
+    timeout = _get(cfg, f"{trainer}.ray_init.timeout_s")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# per-worker views
+
+
+def per_rank_batch_config(section_cfg: Any, rollout_n: int, world: int) -> Dict[str, Any]:
+    """The actor or critic section with verl's per-rank normalisation applied: `ppo_mini_batch_size`
+    becomes samples per worker (prompts * n / world) and the deprecated global micro-batch keys are
+    turned into `*_per_gpu`. The result is a plain dict the workers' Actor/Critic read."""
+    sec = OmegaConf.to_container(section_cfg, resolve=True) if isinstance(section_cfg, DictConfig) else copy.deepcopy(dict(section_cfg))
+    sec["ppo_mini_batch_size"] = int(sec["ppo_mini_batch_size"]) * rollout_n // world
+    for name in ("ppo_micro_batch_size", "forward_micro_batch_size", "log_prob_micro_batch_size"):
+        glob = sec.get(name)
+        if glob is not None:
+            if sec.get(f"{name}_per_gpu") is None:
+                sec[f"{name}_per_gpu"] = int(glob) // world
+            sec[name] = None
+    return sec
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain-python copy of a config node (dicts/lists), for pickling to workers."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return copy.deepcopy(cfg)

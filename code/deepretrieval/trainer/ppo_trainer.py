@@ -1,0 +1,516 @@
+"""The PPO fit loop on a single controller (this process) driving worker groups.
+
+One step (verl's order):
+    generate (n samples per prompt) -> reward (search + recall) -> old log-probs -> reference
+    log-probs -> values -> KL penalty + advantages (here, pure functions) -> critic update ->
+    actor update -> the rollout engine sees the new weights (HF rollout shares the actor's module)
+Samples whose search was unavailable (`search_unavailable`, the service's fault, not the model's)
+are left out of the update: advantages are computed without them and their response mask is
+zeroed, so they add nothing to any loss while the batch keeps the shape the batch arithmetic
+promised every worker.
+
+Validation (greedy by default, `rollout.val_kwargs`) runs before training (`val_before_train`),
+every `test_freq` steps and after the last step, and reports the reward metrics per data source as
+`val/<data_source>/<metric>` (e.g. `val/pubmed_mini/recall_mean`).
+
+Checkpoints (`save_freq` and the last step) hold everything a resume needs; resuming from step k
+of N reproduces the metrics of an uninterrupted run (the data order, the rollout sampling seeds,
+every RNG, the optimiser, scheduler and KL-controller states are restored).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from deepretrieval.protocol import Batch
+from deepretrieval.trainer import ppo_core
+from deepretrieval.trainer.checkpoint import (
+    CheckpointManager,
+    get_rng_state,
+    load_trainer_state,
+    save_trainer_state,
+    set_rng_state,
+)
+from deepretrieval.trainer.config import ConfigError, resolve_device, to_plain, uses_critic, uses_reference, world_size
+from deepretrieval.trainer.tracking import Tracking
+
+logger = logging.getLogger(__name__)
+
+# batch keys each worker call needs (only these travel to the workers)
+LOG_PROB_KEYS = ["responses", "input_ids", "attention_mask", "position_ids"]
+ACTOR_UPDATE_KEYS = LOG_PROB_KEYS + ["response_mask", "old_log_probs", "advantages"]
+CRITIC_UPDATE_KEYS = LOG_PROB_KEYS + ["response_mask", "values", "returns"]
+
+
+# ------------------------------------------------------------------------------------------------
+# data order
+
+
+class PromptLoader:
+    """Deterministic, resumable batching of a map-style dataset.
+
+    Epoch e visits the prompts in the order `randperm(len, seed + e)` (or in file order without
+    shuffling) in batches of `batch_size`; the position is `(epoch, batch index)`, so a resumed run
+    continues with exactly the batch the interrupted one would have drawn next.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, collate_fn: Callable, shuffle: bool = True,
+                 seed: int = 1, drop_last: bool = True):
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        n = len(dataset)
+        self.batches_per_epoch = n // self.batch_size if drop_last else math.ceil(n / self.batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} prompts cannot fill one batch of data.train_batch_size={batch_size} "
+                             "(lower data.train_batch_size or set data.dataloader_drop_last=false)")
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    def order(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.dataset), generator=gen).tolist()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def next_batch(self) -> Dict[str, Any]:
+        """The next batch, advancing (and wrapping into the next epoch) the position."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        idx = self.order(self.epoch)[self.batch_in_epoch * self.batch_size:(self.batch_in_epoch + 1) * self.batch_size]
+        self.batch_in_epoch += 1
+        return self.collate_fn([self.dataset[i] for i in idx])
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+
+
+def load_custom_reward_fn(path: Optional[str], name: str = "compute_score") -> Optional[Callable]:
+    """verl's `custom_reward_function`: `name` from the python file at `path` (None without a path)."""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"custom_reward_function.path {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("custom_reward_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if not hasattr(module, name):
+        raise AttributeError(f"custom_reward_function.name {name!r} not found in {path}")
+    return getattr(module, name)
+
+
+@contextmanager
+def _timer(name: str, timings: Dict[str, float]) -> Iterator[None]:
+    with ppo_core.marked_timer(name, timings):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# trainer
+
+
+class PPOTrainer:
+    """Builds the worker groups for `config` (validated) and runs `fit()`.
+
+    `reward_fn` / `val_reward_fn` default to the search `RewardManager` built from the `reward`
+    section (and `custom_reward_function`); datasets default to `RLHFDataset` over
+    `data.train_files` / `data.val_files`.
+    """
+
+    def __init__(self, config: DictConfig, tokenizer: Any = None, reward_fn: Any = None, val_reward_fn: Any = None,
+                 train_dataset: Any = None, val_dataset: Any = None, console_write: Optional[Callable[[str], None]] = None):
+        self.config = config
+        self.device = resolve_device(config)
+        self.world_size = world_size(config)
+        self.use_critic = uses_critic(config)
+        self.use_reference = uses_reference(config)
+        self.console_write = console_write
+        t = config.trainer
+        self.use_ray = self.world_size > 1 if t.use_ray == "auto" else bool(t.use_ray)
+        if self.use_ray and importlib.util.find_spec("ray") is None:
+            raise RuntimeError("trainer.use_ray needs the ray package (pip install 'ray[default]')")
+
+        from transformers import AutoTokenizer
+
+        if tokenizer is None:
+            tok_path = config.data.tokenizer or config.actor_rollout_ref.model.path
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_path),
+                                                      trust_remote_code=bool(config.actor_rollout_ref.model.trust_remote_code))
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+        if reward_fn is None or val_reward_fn is None:
+            from deepretrieval.rewards.manager import RewardManager
+
+            try:
+                custom = load_custom_reward_fn(config.custom_reward_function.path, config.custom_reward_function.name)
+            except (OSError, AttributeError, SyntaxError, ImportError) as exc:
+                raise ConfigError("custom_reward_function.path", str(exc)) from None
+            reward_cfg = to_plain(config.reward)
+            try:
+                if reward_fn is None:
+                    reward_fn = RewardManager(tokenizer, reward_cfg, compute_score=custom, num_examine=0)
+                if val_reward_fn is None:
+                    val_reward_fn = RewardManager(tokenizer, reward_cfg, compute_score=custom,
+                                                  num_examine=int(t.log_val_generations or 0))
+            except (ValueError, KeyError, TypeError) as exc:  # the reward section is checked by its owner
+                raise ConfigError("reward", str(exc)) from None
+        self.reward_fn, self.val_reward_fn = reward_fn, val_reward_fn
+
+        from deepretrieval.data.dataset import RLHFDataset, collate_fn
+
+        self.collate_fn = collate_fn
+        self.train_dataset = train_dataset if train_dataset is not None else RLHFDataset(
+            list(_as_list(config.data.train_files)), tokenizer, config.data)
+        if val_dataset is None and config.data.val_files:
+            val_dataset = RLHFDataset(list(_as_list(config.data.val_files)), tokenizer, config.data)
+        self.val_dataset = val_dataset
+        self.loader = PromptLoader(self.train_dataset, config.data.train_batch_size, collate_fn,
+                                   shuffle=bool(config.data.shuffle), seed=int(config.data.seed),
+                                   drop_last=bool(config.data.dataloader_drop_last))
+        self.total_training_steps = len(self.loader) * int(t.total_epochs)
+        if t.total_training_steps is not None:
+            self.total_training_steps = int(t.total_training_steps)
+
+
+        from deepretrieval.algorithms.core_algos import get_kl_controller
+
+        self.kl_ctrl = get_kl_controller(config.algorithm.kl_ctrl)
+        self.ckpt = CheckpointManager(t.default_local_dir, t.max_actor_ckpt_to_keep)
+        self.global_step = 0
+        self.actor_wg = self.critic_wg = None
+        self._pool = None
+        self._ray_started = False
+        self.tracker: Optional[Tracking] = None
+
+    # ---------------------------------------------------------------------------- workers
+    def _worker_config(self) -> Dict[str, Any]:
+        cfg = to_plain(self.config)
+        for section in (cfg["actor_rollout_ref"]["actor"], cfg["critic"]):
+            section["optim"]["total_training_steps"] = self.total_training_steps
+        return cfg
+
+    def init_workers(self) -> None:
+        from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
+
+        cfg = self._worker_config()
+        t = self.config.trainer
+        start_timeout = float(t.ray_init.timeout_s)
+        if not self.use_ray:
+            from deepretrieval.controller.worker_group import LocalWorkerGroup
+
+            self.actor_wg = LocalWorkerGroup(ActorRolloutRefWorker, args=(cfg, self.use_reference), device=self.device,
+                                             name_prefix="actor_rollout_ref")
+            if self.use_critic:
+                self.critic_wg = LocalWorkerGroup(CriticWorker, args=(cfg,), device=self.device, name_prefix="critic")
+        else:
+            from deepretrieval.controller.ray_utils import init_ray
+            from deepretrieval.controller.resource_pool import ResourcePool
+            from deepretrieval.controller.worker_group import RayWorkerGroup
+
+            self._ray_started = init_ray(address=t.ray_init.address, num_cpus=t.ray_init.num_cpus)
+            self._pool = ResourcePool([int(t.n_gpus_per_node)] * int(t.nnodes), use_gpu=self.device == "cuda",
+                                      max_colocate_count=2 if self.use_critic else 1, name_prefix="ppo")
+            self._pool.create(timeout_s=start_timeout)
+            threads = 0 if self.device == "cuda" else 1  # one CPU slot per worker process
+            common = dict(start_timeout_s=start_timeout, call_timeout_s=float(t.call_timeout_s), num_threads=threads)
+            self.actor_wg = RayWorkerGroup(self._pool, ActorRolloutRefWorker, args=(cfg, self.use_reference),
+                                           name_prefix="actor_rollout_ref", **common)
+            if self.use_critic:
+                self.critic_wg = RayWorkerGroup(self._pool, CriticWorker, args=(cfg,), name_prefix="critic", **common)
+        info = self.actor_wg.init_model()
+        logger.info("actor workers ready: %s", info)
+        if self.critic_wg is not None:
+            self.critic_wg.init_model()
+
+    def shutdown(self) -> None:
+        for wg in (self.actor_wg, self.critic_wg):
+            if wg is not None:
+                try:
+                    wg.shutdown()
+                except Exception:
+                    logger.exception("worker group shutdown failed")
+        self.actor_wg = self.critic_wg = None
+        if self._pool is not None:
+            self._pool.remove()
+            self._pool = None
+        if self._ray_started:
+            from deepretrieval.controller.ray_utils import shutdown_ray
+
+            shutdown_ray(True)
+            self._ray_started = False
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        tmp = self.ckpt.begin(self.global_step)
+        try:
+            self.actor_wg.save_checkpoint(str(tmp / "actor"), save_hf=bool(self.config.trainer.save_hf_model))
+            if self.critic_wg is not None:
+                self.critic_wg.save_checkpoint(str(tmp / "critic"))
+            save_trainer_state(tmp, {
+                "global_step": self.global_step,
+                "loader": self.loader.state_dict(),
+                "kl_ctrl": self.kl_ctrl.state_dict(),
+                "rng": get_rng_state(),
+                "total_training_steps": self.total_training_steps,
+            })
+        except BaseException:
+            self.ckpt.abort(tmp)
+            raise
+        final = self.ckpt.commit(tmp, self.global_step)
+        logger.info("saved checkpoint %s", final)
+        return final
+
+    def load_checkpoint(self) -> Optional[Path]:
+        t = self.config.trainer
+        self.ckpt.clean_stale()
+        path = self.ckpt.resolve_resume(str(t.resume_mode), t.resume_from_path)
+        if path is None:
+            return None
+        logger.info("resuming from %s", path)
+        self.actor_wg.load_checkpoint(str(path / "actor"))
+        if self.critic_wg is not None:
+            if not (path / "critic").is_dir():
+                raise FileNotFoundError(f"{path} holds no critic state but this run trains a critic")
+            self.critic_wg.load_checkpoint(str(path / "critic"))
+        state = load_trainer_state(path)
+        self.global_step = int(state["global_step"])
+        self.loader.load_state_dict(state["loader"])
+        self.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        set_rng_state(state["rng"])
+        return path
+
+    # ---------------------------------------------------------------------------- validation
+    def _val_batches(self) -> Iterator[Batch]:
+        n = len(self.val_dataset)
+        size = int(self.config.data.val_batch_size or n)
+        for start in range(0, n, size):
+            items = [self.val_dataset[i] for i in range(start, min(start + size, n))]
+            yield Batch.from_single_dict(self.collate_fn(items))
+
+    def validate(self) -> Dict[str, float]:
+        """Greedy (val_kwargs) generation over the validation set; reward metrics per data source."""
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return {}
+        results: List[Dict[str, Any]] = []
+        data_sources: List[str] = []
+        lengths: List[float] = []
+        samples: List[tuple] = []
+        for batch in self._val_batches():
+            batch.meta_info.update({"validate": True, "do_sample": False, "seed": 0})
+            out = self.actor_wg.generate_sequences(batch)
+            reward = self.val_reward_fn(out, return_dict=True)
+            extra = reward["reward_extra_info"]
+            keys = list(extra.keys())
+            scores = reward["reward_tensor"].sum(-1).tolist()
+            for i in range(len(out)):
+                row = {k: extra[k][i] for k in keys}
+                row["score"] = scores[i] if row.get("score") is None else row["score"]
+                results.append(row)
+            data_sources.extend(str(d) for d in out.non_tensor_batch.get("data_source", ["unknown"] * len(out)))
+            lengths.extend(out.batch["response_mask"].sum(-1).float().tolist())
+            if len(samples) < int(self.config.trainer.log_val_generations or 0):
+                texts, _ = self.val_reward_fn.decode_responses(out) if hasattr(self.val_reward_fn, "decode_responses") else ([], [])
+                samples.extend((t, s) for t, s in zip(texts, scores))
+        from deepretrieval.rewards.manager import compute_reward_metrics
+
+        metrics: Dict[str, float] = {}
+        for key, value in compute_reward_metrics(results, prefix="val/").items():
+            metrics[key] = value
+        by_source: Dict[str, List[int]] = {}
+        for i, ds in enumerate(data_sources):
+            by_source.setdefault(ds, []).append(i)
+        for ds, idx in sorted(by_source.items()):
+            metrics.update(compute_reward_metrics([results[i] for i in idx], prefix=f"val/{ds}/"))
+            metrics[f"val/{ds}/score_mean"] = float(np.mean([results[i]["score"] for i in idx]))
+            metrics[f"val/{ds}/response_length_mean"] = float(np.mean([lengths[i] for i in idx]))
+            metrics[f"val/test_score/{ds}"] = metrics[f"val/{ds}/score_mean"]  # verl's name
+        for text, score in samples[: int(self.config.trainer.log_val_generations or 0)]:
+            logger.info("[val sample] score=%.3f %r", score, text[:300])
+        return metrics
+
+    # ---------------------------------------------------------------------------- one step
+    def _step(self, batch: Batch) -> Dict[str, float]:
+        cfg = self.config
+        metrics: Dict[str, float] = {}
+        timings: Dict[str, float] = {}
+        n = int(cfg.actor_rollout_ref.rollout.n)
+        with _timer("step", timings):
+            batch.non_tensor_batch["uid"] = np.array([f"s{self.global_step}_{i}" for i in range(len(batch))], dtype=object)
+            batch.meta_info.update({"seed": int(cfg.trainer.seed) * 1_000_003 + self.global_step, "validate": False})
+            with _timer("gen", timings):
+                batch = self.actor_wg.generate_sequences(batch)
+            batch.meta_info.pop("timing_gen_worker_s", None)
+            batch.meta_info["global_token_num"] = batch.batch["attention_mask"].sum(-1).tolist()
+
+            with _timer("reward", timings):
+                reward = self.reward_fn(batch, return_dict=True)
+            batch.batch["token_level_scores"] = reward["reward_tensor"].to(torch.float32)
+            metrics.update(reward.get("metrics", {}))
+            flags = reward.get("reward_extra_info", {}).get("search_unavailable") or [False] * len(batch)
+            unavailable = torch.tensor([bool(f) for f in flags], dtype=torch.bool)
+            metrics["train/search_unavailable_samples"] = float(unavailable.sum())
+
+            meta = {"temperature": batch.meta_info.get("temperature", 1.0)}
+            with _timer("old_log_prob", timings):
+                lp = self.actor_wg.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
+            batch = batch.union(lp)
+            if "entropys" in batch.tensor_keys:
+                ent = batch.batch["entropys"]
+                mask = batch.batch["response_mask"].float()
+                metrics["actor/entropy_rollout"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
+            if self.use_reference:
+                with _timer("ref", timings):
+                    ref = self.actor_wg.compute_ref_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
+                batch = batch.union(ref)
+            if self.use_critic:
+                with _timer("values", timings):
+                    values = self.critic_wg.compute_values(batch.select(batch_keys=LOG_PROB_KEYS + ["response_mask"]))
+                batch = batch.union(values)
+
+            with _timer("adv", timings):
+                if cfg.algorithm.use_kl_in_reward:
+                    batch, kl_metrics = ppo_core.apply_kl_penalty(batch, self.kl_ctrl, kl_penalty=cfg.algorithm.kl_penalty)
+                    metrics.update(kl_metrics)
+                else:
+                    batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
+                batch = self._advantages(batch, unavailable)
+
+            trainable = bool((~unavailable).any())
+            if not trainable:
+                logger.warning("step %d: every search was unavailable; no update this step", self.global_step)
+            if self.use_critic and trainable:
+                with _timer("update_critic", timings):
+                    metrics.update(self.critic_wg.update_critic(batch.select(batch_keys=CRITIC_UPDATE_KEYS)))
+            if trainable and self.global_step >= int(cfg.trainer.critic_warmup):
+                keys = ACTOR_UPDATE_KEYS + (["ref_log_prob"] if cfg.actor_rollout_ref.actor.use_kl_loss else [])
+                with _timer("update_actor", timings):
+                    metrics.update(self.actor_wg.update_actor(batch.select(batch_keys=keys, meta_info_keys=list(meta))))
+        metrics.update(ppo_core.compute_data_metrics(batch, use_critic=self.use_critic))
+        metrics.update({f"timing/{k}": v for k, v in timings.items()})
+        metrics.update(ppo_core.compute_timing_metrics(batch, timings))
+        metrics.update(ppo_core.compute_throughput_metrics(batch, timings, n_gpus=self.world_size))
+        metrics["train/rollout_n"] = float(n)
+        return metrics
+
+    def _advantages(self, batch: Batch, unavailable: torch.Tensor) -> Batch:
+        """Advantages over the samples whose search answered; the others get zero advantage and a
+        zero response mask (left out of every loss)."""
+        alg = self.config.algorithm
+        kwargs = dict(adv_estimator=alg.adv_estimator, gamma=float(alg.gamma), lam=float(alg.lam),
+                      norm_adv_by_std_in_grpo=bool(alg.norm_adv_by_std_in_grpo))
+        if not bool(unavailable.any()):
+            return ppo_core.compute_advantage(batch, **kwargs)
+        keep = torch.nonzero(~unavailable).squeeze(-1)
+        mask = batch.batch["response_mask"].clone()
+        adv = torch.zeros_like(batch.batch["token_level_rewards"], dtype=torch.float32)
+        ret = torch.zeros_like(adv)
+        if keep.numel():
+            sub = batch[keep.tolist()]
+            sub = ppo_core.compute_advantage(sub, **kwargs)
+            adv[keep] = sub.batch["advantages"].to(adv.dtype)
+            ret[keep] = sub.batch["returns"].to(ret.dtype)
+        mask[unavailable] = 0
+        batch.batch["advantages"] = adv
+        batch.batch["returns"] = ret
+        batch.batch["response_mask"] = mask
+        return batch
+
+    # ---------------------------------------------------------------------------- fit
+    def fit(self) -> Dict[str, float]:
+        """Train until `total_training_steps`; returns the metrics of the last step."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        t = cfg.trainer
+        log_dir = t.log_dir or os.path.join(str(t.default_local_dir), "logs")
+        if self.actor_wg is None:
+            self.init_workers()
+        self.load_checkpoint()
+        if self.tracker is None:
+            self.tracker = Tracking(t.project_name, t.experiment_name, list(_as_list(t.logger)),
+                                    config=OmegaConf.to_container(cfg, resolve=True), log_dir=log_dir,
+                                    console_write=self.console_write)
+        last: Dict[str, float] = {}
+        if self.val_dataset is not None and (t.val_before_train or t.val_only):
+            val = self.validate()
+            self.tracker.log(val, step=self.global_step)
+            last.update(val)
+            if t.val_only:
+                return last
+        if self.global_step >= self.total_training_steps:
+            logger.info("nothing to do: step %d of %d already reached", self.global_step, self.total_training_steps)
+            return last
+        bar = tqdm(total=self.total_training_steps, initial=self.global_step, desc="Training", unit="step",
+                   disable=None, dynamic_ncols=True)
+        try:
+            while self.global_step < self.total_training_steps:
+                epoch = self.loader.epoch if self.loader.batch_in_epoch < len(self.loader) else self.loader.epoch + 1
+                batch = Batch.from_single_dict(self.loader.next_batch())
+                metrics = self._step(batch)
+                self.global_step += 1
+                last_step = self.global_step >= self.total_training_steps
+                metrics["train/epoch"] = float(epoch)
+                metrics["train/global_step"] = float(self.global_step)
+                if self.val_dataset is not None and (last_step or (t.test_freq > 0 and self.global_step % t.test_freq == 0)):
+                    with _timer("testing", timings := {}):
+                        metrics.update(self.validate())
+                    metrics["timing/testing"] = timings["testing"]
+                if t.save_freq != 0 and (last_step or (t.save_freq > 0 and self.global_step % t.save_freq == 0)):
+                    start = time.perf_counter()
+                    self.save_checkpoint()
+                    metrics["timing/save_checkpoint"] = time.perf_counter() - start
+                self.tracker.log(metrics, step=self.global_step)
+                bar.update(1)
+                last = metrics
+        finally:
+            bar.close()
+        return last
+
+
+def _as_list(value: Any) -> List[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return list(value)
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM (e.g. from a scheduler) ends the run like Ctrl-C, so workers are cleaned up."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass

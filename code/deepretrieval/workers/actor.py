@@ -1,0 +1,286 @@
+"""The policy (actor) role: log-probs of rollouts and the PPO policy update.
+
+``Actor(model, config)`` wraps a Hugging Face causal LM (plain, LoRA-wrapped by peft, or FSDP2-sharded
+by the trainer) and reads the ``actor_rollout_ref.actor`` config section (verl key names).
+
+Batch arithmetic of :meth:`Actor.update_policy`: a mini-batch (one optimiser step) holds
+``ppo_mini_batch_size * rollout_n`` samples, where ``rollout_n`` comes from ``meta_info['rollout_n']`` or
+the config key ``rollout_n`` and defaults to 1 — so a config already normalised to samples per worker
+(``trainer.config.per_rank_batch_config``) is used as is. Each mini-batch is processed in micro-batches of
+``ppo_micro_batch_size_per_gpu`` samples whose losses are scaled by ``len(micro) / len(mini)``, so the
+accumulated gradient equals that of the whole mini-batch. Gradients are clipped to ``grad_clip``; a step
+whose gradient norm is not finite is skipped (``actor/skipped_steps``). The LR scheduler advances once
+per call (one training step), as in verl.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from deepretrieval.algorithms import core_algos
+from deepretrieval.protocol import Batch
+from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, response_log_probs
+from deepretrieval.workers.optim import _get, build_lr_scheduler, build_optimizer, clip_grad_and_step
+
+logger = logging.getLogger(__name__)
+
+LOG_PROB_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _mean(values: List[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def batched_response_log_probs(
+    model: torch.nn.Module,
+    batch: Batch,
+    micro_batch_size: Optional[int],
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    calculate_entropy: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """No-grad log-probs ``[B, R]`` (and entropies) of ``batch['responses']``, ``micro_batch_size`` rows per forward.
+
+    Results are float32 on the device of the batch's tensors.
+    """
+    missing = [k for k in LOG_PROB_KEYS if k not in batch.tensor_keys]
+    if missing:
+        raise KeyError(f"log-prob computation needs batch keys {missing}")
+    n = len(batch)
+    micro = int(micro_batch_size) if micro_batch_size and micro_batch_size > 0 else n
+    out_device = batch.batch["input_ids"].device
+    device = model_device(model)
+    resp_len = batch.batch["responses"].shape[-1]
+    log_probs, entropies = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, micro):
+                sl = slice(start, min(start + micro, n))
+                lp, ent = response_log_probs(
+                    model,
+                    batch.batch["input_ids"][sl].to(device),
+                    batch.batch["attention_mask"][sl].to(device),
+                    batch.batch["position_ids"][sl].to(device),
+                    resp_len,
+                    temperature=temperature,
+                    chunk_size=chunk_size,
+                    calculate_entropy=calculate_entropy,
+                )
+                log_probs.append(lp.to(out_device))
+                if ent is not None:
+                    entropies.append(ent.to(out_device))
+    finally:
+        model.train(was_training)
+    return torch.cat(log_probs), (torch.cat(entropies) if calculate_entropy else None)
+
+
+class Actor:
+    """PPO policy worker around a causal LM.
+
+    Args:
+        model: a causal LM exposing ``get_output_embeddings()`` (HF / peft / FSDP2-wrapped HF).
+        config: the actor section (mapping or DictConfig): ``ppo_mini_batch_size``,
+            ``ppo_micro_batch_size_per_gpu``, ``ppo_epochs``, ``shuffle``, ``clip_ratio(_low/_high/_c)``,
+            ``loss_agg_mode``, ``entropy_coeff``, ``use_kl_loss``, ``kl_loss_coef``, ``kl_loss_type``,
+            ``grad_clip``, ``logprob_chunk_size``, ``log_prob_micro_batch_size_per_gpu``, ``optim``.
+        optimizer / lr_scheduler: built from ``config.optim`` on first use when not given.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Any, optimizer: Optional[torch.optim.Optimizer] = None,
+                 lr_scheduler: Optional[Any] = None):
+        self.model = model
+        self.config = config
+        self._optimizer = optimizer
+        self._lr_scheduler = lr_scheduler
+        self._update_calls = 0
+
+    # -- optimiser (lazy, so a log-prob-only actor never allocates Adam state) --------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = build_optimizer(self.model.parameters(), _get(self.config, "optim", {}))
+        return self._optimizer
+
+    @property
+    def lr_scheduler(self):
+        if self._lr_scheduler is None:
+            self._lr_scheduler = build_lr_scheduler(self.optimizer, _get(self.config, "optim", {}))
+        return self._lr_scheduler
+
+    @property
+    def chunk_size(self) -> int:
+        """Tokens per log-prob chunk; 0 = sized from the vocabulary (logprob.auto_chunk_size)."""
+        return max(0, int(_get(self.config, "logprob_chunk_size", 0) or 0))
+
+    # -- log-probs ---------------------------------------------------------------------------------
+    def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Log-probs ``[B, R]`` of the responses under the current policy (no grad), and entropies if asked.
+
+        Micro-batch: ``meta_info['micro_batch_size']``, else ``log_prob_micro_batch_size_per_gpu``, else
+        ``ppo_micro_batch_size_per_gpu``, else the whole batch. Logits are divided by
+        ``meta_info['temperature']`` (default 1.0), matching the sampling distribution.
+        """
+        micro = (batch.meta_info.get("micro_batch_size")
+                 or _get(self.config, "log_prob_micro_batch_size_per_gpu")
+                 or _get(self.config, "ppo_micro_batch_size_per_gpu"))
+        temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
+        return batched_response_log_probs(self.model, batch, micro, temperature, self.chunk_size, calculate_entropy)
+
+    # -- policy update -----------------------------------------------------------------------------
+    def _mini_batch_size(self, batch: Batch) -> int:
+        n = int(batch.meta_info.get("rollout_n") or _get(self.config, "rollout_n", 1))
+        mini = int(_get(self.config, "ppo_mini_batch_size", len(batch))) * n
+        return max(1, min(mini, len(batch)))
+
+    def update_policy(self, batch: Batch) -> Dict[str, float]:
+        """PPO epochs over ``batch``; returns mean metrics (``actor/pg_loss``, ``actor/grad_norm``, ...)."""
+        cfg = self.config
+        use_kl_loss = bool(_get(cfg, "use_kl_loss", False))
+        keys = ["responses", "input_ids", "attention_mask", "position_ids", "response_mask", "old_log_probs", "advantages"]
+        if use_kl_loss:
+            keys.append("ref_log_prob")
+        missing = [k for k in keys if k not in batch.tensor_keys]
+        if missing:
+            raise KeyError(f"update_policy needs batch keys {missing}")
+        data = batch.select(batch_keys=keys)
+        temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
+        entropy_coeff = float(_get(cfg, "entropy_coeff", 0.0))
+        clip_ratio = float(_get(cfg, "clip_ratio", 0.2))
+        clip_low, clip_high = _get(cfg, "clip_ratio_low"), _get(cfg, "clip_ratio_high")
+        clip_c = float(_get(cfg, "clip_ratio_c", 3.0))
+        agg_mode = str(_get(cfg, "loss_agg_mode", "token-mean"))
+        kl_coef = float(_get(cfg, "kl_loss_coef", 0.001))
+        kl_type = str(_get(cfg, "kl_loss_type", "low_var_kl"))
+        grad_clip = _get(cfg, "grad_clip", 1.0)
+        epochs = int(_get(cfg, "ppo_epochs", 1))
+        shuffle = bool(_get(cfg, "shuffle", False))
+        mini_size = self._mini_batch_size(batch)
+        micro_size = int(_get(cfg, "ppo_micro_batch_size_per_gpu", 0) or mini_size)
+        device = model_device(self.model)
+        resp_len = data.batch["responses"].shape[-1]
+        optimizer = self.optimizer
+        lr_scheduler = self.lr_scheduler  # created before the first optimiser step (LambdaLR counts steps)
+        lr = float(optimizer.param_groups[0]["lr"])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        metrics: Dict[str, List[float]] = {}
+
+        def record(name: str, value: Any) -> None:
+            metrics.setdefault(name, []).append(float(value.detach().item() if torch.is_tensor(value) else value))
+
+        skipped = steps = 0
+        self.model.train()
+        for epoch in range(epochs):
+            epoch_data = data.shuffle(seed=self._update_calls * 1000 + epoch) if shuffle else data
+            for mini in epoch_data.split(mini_size):
+                optimizer.zero_grad(set_to_none=True)
+                for micro in mini.split(micro_size):
+                    t = {k: v.to(device) for k, v in micro.batch.items()}
+                    mask = t["response_mask"]
+                    log_prob, entropy = response_log_probs(
+                        self.model, t["input_ids"], t["attention_mask"], t["position_ids"], resp_len,
+                        temperature=temperature, chunk_size=self.chunk_size, calculate_entropy=entropy_coeff != 0,
+                    )
+                    pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = core_algos.compute_policy_loss(
+                        old_log_prob=t["old_log_probs"], log_prob=log_prob, advantages=t["advantages"],
+                        response_mask=mask, cliprange=clip_ratio, cliprange_low=clip_low, cliprange_high=clip_high,
+                        clip_ratio_c=clip_c, loss_agg_mode=agg_mode,
+                    )
+                    loss = pg_loss
+                    if entropy is not None:
+                        entropy_loss = core_algos.agg_loss(entropy, mask, agg_mode)
+                        loss = loss - entropy_coeff * entropy_loss
+                        record("actor/entropy", entropy_loss)
+                    if use_kl_loss:
+                        kl_loss = core_algos.compute_kl_loss(log_prob, t["ref_log_prob"], mask, kl_type, agg_mode)
+                        loss = loss + kl_coef * kl_loss
+                        record("actor/kl_loss", kl_loss)
+                        record("actor/kl_coef", kl_coef)
+                    (loss * (len(micro) / len(mini))).backward()
+                    record("actor/pg_loss", pg_loss)
+                    record("actor/pg_clipfrac", pg_clipfrac)
+                    record("actor/ppo_kl", ppo_kl)
+                    record("actor/pg_clipfrac_lower", pg_clipfrac_lower)
+                grad_norm, stepped = clip_grad_and_step(params, optimizer, grad_clip)
+                steps += 1
+                if stepped:
+                    record("actor/grad_norm", grad_norm)
+                else:
+                    skipped += 1
+                    logger.warning("actor: non-finite gradient norm (%s); optimiser step skipped", grad_norm)
+        with warnings.catch_warnings():
+            # with every step skipped torch warns that the scheduler ran before the optimiser; intended
+            warnings.simplefilter("ignore", UserWarning)
+            lr_scheduler.step()
+        self._update_calls += 1
+        out = {k: _mean(v) for k, v in metrics.items()}
+        out["actor/lr"] = lr
+        out["actor/optimizer_steps"] = float(steps - skipped)
+        out["actor/skipped_steps"] = float(skipped)
+        return out
+
+
+# -- model construction ------------------------------------------------------------------------------
+
+def apply_lora(model: torch.nn.Module, lora_rank: int, lora_alpha: int = 16, target_modules: Any = "all-linear"):
+    """Wrap `model` in a peft LoRA adapter (base weights frozen; `model.disable_adapter()` gives the reference)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    elif target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(lora_rank), lora_alpha=int(lora_alpha),
+                          target_modules=target_modules, bias="none")
+    return get_peft_model(model, lora_cfg)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute decoder-layer activations in backward (transformers >= 5 calls it activation checkpointing).
+
+    Non-reentrant checkpointing needs no input grads, so it also works with frozen (LoRA) bases.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_actor_model(model_cfg: Any, dtype: Optional[torch.dtype] = None, device: Optional[Any] = None):
+    """Causal LM from ``model_cfg.path`` with ``override_config``, gradient checkpointing and LoRA applied.
+
+    ``model_cfg`` is the ``actor_rollout_ref.model`` section. Loads offline (no hub access is attempted
+    for local folders).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(_get(model_cfg, "path"))
+    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    for key, value in dict(_get(model_cfg, "override_config", {}) or {}).items():
+        setattr(hf_config, key, value)
+    kwargs: Dict[str, Any] = {"config": hf_config, "trust_remote_code": trust}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    if bool(_get(model_cfg, "enable_gradient_checkpointing", False)):
+        enable_gradient_checkpointing(model)
+    rank = int(_get(model_cfg, "lora_rank", 0) or 0)
+    if rank > 0:
+        model = apply_lora(model, rank, int(_get(model_cfg, "lora_alpha", 16)), _get(model_cfg, "target_modules", "all-linear"))
+    return model

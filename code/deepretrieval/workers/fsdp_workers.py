@@ -1,0 +1,327 @@
+"""The worker processes of the PPO trainer, with verl's method names.
+
+`ActorRolloutRefWorker` holds the policy (trained), the rollout engine that samples from the same
+module (HF rollout: no weight copy, the "sync" to the rollout is free) and the frozen reference,
+all in one process per device. `CriticWorker` holds the value model. Both load their models from
+`model.path`, shard them with FSDP2 when the group has more than one worker (or when
+`fsdp_config.force`), own their optimiser and LR scheduler, and save / restore everything a resume
+needs (sharded model + optimiser via torch.distributed.checkpoint, scheduler, RNG states and the
+update counters that seed the PPO shuffles).
+
+Methods are registered for worker-group dispatch (`deepretrieval.controller.dispatch`):
+batch-in / batch-out methods split the batch over the data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from deepretrieval.controller.dispatch import Dispatch, register
+from deepretrieval.controller.worker_group import Worker
+from deepretrieval.protocol import Batch
+from deepretrieval.trainer.checkpoint import get_rng_state, set_rng_state
+from deepretrieval.trainer.config import per_rank_batch_config
+from deepretrieval.workers import fsdp as fsdp_utils
+
+logger = logging.getLogger(__name__)
+
+EXTRA_STATE = "extra_state_rank{rank}.pt"
+
+
+def _sub(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def peak_memory_metrics(device_type: str) -> Dict[str, float]:
+    """Peak memory of this worker: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        return {"perf/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "perf/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"perf/max_memory_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _own(batch: Batch, device: torch.device) -> Batch:
+    """A shallow copy on `device` whose meta_info can be changed without touching the caller's
+    (in-process groups pass the driver's own objects)."""
+    tensors = batch.batch.to(device) if batch.batch is not None else None
+    return Batch(tensors, dict(batch.non_tensor_batch), dict(batch.meta_info))
+
+
+class _FSDPWorkerBase(Worker):
+    """Shared set-up: seeding, threads, process group, FSDP2 decisions, checkpoint extras."""
+
+    def __init__(self, config: Dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.seed = int(_sub(config, "trainer.seed", 1))
+        if _sub(config, "trainer.deterministic", False):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        for key in ("actor_rollout_ref.model.external_lib", "critic.model.external_lib"):
+            lib = _sub(config, key)
+            if lib:
+                importlib.import_module(lib)
+
+    def _use_fsdp(self, fsdp_cfg: Dict[str, Any]) -> bool:
+        # on GPU always: FSDP2's policy gives bf16 compute over fp32 master weights, even on one device
+        return self.world_size > 1 or self.device_type == "cuda" or bool(fsdp_cfg.get("force", False))
+
+    def _wrap(self, model: torch.nn.Module, fsdp_cfg: Dict[str, Any]) -> torch.nn.Module:
+        """FSDP2-shard (when `_use_fsdp`) and place the model: on its device, or on CPU when its
+        parameters are offloaded between calls (param_offload, GPU only)."""
+        if self._use_fsdp(fsdp_cfg):
+            self.ensure_process_group()
+            fsdp_utils.apply_fsdp2(model, device_type=self.device_type,
+                                   mixed_precision=str(fsdp_cfg.get("mixed_precision", "auto")),
+                                   reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
+        return model.to("cpu" if self._offloaded(fsdp_cfg) else self.device)
+
+    def _offloaded(self, fsdp_cfg: Dict[str, Any], key: str = "param_offload") -> bool:
+        return self.device_type == "cuda" and bool(fsdp_cfg.get(key, False))
+
+    def _model_ctx(self, update: bool = False):
+        """The model on its device for one call (a no-op unless parameters / optimiser states are offloaded)."""
+        return fsdp_utils.on_device(self.model, self.device, self._offloaded(self.fsdp_cfg), self.optimizer,
+                                    offload_optimizer=update and self._offloaded(self.fsdp_cfg, "optimizer_offload"))
+
+    def _seed_for_rank(self) -> None:
+        # same seed on every rank while building (identical initial weights before sharding),
+        # then a distinct stream per rank for sampling
+        torch.manual_seed(self.seed * 1000 + self.rank)
+
+    def _save_extra(self, folder: Path, extra: Dict[str, Any]) -> None:
+        extra = dict(extra)
+        extra["rng"] = get_rng_state()
+        torch.save(extra, folder / EXTRA_STATE.format(rank=self.rank))
+
+    def _load_extra(self, folder: Path) -> Dict[str, Any]:
+        path = folder / EXTRA_STATE.format(rank=self.rank)
+        if not path.is_file():  # resumed with more workers than saved: fall back to rank 0's
+            path = folder / EXTRA_STATE.format(rank=0)
+        extra = torch.load(path, map_location="cpu", weights_only=False)
+        set_rng_state(extra["rng"])
+        return extra
+
+
+class ActorRolloutRefWorker(_FSDPWorkerBase):
+    """Actor + HF rollout + reference in one process. `config` is the whole resolved trainer config
+    (plain dict); `use_reference` builds the frozen reference (KL in reward or KL loss)."""
+
+    def __init__(self, config: Dict[str, Any], use_reference: bool = True):
+        super().__init__(config)
+        self.use_reference = use_reference
+        self.arr = config["actor_rollout_ref"]
+        n = int(self.arr["rollout"]["n"])
+        self.actor_cfg = per_rank_batch_config(self.arr["actor"], n, self.world_size)
+        self.rollout_cfg = dict(self.arr["rollout"])
+        self.ref_cfg = dict(self.arr["ref"])
+        self.model = self.ref_model = self.tokenizer = None
+        self.fsdp_cfg: Dict[str, Any] = {}
+        self.ref_fsdp_cfg: Dict[str, Any] = {}
+        self.actor = self.rollout = self.reference = None
+        self.optimizer = self.lr_scheduler = None
+        self.export_dtype: Optional[torch.dtype] = None
+
+    def _log_prob_micro(self, section: Dict[str, Any]) -> Optional[int]:
+        per = section.get("log_prob_micro_batch_size_per_gpu")
+        glob = section.get("log_prob_micro_batch_size")
+        if per:
+            return int(per)
+        if glob:
+            return max(1, int(glob) // self.world_size)
+        return self.actor_cfg.get("ppo_micro_batch_size_per_gpu")
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_model(self) -> Dict[str, Any]:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from deepretrieval.workers.actor import Actor, load_actor_model
+        from deepretrieval.workers.optim import build_lr_scheduler, build_optimizer
+        from deepretrieval.workers.reference import Reference, frozen_copy
+        from deepretrieval.workers.rollout.hf import HFRollout
+
+        torch.manual_seed(self.seed)
+        model_cfg = self.arr["model"]
+        path = str(model_cfg["path"])
+        tok_path = _sub(self.config, "data.tokenizer") or path
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        # the checkpoint's precision (`dtype` in transformers >= 4.56, `torch_dtype` before)
+        stored = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = getattr(torch, stored, None)
+        self.export_dtype = stored if stored in (torch.bfloat16, torch.float16) else None
+        # fp32 master weights (verl): bf16 compute on GPU comes from FSDP2's mixed precision policy
+        model = load_actor_model(model_cfg, dtype=torch.float32)
+        ref_model = frozen_copy(model) if self.use_reference else None
+        fsdp_cfg = dict(self.actor_cfg.get("fsdp_config") or {})
+        self.fsdp_cfg = fsdp_cfg
+        self.model = self._wrap(model, fsdp_cfg)
+        if ref_model is not None:
+            ref_fsdp = dict(fsdp_cfg)
+            ref_fsdp.update(self.ref_cfg.get("fsdp_config") or {})
+            self.ref_fsdp_cfg = ref_fsdp
+            self.ref_model = self._wrap(ref_model, ref_fsdp)
+        optim_cfg = dict(self.actor_cfg.get("optim") or {})
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim_cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg)
+        actor_cfg = dict(self.actor_cfg)
+        actor_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.rollout_cfg)
+        actor_cfg["rollout_n"] = 1  # mini-batch sizes above are already samples per worker
+        self.actor = Actor(self.model, actor_cfg, self.optimizer, self.lr_scheduler)
+        self.rollout = HFRollout(self.model, self.tokenizer, self.rollout_cfg)
+        if ref_model is not None:
+            ref_cfg = dict(self.ref_cfg)
+            ref_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.ref_cfg)
+            ref_cfg["logprob_chunk_size"] = self.actor_cfg.get("logprob_chunk_size", 0)
+            self.reference = Reference(self.ref_model, ref_cfg)
+        self._seed_for_rank()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {"rank": self.rank, "local_params": n_params, "fsdp": fsdp_utils.is_fsdp2(self.model)}
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def generate_sequences(self, prompts: Batch) -> Batch:
+        """Rollout; `meta_info['seed']` (if given) is offset by the rank so ranks sample differently."""
+        prompts = _own(prompts, self.device)
+        if prompts.meta_info.get("seed") is not None:
+            prompts.meta_info["seed"] = int(prompts.meta_info["seed"]) * 7919 + self.rank
+        start = time.perf_counter()
+        with self._model_ctx(), fsdp_utils.unsharded_for_generation(self.model):
+            out = self.rollout.generate_sequences(prompts)
+        out.meta_info["timing_gen_worker_s"] = time.perf_counter() - start
+        return out.to("cpu")
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def compute_log_prob(self, batch: Batch) -> Batch:
+        batch = _own(batch, self.device)
+        with self._model_ctx():
+            log_probs, entropy = self.actor.compute_log_prob(batch, calculate_entropy=True)
+        tensors = {"old_log_probs": log_probs.cpu()}
+        if entropy is not None:
+            tensors["entropys"] = entropy.cpu()
+        return Batch.from_dict(tensors)
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def compute_ref_log_prob(self, batch: Batch) -> Batch:
+        if self.reference is None:
+            raise RuntimeError("this worker was built without a reference model (use_reference=False)")
+        batch = _own(batch, self.device)
+        with fsdp_utils.on_device(self.ref_model, self.device, self._offloaded(self.ref_fsdp_cfg)):
+            ref = self.reference.compute_ref_log_prob(batch)
+        return Batch.from_dict({"ref_log_prob": ref.cpu()})
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def update_actor(self, batch: Batch) -> Dict[str, float]:
+        batch = _own(batch, self.device)
+        batch.meta_info["rollout_n"] = 1
+        start = time.perf_counter()
+        with self._model_ctx(update=True):
+            metrics = self.actor.update_policy(batch)
+        metrics["perf/update_actor_worker_s"] = time.perf_counter() - start
+        metrics.update(peak_memory_metrics(self.device_type))
+        return metrics
+
+    @register(Dispatch.RANK_ZERO)
+    def save_checkpoint(self, folder: str, save_hf: bool = True) -> Optional[str]:
+        """Write the actor's state into `folder` (all ranks); returns the HF folder (rank 0)."""
+        folder_p = Path(folder)
+        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        self._save_extra(folder_p, {"lr_scheduler": self.lr_scheduler.state_dict(),
+                                    "update_calls": self.actor._update_calls})
+        hf = None
+        if save_hf:
+            hf = fsdp_utils.export_hf(self.model, folder_p / "huggingface", self.tokenizer, dtype=self.export_dtype)
+        return hf
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, folder: str) -> None:
+        folder_p = Path(folder)
+        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        extra = self._load_extra(folder_p)
+        self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        self.actor._update_calls = int(extra.get("update_calls", 0))
+
+    @register(Dispatch.RANK_ZERO)
+    def export_hf(self, folder: str) -> Optional[str]:
+        """The current actor as a Hugging Face folder (weights, config, generation config, tokenizer)."""
+        return fsdp_utils.export_hf(self.model, folder, self.tokenizer, dtype=self.export_dtype)
+
+
+class CriticWorker(_FSDPWorkerBase):
+    """The value model for GAE. `config` is the whole resolved trainer config (plain dict)."""
+
+    def __init__(self, config: Dict[str, Any]):
+        super().__init__(config)
+        n = int(_sub(config, "actor_rollout_ref.rollout.n", 1))
+        self.critic_cfg = per_rank_batch_config(config["critic"], n, self.world_size)
+        self.model = self.critic = self.optimizer = self.lr_scheduler = None
+        self.fsdp_cfg: Dict[str, Any] = {}
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_model(self) -> Dict[str, Any]:
+        from deepretrieval.workers.critic import Critic, ValueModel
+        from deepretrieval.workers.optim import build_lr_scheduler, build_optimizer
+
+        torch.manual_seed(self.seed)  # the value head's initialisation is identical on every rank
+        model_cfg = self.critic_cfg["model"]
+        model = ValueModel.from_pretrained(
+            model_cfg["path"], dtype=torch.float32, override_config=model_cfg.get("override_config") or {},
+            trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+            enable_gradient_checkpointing=bool(model_cfg.get("enable_gradient_checkpointing")))
+        fsdp_cfg = dict(model_cfg.get("fsdp_config") or {})
+        self.fsdp_cfg = fsdp_cfg
+        self.model = self._wrap(model, fsdp_cfg)
+        optim_cfg = dict(self.critic_cfg.get("optim") or {})
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim_cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg)
+        cfg = dict(self.critic_cfg)
+        cfg["rollout_n"] = 1
+        self.critic = Critic(self.model, cfg, self.optimizer, self.lr_scheduler)
+        self._seed_for_rank()
+        return {"rank": self.rank, "local_params": sum(p.numel() for p in self.model.parameters())}
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def compute_values(self, batch: Batch) -> Batch:
+        batch = _own(batch, self.device)
+        with self._model_ctx():
+            values = self.critic.compute_values(batch)
+        return Batch.from_dict({"values": values.cpu()})
+
+    @register(Dispatch.DP_COMPUTE_PROTO)
+    def update_critic(self, batch: Batch) -> Dict[str, float]:
+        batch = _own(batch, self.device)
+        batch.meta_info["rollout_n"] = 1
+        with self._model_ctx(update=True):
+            metrics = self.critic.update_critic(batch)
+        mem = peak_memory_metrics(self.device_type)
+        metrics.update({k.replace("perf/", "perf/critic_"): v for k, v in mem.items()})
+        return metrics
+
+    @register(Dispatch.RANK_ZERO)
+    def save_checkpoint(self, folder: str, save_hf: bool = False) -> None:
+        folder_p = Path(folder)
+        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        self._save_extra(folder_p, {"lr_scheduler": self.lr_scheduler.state_dict(),
+                                    "update_calls": self.critic._update_calls})
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, folder: str) -> None:
+        folder_p = Path(folder)
+        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        extra = self._load_extra(folder_p)
+        self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        self.critic._update_calls = int(extra.get("update_calls", 0))

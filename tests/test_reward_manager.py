@@ -1,0 +1,279 @@
+"""RewardManager: deduplicated parallel searches, per-sample results, metrics, Batch scoring."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deepretrieval.rewards import literature
+from deepretrieval.rewards.literature import compute_score
+from deepretrieval.rewards.manager import RewardManager, compute_reward_metrics
+from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
+
+
+class FakeEngine(SearchEngine):
+    name = "fake"
+
+    def __init__(self, results, syntax_errors=(), unavailable=(), delay=0.0, cached=()):
+        self.results = results
+        self.syntax_errors = set(syntax_errors)
+        self.unavailable = set(unavailable)
+        self.cached = set(cached)
+        self.delay = delay
+        self.calls = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def search(self, query, k=100, **filters):
+        with self._lock:
+            self.calls.append((query, k, dict(filters)))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if query in self.syntax_errors:
+                raise QuerySyntaxError("unexpected )", position=2, query=query)
+            if query in self.unavailable:
+                raise SearchUnavailable("timeout")
+            ids = self.results.get(query, [])[:k]
+            return SearchResult(ids=ids, total=len(ids), query=query, k=k, cached=query in self.cached)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def ans(query):
+    return f"thinking\n</think>\n<answer>{{\"query\": \"{query}\"}}</answer>"
+
+
+INFO = {"think_in_prompt": True, "prompt_style": "reasoning"}
+GT = {"target": ["1", "2", "3", "4"]}
+
+
+@pytest.fixture
+def engines():
+    mini = FakeEngine(
+        {"a": ["1", "2", "3"], "b": ["1"], "c": ["9"]},
+        syntax_errors={"bad)"},
+        unavailable={"down"},
+        cached={"b"},
+    )
+    trials = FakeEngine({"t": ["1", "2", "3", "4"]})
+    literature.set_engine("pubmed_mini", mini)
+    literature.set_engine("trials_sigir", trials)
+    yield mini, trials
+    literature.set_engine("pubmed_mini", None)
+    literature.set_engine("trials_sigir", None)
+
+
+def test_identical_queries_are_searched_once(engines):
+    mini, trials = engines
+    texts = [ans("a"), ans("a"), ans("b"), ans("a"), "garbage", ans("b"), ans("t")]
+    sources = ["pubmed_mini"] * 6 + ["trials_sigir"]
+    manager = RewardManager(None)
+    results = manager.score_texts(texts, sources, [GT] * 7, [INFO] * 7)
+    assert sorted(q for q, _, _ in mini.calls) == ["a", "b"]
+    assert [q for q, _, _ in trials.calls] == ["t"]
+    assert [r["recall"] for r in results] == [0.75, 0.75, 0.25, 0.75, 0.0, 0.25, 1.0]
+    assert [r["score"] for r in results] == [6.0, 6.0, 1.5, 6.0, -4.0, 1.5, 6.0]
+    assert manager.last_results is results
+    assert manager.last_search_stats["searches"] == 3
+
+
+def test_same_query_different_date_is_not_merged():
+    engine = FakeEngine({"q": ["1"]})
+    literature.set_engine("pubmed", engine)
+    try:
+        infos = [dict(INFO, pub_date="2001/01/01"), dict(INFO, pub_date="2002/01/01"), dict(INFO, pub_date="2001/01/01")]
+        RewardManager(None).score_texts([ans("q")] * 3, ["pubmed"] * 3, [GT] * 3, infos)
+        assert sorted(c[2]["max_date"] for c in engine.calls) == ["2001/01/01", "2002/01/01"]
+    finally:
+        literature.set_engine("pubmed", None)
+
+
+def test_results_match_per_sample_compute_score(engines):
+    mini, _ = engines
+    texts = [ans("a"), ans("b"), ans("c"), ans("bad)"), ans("down"), ans(""), "<answer>free text</answer>"]
+    manager = RewardManager(None)
+    batched = manager.score_texts(texts, ["pubmed_mini"] * len(texts), [GT] * len(texts), [INFO] * len(texts))
+    sequential = [compute_score("pubmed_mini", t, GT, INFO, engine=mini) for t in texts]
+    keys = ("score", "recall", "error", "format_ok", "query", "n_retrieved", "tier", "search_unavailable")
+    for b, s in zip(batched, sequential):
+        assert {k: b[k] for k in keys} == {k: s[k] for k in keys}
+
+
+def test_searches_run_in_parallel_bounded_by_num_workers():
+    engine = FakeEngine({f"q{i}": ["1"] for i in range(12)}, delay=0.05)
+    literature.set_engine("pubmed", engine)
+    try:
+        texts = [ans(f"q{i}") for i in range(12)]
+        RewardManager(None, config={"num_workers": 4}).score_texts(texts, ["pubmed"] * 12, [GT] * 12, [INFO] * 12)
+        assert 1 < engine.max_active <= 4
+        engine.calls.clear()
+        engine.max_active = 0
+        cfg = {"pubmed": {"engine": "pubmed", "num_workers": 1}}
+        RewardManager(None, config=cfg).score_texts(texts, ["pubmed"] * 12, [GT] * 12, [INFO] * 12)
+        assert engine.max_active == 1 and len(engine.calls) == 12
+    finally:
+        literature.set_engine("pubmed", None)
+
+
+def test_engine_that_cannot_be_created_makes_searches_unavailable():
+    cfg = {"sources": {"pubmed_mini": {"engine": "local", "index_dir": "/nonexistent/index/dir"}}}
+    results = RewardManager(None, config=cfg).score_texts([ans("a"), "bad"], ["pubmed_mini"] * 2, [GT] * 2, [INFO] * 2)
+    assert results[0]["error"] == "search_unavailable" and results[0]["search_unavailable"]
+    assert results[1]["error"] == "format"
+    literature.clear_engines()
+
+
+def test_metrics_hand_computed(engines):
+    texts = [
+        ans("a"),  # recall .75, score 6
+        ans("a"),  # recall .75, score 6
+        ans("b"),  # recall .25, score 1.5, engine cache hit
+        ans("bad)"),  # query_syntax, score -3
+        ans("down"),  # search_unavailable, left out of mean/recall
+        "no tags",  # format, score -4
+        ans("t"),  # trials: recall 1, score 6
+    ]
+    sources = ["pubmed_mini"] * 6 + ["trials_sigir"]
+    manager = RewardManager(None)
+    results = manager.score_texts(texts, sources, [GT] * 7, [INFO] * 7)
+    m = manager.metrics(results, sources)
+    scored = [6, 6, 1.5, -3, -4, 6]
+    assert m["reward/mean"] == pytest.approx(sum(scored) / 6)
+    assert m["reward/recall_mean"] == pytest.approx((0.75 + 0.75 + 0.25 + 0 + 0 + 1) / 6)
+    assert m["reward/recall_ge_70_ratio"] == pytest.approx(3 / 6)
+    assert m["reward/recall_ge_30_ratio"] == pytest.approx(3 / 6)
+    assert m["reward/recall_ge_10_ratio"] == pytest.approx(4 / 6)
+    assert m["reward/recall_ge_5_ratio"] == pytest.approx(4 / 6)
+    assert m["reward/format_error_ratio"] == pytest.approx(1 / 7)
+    assert m["reward/search_error_ratio"] == pytest.approx(1 / 7)
+    assert m["reward/search_unavailable_count"] == 1
+    assert m["reward/query_syntax_error_ratio"] == pytest.approx(1 / 7)
+    queries = ["a", "a", "b", "bad)", "down", "t"]
+    assert m["reward/query_len_mean"] == pytest.approx(sum(map(len, queries)) / 6)
+    assert m["reward/unique_query_ratio"] == pytest.approx(5 / 6)
+    assert m["reward/searches"] == 5  # a, b, bad), down on pubmed_mini + t on trials; none for "no tags"
+    assert m["reward/search_cache_hit_ratio"] == pytest.approx(1 / 5)
+    # per data source
+    assert m["reward/trials_sigir/mean"] == 6.0 and m["reward/trials_sigir/recall_mean"] == 1.0
+    assert m["reward/pubmed_mini/mean"] == pytest.approx((6 + 6 + 1.5 - 3 - 4) / 5)
+    assert m["reward/pubmed_mini/format_error_ratio"] == pytest.approx(1 / 6)
+
+
+def test_metrics_of_empty_group():
+    assert compute_reward_metrics([]) == {}
+
+
+def test_custom_compute_score_is_used_per_sample():
+    calls = []
+
+    def score(data_source, solution_str, ground_truth, extra_info=None):
+        calls.append(solution_str)
+        return len(solution_str)
+
+    results = RewardManager(None, compute_score=score).score_texts(["ab", "abc"], ["x", "y"], [GT, GT], None)
+    assert [r["score"] for r in results] == [2.0, 3.0] and calls == ["ab", "abc"]
+
+
+def test_call_on_batch_places_score_on_last_valid_token(engines):
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+    from deepretrieval.protocol import Batch
+
+    tok = load_tiny_tokenizer()
+    texts = [ans("a"), "no tags", ans("t")]
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # decoding must give back the text for the reward to see what the model wrote
+    assert [tok.decode(e) for e in encoded] == texts
+    width = max(len(e) for e in encoded) + 3
+    responses = torch.full((3, width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        responses[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    prompts = torch.ones((3, 4), dtype=torch.long)
+    batch = Batch.from_dict(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "response_mask": mask,
+            "attention_mask": torch.cat([torch.ones_like(prompts), mask], dim=1),
+        },
+        {
+            "data_source": np.array(["pubmed_mini", "pubmed_mini", "trials_sigir"], dtype=object),
+            "reward_model": np.array([{"style": "rule", "ground_truth": GT}] * 3, dtype=object),
+            "extra_info": np.array([INFO] * 3, dtype=object),
+        },
+    )
+    out = RewardManager(tok)(batch)
+    reward = out["reward_tensor"]
+    assert reward.shape == responses.shape
+    expected = [6.0, -4.0, 6.0]
+    for i, ids in enumerate(encoded):
+        assert reward[i, len(ids) - 1].item() == expected[i]
+        assert reward[i].abs().sum().item() == abs(expected[i])
+    info = out["reward_extra_info"]
+    assert info["search_unavailable"] == [False, False, False]
+    assert info["recall"] == [0.75, 0.0, 1.0] and info["error"] == ["none", "format", "none"]
+    assert out["metrics"]["reward/mean"] == pytest.approx(8 / 3)
+    # without response_mask the response half of attention_mask is used
+    batch.pop(batch_keys=["response_mask"])
+    assert torch.equal(RewardManager(tok)(batch, return_dict=False), reward)
+
+
+def test_manager_builds_local_engine_from_config(trials_sigir_index):
+    cfg = {"trials_sigir": {"engine": "local", "index_dir": str(trials_sigir_index), "k": 1}}
+    gt = {"target": ["NCT00001776", "NCT00003562"]}
+    texts = [ans("NCT00001776[pmid] OR NCT00003562[pmid]"), ans("NCT00001776[pmid]"), ans("NCT00001776[pmid]"), ans("(x")]
+    try:
+        manager = RewardManager(None, config=cfg)
+        results = manager.score_texts(texts, ["trials_sigir"] * 4, [gt] * 4, [INFO] * 4)
+        # k=1: one of the two matches counts
+        assert [r["recall"] for r in results] == [0.5, 0.5, 0.5, 0.0]
+        assert [r["error"] for r in results] == ["none", "none", "none", "query_syntax"]
+        assert manager.last_search_stats["searches"] == 3
+    finally:
+        literature.clear_engines()
+
+
+def test_manager_with_pubmed_client_on_loopback_fake(tmp_path):
+    from deepretrieval.search.fakes import FakeAnswer, FakePubMedServer
+
+    answers = {"aspirin AND stroke": FakeAnswer(ids=["1", "2", "9"]), "broken(": FakeAnswer(ids=[], error="Unbalanced parentheses")}
+    with FakePubMedServer(answers=answers, latency=0.0) as server:
+        cfg = {
+            "pubmed": {
+                "engine": "pubmed",
+                "base_url": server.url,
+                "cache": False,
+                "rate_limit": 100.0,
+                "ratelimit_dir": str(tmp_path / "rl"),
+                "max_retries": 0,
+            }
+        }
+        info = dict(INFO, pub_date="2004/01/01")
+        try:
+            manager = RewardManager(None, config=cfg)
+            texts = [ans("aspirin AND stroke"), ans("aspirin AND stroke")]
+            results = manager.score_texts(texts, ["pubmed"] * 2, [GT] * 2, [info] * 2)
+            assert len(server.requests) == 1  # identical answers: one search
+            params = server.requests[0].params
+            assert params["maxdate"] == "2004/01/01" and params["datetype"] == "pdat" and params["retmax"] == "3000"
+            # the fake keeps every other id under a date filter: 1 and 9 -> one of four targets
+            assert [r["recall"] for r in results] == [0.25, 0.25] and results[0]["score"] == 1.5
+            from deepretrieval.search.fakes import Fault
+
+            server.inject(Fault(kind="status", status=503, match="other"))
+            texts = [ans("broken("), ans("other query")]
+            results = manager.score_texts(texts, ["pubmed"] * 2, [GT] * 2, [info] * 2)
+            by_query = {r["query"]: r for r in results}
+            assert by_query["broken("]["error"] == "query_syntax" and by_query["broken("]["score"] == -3.0
+            assert by_query["other query"]["error"] == "search_unavailable"
+            assert by_query["other query"]["search_unavailable"] and by_query["other query"]["score"] == 0.0
+        finally:
+            literature.clear_engines()

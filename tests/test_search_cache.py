@@ -1,0 +1,178 @@
+"""Persistent SQLite search cache: keys, TTL, counters, recovery, threads and processes."""
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deepretrieval.search.base import SearchResult, SearchUnavailable
+from deepretrieval.search.cache import SearchCache, cache_key, normalize_query, resolve_cache
+from deepretrieval.search.fakes import FakeCTGovServer, FakePubMedServer, Fault
+from deepretrieval.search.pubmed import PubMedSearchEngine
+from deepretrieval.search.ctgov import CTGovSearchEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def result(ids, engine="pubmed", **kw):
+    return SearchResult(ids=list(ids), total=len(ids), engine=engine, query="q", k=10, **kw)
+
+
+def test_key_identity():
+    base = cache_key("pubmed", "http://h/e/", "a  AND\n b", 10, {"max_date": "2010", "min_date": None})
+    assert base == cache_key("pubmed", "http://h/e", " a AND b ", 10, {"max_date": "2010"})
+    others = [
+        cache_key("ctgov", "http://h/e/", "a AND b", 10, {"max_date": "2010"}),
+        cache_key("pubmed", "http://mirror/e/", "a AND b", 10, {"max_date": "2010"}),
+        cache_key("pubmed", "http://h/e/", "a and b", 10, {"max_date": "2010"}),  # case matters in PubMed
+        cache_key("pubmed", "http://h/e/", "a AND b", 11, {"max_date": "2010"}),
+        cache_key("pubmed", "http://h/e/", "a AND b", 10, {"max_date": "2011"}),
+        cache_key("pubmed", "http://h/e/", "a AND b", 10, {}),
+    ]
+    assert len(set(others + [base])) == len(others) + 1
+    assert normalize_query("  x\t\ty \n") == "x y"
+
+
+def test_put_get_and_counters(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    assert cache.get("k1") is None
+    cache.put("k1", result(["1", "2"], warnings=["w"], query_translation="t"))
+    cache.put("k2", SearchResult.failed(SearchUnavailable("down"), engine="pubmed"))
+    hit = cache.get("k1")
+    assert hit.ids == ["1", "2"] and hit.cached and hit.warnings == ["w"] and hit.query_translation == "t"
+    assert cache.get("k2") is None  # failures are never stored
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 2
+    assert cache.stats()["hit_rate"] == pytest.approx(1 / 3)
+    assert len(cache) == 1
+    # persistent: a new object on the same file sees it
+    assert SearchCache(tmp_path / "c.sqlite").get("k1").ids == ["1", "2"]
+
+
+def test_wal_mode(tmp_path):
+    SearchCache(tmp_path / "c.sqlite")
+    mode = sqlite3.connect(tmp_path / "c.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_ttl(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite", ttl=60)
+    cache.put("old", result(["1"]))
+    cache.put("new", result(["2"]))
+    conn = sqlite3.connect(tmp_path / "c.sqlite")
+    conn.execute("UPDATE results SET created = ? WHERE key = 'old'", (time.time() - 61,))
+    conn.commit()
+    conn.close()
+    assert cache.get("old") is None and cache.get("new").ids == ["2"]
+    assert SearchCache(tmp_path / "c.sqlite").get("old").ids == ["1"]  # no ttl: still there
+
+
+def test_corrupt_file_is_moved_aside(tmp_path, caplog):
+    path = tmp_path / "c.sqlite"
+    garbage = b"this is not a database" * 200
+    path.write_bytes(garbage)
+    with caplog.at_level(logging.WARNING):
+        cache = SearchCache(path)
+    assert cache.enabled and "unreadable" in caplog.text
+    aside = list(tmp_path.glob("c.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == garbage
+    cache.put("k", result(["9"]))
+    assert cache.get("k").ids == ["9"]
+
+
+def test_directory_in_the_way_is_moved_aside(tmp_path):
+    path = tmp_path / "c.sqlite"
+    path.mkdir()
+    cache = SearchCache(path)
+    cache.put("k", result(["1"]))
+    assert cache.get("k").ids == ["1"] and path.is_file()
+
+
+def test_unusable_location_disables_cache_but_run_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING):
+        cache = SearchCache(blocker / "sub" / "c.sqlite")
+    assert not cache.enabled and "disabled" in caplog.text
+    cache.put("k", result(["1"]))
+    assert cache.get("k") is None and len(cache) == 0
+
+
+def test_resolve_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path / "cd"))
+    assert resolve_cache(False) is None and resolve_cache(None) is None
+    assert resolve_cache(True).path == tmp_path / "cd" / "search_cache.sqlite"
+    assert resolve_cache(str(tmp_path / "x.db")).path == tmp_path / "x.db"
+    obj = SearchCache(tmp_path / "y.db")
+    assert resolve_cache(obj) is obj
+
+
+def test_threads_share_one_cache(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(40):
+                cache.put(f"{t}-{i}", result([str(i)]))
+                assert cache.get(f"{t}-{i}").ids == [str(i)]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(cache) == 240 and cache.stats()["hits"] == 240
+
+
+def test_processes_share_one_cache(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'code')!r})
+        from deepretrieval.search.base import SearchResult, SearchUnavailable
+        from deepretrieval.search.cache import SearchCache
+        cache = SearchCache({str(tmp_path / 'c.sqlite')!r})
+        me = int(sys.argv[1])
+        for i in range(60):
+            cache.put(f"{{me}}-{{i}}", SearchResult(ids=[str(i)], total=1, engine="pubmed"))
+            other = cache.get(f"{{(me + 1) % 3}}-{{i}}")
+            assert other is None or other.ids == [str(i)]
+        assert cache.stats()["errors"] == 0, cache.stats()
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)]) for n in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    cache = SearchCache(tmp_path / "c.sqlite")
+    assert len(cache) == 180 and cache.get("2-59").ids == ["59"]
+
+
+def test_engines_use_the_cache(tmp_path):
+    path = tmp_path / "c.sqlite"
+    kw = dict(cache=path, rate_limit=0, ratelimit_dir=tmp_path, backoff_base=0.01, max_retries=1)
+    with FakePubMedServer() as srv:
+        engine = PubMedSearchEngine(base_url=srv.url, **kw)
+        first = engine.search("asthma  AND copd", k=20, max_date="2010")
+        again = PubMedSearchEngine(base_url=srv.url, **kw).search("asthma AND copd", k=20, max_date="2010")
+        assert len(srv.requests) == 1 and again.cached and not first.cached
+        assert again.ids == first.ids and again.total == first.total
+        engine.search("asthma AND copd", k=20)  # different filters: a miss
+        assert len(srv.requests) == 2
+        # a failure is not cached: the next call asks the server again
+        srv.inject(Fault("status", status=503), Fault("status", status=503))
+        assert engine.try_search("copd", k=5).error["type"] == "search_unavailable"
+        fresh = engine.search("copd", k=5)
+        assert fresh.ok and not fresh.cached and engine.search("copd", k=5).cached
+        assert engine.stats()["cache_hits"] >= 1
+    with FakeCTGovServer() as srv:
+        ct = CTGovSearchEngine(base_url=srv.url, **kw)
+        ct.search("asthma AND copd", k=20, max_date="2010")
+        assert ct.search("asthma AND copd", k=20, max_date="2010").cached  # not confused with PubMed's entry
+        assert len(srv.requests) == 1

@@ -1,0 +1,244 @@
+"""Local tantivy engine: results on a hand-checked fixture corpus, BM25 against an independent
+computation, date filters, Ovid searches, the vendored pubmed_mini index against set algebra
+computed from the corpus text, atomic builds and thread safety."""
+
+import gzip
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from deepretrieval.search import ingest
+from deepretrieval.search.base import QuerySyntaxError, SearchUnavailable, make_engine
+from deepretrieval.search.local import META_FILE, LocalSearchEngine, build_index, make_analyzer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "search"
+SMALL = FIXTURES / "small_corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "idx"
+    build_index(SMALL, out, progress=False)
+    return LocalSearchEngine(out)
+
+
+def ids(engine, query, k=100_000, **kw):
+    res = engine.search(query, k=k, **kw)
+    assert res.total == len(res.ids), "total must count every match (k is larger than the corpus)"
+    return set(res.ids)
+
+
+# hand-checked against tests/fixtures/search/small_corpus.jsonl
+@pytest.mark.parametrize("query,expected", [
+    ("aspirin", {"d1", "d2", "d3", "d7"}),
+    ("aspirin AND NOT stroke", {"d2", "d7"}),
+    ("aspirin NOT stroke", {"d2", "d7"}),
+    ("stroke NOT aspirin", {"d4"}),
+    ("aspirin OR warfarin AND stroke", {"d1", "d3"}),  # (aspirin OR warfarin) AND stroke
+    ("aspirin OR (warfarin AND stroke)", {"d1", "d2", "d3", "d7"}),
+    ("stroke[ti]", {"d1", "d4"}),
+    ("stroke[tw]", {"d1", "d3", "d4"}),
+    ("Stroke[mh]", {"d1", "d3"}),  # exact heading: not "Stroke Rehabilitation"
+    ('"stroke rehabilitation"[mesh]', {"d4"}),
+    ("random*[tiab]", {"d7", "d8"}),
+    ("randomiz*[tiab]", {"d7", "d8"}),
+    ("randomized[tiab]", {"d7"}),
+    ("c-reactive protein[tiab]", {"d5"}),  # phrase
+    ('"c reactive protein"', {"d5"}),
+    ("c reactive protein", {"d5", "d6"}),  # implicit AND of words
+    ("2001:2005[dp]", {"d1", "d2", "d7"}),
+    ("aspirin AND 2005[dp]", {"d2"}),
+    ('"Meta-Analysis"[pt]', {"d5"}),
+    ("randomized controlled trial[pt]", {"d7"}),
+    ("d3[pmid]", {"d3"}),
+    ("aspirin[tiab]\nstroke[ti]\n#1 AND #2", {"d1"}),
+    ("exp Aspirin/\nStroke/\n1 and 2", {"d1", "d3"}),
+    ("(aspirin adj3 stroke).tw.", {"d1", "d3"}),
+    ("(stroke adj3 aspirin).tw.", {"d1", "d3"}),  # adjN: any order
+    ("(aspirin adj stroke).tw.", set()),  # adj: adjacent, in order
+    ("(stroke adj3 (aspirin or warfarin)).tw.", {"d1", "d3"}),
+    ("(random$ adj2 trial$).ti,ab.", {"d7"}),  # d8: two words between randomisation and trials
+    ("(random$ adj3 trial$).ti,ab.", {"d7", "d8"}),
+    ("smith[au] OR aspirin[ti]", {"d1", "d2", "d3", "d7"}),
+])
+def test_hand_checked_results(small_engine, query, expected):
+    assert ids(small_engine, query) == expected
+
+
+def test_date_filters_exclude_undated_records(small_engine):
+    assert ids(small_engine, "protein") == {"d5", "d6"}
+    assert ids(small_engine, "protein", min_date="2000") == {"d6"}  # d5 has no date
+    assert ids(small_engine, "aspirin", min_date="2004/01/01", max_date="2008") == {"d2", "d3"}
+    assert ids(small_engine, "aspirin", max_date="2003/03/03") == {"d1", "d7"}
+    with pytest.raises(ValueError):
+        small_engine.search("aspirin", min_date="yesterday")
+
+
+def test_bm25_matches_independent_computation(small_engine):
+    """aspirin[ti]: tf = 1 everywhere, so BM25 = idf * (k1+1) / (1 + k1 (1 - b + b dl/avgdl))."""
+    analyzer = make_analyzer()
+    docs = [json.loads(l) for l in SMALL.open()]
+    lengths = {d["id"]: len(analyzer.analyze(d["title"])) for d in docs}
+    avgdl = sum(lengths.values()) / len(docs)
+    matching = [d["id"] for d in docs if "aspirin" in analyzer.analyze(d["title"])]
+    n, N, k1, b = len(matching), len(docs), 1.2, 0.75
+    idf = math.log(1 + (N - n + 0.5) / (n + 0.5))
+    expected = {d: idf * (k1 + 1) / (1 + k1 * (1 - b + b * lengths[d] / avgdl)) for d in matching}
+    res = small_engine.search("aspirin[ti]", k=10)
+    assert res.ids == sorted(expected, key=lambda d: -expected[d]) == ["d2", "d1", "d3", "d7"]
+    for doc_id, score in zip(res.ids, res.scores):
+        assert score == pytest.approx(expected[doc_id], rel=1e-4)
+
+
+def test_result_shape_and_k(small_engine):
+    res = small_engine.search("aspirin", k=2)
+    assert len(res.ids) == 2 and res.total == 4 and res.engine == "local" and res.error is None
+    assert res.scores[0] >= res.scores[1]
+    assert small_engine.search("aspirin", k=0).ids == [] and small_engine.count("aspirin") == 4
+    assert make_engine("local", index_dir=small_engine.index_dir).search("aspirin", k=5).total == 4
+
+
+def test_warnings_for_unavailable_fields(small_engine):
+    res = small_engine.search("aspirin[majr]")
+    assert set(res.ids) == {"d1", "d2", "d3", "d7"}  # no major-topic data: searched as [mh]
+    assert any("[majr]" in w for w in res.warnings)
+    res = small_engine.search("aspirin AND smith[au]")
+    assert res.total == 0 and any("[au]" in w for w in res.warnings)
+
+
+def test_syntax_errors_raise_and_try_search_returns_them(small_engine):
+    with pytest.raises(QuerySyntaxError) as e:
+        small_engine.search("aspirin[foo]")
+    assert e.value.position == 7
+    res = small_engine.try_search("(aspirin")
+    assert res.error["type"] == "query_syntax" and res.ids == [] and res.total == 0
+
+
+def test_truncation_cap(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    with corpus.open("w") as fh:
+        for i in range(30):
+            fh.write(json.dumps({"id": f"x{i}", "text": f"term{i:03d} " * (i + 1)}) + "\n")
+    build_index(corpus, tmp_path / "idx", progress=False)
+    engine = LocalSearchEngine(tmp_path / "idx", max_expansions=10)
+    res = engine.search("term*[ab]", k=100)
+    assert res.total == 10 and any("more than 10 variants" in w for w in res.warnings)
+    assert LocalSearchEngine(tmp_path / "idx").search("term*[ab]").total == 30
+
+
+def test_concurrent_searches_match_sequential(small_engine):
+    queries = ["aspirin", "stroke NOT aspirin", "random*[tiab]", "(aspirin adj3 stroke).tw.", "2001:2005[dp]"] * 20
+    sequential = [small_engine.search(q, k=10).ids for q in queries]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(lambda q: small_engine.search(q, k=10).ids, queries))
+    assert parallel == sequential
+
+
+# ----------------------------------------------------------------------------- building
+
+def test_interrupted_build_leaves_nothing_that_opens(tmp_path, monkeypatch):
+    real = ingest.iter_records
+
+    def broken(paths, fmt=None):
+        for i, rec in enumerate(real(paths, fmt)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield rec
+
+    monkeypatch.setattr("deepretrieval.search.local.iter_records", broken)
+    out = tmp_path / "idx"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(SMALL, out, progress=False, batch_size=2)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the partial directory was removed
+    with pytest.raises(SearchUnavailable):
+        LocalSearchEngine(out)
+
+
+def test_stale_partial_of_a_killed_build_is_removed(tmp_path):
+    stale = tmp_path / ".idx.partial-999999999"  # no such process
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    build_index(SMALL, tmp_path / "idx", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_rebuild_replaces_index_and_refuses_foreign_dirs(tmp_path):
+    out = tmp_path / "idx"
+    build_index(SMALL, out, progress=False)
+    meta = build_index(SMALL, out, progress=False, limit=3)
+    assert meta["num_docs"] == 3 and LocalSearchEngine(out).num_docs == 3
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        build_index(SMALL, foreign, progress=False)
+    assert (foreign / "notes.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_index(SMALL, empty, progress=False)["num_docs"] == 8
+    assert (empty / META_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- pubmed_mini
+
+@pytest.fixture(scope="module")
+def pubmed_mini(pubmed_mini_index):
+    return LocalSearchEngine(pubmed_mini_index)
+
+
+@pytest.fixture(scope="module")
+def corpus_tokens(data_dir):
+    """Per document: the set of title+abstract tokens (same analyser), from the raw corpus."""
+    analyzer = make_analyzer()
+    out = {}
+    with gzip.open(data_dir / "pubmed_mini" / "corpus.jsonl.gz", "rt") as fh:
+        for line in fh:
+            r = json.loads(line)
+            out[r["pmid"]] = set(analyzer.analyze(r["title"])) | set(analyzer.analyze(r["abstract"]))
+    return out
+
+
+def test_pubmed_mini_boolean_algebra_against_corpus(pubmed_mini, corpus_tokens):
+    def having(tok):
+        return {d for d, toks in corpus_tokens.items() if tok in toks}
+
+    a, b = having("aspirin"), having("warfarin")
+    assert len(corpus_tokens) == 41060 and pubmed_mini.num_docs == 41060
+    assert ids(pubmed_mini, "aspirin[tiab] AND NOT warfarin[tiab]") == a - b
+    assert ids(pubmed_mini, "aspirin[tiab] AND warfarin[tiab]") == a & b
+    assert pubmed_mini.search("aspirin[tiab] OR warfarin[tiab]", k=5).total == len(a | b)
+    prefix = {d for d, toks in corpus_tokens.items() if any(t.startswith("aspergill") for t in toks)}
+    assert pubmed_mini.search("aspergill*[tiab]", k=0).total == len(prefix) > 100
+
+
+def test_every_topic_boolean_query_runs(pubmed_mini, data_dir):
+    topics = [json.loads(l) for l in (data_dir / "pubmed_mini" / "topics.jsonl").open()]
+    for t in topics:
+        if t["boolean_query"]:
+            res = pubmed_mini.search(t["boolean_query"], k=10)
+            assert res.error is None and res.total >= 0
+    cd009185 = next(t for t in topics if t["topic_id"] == "clef2017-CD009185")
+    res = pubmed_mini.search(cd009185["boolean_query"], k=2000)
+    assert set(cd009185["relevant"]) <= set(res.ids)  # recall 1.0 on this topic
+
+
+def test_trials_index(trials_sigir_index):
+    engine = LocalSearchEngine(trials_sigir_index)
+    assert engine.num_docs == 3625
+    res = engine.search("bipolar AND lithium", k=50)
+    assert "NCT00000369" in res.ids
+    res = engine.search("bipolar disorder[mh]", k=5)
+    assert res.total == 0 and any("no MeSH headings" in w for w in res.warnings)
+    res = engine.search("randomized controlled trial[pt]", k=5)
+    assert res.total == 0 and any("no publication types" in w for w in res.warnings)
+
+
+def test_exponential_line_reuse_is_refused_quickly(small_engine):
+    lines = ["aspirin"] + [f"#{i} AND #{i}" for i in range(1, 30)]
+    with pytest.raises(QuerySyntaxError, match="too complex"):
+        small_engine.search("\n".join(lines))
+    assert small_engine.search("\n".join(lines[:6])).total == 4  # 2^5 clauses is fine

@@ -1,0 +1,172 @@
+"""End to end on CPU: the PPO trainer on Ray with 2 FSDP2 workers (tiny Qwen2, pubmed_mini parquet,
+local pubmed_mini engine as reward), validation, checkpoints, resume, HF export; the in-process mode;
+the `search_unavailable` exclusion."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from deepretrieval.trainer.main_ppo import main
+
+# metrics that measure time or memory differ between runs by nature
+NOISY = ("timing", "perf/", "timing_s/", "timing_per_token_ms/", "reward/search_time")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, pubmed_mini_index):
+    from deepretrieval.data.tasks import prepare_task
+    from deepretrieval.models.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("trainer_e2e")
+    paths = prepare_task("pubmed_mini", root / "data", seed=42, val_size=4)
+    model = save_tiny_model(root / "model", hidden_size=64, num_layers=2)
+    return SimpleNamespace(root=root, train=str(paths["train"]), val=str(paths["val"]), model=model,
+                           index=str(pubmed_mini_index))
+
+
+def overrides(a, out_dir, **extra):
+    base = {
+        "data.train_files": a.train, "data.val_files": a.val,
+        "data.train_batch_size": 4, "data.max_prompt_length": 384, "data.max_response_length": 16,
+        "actor_rollout_ref.model.path": a.model,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 2,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 2,
+        "actor_rollout_ref.actor.optim.lr": 1e-3,
+        "actor_rollout_ref.rollout.n": 2,
+        "critic.ppo_micro_batch_size_per_gpu": 2, "critic.optim.lr": 1e-3,
+        "reward.sources.pubmed_mini.index_dir": a.index,
+        "trainer.device": "cpu", "trainer.logger": "[console,jsonl]",
+        "trainer.default_local_dir": str(out_dir), "trainer.deterministic": True,
+        "trainer.ray_init.num_cpus": 2, "trainer.ray_init.timeout_s": 120, "trainer.call_timeout_s": 300,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_metrics(out_dir):
+    rows = [json.loads(line) for line in open(Path(out_dir) / "logs" / "metrics.jsonl")]
+    return {r["step"]: r for r in rows if any(k.startswith(("critic/", "actor/")) for k in r)}, rows
+
+
+def stable(row):
+    return {k: v for k, v in row.items() if not k.startswith(NOISY)}
+
+
+def hf_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_ray_fsdp2_train_validate_checkpoint_resume_export(assets, tmp_path):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    common = {"trainer.n_gpus_per_node": 2, "trainer.total_training_steps": 4, "trainer.save_freq": 2,
+              "trainer.test_freq": 2, "trainer.max_actor_ckpt_to_keep": 2}
+    assert main(overrides(assets, run_a, **common)) == 0
+    steps_a, rows_a = read_metrics(run_a)
+    assert sorted(steps_a) == [1, 2, 3, 4]
+    # validation before training (step 0) and at steps 2 and 4, per data source
+    val_steps = [r["step"] for r in rows_a if "val/pubmed_mini/recall_mean" in r]
+    assert val_steps == [0, 2, 4]
+    for key in ("timing/gen", "timing/reward", "timing/update_actor", "timing/update_critic", "perf/throughput",
+                "perf/max_memory_rss_gb", "critic/score/mean", "actor/pg_loss", "critic/vf_loss",
+                "actor/reward_kl_penalty", "reward/pubmed_mini/recall_mean"):
+        assert key in steps_a[4], key
+    assert steps_a[4]["actor/reward_kl_penalty_coeff"] == pytest.approx(0.001)
+
+    ckpts = sorted(p.name for p in run_a.iterdir() if p.name.startswith("global_step_"))
+    assert ckpts == ["global_step_2", "global_step_4"]
+    assert (run_a / "latest_checkpointed_iteration.txt").read_text() == "4"
+    hf_dir = run_a / "global_step_4" / "actor" / "huggingface"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (hf_dir / name).is_file(), name
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+    # the exported actor loads with transformers and has moved away from the initial weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tok("diabetes insulin", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3 or tok.eos_token_id in out[0].tolist()
+    final = hf_weights(hf_dir)
+    initial = hf_weights(assets.model)
+    assert set(final) == set(initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+
+    # resume after step 2 of 4 in a fresh folder: the same metrics and weights as the straight run
+    assert main(overrides(assets, run_b, **common, **{"trainer.resume_mode": str(run_a / "global_step_2"),
+                                                     "trainer.val_before_train": False})) == 0
+    steps_b, _ = read_metrics(run_b)
+    assert sorted(steps_b) == [3, 4]
+    for step in (3, 4):
+        assert stable(steps_b[step]) == stable(steps_a[step])
+    resumed = hf_weights(run_b / "global_step_4" / "actor" / "huggingface")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_in_process_mode_and_auto_resume(assets, tmp_path):
+    out = tmp_path / "local"
+    extra = {"trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.total_training_steps": 2,
+             "trainer.val_before_train": False, "actor_rollout_ref.rollout.n": 1,
+             "actor_rollout_ref.actor.ppo_mini_batch_size": 4, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
+             "critic.ppo_micro_batch_size_per_gpu": 4, "trainer.save_hf_model": False}
+    assert main(overrides(assets, out, **extra)) == 0
+    steps, rows = read_metrics(out)
+    assert sorted(steps) == [1, 2]
+    assert "val/pubmed_mini/recall_mean" in steps[2]  # validation after the last step
+    assert (out / "global_step_2" / "trainer_state.pt").is_file()
+    assert not (out / "global_step_2" / "actor" / "huggingface").exists()
+    # resume_mode=auto picks up the latest checkpoint and only runs the missing step
+    extra["trainer.total_training_steps"] = 3
+    assert main(overrides(assets, out, **extra)) == 0
+    steps, _ = read_metrics(out)
+    assert sorted(steps) == [1, 2, 3]
+    state = torch.load(out / "global_step_3" / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == 3
+    # 21 training prompts / batch 4 = 5 batches per epoch: 3 steps = epoch 0, next batch index 3
+    assert state["loader"]["epoch"] == 0 and state["loader"]["batch_in_epoch"] == 3
+
+
+def test_worker_failure_stops_the_run_cleanly(assets, tmp_path):
+    import shutil
+
+    import ray
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(assets.model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "run"
+    args = overrides(assets, out, **{"trainer.n_gpus_per_node": 2, "actor_rollout_ref.model.path": str(broken),
+                                     "data.tokenizer": assets.model, "trainer.total_training_steps": 1})
+    assert main(args) == 1  # the workers' load error ends the run (no hang) ...
+    assert not ray.is_initialized()  # ... and the Ray instance the trainer started is gone
+    assert not any(p.name.startswith("global_step_") for p in out.glob("*"))
+
+
+def test_search_unavailable_samples_are_left_out_of_the_update():
+    from omegaconf import OmegaConf
+
+    from deepretrieval.protocol import Batch
+    from deepretrieval.trainer import ppo_core
+    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+
+    cfg = OmegaConf.create({"algorithm": {"adv_estimator": "grpo", "gamma": 1.0, "lam": 1.0,
+                                          "norm_adv_by_std_in_grpo": True}})
+    mask = torch.ones(6, 3, dtype=torch.long)
+    scores = torch.tensor([1.0, 3.0, 5.0, 0.0, 2.0, 4.0])
+    batch = Batch.from_dict({"response_mask": mask.clone(),
+                             "token_level_rewards": ppo_core.place_outcome_reward(scores, mask)},
+                            {"uid": np.array(["a", "a", "a", "b", "b", "b"], dtype=object)})
+    unavailable = torch.tensor([False, False, False, True, False, False])
+    out = PPOTrainer._advantages(SimpleNamespace(config=cfg), batch, unavailable)
+    adv = out.batch["advantages"][:, 0]
+    # group a: scores 1,3,5 -> mean 3, std 2 ; group b without the flagged sample: 2,4 -> mean 3, std sqrt(2)
+    expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, -1 / 2 ** 0.5, 1 / 2 ** 0.5])
+    assert torch.allclose(adv, expected, atol=1e-4)
+    assert out.batch["response_mask"][3].sum() == 0 and out.batch["response_mask"][[0, 1, 2, 4, 5]].all()
