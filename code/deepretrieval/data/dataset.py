@@ -38,16 +38,16 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
-def _plain(value: Any) -> Any:
+def plain_python(value: Any) -> Any:
     """Parquet gives numpy arrays for lists; the reward and templates want Python objects."""
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain_python(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_python(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_python(v) for v in value]
     return value
 
 
@@ -86,7 +86,7 @@ class RLHFDataset(torch.utils.data.Dataset):
             raise ValueError(f"data.truncation must be error, left or right, not {self.config['truncation']!r}")
         frames = [pd.read_parquet(f) for f in self.files]
         frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        self.rows: List[Dict[str, Any]] = [_plain(r) for r in frame.to_dict(orient="records")]
+        self.rows: List[Dict[str, Any]] = [plain_python(r) for r in frame.to_dict(orient="records")]
         self._warned_no_template = False
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")

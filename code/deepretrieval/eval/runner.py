@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from deepretrieval.data.dataset import plain_python
 from deepretrieval.eval import baselines
 from deepretrieval.eval.metrics import query_metrics
 
@@ -88,18 +89,6 @@ class EvalSample:
         return dict((self.row.get("reward_model") or {}).get("ground_truth") or {})
 
 
-def _plain(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def task_input_from_prompt(messages: Sequence[Mapping[str, str]]) -> str:
@@ -150,7 +139,7 @@ def sample_from_row(row: Mapping[str, Any]) -> EvalSample:
     """A verl parquet row -> EvalSample (joins the vendored topic record by `extra_info.topic_id`)."""
     from deepretrieval.data.tasks import judgements_from_ground_truth
 
-    row = _plain(dict(row))
+    row = plain_python(dict(row))
     task = str(row.get("data_source"))
     extra = row.get("extra_info") or {}
     gt = (row.get("reward_model") or {}).get("ground_truth") or {}

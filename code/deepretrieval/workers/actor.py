@@ -24,7 +24,7 @@ import torch
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, response_log_probs
-from deepretrieval.workers.optim import _get, build_lr_scheduler, build_optimizer, clip_grad_and_step
+from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def batched_response_log_probs(
     return torch.cat(log_probs), (torch.cat(entropies) if calculate_entropy else None)
 
 
-class Actor:
+class Actor(LazyOptimizerMixin):
     """PPO policy worker around a causal LM.
 
     Args:
@@ -105,19 +105,6 @@ class Actor:
         self._optimizer = optimizer
         self._lr_scheduler = lr_scheduler
         self._update_calls = 0
-
-    # -- optimiser (lazy, so a log-prob-only actor never allocates Adam state) --------------------
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        if self._optimizer is None:
-            self._optimizer = build_optimizer(self.model.parameters(), _get(self.config, "optim", {}))
-        return self._optimizer
-
-    @property
-    def lr_scheduler(self):
-        if self._lr_scheduler is None:
-            self._lr_scheduler = build_lr_scheduler(self.optimizer, _get(self.config, "optim", {}))
-        return self._lr_scheduler
 
     @property
     def chunk_size(self) -> int:

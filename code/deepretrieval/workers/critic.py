@@ -23,7 +23,7 @@ from torch import nn
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import _mean, enable_gradient_checkpointing, model_device
-from deepretrieval.workers.optim import _get, build_lr_scheduler, build_optimizer, clip_grad_and_step
+from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ValueModel(nn.Module):
                   str(Path(directory) / VALUE_HEAD_FILE))
 
 
-class Critic:
+class Critic(LazyOptimizerMixin):
     """PPO value worker. ``config`` is the ``critic`` section (``ppo_mini_batch_size``,
     ``ppo_micro_batch_size_per_gpu``, ``forward_micro_batch_size_per_gpu``, ``ppo_epochs``, ``shuffle``,
     ``cliprange_value``, ``loss_agg_mode``, ``grad_clip``, ``optim``)."""
@@ -118,18 +118,6 @@ class Critic:
         self._optimizer = optimizer
         self._lr_scheduler = lr_scheduler
         self._update_calls = 0
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        if self._optimizer is None:
-            self._optimizer = build_optimizer(self.model.parameters(), _get(self.config, "optim", {}))
-        return self._optimizer
-
-    @property
-    def lr_scheduler(self):
-        if self._lr_scheduler is None:
-            self._lr_scheduler = build_lr_scheduler(self.optimizer, _get(self.config, "optim", {}))
-        return self._lr_scheduler
 
     def _values(self, input_ids, attention_mask, position_ids, resp_len: int) -> torch.Tensor:
         values = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)

@@ -101,3 +101,21 @@ def clip_grad_and_step(params: list, optimizer: torch.optim.Optimizer, grad_clip
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, True
+
+
+class LazyOptimizerMixin:
+    """`optimizer` / `lr_scheduler` built from `self.config.optim` on first use, so a worker that
+    only computes log-probs or values never allocates Adam state. Expects `self.model`,
+    `self.config`, `self._optimizer` and `self._lr_scheduler`."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = build_optimizer(self.model.parameters(), _get(self.config, "optim", {}))
+        return self._optimizer
+
+    @property
+    def lr_scheduler(self):
+        if self._lr_scheduler is None:
+            self._lr_scheduler = build_lr_scheduler(self.optimizer, _get(self.config, "optim", {}))
+        return self._lr_scheduler
