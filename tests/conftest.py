@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 import sys
 from pathlib import Path
@@ -11,9 +12,17 @@ sys.path.insert(0, str(ROOT / "code"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 # Tests never read or write the user's cache (indexes, models, search results).
-os.environ.setdefault("DEEPRETRIEVAL_CACHE_DIR", tempfile.mkdtemp(prefix="deepretrieval-test-cache-"))
+_TEST_CACHE = None
+if "DEEPRETRIEVAL_CACHE_DIR" not in os.environ:
+    _TEST_CACHE = tempfile.mkdtemp(prefix="deepretrieval-test-cache-")
+    os.environ["DEEPRETRIEVAL_CACHE_DIR"] = _TEST_CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_unconfigure(config):
+    if _TEST_CACHE:
+        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "deepretrieval.search.cli",  # index, search
     "deepretrieval.data.cli",  # prepare
     "deepretrieval.eval.cli",  # eval
+    "deepretrieval.quickstart_cli",  # quickstart
 ]
 
 

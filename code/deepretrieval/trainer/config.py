@@ -215,7 +215,19 @@ def uses_reference(cfg: DictConfig) -> bool:
     return bool(_get(cfg, "algorithm.use_kl_in_reward")) or bool(_get(cfg, "actor_rollout_ref.actor.use_kl_loss"))
 
 
-def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_batch: int) -> int:
+def _check_token_budget(cfg: DictConfig, key: str) -> int:
+    """A dynamic-batch token budget: a positive integer that holds at least one whole sample."""
+    budget = _positive_int(cfg, key)
+    longest = int(_get(cfg, "data.max_prompt_length")) + int(_get(cfg, "data.max_response_length"))
+    if budget < longest:  # type: ignore[operator]
+        raise ConfigError(key, f"{budget} tokens cannot hold one sample of max_prompt_length + max_response_length "
+                          f"= {longest} tokens")
+    return budget  # type: ignore[return-value]
+
+
+def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_batch: int) -> Optional[int]:
+    """Mini-/micro-batch arithmetic of `section`; returns the per-device micro-batch (None with
+    use_dynamic_bsz and no fixed micro-batch set: micro-batches are then formed by token budget)."""
     mini = _positive_int(cfg, f"{section}.ppo_mini_batch_size")
     if mini > train_batch:
         raise ConfigError(f"{section}.ppo_mini_batch_size",
@@ -226,6 +238,10 @@ def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_
     if (mini * n) % world:
         raise ConfigError(f"{section}.ppo_mini_batch_size",
                           f"{mini} prompts x rollout.n={n} = {mini * n} samples do not split over {world} workers")
+    if _get(cfg, f"{section}.use_dynamic_bsz"):
+        _check_token_budget(cfg, f"{section}.ppo_max_token_len_per_gpu")
+        if _get(cfg, f"{section}.ppo_micro_batch_size_per_gpu") is None and _get(cfg, f"{section}.ppo_micro_batch_size") is None:
+            return None
     micro = micro_batch_per_gpu(cfg, section, "ppo_micro_batch_size", world)
     per_rank = mini * n // world
     if per_rank % micro:
@@ -297,16 +313,18 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of(cfg, f"{actor}.strategy", STRATEGIES)
     _one_of(cfg, "critic.strategy", STRATEGIES)
     actor_micro = _check_ppo_batches(cfg, actor, world, n, train_batch)
-    micro_batch_per_gpu(cfg, rollout, "log_prob_micro_batch_size", world, fallback=actor_micro)
-    micro_batch_per_gpu(cfg, "actor_rollout_ref.ref", "log_prob_micro_batch_size", world, fallback=actor_micro)
+    for section in (rollout, "actor_rollout_ref.ref"):
+        dynamic = bool(_get(cfg, f"{section}.log_prob_use_dynamic_bsz"))
+        if dynamic:
+            _check_token_budget(cfg, f"{section}.log_prob_max_token_len_per_gpu")
+        else:  # fixed micro-batches: a size of its own, else the actor's (None when the actor's are dynamic)
+            micro_batch_per_gpu(cfg, section, "log_prob_micro_batch_size", world, fallback=actor_micro)
     _positive_int(cfg, f"{actor}.ppo_epochs")
     _one_of(cfg, f"{actor}.loss_agg_mode", LOSS_AGG_MODES)
     _one_of(cfg, f"{actor}.kl_loss_type", KL_PENALTIES)
     for fsdp_key in (f"{actor}.fsdp_config", "critic.model.fsdp_config"):
         _one_of(cfg, f"{fsdp_key}.mixed_precision", ("auto", "bf16", "fp32"))
     for section in (actor, "critic"):
-        if _get(cfg, f"{section}.use_dynamic_bsz"):
-            raise ConfigError(f"{section}.use_dynamic_bsz", "token-budget micro-batches are not supported; use false")
         _one_of(cfg, f"{section}.optim.warmup_style", ("constant", "cosine"))
     if int(_get(cfg, "actor_rollout_ref.model.lora_rank") or 0) > 0:
         raise ConfigError("actor_rollout_ref.model.lora_rank", "LoRA training is not supported by this trainer yet; use 0")
@@ -320,9 +338,11 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of(cfg, f"{algo}.kl_penalty", KL_PENALTIES)
     _one_of(cfg, f"{algo}.kl_ctrl.type", ("fixed", "adaptive"))
     if uses_critic(cfg):
-        _check_ppo_batches(cfg, "critic", world, n, train_batch)
-        micro_batch_per_gpu(cfg, "critic", "forward_micro_batch_size", world,
-                            fallback=micro_batch_per_gpu(cfg, "critic", "ppo_micro_batch_size", world))
+        critic_micro = _check_ppo_batches(cfg, "critic", world, n, train_batch)
+        if _get(cfg, "critic.use_dynamic_bsz"):
+            _check_token_budget(cfg, "critic.forward_max_token_len_per_gpu")
+        else:
+            micro_batch_per_gpu(cfg, "critic", "forward_micro_batch_size", world, fallback=critic_micro)
         _one_of(cfg, "critic.loss_agg_mode", LOSS_AGG_MODES)
         if not _get(cfg, "critic.model.path"):
             raise ConfigError("critic.model.path", "is required with adv_estimator=gae")

@@ -369,6 +369,8 @@ class PPOTrainer:
             with _timer("gen", timings):
                 batch = self.actor_wg.generate_sequences(batch)
             batch.meta_info.pop("timing_gen_worker_s", None)
+            if cfg.trainer.balance_batch and self.world_size > 1:
+                metrics.update(self._balance_batch(batch))
             batch.meta_info["global_token_num"] = batch.batch["attention_mask"].sum(-1).tolist()
 
             with _timer("reward", timings):
@@ -420,6 +422,24 @@ class PPOTrainer:
         metrics.update(ppo_core.compute_throughput_metrics(batch, timings, n_gpus=self.world_size))
         metrics["train/rollout_n"] = float(n)
         return metrics
+
+    def _balance_batch(self, batch: Batch) -> Dict[str, float]:
+        """Reorder `batch` in place so each data-parallel worker's contiguous share holds about the
+        same number of valid tokens (verl's `_balance_batch`); uids travel with their samples, so
+        group-based advantages are unaffected."""
+        from deepretrieval.workers.seqbalance import dp_balanced_order
+
+        lens = batch.batch["attention_mask"].sum(-1)
+
+        def spread(x: torch.Tensor) -> float:
+            loads = x.view(self.world_size, -1).sum(-1).float()
+            return float(loads.max() / loads.mean().clamp(min=1))
+
+        before = spread(lens)
+        order = dp_balanced_order(lens.tolist(), self.world_size)
+        batch.reorder(order)
+        return {"train/dp_token_imbalance_before": before,
+                "train/dp_token_imbalance": spread(batch.batch["attention_mask"].sum(-1))}
 
     def _advantages(self, batch: Batch, unavailable: torch.Tensor) -> Batch:
         """Advantages over the samples whose search answered; the others get zero advantage and a

@@ -65,16 +65,28 @@ def tokenize_example(tokenizer: Any, example: SFTExample, max_length: int) -> Tu
 
 
 def collate(pairs: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad a list of (input_ids, labels) into input_ids / attention_mask / labels tensors."""
+    """Left-pad (input_ids, labels) pairs into input_ids / attention_mask / position_ids / labels.
+
+    Left padding puts every target at the end of its row, so the forward pass only needs the
+    logits of the last `keep` positions (`keep_positions`), not of the prompt tokens.
+    """
     width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(pairs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        labels[i, width - len(lab):] = torch.tensor(lab)
+        mask[i, width - len(ids):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+
+
+def keep_positions(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every target token and the position predicting the first."""
+    targets = labels != IGNORE_INDEX
+    first = torch.where(targets.any(-1), targets.float().argmax(-1), torch.full_like(targets[:, 0], labels.size(1), dtype=torch.long))
+    return int(labels.size(1) - first.min().item() + 1) if targets.any() else 1
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -141,8 +153,10 @@ def run_sft(
         order = torch.randperm(len(encoded), generator=gen).tolist()
         for start in range(0, len(order), batch_size):
             batch = collate([encoded[i] for i in order[start : start + batch_size]], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = sft_loss(logits, batch["labels"])
+            keep = min(keep_positions(batch["labels"]), batch["labels"].size(1))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], logits_to_keep=keep).logits
+            loss = sft_loss(logits, batch["labels"][:, -keep:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip and grad_clip > 0:

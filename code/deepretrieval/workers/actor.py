@@ -25,6 +25,8 @@ from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, response_log_probs
 from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
+from deepretrieval.workers.packing import packed_response_log_probs
+from deepretrieval.workers.seqbalance import inverse_permutation, token_budget_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -48,27 +50,31 @@ def batched_response_log_probs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     calculate_entropy: bool = False,
+    use_remove_padding: bool = False,
+    max_token_len: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """No-grad log-probs ``[B, R]`` (and entropies) of ``batch['responses']``, ``micro_batch_size`` rows per forward.
 
-    Results are float32 on the device of the batch's tensors.
+    ``max_token_len`` (dynamic batch size): micro-batches are instead formed by valid-token budget
+    (:func:`deepretrieval.workers.seqbalance.token_budget_micro_batches`) and the results put back in
+    batch order. ``use_remove_padding``: each micro-batch runs as one packed row
+    (:mod:`deepretrieval.workers.packing`). Results are float32 on the device of the batch's tensors.
     """
     missing = [k for k in LOG_PROB_KEYS if k not in batch.tensor_keys]
     if missing:
         raise KeyError(f"log-prob computation needs batch keys {missing}")
-    n = len(batch)
-    micro = int(micro_batch_size) if micro_batch_size and micro_batch_size > 0 else n
     out_device = batch.batch["input_ids"].device
     device = model_device(model)
     resp_len = batch.batch["responses"].shape[-1]
     log_probs, entropies = [], []
+    groups, restore = micro_batch_indices(batch, micro_batch_size, max_token_len)
+    forward = packed_response_log_probs if use_remove_padding else response_log_probs
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, n, micro):
-                sl = slice(start, min(start + micro, n))
-                lp, ent = response_log_probs(
+            for sl in groups:
+                lp, ent = forward(
                     model,
                     batch.batch["input_ids"][sl].to(device),
                     batch.batch["attention_mask"][sl].to(device),
@@ -83,7 +89,30 @@ def batched_response_log_probs(
                     entropies.append(ent.to(out_device))
     finally:
         model.train(was_training)
-    return torch.cat(log_probs), (torch.cat(entropies) if calculate_entropy else None)
+    log_probs_t = torch.cat(log_probs)
+    entropy_t = torch.cat(entropies) if calculate_entropy else None
+    if restore is not None:
+        log_probs_t = log_probs_t[restore]
+        entropy_t = entropy_t[restore] if entropy_t is not None else None
+    return log_probs_t, entropy_t
+
+
+def micro_batch_indices(batch: Batch, micro_batch_size: Optional[int], max_token_len: Optional[int] = None):
+    """Row selectors for the micro-batches of ``batch`` and the permutation that restores batch order.
+
+    Fixed size: contiguous slices of ``micro_batch_size`` rows, restore ``None``. Token budget
+    (``max_token_len`` > 0): index tensors from
+    :func:`~deepretrieval.workers.seqbalance.token_budget_micro_batches` over the valid-token counts,
+    and ``restore`` such that ``cat(results)[restore]`` is in batch order.
+    """
+    n = len(batch)
+    if max_token_len:
+        lens = batch.batch["attention_mask"].sum(-1)
+        groups = token_budget_micro_batches(lens, int(max_token_len))
+        order = [i for g in groups for i in g]
+        return [torch.as_tensor(g, dtype=torch.long) for g in groups], torch.as_tensor(inverse_permutation(order))
+    micro = int(micro_batch_size) if micro_batch_size and micro_batch_size > 0 else n
+    return [slice(start, min(start + micro, n)) for start in range(0, n, micro)], None
 
 
 class Actor(LazyOptimizerMixin):
@@ -94,7 +123,10 @@ class Actor(LazyOptimizerMixin):
         config: the actor section (mapping or DictConfig): ``ppo_mini_batch_size``,
             ``ppo_micro_batch_size_per_gpu``, ``ppo_epochs``, ``shuffle``, ``clip_ratio(_low/_high/_c)``,
             ``loss_agg_mode``, ``entropy_coeff``, ``use_kl_loss``, ``kl_loss_coef``, ``kl_loss_type``,
-            ``grad_clip``, ``logprob_chunk_size``, ``log_prob_micro_batch_size_per_gpu``, ``optim``.
+            ``grad_clip``, ``logprob_chunk_size``, ``log_prob_micro_batch_size_per_gpu``, ``optim``; and for the
+            fast path ``use_remove_padding`` (packed forwards), ``use_dynamic_bsz`` +
+            ``ppo_max_token_len_per_gpu`` (update micro-batches by token budget), ``log_prob_use_dynamic_bsz``
+            + ``log_prob_max_token_len_per_gpu`` (the same for :meth:`compute_log_prob`).
         optimizer / lr_scheduler: built from ``config.optim`` on first use when not given.
     """
 
@@ -123,7 +155,22 @@ class Actor(LazyOptimizerMixin):
                  or _get(self.config, "log_prob_micro_batch_size_per_gpu")
                  or _get(self.config, "ppo_micro_batch_size_per_gpu"))
         temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
-        return batched_response_log_probs(self.model, batch, micro, temperature, self.chunk_size, calculate_entropy)
+        max_tokens = (_get(self.config, "log_prob_max_token_len_per_gpu")
+                      if _get(self.config, "log_prob_use_dynamic_bsz", False) else None)
+        return batched_response_log_probs(self.model, batch, micro, temperature, self.chunk_size, calculate_entropy,
+                                          use_remove_padding=self.use_remove_padding, max_token_len=max_tokens)
+
+    @property
+    def use_remove_padding(self) -> bool:
+        """Pack each micro-batch's valid tokens into one row (:mod:`deepretrieval.workers.packing`)."""
+        return bool(_get(self.config, "use_remove_padding", False))
+
+    def _micro_batches(self, mini: Batch, micro_size: int) -> List[Batch]:
+        """Fixed-size micro-batches, or with ``use_dynamic_bsz`` token-budget ones (``ppo_max_token_len_per_gpu``)."""
+        if not _get(self.config, "use_dynamic_bsz", False):
+            return mini.split(micro_size)
+        groups, _ = micro_batch_indices(mini, None, int(_get(self.config, "ppo_max_token_len_per_gpu")))
+        return [mini[g] for g in groups]
 
     # -- policy update -----------------------------------------------------------------------------
     def _mini_batch_size(self, batch: Batch) -> int:
@@ -161,6 +208,7 @@ class Actor(LazyOptimizerMixin):
         lr_scheduler = self.lr_scheduler  # created before the first optimiser step (LambdaLR counts steps)
         lr = float(optimizer.param_groups[0]["lr"])
         params = [p for p in self.model.parameters() if p.requires_grad]
+        forward = packed_response_log_probs if self.use_remove_padding else response_log_probs
 
         metrics: Dict[str, List[float]] = {}
 
@@ -173,10 +221,10 @@ class Actor(LazyOptimizerMixin):
             epoch_data = data.shuffle(seed=self._update_calls * 1000 + epoch) if shuffle else data
             for mini in epoch_data.split(mini_size):
                 optimizer.zero_grad(set_to_none=True)
-                for micro in mini.split(micro_size):
+                for micro in self._micro_batches(mini, micro_size):
                     t = {k: v.to(device) for k, v in micro.batch.items()}
                     mask = t["response_mask"]
-                    log_prob, entropy = response_log_probs(
+                    log_prob, entropy = forward(
                         self.model, t["input_ids"], t["attention_mask"], t["position_ids"], resp_len,
                         temperature=temperature, chunk_size=self.chunk_size, calculate_entropy=entropy_coeff != 0,
                     )

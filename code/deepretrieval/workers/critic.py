@@ -22,8 +22,9 @@ from torch import nn
 
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
-from deepretrieval.workers.actor import _mean, enable_gradient_checkpointing, model_device
+from deepretrieval.workers.actor import _mean, enable_gradient_checkpointing, micro_batch_indices, model_device
 from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
+from deepretrieval.workers.packing import packed_values
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,15 @@ class Critic(LazyOptimizerMixin):
         self._lr_scheduler = lr_scheduler
         self._update_calls = 0
 
+    @property
+    def use_remove_padding(self) -> bool:
+        """Pack each micro-batch's valid tokens into one row (``use_remove_padding``, or ``model.use_remove_padding``)."""
+        return bool(_get(self.config, "use_remove_padding", False)
+                    or _get(_get(self.config, "model", {}) or {}, "use_remove_padding", False))
+
     def _values(self, input_ids, attention_mask, position_ids, resp_len: int) -> torch.Tensor:
+        if self.use_remove_padding:
+            return packed_values(self.model, input_ids, attention_mask, position_ids, resp_len)
         values = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return values[:, -resp_len - 1:-1]
 
@@ -133,18 +142,23 @@ class Critic(LazyOptimizerMixin):
         resp_len = batch.batch["responses"].shape[-1]
         mask = batch.batch["response_mask"] if "response_mask" in batch.tensor_keys else batch.batch["attention_mask"][:, -resp_len:]
         chunks = []
+        max_tokens = (_get(self.config, "forward_max_token_len_per_gpu") or _get(self.config, "ppo_max_token_len_per_gpu")
+                      if _get(self.config, "use_dynamic_bsz", False) else None)
+        groups, restore = micro_batch_indices(batch, int(micro), max_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for start in range(0, len(batch), int(micro)):
-                    sl = slice(start, start + int(micro))
+                for sl in groups:
                     v = self._values(batch.batch["input_ids"][sl].to(device), batch.batch["attention_mask"][sl].to(device),
                                      batch.batch["position_ids"][sl].to(device), resp_len)
                     chunks.append(v.to(out_device))
         finally:
             self.model.train(was_training)
-        return torch.cat(chunks) * mask.to(torch.float32)
+        values = torch.cat(chunks)
+        if restore is not None:
+            values = values[restore]
+        return values * mask.to(torch.float32)
 
     def update_critic(self, batch: Batch) -> Dict[str, float]:
         """PPO value-loss epochs; returns mean metrics (``critic/vf_loss``, ``critic/vf_clipfrac``, ...)."""
@@ -174,7 +188,12 @@ class Critic(LazyOptimizerMixin):
             epoch_data = data.shuffle(seed=self._update_calls * 1000 + epoch) if shuffle else data
             for mini in epoch_data.split(mini_size):
                 optimizer.zero_grad(set_to_none=True)
-                for micro in mini.split(micro_size):
+                if _get(cfg, "use_dynamic_bsz", False):
+                    groups, _ = micro_batch_indices(mini, None, int(_get(cfg, "ppo_max_token_len_per_gpu")))
+                    micros = [mini[g] for g in groups]
+                else:
+                    micros = mini.split(micro_size)
+                for micro in micros:
                     t = {k: v.to(device) for k, v in micro.batch.items()}
                     mask = t["response_mask"]
                     vpreds = self._values(t["input_ids"], t["attention_mask"], t["position_ids"], resp_len)

@@ -14,6 +14,7 @@ batch-in / batch-out methods split the batch over the data-parallel ranks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import resource
@@ -57,6 +58,18 @@ def _own(batch: Batch, device: torch.device) -> Batch:
     (in-process groups pass the driver's own objects)."""
     tensors = batch.batch.to(device) if batch.batch is not None else None
     return Batch(tensors, dict(batch.non_tensor_batch), dict(batch.meta_info))
+
+
+def rollout_seed_rank(rollout_cfg: Dict[str, Any], rank: int) -> int:
+    """The rank that offsets this worker's rollout seeds (engine seed and per-call seed): its own rank,
+    except for a vLLM rollout with tensor parallelism t > 1, whose ranks [g*t, ..., g*t+t-1] run one
+    engine and must sample identically: the group leader's rank g*t (groups still differ)."""
+    tp = int(rollout_cfg.get("tensor_model_parallel_size", 1) or 1)
+    if str(rollout_cfg.get("name", "hf")) == "vllm" and tp > 1:
+        from deepretrieval.workers.rollout.vllm import tp_leader_rank
+
+        return tp_leader_rank(rank, tp)
+    return rank
 
 
 class _FSDPWorkerBase(Worker):
@@ -149,7 +162,6 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         from deepretrieval.workers.actor import Actor, load_actor_model
         from deepretrieval.workers.optim import build_lr_scheduler, build_optimizer
         from deepretrieval.workers.reference import Reference, frozen_copy
-        from deepretrieval.workers.rollout.hf import HFRollout
 
         torch.manual_seed(self.seed)
         model_cfg = self.arr["model"]
@@ -182,25 +194,56 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         actor_cfg = dict(self.actor_cfg)
         actor_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.rollout_cfg)
         actor_cfg["rollout_n"] = 1  # mini-batch sizes above are already samples per worker
+        actor_cfg["use_remove_padding"] = bool(model_cfg.get("use_remove_padding", False))
+        for key in ("log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"):
+            actor_cfg[key] = self.rollout_cfg.get(key)
         self.actor = Actor(self.model, actor_cfg, self.optimizer, self.lr_scheduler)
-        self.rollout = HFRollout(self.model, self.tokenizer, self.rollout_cfg)
+        self.rollout = self._build_rollout(path, bool(model_cfg.get("trust_remote_code")))
         if ref_model is not None:
             ref_cfg = dict(self.ref_cfg)
             ref_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.ref_cfg)
             ref_cfg["logprob_chunk_size"] = self.actor_cfg.get("logprob_chunk_size", 0)
+            ref_cfg["use_remove_padding"] = bool(model_cfg.get("use_remove_padding", False))
             self.reference = Reference(self.ref_model, ref_cfg)
         self._seed_for_rank()
         n_params = sum(p.numel() for p in self.model.parameters())
         return {"rank": self.rank, "local_params": n_params, "fsdp": fsdp_utils.is_fsdp2(self.model)}
 
+    def _build_rollout(self, model_path: str, trust_remote_code: bool):
+        """`rollout.name`: hf (generates with the actor's own module) or vllm (a colocated engine that
+        receives the actor's weights before each generation; needs the vllm package)."""
+        from deepretrieval.workers.rollout.hf import HFRollout
+
+        name = str(self.rollout_cfg.get("name", "hf"))
+        if name == "hf":
+            return HFRollout(self.model, self.tokenizer, self.rollout_cfg)
+        if name == "vllm":
+            try:
+                from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+                # equal within a tensor-parallel group (rollout_seed_rank), distinct between groups
+                seed_rank = rollout_seed_rank(self.rollout_cfg, self.rank)
+                return VLLMRollout(self.model, self.tokenizer, self.rollout_cfg, model_path=model_path,
+                                   seed=self.seed * 1000 + seed_rank, trust_remote_code=trust_remote_code)
+            except ImportError as exc:
+                raise RuntimeError("rollout.name=vllm needs the vllm package (pip install -r requirements-gpu.txt), "
+                                   f"or use rollout.name=hf: {exc}") from None
+        raise ValueError(f"unknown rollout.name {name!r} (hf | vllm)")
+
     @register(Dispatch.DP_COMPUTE_PROTO)
     def generate_sequences(self, prompts: Batch) -> Batch:
-        """Rollout; `meta_info['seed']` (if given) is offset by the rank so ranks sample differently."""
+        """Rollout; `meta_info['seed']` (if given) is offset by the rank so ranks sample differently
+        (by the TP-group leader's rank for a tensor-parallel vLLM rollout: `rollout_seed_rank`)."""
         prompts = _own(prompts, self.device)
         if prompts.meta_info.get("seed") is not None:
-            prompts.meta_info["seed"] = int(prompts.meta_info["seed"]) * 7919 + self.rank
+            prompts.meta_info["seed"] = (int(prompts.meta_info["seed"]) * 7919
+                                         + rollout_seed_rank(self.rollout_cfg, self.rank))
         start = time.perf_counter()
-        with self._model_ctx(), fsdp_utils.unsharded_for_generation(self.model):
+        # the HF rollout decodes with the actor's module (parameters gathered once for the whole call);
+        # the vLLM rollout only reads the parameters, gathering them one at a time into the engine
+        gather = (fsdp_utils.unsharded_for_generation(self.model) if self.rollout_cfg.get("name", "hf") == "hf"
+                  else contextlib.nullcontext())
+        with self._model_ctx(), gather:
             out = self.rollout.generate_sequences(prompts)
         out.meta_info["timing_gen_worker_s"] = time.perf_counter() - start
         return out.to("cpu")

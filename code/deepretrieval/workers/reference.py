@@ -60,5 +60,9 @@ class Reference:
         chunk = max(0, int(_get(self.config, "logprob_chunk_size", 0) or 0))
         ctx = self.model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         with ctx:
-            log_probs, _ = batched_response_log_probs(self.model, batch, micro, temperature, chunk)
+            max_tokens = (_get(self.config, "log_prob_max_token_len_per_gpu")
+                          if _get(self.config, "log_prob_use_dynamic_bsz", False) else None)
+            log_probs, _ = batched_response_log_probs(
+                self.model, batch, micro, temperature, chunk,
+                use_remove_padding=bool(_get(self.config, "use_remove_padding", False)), max_token_len=max_tokens)
         return log_probs

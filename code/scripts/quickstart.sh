@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# DeepRetrieval in one command, on a laptop CPU (no GPU, no API key, nothing downloaded at run time):
+#
+#   bash code/scripts/quickstart.sh                 # SmolLM2-135M-Instruct, ~15 min on 2 cores
+#   bash code/scripts/quickstart.sh --tiny --steps 3   # tiny random model, ~2 min (what CI runs)
+#   bash code/scripts/quickstart.sh --out DIR --steps 24 actor_rollout_ref.actor.optim.lr=1e-6
+#
+# Installs the project (bash install.sh) when `deepretrieval` is not importable, then runs
+# `python -m deepretrieval quickstart "$@"`. Rerunning resumes an interrupted run (--fresh restarts).
+set -euo pipefail
+ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import deepretrieval' 2>/dev/null; then
+  echo "deepretrieval is not installed: running install.sh" >&2
+  PYTHON="$PY" bash "$ROOT_DIR/install.sh"
+fi
+export WANDB_MODE=${WANDB_MODE:-offline}
+export PYTHONPATH="$ROOT_DIR/code${PYTHONPATH:+:$PYTHONPATH}"
+cd "$ROOT_DIR"
+exec "$PY" -m deepretrieval quickstart "$@"

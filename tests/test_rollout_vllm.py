@@ -1,0 +1,320 @@
+"""vLLM rollout up to the engine boundary, on CPU: a fake `vllm` module (injected into sys.modules)
+records every call. Checked: prompt un-padding, the SamplingParams mapping, the weight sync (full
+tensors equal to the actor's, bucketed, gathered from FSDP2 DTensors), the call order wake(weights) ->
+load -> wake(kv_cache) -> generate -> sleep, and the engine's outputs turned into the post-rollout batch.
+The real-engine test is marked `gpu` and skipped without CUDA + vllm."""
+
+import importlib.util
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.workers.rollout.base import SamplingParams, resolve_sampling
+
+TEXTS = ["diabetes trials", "heart failure in older adults", "asthma"]
+
+
+class FakeLLM:
+    """Records calls; `generate` answers each request with n completions derived from the prompt."""
+
+    def __init__(self, eos, **kwargs):
+        self.kwargs = kwargs
+        self.calls = []
+        self.loaded = []  # buckets of (name, tensor)
+        self.eos = eos
+        model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), load_weights=self._load)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
+            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))))
+
+    def _load(self, weights):
+        bucket = list(weights)
+        self.loaded.append(bucket)
+        self.calls.append(("load_weights", len(bucket)))
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags or ())))
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        self.calls.append(("generate", len(prompts)))
+        self.prompts, self.sampling = prompts, sampling_params
+        outs = []
+        for p in prompts:
+            ids = p["prompt_token_ids"]
+            comps = []
+            for k in range(sampling_params.kwargs["n"]):
+                # k-th sample: the last 2 prompt tokens, (k+1) x token k+10, then EOS (so lengths differ per sample)
+                comps.append(SimpleNamespace(token_ids=list(ids[-2:]) + [k + 10] * (k + 1) + [self.eos]))
+            outs.append(SimpleNamespace(outputs=comps))
+        return outs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    inputs = types.ModuleType("vllm.inputs")
+
+    class SamplingParamsRec:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    vllm.SamplingParams = SamplingParamsRec
+    vllm.LLM = lambda **kw: FakeLLM(eos=-1, **kw)
+    inputs.TokensPrompt = lambda **kw: dict(kw)
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    return vllm
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tiny_tokenizer()
+
+
+def test_unpad_prompts(tok):
+    from deepretrieval.workers.rollout.vllm import unpad_prompts
+
+    b = make_prompt_batch(tok, TEXTS)
+    ids, mask = b.batch["input_ids"], b.batch["attention_mask"]
+    lists = unpad_prompts(ids, mask)
+    assert [len(x) for x in lists] == mask.sum(-1).tolist()
+    for row, lst in zip(range(len(TEXTS)), lists):
+        assert ids[row, -len(lst):].tolist() == lst  # left padding removed, order kept
+    assert len(set(map(len, lists))) > 1
+
+
+def test_sampling_kwargs_mapping():
+    from deepretrieval.workers.rollout.vllm import vllm_sampling_kwargs
+
+    kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=4), 32, [2, 5], seed=3)
+    assert kw == {"n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 32, "stop_token_ids": [2, 5],
+                  "ignore_eos": False, "skip_special_tokens": False, "detokenize": False, "logprobs": None, "seed": 3}
+    greedy = vllm_sampling_kwargs(resolve_sampling({"n": 4, "val_kwargs": {}}, {"validate": True}), 8, [2])
+    assert (greedy["n"], greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (1, 0.0, -1, 1.0)
+    assert "seed" not in greedy
+    assert vllm_sampling_kwargs(SamplingParams(top_k=0), 8, [2])["top_k"] == -1
+
+
+def test_engine_kwargs_from_rollout_config():
+    from deepretrieval.workers.rollout.vllm import engine_kwargs
+
+    kw = engine_kwargs({"prompt_length": 512, "response_length": 256, "gpu_memory_utilization": 0.4,
+                        "tensor_model_parallel_size": 1, "max_num_batched_tokens": 512, "enforce_eager": False},
+                       "/m", seed=7)
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["enable_sleep_mode"] is True
+    assert kw["max_model_len"] == 768 and kw["max_num_batched_tokens"] == 768  # raised to hold one prompt
+    assert (kw["gpu_memory_utilization"], kw["enforce_eager"], kw["seed"], kw["load_format"]) == (0.4, False, 7, "dummy")
+
+
+def test_weight_buckets_cover_every_parameter_within_budget(tok):
+    from deepretrieval.workers.rollout.vllm import iter_weight_buckets
+
+    model = make_tiny_qwen2(tok, hidden_size=64, seed=0)
+    params = dict(model.named_parameters())
+    budget = 40_000  # bytes in bf16: several buckets
+    buckets = list(iter_weight_buckets(model, budget, dtype=torch.bfloat16))
+    assert len(buckets) > 2
+    names = [n for b in buckets for n, _ in b]
+    assert names == list(params)  # each once, in order; tied lm_head not repeated
+    for b in buckets:
+        size = sum(t.numel() * t.element_size() for _, t in b)
+        assert size <= budget or len(b) == 1
+    for b in buckets:
+        for name, t in b:
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(t, params[name].detach().to(torch.bfloat16))
+
+
+def test_weight_buckets_gather_fsdp2_dtensors(tok):
+    import torch.distributed as dist
+
+    from deepretrieval.workers import fsdp as fsdp_utils
+    from deepretrieval.workers.rollout.vllm import iter_weight_buckets
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plain = make_tiny_qwen2(tok, hidden_size=64, seed=0)
+        expected = {k: v.detach().clone() for k, v in plain.named_parameters()}
+        sharded = fsdp_utils.apply_fsdp2(make_tiny_qwen2(tok, hidden_size=64, seed=0), device_type="cpu",
+                                         mixed_precision="fp32")
+        assert any(hasattr(p, "full_tensor") for p in sharded.parameters())  # DTensors
+        got = {n: t for b in iter_weight_buckets(sharded, 1 << 20) for n, t in b}
+        assert set(got) == set(expected)
+        for name, t in got.items():
+            assert not hasattr(t, "full_tensor")
+            assert torch.equal(t, expected[name]), name
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def test_generate_sequences_call_order_weights_and_batch(tok, fake_vllm):
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    model = make_tiny_qwen2(tok, hidden_size=64, seed=0)
+    eos = tok.eos_token_id
+    llm = FakeLLM(eos=eos)
+    cfg = {"response_length": 6, "n": 2, "temperature": 0.9, "top_p": 0.8, "top_k": 5, "prompt_length": 64}
+    rollout = VLLMRollout(model, tok, cfg, llm=llm, bucket_bytes=50_000)
+    assert llm.calls == [("sleep", 1)]  # memory handed to training right after start
+    prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 11})
+    prompts.non_tensor_batch["uid"] = __import__("numpy").array(["a", "b", "c"], dtype=object)
+    out = rollout.generate_sequences(prompts)
+
+    kinds = [c[0] for c in llm.calls]
+    first_load, last_load = kinds.index("load_weights"), len(kinds) - 1 - kinds[::-1].index("load_weights")
+    assert kinds[:2] == ["sleep", "wake_up"] and llm.calls[1] == ("wake_up", ("weights",))
+    assert llm.calls[last_load + 1] == ("wake_up", ("kv_cache",))
+    assert kinds[last_load + 2:] == ["generate", "sleep"] and first_load == 2
+    loaded = {n: t for b in llm.loaded for n, t in b}
+    assert set(loaded) == {n for n, _ in model.named_parameters()} and len(llm.loaded) > 1
+    assert llm.sampling.kwargs["n"] == 2 and llm.sampling.kwargs["seed"] == 11
+    assert llm.sampling.kwargs["top_k"] == 5 and llm.sampling.kwargs["stop_token_ids"][0] == eos
+    # prompts were un-padded
+    mask = prompts.batch["attention_mask"]
+    assert [len(p["prompt_token_ids"]) for p in llm.prompts] == mask.sum(-1).tolist()
+
+    # outputs -> batch: interleaved samples, EOS kept in the mask, the rest padded
+    assert len(out) == 6 and list(out.non_tensor_batch["uid"]) == ["a", "a", "b", "b", "c", "c"]
+    assert out.batch["responses"].shape == (6, 6)
+    for i in range(6):
+        k = i % 2
+        prompt_ids = prompts.batch["input_ids"][i // 2]
+        expected = prompt_ids[-2:].tolist() + [k + 10] * (k + 1) + [eos]
+        n_tok = len(expected)
+        assert out.batch["responses"][i, :n_tok].tolist() == expected
+        assert out.batch["response_mask"][i].tolist() == [1] * n_tok + [0] * (6 - n_tok)
+        assert (out.batch["responses"][i, n_tok:] == tok.pad_token_id).all()
+    assert torch.equal(out.batch["input_ids"][:, :mask.shape[1]], prompts.batch["input_ids"].repeat_interleave(2, 0))
+    assert out.meta_info["temperature"] == 0.9 and out.meta_info["do_sample"] is True
+
+
+def test_greedy_validation_and_cut_at_response_length(tok, fake_vllm):
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    llm = FakeLLM(eos=tok.eos_token_id)
+    rollout = VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, {"response_length": 3, "n": 4,
+                                                                       "free_cache_engine": False}, llm=llm)
+    out = rollout.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"validate": True}))
+    assert len(out) == 3 and llm.sampling.kwargs["temperature"] == 0.0 and llm.sampling.kwargs["n"] == 1
+    assert out.batch["response_mask"].tolist() == [[1, 1, 1]] * 3  # 4 tokens cut at 3: no EOS within
+    assert not any(c[0] in ("sleep", "wake_up") for c in llm.calls)  # free_cache_engine=false: stays awake
+
+
+def test_engine_created_from_config_and_tp_rejected(tok, fake_vllm):
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    model = make_tiny_qwen2(tok, hidden_size=64)
+    r = VLLMRollout(model, tok, {"response_length": 4, "prompt_length": 16}, model_path="/some/model", seed=5)
+    assert r.llm.kwargs["model"] == "/some/model" and r.llm.kwargs["seed"] == 5
+    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
+        VLLMRollout(model, tok, {"response_length": 4, "tensor_model_parallel_size": 2}, model_path="/m")
+
+
+def test_missing_vllm_is_a_clear_error(tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    with pytest.raises(ImportError):
+        VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, {"response_length": 4}, model_path="/m")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+                    reason="needs CUDA and the vllm package (requirements-gpu.txt)")
+def test_real_engine_generates_with_synced_weights(tok, tmp_path):
+    """On a GPU with vllm: the engine, loaded with the actor's weights, samples the actor's greedy tokens."""
+    import os
+
+    import torch.distributed as dist
+
+    from deepretrieval.models.tiny import save_tiny_model
+    from deepretrieval.workers.rollout.hf import HFRollout
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29533")):
+        os.environ.setdefault(k, v)
+    path = save_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    cfg = {"response_length": 8, "prompt_length": 64, "gpu_memory_utilization": 0.2, "n": 1}
+    vr = VLLMRollout(model, tok, cfg, model_path=str(path))
+    prompts = make_prompt_batch(tok, TEXTS, meta_info={"validate": True})
+    got = vr.generate_sequences(prompts)
+    ref = HFRollout(model, tok, cfg).generate_sequences(prompts.to("cuda"))
+    agree = (got.batch["responses"] == ref.batch["responses"].cpu()).float().mean()
+    assert agree > 0.9
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm, tmp_path):
+    """`rollout.name=vllm` in the actor worker: the engine is built from the config, and each
+    generation loads the actor's *current* weights (after an update they differ)."""
+    from deepretrieval.controller.worker_group import LocalWorkerGroup
+    from deepretrieval.models.tiny import save_tiny_model
+    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
+
+    path = save_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2)
+    cfg = compose_config(["data.train_files=x.parquet", f"actor_rollout_ref.model.path={path}",
+                          "actor_rollout_ref.rollout.name=vllm", "data.max_prompt_length=64",
+                          "data.max_response_length=8", "actor_rollout_ref.rollout.n=2", "trainer.device=cpu",
+                          "trainer.n_gpus_per_node=1", "data.train_batch_size=4",
+                          "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                          "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+                          "actor_rollout_ref.actor.optim.lr=0.05", "actor_rollout_ref.rollout.gpu_memory_utilization=0.3"],
+                         validate=False)
+    created = []
+    fake_vllm.LLM = lambda **kw: created.append(FakeLLM(eos=tok.eos_token_id, **kw)) or created[-1]
+    group = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    group.init_model()
+    (llm,) = created
+    assert llm.kwargs["model"] == str(path) and llm.kwargs["gpu_memory_utilization"] == 0.3
+    assert llm.kwargs["max_model_len"] == 72
+    prompts = make_prompt_batch(tok, TEXTS[:2], meta_info={"seed": 1})
+    out = group.generate_sequences(prompts)
+    assert len(out) == 4 and out.batch["responses"].shape == (4, 8)
+    first = {n: t.clone() for b in llm.loaded for n, t in b}
+    worker = group.worker
+    assert all(torch.equal(first[n], p.detach().to(torch.bfloat16)) for n, p in worker.model.named_parameters())
+
+    data = out.clone()
+    data.batch["old_log_probs"] = group.compute_log_prob(out).batch["old_log_probs"]
+    data.batch["advantages"] = torch.ones_like(data.batch["old_log_probs"])
+    group.update_actor(data)
+    llm.loaded.clear()
+    group.generate_sequences(prompts)
+    second = {n: t for b in llm.loaded for n, t in b}
+    assert any(not torch.equal(second[n], first[n]) for n in first)  # the update reached the engine
+    assert all(torch.equal(second[n], p.detach().to(torch.bfloat16)) for n, p in worker.model.named_parameters())
+    group.shutdown()
+
+
+def test_weights_go_through_collective_rpc_when_the_model_is_not_local(tok):
+    from deepretrieval.workers.rollout.vllm import _worker_load_weights, load_bucket
+
+    received = []
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
+        load_weights=lambda weights: received.extend(weights))))
+
+    class RpcOnly:  # no llm_engine.model_executor in this process
+        def collective_rpc(self, method, args=()):
+            assert method is _worker_load_weights
+            return [method(worker, *args)]
+
+    bucket = [("a", torch.ones(2)), ("b", torch.zeros(3))]
+    load_bucket(RpcOnly(), bucket)
+    assert [n for n, _ in received] == ["a", "b"]
