@@ -1,8 +1,9 @@
 """vLLM rollout up to the engine boundary, on CPU: a fake `vllm` module (injected into sys.modules)
 records every call. Checked: prompt un-padding, the SamplingParams mapping, the weight sync (full
 tensors equal to the actor's, bucketed, gathered from FSDP2 DTensors), the call order wake(weights) ->
-load -> wake(kv_cache) -> generate -> sleep, and the engine's outputs turned into the post-rollout batch.
-The real-engine test is marked `gpu` and skipped without CUDA + vllm."""
+load -> wake(kv_cache) -> generate -> sleep, the engine's outputs turned into the post-rollout batch, and
+tensor parallelism over a 4-process gloo world (each rank's batch equals its tp=1 batch; every rank of a
+TP group submits the same complete request list with the same seed). The real-engine test is marked `gpu` and skipped without CUDA + vllm."""
 
 import importlib.util
 import sys
@@ -55,8 +56,31 @@ class FakeLLM:
         return outs
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+class SeededFakeLLM(FakeLLM):
+    """Like vLLM with a per-request seed: sample k of a request is a function of (prompt tokens, seed, k)
+    only (not of the other requests in the call). Tokens in [3, 52] (never EOS 2 / pad 0), varying lengths.
+    Records every generate call's prompts and sampling arguments in `requests`."""
+
+    def __init__(self, eos, **kwargs):
+        super().__init__(eos, **kwargs)
+        self.requests = []
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        self.calls.append(("generate", len(prompts)))
+        kw = sampling_params.kwargs
+        self.requests.append(([list(p["prompt_token_ids"]) for p in prompts], dict(kw)))
+        seed = kw.get("seed") or 0
+        outs = []
+        for p in prompts:
+            ids = list(p["prompt_token_ids"])
+            base = sum(i * (j + 1) for j, i in enumerate(ids)) * 31 + seed * 17
+            comps = [SimpleNamespace(token_ids=[(base + k * 7 + j) % 50 + 3 for j in range(1 + (k + len(ids)) % 5)]
+                                     + [self.eos]) for k in range(kw["n"])]
+            outs.append(SimpleNamespace(outputs=comps))
+        return outs
+
+
+def _fake_vllm_modules(llm_factory=None):
     vllm = types.ModuleType("vllm")
     inputs = types.ModuleType("vllm.inputs")
 
@@ -65,9 +89,15 @@ def fake_vllm(monkeypatch):
             self.kwargs = kwargs
 
     vllm.SamplingParams = SamplingParamsRec
-    vllm.LLM = lambda **kw: FakeLLM(eos=-1, **kw)
+    vllm.LLM = llm_factory or (lambda **kw: FakeLLM(eos=-1, **kw))
     inputs.TokensPrompt = lambda **kw: dict(kw)
     vllm.inputs = inputs
+    return vllm, inputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm, inputs = _fake_vllm_modules()
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     return vllm
@@ -210,14 +240,158 @@ def test_greedy_validation_and_cut_at_response_length(tok, fake_vllm):
     assert not any(c[0] in ("sleep", "wake_up") for c in llm.calls)  # free_cache_engine=false: stays awake
 
 
-def test_engine_created_from_config_and_tp_rejected(tok, fake_vllm):
+def test_engine_created_from_config_and_tp_needs_a_matching_world(tok, fake_vllm):
+    import torch.distributed as dist
+
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
     model = make_tiny_qwen2(tok, hidden_size=64)
     r = VLLMRollout(model, tok, {"response_length": 4, "prompt_length": 16}, model_path="/some/model", seed=5)
     assert r.llm.kwargs["model"] == "/some/model" and r.llm.kwargs["seed"] == 5
-    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
-        VLLMRollout(model, tok, {"response_length": 4, "tensor_model_parallel_size": 2}, model_path="/m")
+    assert r.llm.kwargs["tensor_parallel_size"] == 1 and r.tp_group is None
+    tp2 = {"response_length": 4, "tensor_model_parallel_size": 2}
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):  # one process is no TP group
+        VLLMRollout(model, tok, tp2, model_path="/m")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="tensor_model_parallel_size=2 does not divide the world size 1"):
+            VLLMRollout(model, tok, tp2, model_path="/m")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_group_ranks_and_leader():
+    from deepretrieval.workers.rollout.vllm import tp_group_ranks, tp_leader_rank
+
+    assert [tp_group_ranks(r, 4, 2) for r in range(4)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [tp_group_ranks(r, 4, 1) for r in range(4)] == [[0], [1], [2], [3]]
+    assert tp_group_ranks(5, 8, 4) == [4, 5, 6, 7]
+    assert [tp_leader_rank(r, 2) for r in range(6)] == [0, 0, 2, 2, 4, 4]
+    with pytest.raises(ValueError, match="does not divide"):
+        tp_group_ranks(0, 3, 2)
+    with pytest.raises(ValueError):
+        tp_group_ranks(4, 4, 2)
+
+
+def test_worker_rollout_seed_rank_is_the_tp_group_leader():
+    """fsdp_workers offsets the engine seed and the per-call seed by this rank: the TP-group leader's
+    for vllm with tp > 1 (equal within a group, distinct between groups), else the worker's own."""
+    from deepretrieval.workers.fsdp_workers import rollout_seed_rank
+
+    vllm_tp2 = {"name": "vllm", "tensor_model_parallel_size": 2}
+    assert [rollout_seed_rank(vllm_tp2, r) for r in range(4)] == [0, 0, 2, 2]
+    assert [rollout_seed_rank({"name": "vllm", "tensor_model_parallel_size": 4}, r) for r in range(8)] == [0] * 4 + [4] * 4
+    assert [rollout_seed_rank({"name": "vllm", "tensor_model_parallel_size": 1}, r) for r in range(4)] == [0, 1, 2, 3]
+    assert [rollout_seed_rank({"name": "hf", "tensor_model_parallel_size": 2}, r) for r in range(4)] == [0, 1, 2, 3]
+    assert [rollout_seed_rank({}, r) for r in range(3)] == [0, 1, 2]
+
+
+# -- tensor parallelism over a real (gloo, CPU) torch.distributed world ------------------------------
+
+TP_PROMPTS = [[100 + i] + [3 + (i * j) % 7 for j in range(1 + i % 4)] for i in range(16)]
+TP_EOS, TP_PAD = 2, 0
+
+
+def _left_padded(rows, first, meta):
+    from deepretrieval.protocol import Batch
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), TP_PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch.from_dict({"input_ids": ids, "attention_mask": mask, "position_ids": pos},
+                           non_tensors={"uid": np.array([f"p{first + i}" for i in range(len(rows))], dtype=object)},
+                           meta_info=dict(meta))
+
+
+def _tp_rank(rank, world, store, out_dir):
+    """One worker of the TP test: tp=1 reference outputs, then tp=2 (and tp=world) for equal and unequal
+    prompt counts per rank, sampled and greedy; asserts its outputs equal the tp=1 ones and saves what
+    its engines received."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    vllm, inputs = _fake_vllm_modules(lambda **kw: SeededFakeLLM(eos=TP_EOS, **kw))
+    sys.modules["vllm"], sys.modules["vllm.inputs"] = vllm, inputs
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        tok = SimpleNamespace(eos_token_id=TP_EOS, pad_token_id=TP_PAD)
+        model = torch.nn.Linear(3, 2)
+        cfg = {"response_length": 6, "prompt_length": 8, "n": 2, "temperature": 1.0, "free_cache_engine": True}
+        count_sets = {"equal": [3] * world, "unequal": [3, 1, 2, 4][:world]}
+        metas = {"sampled": {"seed": 5}, "greedy": {"validate": True}}
+
+        def own(counts):
+            first = sum(counts[:rank])
+            return TP_PROMPTS[first:first + counts[rank]], first
+
+        reference = VLLMRollout(model, tok, cfg, llm=SeededFakeLLM(eos=TP_EOS))
+        expected = {}
+        for cname, counts in count_sets.items():
+            for mname, meta in metas.items():
+                rows, first = own(counts)
+                expected[cname, mname] = reference.generate_sequences(_left_padded(rows, first, meta))
+        record = {"own": {c: own(counts)[0] for c, counts in count_sets.items()}, "tp": {}}
+        for tp in sorted({2, world}):
+            rollout = VLLMRollout(model, tok, dict(cfg, tensor_model_parallel_size=tp), model_path="/m", seed=7)
+            assert rollout.llm.kwargs["tensor_parallel_size"] == tp
+            for cname, counts in count_sets.items():
+                for mname, meta in metas.items():
+                    rows, first = own(counts)
+                    got = rollout.generate_sequences(_left_padded(rows, first, meta))
+                    want = expected[cname, mname]
+                    assert got.tensor_keys == want.tensor_keys
+                    for key in want.tensor_keys:
+                        assert torch.equal(got.batch[key], want.batch[key]), (tp, cname, mname, key)
+                    assert list(got.non_tensor_batch["uid"]) == list(want.non_tensor_batch["uid"])
+                    assert got.meta_info["do_sample"] == want.meta_info["do_sample"]
+            # different seeds within one TP group: every rank of the group refuses (nobody hangs)
+            try:
+                rows, first = own(count_sets["equal"])
+                rollout.generate_sequences(_left_padded(rows, first, {"seed": 5 + rank}))
+                mismatch = None
+            except RuntimeError as exc:
+                mismatch = str(exc)
+            record["tp"][tp] = {"requests": rollout.llm.requests, "calls": rollout.llm.calls,
+                                "ranks": rollout.tp_ranks, "mismatch": mismatch}
+        torch.save(record, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_match_tp1_and_share_one_request_list(tmp_path):
+    """4 gloo processes = the worker world. tp=2 (two groups: ranks 0-1, 2-3) and tp=4: each rank's
+    batch equals its tp=1 batch (asserted in the workers), both ranks of a group hand the engine the same
+    complete prompt list (the group's prompts, in rank order) with the same seed, also with unequal
+    prompt counts per rank; mismatched seeds within a group raise on every rank of it."""
+    import torch.multiprocessing as mp
+
+    world = 4
+    mp.spawn(_tp_rank, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world, join=True)
+    recs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for tp in (2, 4):
+        for g in range(0, world, tp):
+            group = [recs[r]["tp"][tp] for r in range(g, g + tp)]
+            assert all(rec["ranks"] == list(range(g, g + tp)) for rec in group)
+            requests = group[0]["requests"]
+            assert len(requests) == 4  # 2 prompt layouts x (sampled, greedy); the mismatch never generated
+            for other in group[1:]:
+                assert other["requests"] == requests  # same prompts, same order, same sampling args and seed
+                assert other["calls"] == group[0]["calls"]
+            layouts = [(c, m) for c in ("equal", "unequal") for m in ("sampled", "greedy")]
+            for (cname, mname), (prompts, kwargs) in zip(layouts, requests):
+                assert prompts == [p for r in range(g, g + tp) for p in recs[r]["own"][cname]]  # complete, in order
+                assert kwargs.get("seed") == (5 if mname == "sampled" else None)
+                assert kwargs["n"] == (2 if mname == "sampled" else 1)
+            assert all("same parameters and seed" in rec["mismatch"] for rec in group)
+    assert recs[0]["tp"][2]["requests"][0][0] != recs[2]["tp"][2]["requests"][0][0]  # groups: own data
 
 
 def test_missing_vllm_is_a_clear_error(tok, monkeypatch):
@@ -283,6 +457,7 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
     group.init_model()
     (llm,) = created
     assert llm.kwargs["model"] == str(path) and llm.kwargs["gpu_memory_utilization"] == 0.3
+    assert llm.kwargs["seed"] == 1 * 1000 + 0 and llm.kwargs["tensor_parallel_size"] == 1  # trainer.seed=1, rank 0
     assert llm.kwargs["max_model_len"] == 72
     prompts = make_prompt_batch(tok, TEXTS[:2], meta_info={"seed": 1})
     out = group.generate_sequences(prompts)

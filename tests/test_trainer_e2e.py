@@ -170,3 +170,60 @@ def test_search_unavailable_samples_are_left_out_of_the_update():
     expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, -1 / 2 ** 0.5, 1 / 2 ** 0.5])
     assert torch.allclose(adv, expected, atol=1e-4)
     assert out.batch["response_mask"][3].sum() == 0 and out.batch["response_mask"][[0, 1, 2, 4, 5]].all()
+
+
+def test_reward_runs_real_local_searches(assets, tmp_path, monkeypatch):
+    """A tiny random model never writes a parsable answer, so the other runs score format failures
+    only. Here the rollout answers every prompt with a well-formed answer whose query ORs the words
+    of the prompt's review question: one step over all 21 training topics must search the local
+    index, and its reward metrics must equal recall@100 and the DeepRetrieval tiers computed here
+    independently, topic by topic."""
+    import re
+
+    import pandas as pd
+
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+    from deepretrieval.search.local import LocalSearchEngine
+    from deepretrieval.workers.rollout import hf
+    from deepretrieval.workers.rollout.base import build_rollout_batch
+
+    tok = load_tiny_tokenizer()
+    marker = "The review question is:"
+
+    def words_query(question):
+        return " OR ".join(w for w in re.findall(r"[A-Za-z0-9]+", question) if w.lower() not in ("and", "or", "not"))
+
+    def fixed_answer(self, prompts):
+        responses = torch.full((len(prompts), self.response_length), self.pad_id, dtype=torch.long)
+        for i, (ids, mask) in enumerate(zip(prompts.batch["input_ids"], prompts.batch["attention_mask"])):
+            question = tok.decode(ids[mask.bool()], skip_special_tokens=True).split(marker)[1].strip().splitlines()[0]
+            answer = f'plan</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>'
+            answer_ids = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+            assert len(answer_ids) <= self.response_length
+            responses[i, : len(answer_ids)] = torch.tensor(answer_ids)
+        out = build_rollout_batch(prompts, responses, self.eos_ids, self.pad_id)
+        out.meta_info.update({"temperature": 1.0, "do_sample": True})
+        return out
+
+    monkeypatch.setattr(hf.HFRollout, "generate_sequences", fixed_answer)
+    out = tmp_path / "searching"
+    extra = {"trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.total_training_steps": 1,
+             "trainer.val_before_train": False, "trainer.save_freq": 0, "trainer.save_hf_model": False,
+             "data.train_batch_size": 21, "data.max_response_length": 160, "actor_rollout_ref.rollout.n": 1,
+             "actor_rollout_ref.actor.ppo_mini_batch_size": 21,
+             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 7, "critic.ppo_micro_batch_size_per_gpu": 7}
+    assert main(overrides(assets, out, **extra)) == 0
+    row = read_metrics(out)[0][1]
+
+    engine = LocalSearchEngine(assets.index)
+    tiers = [(0.7, 5), (0.5, 4), (0.4, 3), (0.3, 1), (0.1, 0.5), (0.05, 0.1)]
+    recalls, scores = [], []
+    for prompt, gt in zip(pd.read_parquet(assets.train)["prompt"], pd.read_parquet(assets.train)["reward_model"]):
+        question = prompt[-1]["content"].split(marker)[1].strip().splitlines()[0]
+        targets = set(gt["ground_truth"]["target"])
+        recalls.append(len(set(engine.search(words_query(question), k=100).ids) & targets) / len(targets))
+        scores.append(1 + next((s for t, s in tiers if recalls[-1] >= t - 1e-12), -3.5))
+    assert len(recalls) == 21 and len(set(scores)) >= 3  # a spread of tiers, not one constant
+    assert row["reward/format_error_ratio"] == 0.0 and row["reward/search_error_ratio"] == 0.0
+    assert row["reward/pubmed_mini/recall_mean"] == pytest.approx(sum(recalls) / 21, abs=1e-6)
+    assert row["critic/score/mean"] == pytest.approx(sum(scores) / 21, abs=1e-5)

@@ -17,6 +17,9 @@
 # The live PubMed engine reads NCBI_API_KEY from the environment when set (raises the rate limit).
 # Note: rollout.name=vllm needs the vllm package (requirements-gpu.txt); without it the run stops at
 # start with a message — `actor_rollout_ref.rollout.name=hf` runs the same recipe with HF generation.
+# ROLLOUT_TP_SIZE must divide N_GPUS: each group of ROLLOUT_TP_SIZE consecutive GPUs runs one vLLM engine
+# on the prompts of its ranks (TP 2 on 2 GPUs: one engine over both). The vLLM rollout, tensor
+# parallelism included, is tested on CPU with a fake engine only, not yet on GPUs (docs/benchmarks.md).
 set -eu
 
 N_GPUS=${N_GPUS:-2}

@@ -349,7 +349,7 @@ class VLLMRollout(BaseRollout):
         return out
 
     def _gather_tp_group(self, own: List[List[int]], kwargs: Dict[str, Any]) -> Tuple[List[List[int]], int]:
-        """All prompts of this rank's TP group in group-rank order, and where this rank's start.
+        """All prompts of this rank's TP group in group-rank order, and where this rank's prompts start.
 
         Every rank of the group then submits the same requests; the sampling arguments (seed included)
         must agree, else every rank of the group raises (they all see the same gathered list)."""
