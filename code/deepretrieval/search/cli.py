@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--min-date", metavar="YYYY/MM/DD")
     search.add_argument("--max-date", metavar="YYYY/MM/DD")
     search.add_argument("--base-url", metavar="URL", help="API base URL (live engines)")
-    search.add_argument("--api-key", metavar="KEY", help="API key (live engines, e.g. NCBI)")
+    search.add_argument("--api-key", metavar="KEY", help="API key (live engines, e.g. NCBI); prefer the NCBI_API_KEY environment variable: command-line arguments are visible to other users in `ps`")
     search.add_argument("--no-cache", action="store_true", help="do not use the result cache (live engines)")
     search.set_defaults(func=cmd_search)
 
