@@ -30,14 +30,8 @@ def _capitalised_token_mask(tok):
     return torch.tensor([tok.decode([i]).strip()[:1].isupper() for i in range(len(tok))])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning OpenMP
-    threads make every small op ~20x slower (measured: 10 GRPO steps 1.5 s with 1 thread, 29 s with 2)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for tiny models (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _setup(estimator):

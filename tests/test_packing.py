@@ -17,12 +17,8 @@ TEXTS = ["diabetes trials", "heart failure", "screening for colorectal cancer in
 RESP = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for tiny models (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

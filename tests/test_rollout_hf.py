@@ -10,14 +10,8 @@ from deepretrieval.workers.rollout import HFRollout, build_rollout_batch, pad_re
 from deepretrieval.workers.rollout.base import resolve_sampling
 from deepretrieval.workers.rollout.hf import filter_logits
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning OpenMP
-    threads make every small op ~20x slower; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for tiny models (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXTS = ["diabetes trials", "heart", "screening for colorectal cancer in adults over fifty"]
 

@@ -15,12 +15,8 @@ from deepretrieval.workers.rollout import HFRollout
 from deepretrieval.workers.seqbalance import balanced_partitions, inverse_permutation, token_budget_micro_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for tiny models (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _covers_once(groups, n):

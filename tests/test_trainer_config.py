@@ -40,6 +40,15 @@ def test_defaults_compose_with_verl_keys_and_interpolations():
     assert "hydra" not in cfg and "defaults" not in cfg
 
 
+def test_lora_keys_are_accepted():
+    cfg = compose_config(SMALL + ["actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_alpha=32",
+                                  "actor_rollout_ref.model.target_modules=all-linear"])
+    assert (cfg.actor_rollout_ref.model.lora_rank, cfg.actor_rollout_ref.model.lora_alpha) == (32, 32)
+    cfg = compose_config(SMALL + ["actor_rollout_ref.model.lora_rank=8",
+                                  "actor_rollout_ref.model.target_modules=[q_proj,v_proj]"])
+    assert list(cfg.actor_rollout_ref.model.target_modules) == ["q_proj", "v_proj"]
+
+
 def test_unknown_key_names_the_key_and_suggests():
     err = error_for(REQUIRED + ["trainer.total_epoch=3"])
     assert err.key == "trainer.total_epoch" and "did you mean 'trainer.total_epochs'" in str(err)
@@ -82,7 +91,11 @@ def test_missing_required_keys():
     (["trainer.logger=[console,mlflow]"], "trainer.logger", "unknown logger 'mlflow'"),
     (["trainer.resume_mode=/no/such/checkpoint"], "trainer.resume_mode", "none of these"),
     (["trainer.use_ray=false"], "trainer.use_ray", "2 devices are requested"),
-    (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank", "not supported"),
+    (["actor_rollout_ref.model.lora_rank=-1"], "actor_rollout_ref.model.lora_rank", "integer >= 0"),
+    (["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=0"],
+     "actor_rollout_ref.model.lora_alpha", "positive number"),
+    (["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.target_modules=''"],
+     "actor_rollout_ref.model.target_modules", "must name the modules"),
     (["actor_rollout_ref.rollout.prompt_length=3"], "actor_rollout_ref.rollout.prompt_length", "must equal"),
     (["trainer.save_freq=-5"], "trainer.save_freq", ">= -1"),
 ])

@@ -3,7 +3,6 @@ local pubmed_mini engine as reward), validation, checkpoints, resume, HF export;
 the `search_unavailable` exclusion."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,55 +10,12 @@ import pytest
 import torch
 
 from deepretrieval.trainer.main_ppo import main
-
-# metrics that measure time or memory differ between runs by nature
-NOISY = ("timing", "perf/", "timing_s/", "timing_per_token_ms/", "reward/search_time")
+from trainer_helpers import hf_weights, make_assets, overrides, read_metrics, stable
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, pubmed_mini_index):
-    from deepretrieval.data.tasks import prepare_task
-    from deepretrieval.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("trainer_e2e")
-    paths = prepare_task("pubmed_mini", root / "data", seed=42, val_size=4)
-    model = save_tiny_model(root / "model", hidden_size=64, num_layers=2)
-    return SimpleNamespace(root=root, train=str(paths["train"]), val=str(paths["val"]), model=model,
-                           index=str(pubmed_mini_index))
-
-
-def overrides(a, out_dir, **extra):
-    base = {
-        "data.train_files": a.train, "data.val_files": a.val,
-        "data.train_batch_size": 4, "data.max_prompt_length": 384, "data.max_response_length": 16,
-        "actor_rollout_ref.model.path": a.model,
-        "actor_rollout_ref.actor.ppo_mini_batch_size": 2,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 2,
-        "actor_rollout_ref.actor.optim.lr": 1e-3,
-        "actor_rollout_ref.rollout.n": 2,
-        "critic.ppo_micro_batch_size_per_gpu": 2, "critic.optim.lr": 1e-3,
-        "reward.sources.pubmed_mini.index_dir": a.index,
-        "trainer.device": "cpu", "trainer.logger": "[console,jsonl]",
-        "trainer.default_local_dir": str(out_dir), "trainer.deterministic": True,
-        "trainer.ray_init.num_cpus": 2, "trainer.ray_init.timeout_s": 120, "trainer.call_timeout_s": 300,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def read_metrics(out_dir):
-    rows = [json.loads(line) for line in open(Path(out_dir) / "logs" / "metrics.jsonl")]
-    return {r["step"]: r for r in rows if any(k.startswith(("critic/", "actor/")) for k in r)}, rows
-
-
-def stable(row):
-    return {k: v for k, v in row.items() if not k.startswith(NOISY)}
-
-
-def hf_weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
+    return make_assets(tmp_path_factory.mktemp("trainer_e2e"), pubmed_mini_index)
 
 
 def test_ray_fsdp2_train_validate_checkpoint_resume_export(assets, tmp_path):

@@ -18,7 +18,7 @@ raw_prompt (the chat messages) and raw_prompt_text (the rendered prompt string).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 import torch

@@ -3,7 +3,9 @@
 Layout of `trainer.default_local_dir` (verl's names):
     global_step_<N>/
         actor/            model + optimiser shards (torch.distributed.checkpoint), scheduler and RNG
-                          state per rank, and `huggingface/` (the actor as a Hugging Face folder)
+                          state per rank, and `huggingface/` (the actor as a Hugging Face folder);
+                          with LoRA the shards hold the adapter only, `huggingface/` is the merged
+                          model and `lora_adapter/` the adapter in peft's format
         critic/           same for the value model
         trainer_state.pt  global step, dataloader position, KL-controller state, driver RNG state
     latest_checkpointed_iteration.txt   the step number of the newest complete checkpoint

@@ -43,6 +43,8 @@ KL_PENALTIES = ("kl", "abs", "mse", "k2", "low_var_kl", "k3")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
 ROLLOUT_NAMES = ("hf", "vllm")
+HF_ROLLOUT_CACHES = ("dynamic", "static")
+HF_ROLLOUT_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STRATEGIES = ("fsdp", "fsdp2")
 
 
@@ -182,6 +184,34 @@ def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> Option
     return value
 
 
+def _check_lora(cfg: DictConfig, model: str) -> None:
+    """LoRA keys of a model section: lora_rank an integer >= 0 (0 = full fine-tuning), and with
+    lora_rank > 0 a positive lora_alpha and non-empty target_modules (all-linear, a comma-separated
+    string or a list of module names)."""
+    rank = _get(cfg, f"{model}.lora_rank")
+    if rank is None:
+        rank = 0
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"{model}.lora_rank", f"must be an integer >= 0 (0 = full fine-tuning), got {rank!r}")
+    if rank == 0:
+        return
+    alpha = _get(cfg, f"{model}.lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ConfigError(f"{model}.lora_alpha", f"must be a positive number with lora_rank > 0, got {alpha!r}")
+    targets = _get(cfg, f"{model}.target_modules")
+    if isinstance(targets, str):
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+    elif isinstance(targets, (list, ListConfig)):
+        names = [str(t).strip() for t in targets if str(t).strip()]
+    else:
+        names = []
+    if not names:
+        raise ConfigError(f"{model}.target_modules", f"must name the modules to adapt (e.g. all-linear or "
+                          f"q_proj,v_proj) with lora_rank > 0, got {targets!r}")
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{model}.lora_rank", "LoRA needs the peft package (pip install peft)")
+
+
 def _one_of(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
     value = _get(cfg, key)
     if value not in allowed:
@@ -301,6 +331,16 @@ def validate_config(cfg: DictConfig) -> None:
         tp = _positive_int(cfg, f"{rollout}.tensor_model_parallel_size")
         if world % tp:
             raise ConfigError(f"{rollout}.tensor_model_parallel_size", f"{tp} does not divide the {world} devices")
+    if name == "hf":  # checked here so a bad value fails at start, not when the workers build the rollout
+        cache = _one_of(cfg, f"{rollout}.hf.cache", HF_ROLLOUT_CACHES)
+        compact = _get(cfg, f"{rollout}.hf.compact_every")
+        if isinstance(compact, bool) or not isinstance(compact, int) or compact < 0:
+            raise ConfigError(f"{rollout}.hf.compact_every", f"must be an integer >= 0, got {compact!r}")
+        compile_mode = _get(cfg, f"{rollout}.hf.compile")
+        if compile_mode not in (None, False, True) and compile_mode not in HF_ROLLOUT_COMPILE_MODES:
+            raise ConfigError(f"{rollout}.hf.compile", f"must be true, false or one of {', '.join(HF_ROLLOUT_COMPILE_MODES)}")
+        if compile_mode not in (None, False) and cache != "static":
+            raise ConfigError(f"{rollout}.hf.compile", "needs rollout.hf.cache=static (a dynamic cache changes shape every step)")
     n = _positive_int(cfg, f"{rollout}.n")
     _positive_int(cfg, f"{rollout}.val_kwargs.n")
     if n > 1 and not _get(cfg, f"{rollout}.do_sample"):
@@ -326,8 +366,7 @@ def validate_config(cfg: DictConfig) -> None:
         _one_of(cfg, f"{fsdp_key}.mixed_precision", ("auto", "bf16", "fp32"))
     for section in (actor, "critic"):
         _one_of(cfg, f"{section}.optim.warmup_style", ("constant", "cosine"))
-    if int(_get(cfg, "actor_rollout_ref.model.lora_rank") or 0) > 0:
-        raise ConfigError("actor_rollout_ref.model.lora_rank", "LoRA training is not supported by this trainer yet; use 0")
+    _check_lora(cfg, "actor_rollout_ref.model")
     if _get(cfg, "reward_model.enable"):
         raise ConfigError("reward_model.enable", "model-based rewards are not supported; rewards come from the `reward` section")
     if _get(cfg, "trainer.default_hdfs_dir") is not None:

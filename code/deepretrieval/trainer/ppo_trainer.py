@@ -206,6 +206,7 @@ class PPOTrainer:
         self.actor_wg = self.critic_wg = None
         self._pool = None
         self._ray_started = False
+        self.actor_worker_info: Any = None
         self.tracker: Optional[Tracking] = None
 
     # ---------------------------------------------------------------------------- workers
@@ -244,6 +245,9 @@ class PPOTrainer:
             if self.use_critic:
                 self.critic_wg = RayWorkerGroup(self._pool, CriticWorker, args=(cfg,), name_prefix="critic", **common)
         info = self.actor_wg.init_model()
+        # per rank: parameter counts, FSDP2, LoRA and how the reference is held ("copy" |
+        # "actor_adapter_disabled" with LoRA, where no reference model is built | None)
+        self.actor_worker_info = info
         logger.info("actor workers ready: %s", info)
         if self.critic_wg is not None:
             self.critic_wg.init_model()

@@ -277,7 +277,8 @@ def apply_lora(model: torch.nn.Module, lora_rank: int, lora_alpha: int = 16, tar
         target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
     elif target_modules is not None and not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(lora_rank), lora_alpha=int(lora_alpha),
+    alpha = float(lora_alpha)
+    lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(lora_rank), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
                           target_modules=target_modules, bias="none")
     return get_peft_model(model, lora_cfg)
 
@@ -317,5 +318,5 @@ def load_actor_model(model_cfg: Any, dtype: Optional[torch.dtype] = None, device
         enable_gradient_checkpointing(model)
     rank = int(_get(model_cfg, "lora_rank", 0) or 0)
     if rank > 0:
-        model = apply_lora(model, rank, int(_get(model_cfg, "lora_alpha", 16)), _get(model_cfg, "target_modules", "all-linear"))
+        model = apply_lora(model, rank, _get(model_cfg, "lora_alpha", 16), _get(model_cfg, "target_modules", "all-linear"))
     return model

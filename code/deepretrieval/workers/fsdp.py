@@ -7,7 +7,7 @@
   of ranks (DCP reshards). A single unsharded process uses the same format.
 - `full_state_dict(model)` gathers plain full tensors on rank 0 (CPU); `export_hf` writes them with
   the model's config, generation config and tokenizer as a folder `transformers` and `vllm serve`
-  load as is.
+  load as is (a LoRA model merged, optionally with its peft adapter next to it).
 - `unsharded_for_generation(model)` gathers the parameters once for a whole `generate` call, so
   ranks can stop at different lengths without desynchronising collectives.
 """
@@ -196,24 +196,48 @@ def load_full_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> No
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
-def save_sharded(folder: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Write model (+ optimiser) state with torch.distributed.checkpoint; every rank calls it."""
+def _dcp_options(trainable_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # trainable_only (LoRA): the frozen base weights are left out (they are re-read from model.path);
+    # loading such a partial state needs strict=False (the base keys are "missing" by design)
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _drop_frozen(model: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+    """`state` without the entries of frozen parameters, tied aliases included (DCP's
+    ignore_frozen_params misses the second name of a tied weight, e.g. a tied lm_head)."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            state.pop(name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), None)
+    return state
+
+
+def save_sharded(folder: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 trainable_only: bool = False) -> None:
+    """Write model (+ optimiser) state with torch.distributed.checkpoint; every rank calls it.
+    `trainable_only`: only the parameters with requires_grad (a LoRA adapter), not the frozen base."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     Path(folder).mkdir(parents=True, exist_ok=True)
+    options = _dcp_options(trainable_only)
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=options)}
+    if trainable_only:
+        _drop_frozen(model, state["model"])
     dcp.save(state, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Restore what `save_sharded` wrote, in place (any number of ranks)."""
+def load_sharded(folder: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 trainable_only: bool = False) -> None:
+    """Restore what `save_sharded` wrote, in place (any number of ranks). `trainable_only` as there:
+    the frozen parameters keep their current values."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -222,15 +246,21 @@ def load_sharded(folder: os.PathLike, model: nn.Module, optimizer: Optional[torc
         set_state_dict,
     )
 
+    options = _dcp_options(trainable_only)
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        state = {"model": _drop_frozen(model, model_sd) if trainable_only else model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                                options=options)
     else:
-        state = {"model": get_model_state_dict(model)}
+        model_sd = get_model_state_dict(model, options=options)
+        state = {"model": _drop_frozen(model, model_sd) if trainable_only else model_sd}
         dcp.load(state, checkpoint_id=str(folder))
-        set_model_state_dict(model, state["model"])
+        result = set_model_state_dict(model, state["model"], options=options)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if trainable_only and unexpected:
+        raise RuntimeError(f"checkpoint {folder}: unexpected model keys {unexpected[:5]}")
 
 
 def _rank() -> int:
@@ -265,23 +295,37 @@ def _fix_exported_config(path: Path, dtype: Optional[torch.dtype]) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(model: nn.Module, out_dir: os.PathLike, tokenizer: Any = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+def export_hf(model: nn.Module, out_dir: os.PathLike, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
+              adapter_dir: Optional[os.PathLike] = None) -> Optional[str]:
     """Write `model` (a transformers PreTrainedModel, sharded or not) as a Hugging Face folder:
     safetensors weights, config.json, generation_config.json and the tokenizer. Every rank calls
     it (the weights are gathered); rank 0 writes and returns the path, other ranks return None.
-    `dtype` converts the weights (e.g. back to the checkpoint's bf16) before writing."""
+    `dtype` converts the weights (e.g. back to the checkpoint's bf16) before writing.
+
+    A LoRA (peft) model is written merged (W + scaling * B @ A, plain HF names: a folder plain
+    `transformers` and `vllm serve` load); with `adapter_dir` its adapter is also written there in
+    peft's format (adapter_config.json + adapter_model.safetensors, float32 as trained)."""
+    from deepretrieval.workers import lora
+
     state = full_state_dict(model)
     if _rank() != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    hf_model = model
+    if lora.is_peft_model(model):
+        if adapter_dir is not None:
+            base_path = getattr(getattr(lora.base_hf_model(model), "config", None), "_name_or_path", None)
+            lora.save_lora_adapter(model, state, adapter_dir, base_model_name_or_path=base_path)
+        state = lora.merged_state_dict(model, state)  # consumes `state`; merged in the master precision, cast below
+        hf_model = lora.base_hf_model(model)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    for key in tied_output_keys(model):
+    for key in tied_output_keys(hf_model):
         state.pop(key, None)  # tied to the input embedding: HF folders store it once
-    model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    hf_model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     _fix_exported_config(out / "config.json", dtype)
-    gen = getattr(model, "generation_config", None)
+    gen = getattr(hf_model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(out))
     if tokenizer is not None:

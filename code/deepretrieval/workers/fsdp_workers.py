@@ -2,8 +2,10 @@
 
 `ActorRolloutRefWorker` holds the policy (trained), the rollout engine that samples from the same
 module (HF rollout: no weight copy, the "sync" to the rollout is free) and the frozen reference,
-all in one process per device. `CriticWorker` holds the value model. Both load their models from
-`model.path`, shard them with FSDP2 when the group has more than one worker (or when
+all in one process per device. With LoRA (`model.lora_rank > 0`) the policy is the peft-wrapped
+model (only the adapter trains; FSDP2 shards base and adapter alike) and the reference is that same
+model with its adapter disabled: no second copy is built (verl's `ref_in_actor`).
+`CriticWorker` holds the value model. Both load their models from `model.path`, shard them with FSDP2 when the group has more than one worker (or when
 `fsdp_config.force`), own their optimiser and LR scheduler, and save / restore everything a resume
 needs (sharded model + optimiser via torch.distributed.checkpoint, scheduler, RNG states and the
 update counters that seed the PPO shuffles).
@@ -72,6 +74,15 @@ def rollout_seed_rank(rollout_cfg: Dict[str, Any], rank: int) -> int:
     return rank
 
 
+def _saved_lora_flag(folder: Path) -> Optional[bool]:
+    """Whether the actor checkpoint in `folder` was written by a LoRA run (None: unknown, older format)."""
+    path = folder / EXTRA_STATE.format(rank=0)
+    if not path.is_file():
+        return None
+    value = torch.load(path, map_location="cpu", weights_only=False).get("lora")
+    return None if value is None else bool(value)
+
+
 class _FSDPWorkerBase(Worker):
     """Shared set-up: seeding, threads, process group, FSDP2 decisions, checkpoint extras."""
 
@@ -129,7 +140,9 @@ class _FSDPWorkerBase(Worker):
 
 class ActorRolloutRefWorker(_FSDPWorkerBase):
     """Actor + HF rollout + reference in one process. `config` is the whole resolved trainer config
-    (plain dict); `use_reference` builds the frozen reference (KL in reward or KL loss)."""
+    (plain dict); `use_reference` builds the frozen reference (KL in reward or KL loss): a frozen copy
+    of the initial model, or with LoRA the actor's own model with the adapter disabled
+    (`ref_in_actor`, `ref_model` stays None)."""
 
     def __init__(self, config: Dict[str, Any], use_reference: bool = True):
         super().__init__(config)
@@ -145,6 +158,8 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         self.actor = self.rollout = self.reference = None
         self.optimizer = self.lr_scheduler = None
         self.export_dtype: Optional[torch.dtype] = None
+        self.lora = int(self.arr["model"].get("lora_rank") or 0) > 0
+        self.ref_in_actor = self.lora and use_reference
 
     def _log_prob_micro(self, section: Dict[str, Any]) -> Optional[int]:
         per = section.get("log_prob_micro_batch_size_per_gpu")
@@ -178,8 +193,9 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
             stored = getattr(torch, stored, None)
         self.export_dtype = stored if stored in (torch.bfloat16, torch.float16) else None
         # fp32 master weights (verl): bf16 compute on GPU comes from FSDP2's mixed precision policy
-        model = load_actor_model(model_cfg, dtype=torch.float32)
-        ref_model = frozen_copy(model) if self.use_reference else None
+        model = load_actor_model(model_cfg, dtype=torch.float32)  # peft-wrapped (base frozen) with lora_rank > 0
+        # with LoRA the reference is the actor's own model with its adapter disabled: no copy
+        ref_model = frozen_copy(model) if self.use_reference and not self.ref_in_actor else None
         fsdp_cfg = dict(self.actor_cfg.get("fsdp_config") or {})
         self.fsdp_cfg = fsdp_cfg
         self.model = self._wrap(model, fsdp_cfg)
@@ -199,15 +215,23 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
             actor_cfg[key] = self.rollout_cfg.get(key)
         self.actor = Actor(self.model, actor_cfg, self.optimizer, self.lr_scheduler)
         self.rollout = self._build_rollout(path, bool(model_cfg.get("trust_remote_code")))
-        if ref_model is not None:
+        if self.use_reference:
             ref_cfg = dict(self.ref_cfg)
             ref_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.ref_cfg)
             ref_cfg["logprob_chunk_size"] = self.actor_cfg.get("logprob_chunk_size", 0)
             ref_cfg["use_remove_padding"] = bool(model_cfg.get("use_remove_padding", False))
-            self.reference = Reference(self.ref_model, ref_cfg)
+            if self.ref_in_actor:
+                self.reference = Reference(self.model, ref_cfg, disable_adapter=True)
+            else:
+                self.reference = Reference(self.ref_model, ref_cfg)
         self._seed_for_rank()
         n_params = sum(p.numel() for p in self.model.parameters())
-        return {"rank": self.rank, "local_params": n_params, "fsdp": fsdp_utils.is_fsdp2(self.model)}
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        ref_params = sum(p.numel() for p in self.ref_model.parameters()) if self.ref_model is not None else 0
+        return {"rank": self.rank, "local_params": n_params, "trainable_params": trainable,
+                "fsdp": fsdp_utils.is_fsdp2(self.model), "lora": self.lora,
+                "reference": "actor_adapter_disabled" if self.ref_in_actor else ("copy" if self.use_reference else None),
+                "ref_model_params": ref_params}
 
     def _build_rollout(self, model_path: str, trust_remote_code: bool):
         """`rollout.name`: hf (generates with the actor's own module) or vllm (a colocated engine that
@@ -263,7 +287,9 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         if self.reference is None:
             raise RuntimeError("this worker was built without a reference model (use_reference=False)")
         batch = _own(batch, self.device)
-        with fsdp_utils.on_device(self.ref_model, self.device, self._offloaded(self.ref_fsdp_cfg)):
+        ctx = (self._model_ctx() if self.ref_in_actor  # the actor's module, adapter disabled inside
+               else fsdp_utils.on_device(self.ref_model, self.device, self._offloaded(self.ref_fsdp_cfg)))
+        with ctx:
             ref = self.reference.compute_ref_log_prob(batch)
         return Batch.from_dict({"ref_log_prob": ref.cpu()})
 
@@ -280,27 +306,37 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
 
     @register(Dispatch.RANK_ZERO)
     def save_checkpoint(self, folder: str, save_hf: bool = True) -> Optional[str]:
-        """Write the actor's state into `folder` (all ranks); returns the HF folder (rank 0)."""
+        """Write the actor's state into `folder` (all ranks); returns the HF folder (rank 0).
+
+        With LoRA the sharded state holds only the adapter and its optimiser state (the frozen base is
+        re-read from `model.path` on resume); `huggingface/` is the merged model and `lora_adapter/`
+        the adapter in peft's format."""
         folder_p = Path(folder)
-        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer, trainable_only=self.lora)
         self._save_extra(folder_p, {"lr_scheduler": self.lr_scheduler.state_dict(),
-                                    "update_calls": self.actor._update_calls})
+                                    "update_calls": self.actor._update_calls, "lora": self.lora})
         hf = None
         if save_hf:
-            hf = fsdp_utils.export_hf(self.model, folder_p / "huggingface", self.tokenizer, dtype=self.export_dtype)
+            hf = fsdp_utils.export_hf(self.model, folder_p / "huggingface", self.tokenizer, dtype=self.export_dtype,
+                                      adapter_dir=folder_p / "lora_adapter" if self.lora else None)
         return hf
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, folder: str) -> None:
         folder_p = Path(folder)
-        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        saved_lora = _saved_lora_flag(folder_p)
+        if saved_lora is not None and saved_lora != self.lora:
+            raise ValueError(f"checkpoint {folder} was written with{'' if saved_lora else 'out'} LoRA but this run has "
+                             f"actor_rollout_ref.model.lora_rank={self.arr['model'].get('lora_rank')}")
+        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer, trainable_only=self.lora)
         extra = self._load_extra(folder_p)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.actor._update_calls = int(extra.get("update_calls", 0))
 
     @register(Dispatch.RANK_ZERO)
     def export_hf(self, folder: str) -> Optional[str]:
-        """The current actor as a Hugging Face folder (weights, config, generation config, tokenizer)."""
+        """The current actor as a Hugging Face folder (weights, config, generation config, tokenizer);
+        with LoRA the merged model."""
         return fsdp_utils.export_hf(self.model, folder, self.tokenizer, dtype=self.export_dtype)
 
 

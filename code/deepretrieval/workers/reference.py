@@ -12,11 +12,8 @@ from torch import nn
 
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import Actor, batched_response_log_probs
+from deepretrieval.workers.lora import is_peft_model  # noqa: F401  (re-exported)
 from deepretrieval.workers.optim import _get
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -41,6 +41,16 @@ class SamplingParams:
         return (not self.do_sample) or self.temperature <= 0
 
 
+PROMPT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def check_prompt_keys(prompts: Batch) -> None:
+    """KeyError naming the prompt tensors a rollout needs that `prompts` lacks."""
+    missing = [k for k in PROMPT_KEYS if k not in prompts.tensor_keys]
+    if missing:
+        raise KeyError(f"generate_sequences needs prompt keys {missing}")
+
+
 def resolve_sampling(config: Any, meta_info: dict) -> SamplingParams:
     """Sampling settings for one `generate_sequences` call (see the module docstring)."""
     if meta_info.get("validate", False):
@@ -131,7 +141,19 @@ def build_rollout_batch(prompts: Batch, responses: torch.Tensor, eos_ids: Sequen
 
 
 class BaseRollout(ABC):
-    """A generation engine for the rollout role (HF in-process now; vLLM later)."""
+    """A generation engine for the rollout role (HF in-process, or a colocated vLLM engine)."""
+
+    def _init_common(self, model: Any, tokenizer: Any, config: Any) -> None:
+        """What every engine keeps: the policy, tokenizer, rollout config, response length, EOS and pad ids."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.response_length = int(_get(config, "response_length", 0))
+        if self.response_length <= 0:
+            raise ValueError("rollout config needs response_length > 0")
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
     @abstractmethod
     def generate_sequences(self, prompts: Batch) -> Batch:

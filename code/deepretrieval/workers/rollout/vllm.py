@@ -4,7 +4,7 @@ Written against vLLM's documented offline API for the version pinned in ``requir
 (vllm 0.33) and the pattern verl uses for its SPMD rollout; **it has not been run against a real
 vLLM engine or on a GPU in this repository** (docs/benchmarks.md, "GPU path (issue 7)"). Everything
 up to the engine boundary — prompt un-padding, the sampling-parameter mapping, the bucketed weight
-iterator over (FSDP2-sharded) parameters, the call order wake / load / wake / generate / sleep and the
+iterator over (FSDP2-sharded) parameters (merged weights under plain HF names for a LoRA actor), the call order wake / load / wake / generate / sleep and the
 conversion of the engine's outputs into the post-rollout batch — is exercised on CPU by
 ``tests/test_rollout_vllm.py`` with a recording fake ``vllm`` module.
 
@@ -54,7 +54,7 @@ import torch
 
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.optim import _get
-from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, eos_token_ids,
+from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, check_prompt_keys,
                                                 pad_responses, resolve_sampling)
 
 logger = logging.getLogger(__name__)
@@ -117,24 +117,46 @@ def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCK
 
     Gathering is per parameter, so the peak extra memory is one bucket, not a second model. Tensors
     are detached, cast to ``dtype`` (e.g. the engine's bf16) and moved to ``device`` when given.
+    A LoRA (peft) model yields its **merged** weights under plain HF names (:func:`named_rollout_weights`).
     """
     bucket: List[Tuple[str, torch.Tensor]] = []
     size = 0
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            tensor = _full(param.detach())
-            if device is not None:
-                tensor = tensor.to(device, non_blocking=True)
+        for name, tensor in named_rollout_weights(model, device=device):
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             nbytes = tensor.numel() * tensor.element_size()
             if bucket and size + nbytes > bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
-            bucket.append((_hf_name(name), tensor))
+            bucket.append((name, tensor))
             size += nbytes
     if bucket:
         yield bucket
+
+
+def named_rollout_weights(model: torch.nn.Module, device: Optional[Any] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(plain HF name, full tensor)`` of the weights a rollout engine loads, one parameter gathered at a
+    time (a collective under FSDP2: every rank iterates in the same order), moved to ``device``.
+
+    A LoRA (peft) model yields the merged weights ``W + scaling * B @ A`` in the master precision
+    (:func:`deepretrieval.workers.lora.merged_named_tensors`: no ``base_model.model.`` prefix, no
+    ``.base_layer``, no adapter tensors), i.e. the state the engine would load from the merged export."""
+    from deepretrieval.workers import lora
+
+    def gathered() -> Iterator[Tuple[str, torch.Tensor]]:
+        for name, param in model.named_parameters():
+            tensor = _full(param.detach())
+            if device is not None:
+                tensor = tensor.to(device, non_blocking=True)
+            yield name, tensor
+
+    if lora.is_peft_model(model):
+        adapter = lora.active_adapter(model)
+        yield from lora.merged_named_tensors(gathered(), lora.lora_specs(model, adapter), adapter)
+    else:
+        for name, tensor in gathered():
+            yield _hf_name(name), tensor
 
 
 def _hf_name(name: str) -> str:
@@ -248,12 +270,7 @@ class VLLMRollout(BaseRollout):
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         import vllm  # noqa: F401  (a clear ImportError here when it is missing)
 
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config
-        self.response_length = int(_get(config, "response_length", 0))
-        if self.response_length <= 0:
-            raise ValueError("rollout config needs response_length > 0")
+        self._init_common(model, tokenizer, config)
         tp = int(_get(config, "tensor_model_parallel_size", 1) or 1)
         if tp < 1:
             raise ValueError(f"vllm rollout: tensor_model_parallel_size must be >= 1, got {tp}")
@@ -269,9 +286,6 @@ class VLLMRollout(BaseRollout):
                                  "cannot be a tensor-parallel group")
             # ValueError (clear message) when tp does not divide the world size
             self.tp_group, self.tp_ranks = new_tp_groups(tp)
-        self.eos_ids = eos_token_ids(tokenizer, model)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.bucket_bytes = int(bucket_bytes)
         self.free_cache_engine = bool(_get(config, "free_cache_engine", True))
         if llm is None:
@@ -305,9 +319,7 @@ class VLLMRollout(BaseRollout):
         return count
 
     def generate_sequences(self, prompts: Batch) -> Batch:
-        missing = [k for k in ("input_ids", "attention_mask", "position_ids") if k not in prompts.tensor_keys]
-        if missing:
-            raise KeyError(f"generate_sequences needs prompt keys {missing}")
+        check_prompt_keys(prompts)
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
