@@ -31,6 +31,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="module")
+def tok():
+    """The shipped tiny tokenizer (left padding), one instance per test module."""
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+
+    return load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for a test module (opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`).
 

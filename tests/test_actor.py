@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2, save_tiny_model
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2, save_tiny_model
 from deepretrieval.workers.actor import Actor, load_actor_model
 from deepretrieval.workers.logprob import naive_response_log_probs
 from deepretrieval.workers.optim import build_lr_scheduler, lr_multiplier
@@ -16,11 +16,6 @@ from deepretrieval.workers.rollout import HFRollout
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXTS = ["diabetes trials", "heart failure", "screening for colorectal cancer", "asthma in children"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ returns, save/load round trip, initialisation from the actor or a folder, skip o
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2, save_tiny_model
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2, save_tiny_model
 from deepretrieval.workers.critic import VALUE_HEAD_FILE, Critic, ValueModel
 from deepretrieval.workers.rollout import HFRollout
 
@@ -12,11 +12,6 @@ from deepretrieval.workers.rollout import HFRollout
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXTS = ["diabetes trials", "heart failure", "screening for colorectal cancer", "asthma in children"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,12 @@
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.logprob import (chunked_log_probs_from_hidden, naive_log_probs_from_logits,
                                            naive_response_log_probs, response_log_probs)
 
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

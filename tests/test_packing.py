@@ -4,7 +4,7 @@ computation at every valid response position, gradients included; bad position i
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.actor import Actor
 from deepretrieval.workers.critic import Critic, ValueModel
 from deepretrieval.workers.logprob import naive_response_log_probs, response_log_probs
@@ -19,11 +19,6 @@ RESP = 6
 
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 def _truncate(batch, row, keep, pad_id):

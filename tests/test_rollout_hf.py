@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.rollout import HFRollout, build_rollout_batch, pad_responses, response_mask_from_eos
 from deepretrieval.workers.rollout.base import resolve_sampling
@@ -14,11 +14,6 @@ from deepretrieval.workers.rollout.hf import filter_logits
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXTS = ["diabetes trials", "heart", "screening for colorectal cancer in adults over fifty"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,6 @@ OPTIONS = [dict(shared_prefill=s, compact_every=c, cache=k)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model(tok):
     # initializer_range 0.3: greedy continuations vary with the context (at 0.02 every row repeats one
     # token), so a wrong cache row or position would change the tokens

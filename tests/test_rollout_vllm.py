@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.rollout.base import SamplingParams, resolve_sampling
 
 TEXTS = ["diabetes trials", "heart failure in older adults", "asthma"]
@@ -101,11 +101,6 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     return vllm
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 def test_unpad_prompts(tok):

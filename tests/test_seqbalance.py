@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.actor import Actor, micro_batch_indices
 from deepretrieval.workers.critic import Critic, ValueModel
 from deepretrieval.workers.rollout import HFRollout
@@ -68,11 +68,6 @@ def test_inverse_permutation():
     assert torch.equal(x[order][inv], x)
     with pytest.raises(ValueError):
         inverse_permutation([0, 0, 1])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

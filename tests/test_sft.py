@@ -6,13 +6,8 @@ import json
 import pytest
 import torch
 
-from deepretrieval.models.tiny import load_tiny_tokenizer, make_tiny_qwen2, save_tiny_model
+from deepretrieval.models.tiny import make_tiny_qwen2, save_tiny_model
 from deepretrieval.trainer import sft
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 def test_answer_text_is_what_the_reward_parses():

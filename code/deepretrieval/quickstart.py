@@ -153,12 +153,6 @@ def prepare_model(out_dir: Path, model_path: Optional[str] = None, tiny: bool = 
     return {"path": str(path), "name": "tiny-qwen2", "kind": "tiny"}
 
 
-def _question_words(question: str) -> List[str]:
-    from deepretrieval.eval.baselines import bag_of_words
-
-    return bag_of_words(question)
-
-
 def warmup_targets(question: str) -> List[str]:
     """Queries the warm-up teaches for one *training* question (format, not query writing).
 
@@ -167,7 +161,9 @@ def warmup_targets(question: str) -> List[str]:
     shape). The warm-up shows both with equal weight and says nothing about which finds more;
     the recall reward decides that during RL.
     """
-    words = _question_words(question)
+    from deepretrieval.eval.baselines import bag_of_words
+
+    words = bag_of_words(question)
     as_written = " ".join(re.findall(r"[A-Za-z0-9]+", question))
     targets = [as_written] if as_written else []
     if words:
@@ -179,15 +175,13 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
            batch_size: int = 8, progress: bool = True) -> Dict[str, Any]:
     """SFT warm-up on the answer format over the training topics; returns the saved folder."""
     import pandas as pd
-    from transformers import AutoTokenizer
 
     from deepretrieval.data.dataset import RLHFDataset
     from deepretrieval.eval.runner import task_input_from_prompt
+    from deepretrieval.models.tokenizer import load_tokenizer
     from deepretrieval.trainer.sft import SFTExample, answer_text, run_sft
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path)
     dataset = RLHFDataset(train_parquet, tokenizer, {"max_prompt_length": 256, "truncation": "left"})
     examples = []
     for row in pd.read_parquet(train_parquet).to_dict(orient="records"):
@@ -240,13 +234,10 @@ def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optiona
 def max_prompt_tokens(model_path: str, parquets: Sequence[str], multiple: int = 8) -> int:
     """The longest rendered prompt of `parquets` under the model's tokenizer, rounded up to
     `multiple`: prompts are left-padded to this length, so a tight bound saves compute."""
-    from transformers import AutoTokenizer
-
     from deepretrieval.data.dataset import RLHFDataset
+    from deepretrieval.models.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path)
     longest = 0
     for path in parquets:
         ds = RLHFDataset(path, tokenizer, {"max_prompt_length": 100_000, "filter_overlong_prompts": False})

@@ -708,13 +708,12 @@ class ModelMethod(QueryMethod):
     # -- loading ---------------------------------------------------------------------------
     def _load_hf(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from deepretrieval.models.tokenizer import load_tokenizer
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tok = AutoTokenizer.from_pretrained(str(self.model_dir))
-        tok.padding_side = "left"
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(self.model_dir, padding_side="left")
         dtype = {"auto": (torch.bfloat16 if device.startswith("cuda") else torch.float32),
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
         model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype)
@@ -774,13 +773,12 @@ class ModelMethod(QueryMethod):
         return texts
 
     def _generate_vllm(self, samples: Sequence[EvalSample]) -> List[str]:
-        from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
+        from deepretrieval.models.tokenizer import load_tokenizer
+
         if self._llm is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-            if self._tokenizer.pad_token_id is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
+            self._tokenizer = load_tokenizer(self.model_dir)
             self._llm = LLM(model=str(self.model_dir), seed=self.seed)
         dataset = self._dataset(samples, self._tokenizer)
         prompts = [dataset.render(row) for row in dataset.rows]

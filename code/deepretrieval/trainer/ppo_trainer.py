@@ -153,15 +153,12 @@ class PPOTrainer:
         if self.use_ray and importlib.util.find_spec("ray") is None:
             raise RuntimeError("trainer.use_ray needs the ray package (pip install 'ray[default]')")
 
-        from transformers import AutoTokenizer
+        from deepretrieval.models.tokenizer import load_tokenizer
 
         if tokenizer is None:
             tok_path = config.data.tokenizer or config.actor_rollout_ref.model.path
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_path),
-                                                      trust_remote_code=bool(config.actor_rollout_ref.model.trust_remote_code))
-            tokenizer.padding_side = "left"
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer = load_tokenizer(tok_path, padding_side="left",
+                                       trust_remote_code=bool(config.actor_rollout_ref.model.trust_remote_code))
         self.tokenizer = tokenizer
 
         if reward_fn is None or val_reward_fn is None:

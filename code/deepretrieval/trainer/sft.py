@@ -131,12 +131,12 @@ def run_sft(
         return {"path": out, "losses": [], "steps": 0, "skipped": True}
     if not examples:
         raise ValueError("no SFT examples")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from deepretrieval.models.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     model.train()
     encoded = [tokenize_example(tokenizer, ex, max_length) for ex in examples]

@@ -115,6 +115,26 @@ def micro_batch_indices(batch: Batch, micro_batch_size: Optional[int], max_token
     return [slice(start, min(start + micro, n)) for start in range(0, n, micro)], None
 
 
+def token_budget(config: Any, flag: str, *budget_keys: str) -> Optional[int]:
+    """The dynamic-batch token budget of a config section: the first set ``budget_keys`` when ``flag`` is
+    true (``use_dynamic_bsz`` / ``log_prob_use_dynamic_bsz``), else None (fixed-size micro-batches)."""
+    if not _get(config, flag, False):
+        return None
+    for key in budget_keys:
+        value = _get(config, key)
+        if value:
+            return int(value)
+    return None
+
+
+def split_micro_batches(mini: Batch, micro_size: int, max_token_len: Optional[int] = None) -> List[Batch]:
+    """Micro-batches of an update: ``micro_size`` rows each, or by valid-token budget with ``max_token_len``."""
+    if not max_token_len:
+        return mini.split(micro_size)
+    groups, _ = micro_batch_indices(mini, None, max_token_len)
+    return [mini[g] for g in groups]
+
+
 class Actor(LazyOptimizerMixin):
     """PPO policy worker around a causal LM.
 
@@ -155,8 +175,7 @@ class Actor(LazyOptimizerMixin):
                  or _get(self.config, "log_prob_micro_batch_size_per_gpu")
                  or _get(self.config, "ppo_micro_batch_size_per_gpu"))
         temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
-        max_tokens = (_get(self.config, "log_prob_max_token_len_per_gpu")
-                      if _get(self.config, "log_prob_use_dynamic_bsz", False) else None)
+        max_tokens = token_budget(self.config, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu")
         return batched_response_log_probs(self.model, batch, micro, temperature, self.chunk_size, calculate_entropy,
                                           use_remove_padding=self.use_remove_padding, max_token_len=max_tokens)
 
@@ -164,13 +183,6 @@ class Actor(LazyOptimizerMixin):
     def use_remove_padding(self) -> bool:
         """Pack each micro-batch's valid tokens into one row (:mod:`deepretrieval.workers.packing`)."""
         return bool(_get(self.config, "use_remove_padding", False))
-
-    def _micro_batches(self, mini: Batch, micro_size: int) -> List[Batch]:
-        """Fixed-size micro-batches, or with ``use_dynamic_bsz`` token-budget ones (``ppo_max_token_len_per_gpu``)."""
-        if not _get(self.config, "use_dynamic_bsz", False):
-            return mini.split(micro_size)
-        groups, _ = micro_batch_indices(mini, None, int(_get(self.config, "ppo_max_token_len_per_gpu")))
-        return [mini[g] for g in groups]
 
     # -- policy update -----------------------------------------------------------------------------
     def _mini_batch_size(self, batch: Batch) -> int:
@@ -209,6 +221,7 @@ class Actor(LazyOptimizerMixin):
         lr = float(optimizer.param_groups[0]["lr"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         forward = packed_response_log_probs if self.use_remove_padding else response_log_probs
+        max_tokens = token_budget(self.config, "use_dynamic_bsz", "ppo_max_token_len_per_gpu")
 
         metrics: Dict[str, List[float]] = {}
 
@@ -221,7 +234,7 @@ class Actor(LazyOptimizerMixin):
             epoch_data = data.shuffle(seed=self._update_calls * 1000 + epoch) if shuffle else data
             for mini in epoch_data.split(mini_size):
                 optimizer.zero_grad(set_to_none=True)
-                for micro in self._micro_batches(mini, micro_size):
+                for micro in split_micro_batches(mini, micro_size, max_tokens):
                     t = {k: v.to(device) for k, v in micro.batch.items()}
                     mask = t["response_mask"]
                     log_prob, entropy = forward(

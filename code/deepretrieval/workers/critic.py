@@ -22,7 +22,8 @@ from torch import nn
 
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
-from deepretrieval.workers.actor import _mean, enable_gradient_checkpointing, micro_batch_indices, model_device
+from deepretrieval.workers.actor import (_mean, enable_gradient_checkpointing, micro_batch_indices, model_device,
+                                         split_micro_batches, token_budget)
 from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
 from deepretrieval.workers.packing import packed_values
 
@@ -142,8 +143,7 @@ class Critic(LazyOptimizerMixin):
         resp_len = batch.batch["responses"].shape[-1]
         mask = batch.batch["response_mask"] if "response_mask" in batch.tensor_keys else batch.batch["attention_mask"][:, -resp_len:]
         chunks = []
-        max_tokens = (_get(self.config, "forward_max_token_len_per_gpu") or _get(self.config, "ppo_max_token_len_per_gpu")
-                      if _get(self.config, "use_dynamic_bsz", False) else None)
+        max_tokens = token_budget(self.config, "use_dynamic_bsz", "forward_max_token_len_per_gpu", "ppo_max_token_len_per_gpu")
         groups, restore = micro_batch_indices(batch, int(micro), max_tokens)
         was_training = self.model.training
         self.model.eval()
@@ -181,6 +181,7 @@ class Critic(LazyOptimizerMixin):
         lr_scheduler = self.lr_scheduler  # created before the first optimiser step (LambdaLR counts steps)
         lr = float(optimizer.param_groups[0]["lr"])
         params = [p for p in self.model.parameters() if p.requires_grad]
+        max_tokens = token_budget(cfg, "use_dynamic_bsz", "ppo_max_token_len_per_gpu")
         metrics: Dict[str, List[float]] = {}
         skipped = steps = 0
         self.model.train()
@@ -188,12 +189,7 @@ class Critic(LazyOptimizerMixin):
             epoch_data = data.shuffle(seed=self._update_calls * 1000 + epoch) if shuffle else data
             for mini in epoch_data.split(mini_size):
                 optimizer.zero_grad(set_to_none=True)
-                if _get(cfg, "use_dynamic_bsz", False):
-                    groups, _ = micro_batch_indices(mini, None, int(_get(cfg, "ppo_max_token_len_per_gpu")))
-                    micros = [mini[g] for g in groups]
-                else:
-                    micros = mini.split(micro_size)
-                for micro in micros:
+                for micro in split_micro_batches(mini, micro_size, max_tokens):
                     t = {k: v.to(device) for k, v in micro.batch.items()}
                     mask = t["response_mask"]
                     vpreds = self._values(t["input_ids"], t["attention_mask"], t["position_ids"], resp_len)

@@ -74,15 +74,6 @@ def rollout_seed_rank(rollout_cfg: Dict[str, Any], rank: int) -> int:
     return rank
 
 
-def _saved_lora_flag(folder: Path) -> Optional[bool]:
-    """Whether the actor checkpoint in `folder` was written by a LoRA run (None: unknown, older format)."""
-    path = folder / EXTRA_STATE.format(rank=0)
-    if not path.is_file():
-        return None
-    value = torch.load(path, map_location="cpu", weights_only=False).get("lora")
-    return None if value is None else bool(value)
-
-
 class _FSDPWorkerBase(Worker):
     """Shared set-up: seeding, threads, process group, FSDP2 decisions, checkpoint extras."""
 
@@ -172,8 +163,9 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> Dict[str, Any]:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
+        from deepretrieval.models.tokenizer import load_tokenizer
         from deepretrieval.workers.actor import Actor, load_actor_model
         from deepretrieval.workers.optim import build_lr_scheduler, build_optimizer
         from deepretrieval.workers.reference import Reference, frozen_copy
@@ -182,10 +174,7 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         model_cfg = self.arr["model"]
         path = str(model_cfg["path"])
         tok_path = _sub(self.config, "data.tokenizer") or path
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(tok_path, padding_side="left", trust_remote_code=bool(model_cfg.get("trust_remote_code")))
         hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
         # the checkpoint's precision (`dtype` in transformers >= 4.56, `torch_dtype` before)
         stored = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
@@ -324,12 +313,12 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, folder: str) -> None:
         folder_p = Path(folder)
-        saved_lora = _saved_lora_flag(folder_p)
-        if saved_lora is not None and saved_lora != self.lora:
+        extra = self._load_extra(folder_p)
+        saved_lora = extra.get("lora")  # None: written before the flag existed
+        if saved_lora is not None and bool(saved_lora) != self.lora:
             raise ValueError(f"checkpoint {folder} was written with{'' if saved_lora else 'out'} LoRA but this run has "
                              f"actor_rollout_ref.model.lora_rank={self.arr['model'].get('lora_rank')}")
         fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer, trainable_only=self.lora)
-        extra = self._load_extra(folder_p)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.actor._update_calls = int(extra.get("update_calls", 0))
 

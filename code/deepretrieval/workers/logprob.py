@@ -24,7 +24,7 @@ supported by this path; Qwen2/Llama-style heads are.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -179,24 +179,44 @@ def response_log_probs(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs ``[B, R]`` (and entropies) of the last ``response_length`` tokens of ``input_ids``.
 
-    One ordinary ``model(...)`` call with ``logits_to_keep=R+1``; a pre-hook on the output projection
+    One ordinary ``model(...)`` call with ``logits_to_keep=R+1`` (:func:`score_at_head`): a pre-hook on the output projection
     captures its input (hidden states of the last R+1 positions) and hands it an empty slice, and the
     post-hook scores positions ``-R-1 .. -2`` against tokens ``-R .. -1`` in chunks.
     """
+    return score_at_head(
+        model, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=response_length + 1),
+        lambda hidden: hidden[:, -response_length - 1:-1, :], input_ids[:, -response_length:],
+        temperature=temperature, chunk_size=chunk_size, calculate_entropy=calculate_entropy)
+
+
+def score_at_head(
+    model: torch.nn.Module,
+    forward_kwargs: dict,
+    select_hidden: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    calculate_entropy: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run ``model(**forward_kwargs)`` and score ``targets`` from the hidden states its output projection
+    receives, without the projection computing full logits.
+
+    A pre-hook on the projection captures its input and hands it an empty slice; the post-hook scores
+    ``select_hidden(input)`` (one hidden state per target, same leading shape as ``targets``) against
+    ``targets`` in chunks (:func:`chunked_log_probs_from_hidden`).
+    """
     head = _output_projection(model)
-    targets = input_ids[:, -response_length:]
     captured: dict = {}
 
     def pre_hook(module, args):
-        hidden = args[0]
-        captured["hidden"] = hidden
-        return (hidden[..., :0, :],) + tuple(args[1:])
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
 
     def post_hook(module, args, output):
-        hidden = captured.pop("hidden")[:, -response_length - 1:-1, :]
         lp, ent = chunked_log_probs_from_hidden(
-            hidden, module.weight, targets, bias=getattr(module, "bias", None), temperature=temperature,
-            chunk_size=chunk_size, calculate_entropy=calculate_entropy,
+            select_hidden(captured.pop("hidden")), module.weight, targets, bias=getattr(module, "bias", None),
+            temperature=temperature, chunk_size=chunk_size, calculate_entropy=calculate_entropy,
         )
         captured["log_probs"], captured["entropy"] = lp, ent
         return output
@@ -204,8 +224,7 @@ def response_log_probs(
     h1 = head.register_forward_pre_hook(pre_hook)
     h2 = head.register_forward_hook(post_hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-              use_cache=False, logits_to_keep=response_length + 1)
+        model(**forward_kwargs)
     finally:
         h1.remove()
         h2.remove()

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, _output_projection, chunked_log_probs_from_hidden
+from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, score_at_head
 
 
 logger = logging.getLogger(__name__)
@@ -130,35 +130,13 @@ def packed_response_log_probs(
     response positions, 0 at padding; the chunked head (no full logits) is used as there."""
     packed = pack_inputs(input_ids, attention_mask, position_ids, response_length)
     _warn_if_not_varlen(model)
-    head = _output_projection(model)
-    captured: dict = {}
-
-    def pre_hook(module, args):
-        captured["hidden"] = args[0]
-        return (args[0][..., :0, :],) + tuple(args[1:])
-
-    def post_hook(module, args, output):
-        hidden = captured.pop("hidden")[0].index_select(0, packed.prev_index)
-        lp, ent = chunked_log_probs_from_hidden(hidden, module.weight, packed.resp_targets,
-                                                bias=getattr(module, "bias", None), temperature=temperature,
-                                                chunk_size=chunk_size, calculate_entropy=calculate_entropy)
-        captured["log_probs"], captured["entropy"] = lp, ent
-        return output
-
-    h1 = head.register_forward_pre_hook(pre_hook)
-    h2 = head.register_forward_hook(post_hook)
-    try:
-        # logits_to_keep=0 keeps every position: the hook needs hidden states across the whole row
-        model(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
-              use_cache=False, logits_to_keep=0)
-    finally:
-        h1.remove()
-        h2.remove()
-    if "log_probs" not in captured:
-        raise RuntimeError(f"{type(model).__name__}.forward did not call its output projection")
-    lp = unpack_to_responses(captured["log_probs"], packed)
-    ent = captured["entropy"]
-    return lp, (unpack_to_responses(ent, packed) if calculate_entropy else None)
+    # logits_to_keep=0 keeps every position: the hidden states across the whole row are needed
+    lp, ent = score_at_head(
+        model, dict(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                    use_cache=False, logits_to_keep=0),
+        lambda hidden: hidden[0].index_select(0, packed.prev_index), packed.resp_targets,
+        temperature=temperature, chunk_size=chunk_size, calculate_entropy=calculate_entropy)
+    return unpack_to_responses(lp, packed), (unpack_to_responses(ent, packed) if calculate_entropy else None)
 
 
 def packed_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepretrieval.protocol import Batch
-from deepretrieval.workers.actor import Actor, batched_response_log_probs
+from deepretrieval.workers.actor import Actor, batched_response_log_probs, token_budget
 from deepretrieval.workers.lora import is_peft_model  # noqa: F401  (re-exported)
 from deepretrieval.workers.optim import _get
 
@@ -57,8 +57,7 @@ class Reference:
         chunk = max(0, int(_get(self.config, "logprob_chunk_size", 0) or 0))
         ctx = self.model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         with ctx:
-            max_tokens = (_get(self.config, "log_prob_max_token_len_per_gpu")
-                          if _get(self.config, "log_prob_use_dynamic_bsz", False) else None)
+            max_tokens = token_budget(self.config, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu")
             log_probs, _ = batched_response_log_probs(
                 self.model, batch, micro, temperature, chunk,
                 use_remove_padding=bool(_get(self.config, "use_remove_padding", False)), max_token_len=max_tokens)

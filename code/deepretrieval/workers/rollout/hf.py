@@ -260,10 +260,10 @@ class HFRollout(BaseRollout):
             self._compiled_step = torch.compile(_last_logits, mode=mode, dynamic=False)
 
     @torch.no_grad()
-    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, n: int,
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Responses ``[B * n, R]`` for ``B`` prompts, n samples each, interleaved (``a a b b``)."""
-        bsz, device = input_ids.shape[0], input_ids.device
+        """Responses ``[B * n, R]`` for ``B`` prompts, ``n = params.n`` samples each, interleaved (``a a b b``)."""
+        bsz, device, n = input_ids.shape[0], input_ids.device, params.n
         rows = bsz * n
         # decoding row -> prompt row: the n samples of a prompt are adjacent, as in Batch.repeat(interleave)
         expand = torch.arange(bsz, device=device).repeat_interleave(n)
@@ -331,7 +331,7 @@ class HFRollout(BaseRollout):
                 sl = slice(start, start + micro)
                 chunks.append(self._decode(prompts.batch["input_ids"][sl].to(device),
                                            prompts.batch["attention_mask"][sl].to(device),
-                                           prompts.batch["position_ids"][sl].to(device), params.n, params, generator))
+                                           prompts.batch["position_ids"][sl].to(device), params, generator))
         finally:
             self.model.train(was_training)
         if params.n > 1:

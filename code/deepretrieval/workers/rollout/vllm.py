@@ -156,12 +156,7 @@ def named_rollout_weights(model: torch.nn.Module, device: Optional[Any] = None) 
         yield from lora.merged_named_tensors(gathered(), lora.lora_specs(model, adapter), adapter)
     else:
         for name, tensor in gathered():
-            yield _hf_name(name), tensor
-
-
-def _hf_name(name: str) -> str:
-    # activation checkpointing wrappers insert this prefix into parameter names
-    return name.replace("_checkpoint_wrapped_module.", "")
+            yield lora.hf_name(name), tensor  # without activation-checkpointing wrapper components
 
 
 def tp_leader_rank(rank: int, tp: int) -> int:
