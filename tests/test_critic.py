@@ -11,6 +11,11 @@ from deepretrieval.workers.rollout import HFRollout
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # ValueModel's head is randomly initialised; the same head in every process
+
+
 TEXTS = ["diabetes trials", "heart failure", "screening for colorectal cancer", "asthma in children"]
 
 
@@ -74,15 +79,29 @@ def test_update_critic_fits_returns(batch, actor_model):
     assert set(m) >= {"critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/grad_norm", "critic/lr"}
 
 
-def test_value_clipping_fraction(batch, actor_model):
-    """With a tiny clip range and targets far away, clipped losses dominate: clipfrac > 0."""
-    critic = Critic(ValueModel.from_actor(actor_model), _cfg(cliprange_value=1e-4, optim={"lr": 0.05}))
+def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
+    """Stored values sit 1 below the current predictions V, eps_v = 1e-4, so V^clip = V - 1 + eps_v.
+    Rows 0-1 have R = V + 10: (V^clip - R)^2 = (11 - eps_v)^2 > 100, clipped. Rows 2-3 have R = V - 10:
+    (9 + eps_v)^2 < 100, not clipped. Row 1 has 3 live tokens, the others 5: clipfrac = 8/18 and
+    vf_loss = 0.5 * (8 * (11 - eps_v)^2 + 10 * 100) / 18 (token-mean), measured before the one optimiser step."""
+    eps = 1e-4
+    vm = ValueModel.from_actor(actor_model)  # lr 0: both critics below see the same (randomly initialised) head
+    critic = Critic(vm,
+                    _cfg(cliprange_value=eps, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0}))
     data = batch.clone()
-    data.batch["values"] = critic.compute_values(data)
-    data.batch["returns"] = torch.full((4, 5), 5.0)
-    critic.update_critic(data)  # moves predictions away from the stored `values`
+    mask = data.batch["response_mask"].float()
+    current = critic.compute_values(data)
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0]).view(4, 1)
+    data.batch["values"] = (current - 1.0) * mask
+    data.batch["returns"] = (current + 10.0 * sign) * mask
     m = critic.update_critic(data)
-    assert m["critic/vf_clipfrac"] > 0.5
+    assert m["critic/vf_clipfrac"] == pytest.approx(8 / 18)
+    assert m["critic/vf_loss"] == pytest.approx(0.5 * (8 * (11 - eps) ** 2 + 10 * 100) / 18, rel=1e-4)
+
+    # no clipping range: the plain squared error, nothing counted as clipped
+    critic = Critic(vm, _cfg(cliprange_value=None, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0}))
+    m = critic.update_critic(data)
+    assert m["critic/vf_clipfrac"] == 0.0 and m["critic/vf_loss"] == pytest.approx(0.5 * 100, rel=1e-4)
 
 
 def test_non_finite_returns_skip_step(batch, actor_model):

@@ -24,7 +24,7 @@ from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import (_mean, enable_gradient_checkpointing, micro_batch_indices, model_device,
                                          split_micro_batches, token_budget)
-from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
+from deepretrieval.workers.optim import LazyOptimizerMixin, _get, _get_or_null, clip_grad_and_step
 from deepretrieval.workers.packing import packed_values
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Critic(LazyOptimizerMixin):
         n = int(batch.meta_info.get("rollout_n") or _get(cfg, "rollout_n", 1))
         mini_size = max(1, min(int(_get(cfg, "ppo_mini_batch_size", len(data))) * n, len(data)))
         micro_size = int(_get(cfg, "ppo_micro_batch_size_per_gpu", 0) or mini_size)
-        cliprange_value = _get(cfg, "cliprange_value", 0.5)
+        cliprange_value = _get_or_null(cfg, "cliprange_value", 0.5)  # null: no value clipping
         agg_mode = str(_get(cfg, "loss_agg_mode", "token-mean"))
         epochs = int(_get(cfg, "ppo_epochs", 1))
         shuffle = bool(_get(cfg, "shuffle", False))

@@ -28,6 +28,15 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _get_or_null(cfg: Any, key: str, default: Any = None) -> Any:
+    """Like ``_get``, but a key set to null stays None (for options where null means "off")."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg[key] if key in cfg else default
+    return getattr(cfg, key, default)
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any) -> torch.optim.Optimizer:
     """AdamW with `lr`, `betas`, `weight_decay`, `eps` from `optim_cfg` (only trainable parameters)."""
     params = [p for p in params if p.requires_grad]
