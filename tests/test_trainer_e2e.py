@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deepretrieval.trainer.main_ppo import main
-from trainer_helpers import hf_weights, make_assets, overrides, read_metrics, stable
+from trainer_helpers import (hf_weights, make_assets, overrides, read_metrics, review_question, scripted_rollout,
+                             stable, words_query)
 
 
 @pytest.fixture(scope="module")
@@ -134,34 +135,16 @@ def test_reward_runs_real_local_searches(assets, tmp_path, monkeypatch):
     of the prompt's review question: one step over all 21 training topics must search the local
     index, and its reward metrics must equal recall@100 and the DeepRetrieval tiers computed here
     independently, topic by topic."""
-    import re
-
     import pandas as pd
 
     from deepretrieval.models.tiny import load_tiny_tokenizer
     from deepretrieval.search.local import LocalSearchEngine
     from deepretrieval.workers.rollout import hf
-    from deepretrieval.workers.rollout.base import build_rollout_batch
 
-    tok = load_tiny_tokenizer()
-    marker = "The review question is:"
+    def answer(question):
+        return [f'plan</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>']
 
-    def words_query(question):
-        return " OR ".join(w for w in re.findall(r"[A-Za-z0-9]+", question) if w.lower() not in ("and", "or", "not"))
-
-    def fixed_answer(self, prompts):
-        responses = torch.full((len(prompts), self.response_length), self.pad_id, dtype=torch.long)
-        for i, (ids, mask) in enumerate(zip(prompts.batch["input_ids"], prompts.batch["attention_mask"])):
-            question = tok.decode(ids[mask.bool()], skip_special_tokens=True).split(marker)[1].strip().splitlines()[0]
-            answer = f'plan</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>'
-            answer_ids = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
-            assert len(answer_ids) <= self.response_length
-            responses[i, : len(answer_ids)] = torch.tensor(answer_ids)
-        out = build_rollout_batch(prompts, responses, self.eos_ids, self.pad_id)
-        out.meta_info.update({"temperature": 1.0, "do_sample": True})
-        return out
-
-    monkeypatch.setattr(hf.HFRollout, "generate_sequences", fixed_answer)
+    monkeypatch.setattr(hf.HFRollout, "generate_sequences", scripted_rollout(load_tiny_tokenizer(), answer))
     out = tmp_path / "searching"
     extra = {"trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.total_training_steps": 1,
              "trainer.val_before_train": False, "trainer.save_freq": 0, "trainer.save_hf_model": False,
@@ -175,7 +158,7 @@ def test_reward_runs_real_local_searches(assets, tmp_path, monkeypatch):
     tiers = [(0.7, 5), (0.5, 4), (0.4, 3), (0.3, 1), (0.1, 0.5), (0.05, 0.1)]
     recalls, scores = [], []
     for prompt, gt in zip(pd.read_parquet(assets.train)["prompt"], pd.read_parquet(assets.train)["reward_model"]):
-        question = prompt[-1]["content"].split(marker)[1].strip().splitlines()[0]
+        question = review_question(prompt[-1]["content"])
         targets = set(gt["ground_truth"]["target"])
         recalls.append(len(set(engine.search(words_query(question), k=100).ids) & targets) / len(targets))
         scores.append(1 + next((s for t, s in tiers if recalls[-1] >= t - 1e-12), -3.5))

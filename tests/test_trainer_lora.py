@@ -4,7 +4,8 @@
   own `merge_and_unload()`, plain and FSDP2-sharded;
 - end to end on Ray with 2 FSDP2 workers: GRPO with a KL loss (reference = the actor with its adapter
   disabled, no second model), checkpoints, resume -> identical metrics, merged HF export + peft adapter;
-- the in-process mode (`trainer.use_ray=false`) for one step.
+- the in-process mode (`trainer.use_ray=false`) for one step;
+- the policy gradient through the adapter, with scripted good and broken answers.
 """
 
 import copy
@@ -15,7 +16,7 @@ import torch
 
 from deepretrieval.models.tiny import make_tiny_qwen2
 from deepretrieval.workers.actor import apply_lora
-from trainer_helpers import hf_weights, make_assets, stable
+from trainer_helpers import hf_weights, make_assets, scripted_rollout, stable, words_query
 from trainer_helpers import overrides as common_overrides
 from trainer_helpers import read_metrics as read_log
 
@@ -247,3 +248,54 @@ def test_in_process_lora_step_reference_is_the_base_model(assets, tmp_path):
     ckpt = out / "global_step_1" / "actor"
     assert (ckpt / "lora_adapter" / "adapter_model.safetensors").is_file()
     assert (ckpt / "huggingface" / "model.safetensors").is_file()
+
+
+def test_lora_policy_gradient_raises_the_better_answer(assets, tmp_path, monkeypatch):
+    """The other LoRA runs see equal scores (advantages 0) and train on an entropy bonus. Here every prompt gets
+    two scripted samples, a well-formed answer (score 1 + tier >= -2.5) and one without answer tags (format
+    penalty -4): GRPO's advantages are +-1/sqrt(2) in every group. With no entropy bonus and no KL the
+    adapter's only gradient is the policy gradient, and one step must raise the log-probability of each
+    good answer relative to its group's broken one: the first-order change of the PPO objective
+    sum_i A_i sum_t (log pi'_it - log pi_it), positive for any descent step."""
+    from transformers import AutoModelForCausalLM
+
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+    from deepretrieval.trainer.config import compose_config
+    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+    from deepretrieval.workers.actor import batched_response_log_probs
+    from deepretrieval.workers.rollout import hf
+
+    def answers(question):
+        return [f'plan</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>',
+                f"plan</think>\n{words_query(question)}"]
+
+    record = []
+    monkeypatch.setattr(hf.HFRollout, "generate_sequences", scripted_rollout(load_tiny_tokenizer(), answers, record))
+    out = tmp_path / "pg"
+    args = overrides(assets, out, **{
+        "trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.total_training_steps": 1,
+        "data.val_files": "null", "trainer.save_freq": 0, "trainer.save_hf_model": False,
+        "data.max_response_length": 160, "actor_rollout_ref.actor.ppo_mini_batch_size": 4,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4, "actor_rollout_ref.actor.use_kl_loss": False,
+        "actor_rollout_ref.actor.entropy_coeff": 0.0, "actor_rollout_ref.actor.optim.lr": 1e-3})
+    trainer = PPOTrainer(compose_config(args))
+    try:
+        trainer.fit()
+        worker = trainer.actor_wg.worker
+        rolled = record[0]
+        after = worker.compute_log_prob(rolled).batch["old_log_probs"]
+    finally:
+        trainer.shutdown()
+    row = read_steps(out)[1]
+    assert row["reward/format_error_ratio"] == pytest.approx(0.5)
+    assert row["critic/advantages/max"] == pytest.approx(2 ** -0.5, abs=1e-3)
+    assert row["critic/advantages/min"] == pytest.approx(-(2 ** -0.5), abs=1e-3)
+    assert row["actor/pg_loss"] != 0.0 and row["actor/grad_norm"] > 0
+
+    base = AutoModelForCausalLM.from_pretrained(str(assets.model), dtype=torch.float32)  # B = 0: the initial policy
+    before, _ = batched_response_log_probs(base, rolled, micro_batch_size=None, temperature=1.0)
+    mask = rolled.batch["response_mask"].float()
+    gain = ((after - before) * mask).sum(-1)  # per sample
+    good, broken = gain[0::2], gain[1::2]
+    assert (good.abs() > 0).all() and (broken.abs() > 0).all()  # the adapter moved every sample's log-prob
+    assert (good > broken).all(), (good, broken)  # in every group

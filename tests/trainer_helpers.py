@@ -1,7 +1,8 @@
 """Shared pieces of the end-to-end trainer tests: the tiny-model / pubmed_mini assets, the common
-overrides, and readers of the metrics log and of exported weights."""
+overrides, a scripted rollout, and readers of the metrics log and of exported weights."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +38,49 @@ def overrides(a, out_dir, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+QUESTION_MARKER = "The review question is:"
+
+
+def review_question(prompt_text):
+    """The review question line of a pubmed_mini prompt."""
+    return prompt_text.split(QUESTION_MARKER)[1].strip().splitlines()[0]
+
+
+def words_query(question):
+    """A query that ORs the question's words (operator words dropped): a search with a spread of recalls."""
+    return " OR ".join(w for w in re.findall(r"[A-Za-z0-9]+", question) if w.lower() not in ("and", "or", "not"))
+
+
+def scripted_rollout(tok, answers, record=None):
+    """A replacement for `HFRollout.generate_sequences` (a tiny random model never writes a parsable answer).
+
+    `answers(question)` gives the texts of the prompt's n samples (after `<think>`); each is tokenised with an
+    EOS. The samples are interleaved like the real rollout's (`repeat(n, interleave=True)`). The batches it
+    returns are appended to `record` when given."""
+    import torch
+
+    from deepretrieval.workers.rollout.base import build_rollout_batch
+
+    def generate_sequences(self, prompts):
+        texts = []
+        for ids, mask in zip(prompts.batch["input_ids"], prompts.batch["attention_mask"]):
+            texts.extend(answers(review_question(tok.decode(ids[mask.bool()], skip_special_tokens=True))))
+        n = len(texts) // len(prompts)
+        responses = torch.full((len(texts), self.response_length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            answer_ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+            assert len(answer_ids) <= self.response_length, (len(answer_ids), text)
+            responses[i, : len(answer_ids)] = torch.tensor(answer_ids)
+        repeated = prompts.repeat(n, interleave=True) if n > 1 else prompts
+        out = build_rollout_batch(repeated, responses, self.eos_ids, self.pad_id)
+        out.meta_info.update({"temperature": 1.0, "do_sample": True})
+        if record is not None:
+            record.append(out)
+        return out
+
+    return generate_sequences
 
 
 def read_metrics(out_dir, prefixes=("critic/", "actor/")):
