@@ -129,12 +129,13 @@ def test_transient_faults_are_retried(server, make, fault):
 
 def test_429_retry_after_and_timeout(server, make):
     server.inject(Fault("status", status=429, headers={"Retry-After": "0.3"}, body="Too Many Requests"),
-                  Fault("timeout", seconds=1.0))
+                  Fault("timeout", seconds=3.0))
     engine = make(server, timeout=0.2)
     start = time.perf_counter()
     assert engine.search("diabetes", k=10).ids == NCT[:10]
     elapsed = time.perf_counter() - start
-    assert 0.3 <= elapsed < 1.0 and len(server.requests) == 3
+    # waited the 0.3 s Retry-After, then gave up on the 3 s answer after 0.2 s (slack for a loaded CI)
+    assert 0.3 <= elapsed < 2.0 and len(server.requests) == 3
 
 
 def test_exhausted_retries_raise_unavailable(server, make):

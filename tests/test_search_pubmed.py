@@ -208,11 +208,11 @@ def test_5xx_burst_then_success_and_exhaustion(server, make):
 
 
 def test_timeout_is_retried(server, make):
-    server.inject(Fault("timeout", seconds=1.0))
+    server.inject(Fault("timeout", seconds=3.0))
     engine = make(server, timeout=0.2)
     start = time.perf_counter()
     assert engine.search("asthma", k=10).ids == IDS[:10]
-    assert time.perf_counter() - start < 0.9
+    assert time.perf_counter() - start < 2.0  # gave up on the slow answer after 0.2 s (slack for a loaded CI)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "short_read", "reset"])
