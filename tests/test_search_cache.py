@@ -112,6 +112,20 @@ def test_resolve_cache(tmp_path, monkeypatch):
     assert resolve_cache(obj) is obj
 
 
+def test_one_cache_root_for_everything(tmp_path, monkeypatch):
+    from deepretrieval.data.paths import default_index_dir
+    from deepretrieval.models.pretrained import default_model_cache
+    from deepretrieval.search.ratelimit import default_state_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", "~/dr")
+    root = tmp_path / "home" / "dr"
+    assert default_index_dir("pubmed_mini") == root / "indexes" / "pubmed_mini"
+    assert default_model_cache() == root / "models"
+    assert default_state_dir() == root / "ratelimit"
+    assert resolve_cache(True).path == root / "search_cache.sqlite"
+
+
 def test_threads_share_one_cache(tmp_path):
     cache = SearchCache(tmp_path / "c.sqlite")
     errors = []

@@ -37,9 +37,10 @@ def data_root() -> Path:
 
 
 def cache_root() -> Path:
+    """Where indexes, converted models, the search cache and the rate-limit files live."""
     env = os.environ.get("DEEPRETRIEVAL_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("deepretrieval"))

@@ -37,12 +37,9 @@ _WS = re.compile(r"\s+")
 
 def default_cache_dir() -> Path:
     """`$DEEPRETRIEVAL_CACHE_DIR` if set, else the platform user cache dir for deepretrieval."""
-    env = os.environ.get("DEEPRETRIEVAL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
+    from deepretrieval.data.paths import cache_root
 
-    return Path(platformdirs.user_cache_dir("deepretrieval"))
+    return cache_root()
 
 
 def default_cache_path() -> Path:
