@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 from deepretrieval.search.base import (ENGINES, QuerySyntaxError, SearchEngineError, SearchResult,
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("query", nargs="?", help="the query (use --query-file for multi-line searches)")
     search.add_argument("--query-file", metavar="FILE", help="read the query from FILE ('-': stdin)")
     search.add_argument("--engine", choices=sorted(ENGINES), default="local")
-    search.add_argument("--index", metavar="DIR", help="index directory (local engine)")
+    search.add_argument("--index", metavar="DIR", help="index directory (local engine), or a vendored corpus's "
+                        "name (pubmed_mini, trials_sigir): its index is built in the cache on first use")
     search.add_argument("--k", type=int, default=100, help="number of ranked ids to return")
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.add_argument("--min-date", metavar="YYYY/MM/DD")
@@ -83,11 +85,22 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolve_index(index: str) -> str:
+    """An index folder, or the name of a vendored corpus (its index is built in the cache on first use)."""
+    from deepretrieval.data.paths import LOCAL_CORPORA, default_index_dir, ensure_local_index, index_ready
+
+    if index not in LOCAL_CORPORA or Path(index).exists():
+        return index
+    if not index_ready(default_index_dir(index)):
+        print(f"building the {index} index in {default_index_dir(index)} (first use)", file=sys.stderr)
+    return str(ensure_local_index(index))
+
+
 def _engine_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.engine == "local":
         if not args.index:
             raise ValueError("--index DIR is required with --engine local")
-        return {"index_dir": args.index}
+        return {"index_dir": _resolve_index(args.index)}
     options: Dict[str, Any] = {"cache": not args.no_cache}
     if args.base_url:
         options["base_url"] = args.base_url
