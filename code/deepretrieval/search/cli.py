@@ -87,13 +87,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def _resolve_index(index: str) -> str:
     """An index folder, or the name of a vendored corpus (its index is built in the cache on first use)."""
-    from deepretrieval.data.paths import LOCAL_CORPORA, default_index_dir, ensure_local_index, index_ready
+    from deepretrieval.data.paths import LOCAL_CORPORA, ensure_local_index
 
     if index not in LOCAL_CORPORA or Path(index).exists():
         return index
-    if not index_ready(default_index_dir(index)):
-        print(f"building the {index} index in {default_index_dir(index)} (first use)", file=sys.stderr)
-    return str(ensure_local_index(index))
+    return str(ensure_local_index(index))  # logs where it builds it
 
 
 def _engine_options(args: argparse.Namespace) -> Dict[str, Any]:
