@@ -11,6 +11,7 @@ from deepretrieval.workers.rollout import HFRollout
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)  # ValueModel's head is randomly initialised; the same head in every process

@@ -35,15 +35,10 @@ SCHEMA_VERSION = 1
 _WS = re.compile(r"\s+")
 
 
-def default_cache_dir() -> Path:
-    """`$DEEPRETRIEVAL_CACHE_DIR` if set, else the platform user cache dir for deepretrieval."""
+def default_cache_path() -> Path:
     from deepretrieval.data.paths import cache_root
 
-    return cache_root()
-
-
-def default_cache_path() -> Path:
-    return default_cache_dir() / "search_cache.sqlite"
+    return cache_root() / "search_cache.sqlite"
 
 
 def normalize_query(query: str) -> str:

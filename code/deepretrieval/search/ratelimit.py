@@ -44,9 +44,9 @@ RATE_HEADROOM = 0.95
 
 def default_state_dir() -> Path:
     """`$DEEPRETRIEVAL_CACHE_DIR/ratelimit`, else the user cache directory's `ratelimit`."""
-    from deepretrieval.search.cache import default_cache_dir
+    from deepretrieval.data.paths import cache_root
 
-    return default_cache_dir() / "ratelimit"
+    return cache_root() / "ratelimit"
 
 
 def credential_tag(service: str, credential: Optional[str]) -> str:

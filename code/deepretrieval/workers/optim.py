@@ -18,23 +18,20 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def _get_or_null(cfg: Any, key: str, default: Any = None) -> Any:
-    """Like ``_get``, but a key set to null stays None (for options where null means "off")."""
+    """`cfg[key]` (a mapping or an object's attribute), `default` when absent; a key set to null stays None
+    (for options where null means "off")."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping):
-        return cfg[key] if key in cfg else default
+        return cfg.get(key, default)
     return getattr(cfg, key, default)
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Like ``_get_or_null``, but null also gives `default`."""
+    value = _get_or_null(cfg, key, default)
+    return default if value is None else value
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any) -> torch.optim.Optimizer:
