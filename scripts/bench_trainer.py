@@ -154,7 +154,6 @@ def bench_phases(args) -> int:
     batch.batch["advantages"] = torch.randn(batch.batch["responses"].shape, device=device)
     batch.batch["returns"] = torch.randn(batch.batch["responses"].shape, device=device)
     mb = args.micro_batch
-    results = {}
     for rmpad in (False, True):
         tag = "packed" if rmpad else "padded"
         torch.manual_seed(0)
@@ -168,12 +167,12 @@ def bench_phases(args) -> int:
         critic = Critic(ValueModel(make_shape(args.shape, dtype, device).get_decoder()),
                         {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
                          "use_remove_padding": rmpad, "grad_clip": 1.0, "optim": {"lr": 1e-6}})
-        lp, _ = timed(f"old_log_prob/{tag}", lambda: actor.compute_log_prob(batch), valid)
+        lp, _ = timed(f"old_log_prob/{tag}", lambda: actor.compute_log_prob(batch), valid)  # noqa: B023, F821 (called at once)
         batch.batch["old_log_probs"] = lp
-        timed(f"ref/{tag}", lambda: ref.compute_ref_log_prob(batch), valid)
-        batch.batch["values"] = timed(f"values/{tag}", lambda: critic.compute_values(batch), valid)
-        timed(f"update_critic/{tag}", lambda: critic.update_critic(batch), valid)
-        timed(f"update_actor/{tag}", lambda: actor.update_policy(batch), valid)
+        timed(f"ref/{tag}", lambda: ref.compute_ref_log_prob(batch), valid)  # noqa: B023, F821 (called at once)
+        batch.batch["values"] = timed(f"values/{tag}", lambda: critic.compute_values(batch), valid)  # noqa: B023, F821 (called at once)
+        timed(f"update_critic/{tag}", lambda: critic.update_critic(batch), valid)  # noqa: B023, F821 (called at once)
+        timed(f"update_actor/{tag}", lambda: actor.update_policy(batch), valid)  # noqa: B023, F821 (called at once)
         del actor, ref, critic, actor_model
         if device.type == "cuda":
             torch.cuda.empty_cache()

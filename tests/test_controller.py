@@ -103,7 +103,7 @@ def test_local_worker_group_in_process():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test workers travel by value

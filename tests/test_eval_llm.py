@@ -134,7 +134,7 @@ def test_llm_modes_end_to_end(tmp_path, trials_engine):
                 others = {s.example_query for s in samples[1:]}
                 assert all(q in others for q in shots) and own not in shots
         orig = evaluate(few, BaselineMethod("original"), tmp_path, searcher=searcher, progress=False)
-    for mode, rs in recs.items():
+    for rs in recs.values():
         assert [r["query"] for r in rs] == [r["query"] for r in orig]
         assert [r["recall"] for r in rs] == [r["recall"] for r in orig]
         assert rs[0]["reasoning"] == "key words" and rs[0]["format_ok"] is True  # a chat model opens <think> itself

@@ -594,7 +594,7 @@ def evaluate(
                             "generation_s": round(gen_time, 4)}
                     jobs.append((base, sample, gen))
 
-            def finish(job: Tuple[Dict[str, Any], EvalSample, Generation]) -> Dict[str, Any]:
+            def finish(job: Tuple[Dict[str, Any], EvalSample, Generation], cut=cut, src=src) -> Dict[str, Any]:
                 base, sample, gen = job
                 if gen.not_applicable:
                     return dict(base, error="not_applicable", query=None, ids=[], metrics=None, recall=None)

@@ -120,7 +120,7 @@ OVID_SUBHEADINGS = {
     "ri": "radionuclide imaging", "rt": "radiotherapy", "se": "secretion", "sn": "statistics & numerical data",
     "su": "surgery", "th": "therapy", "tm": "transmission", "tr": "transplantation", "tu": "therapeutic use",
     "ul": "ultrastructure", "ur": "urine", "us": "ultrasonography", "ut": "utilization", "vi": "virology",
-    "ve": "veterinary", "ip": "isolation & purification", "ir": "innervation",
+    "ve": "veterinary", "ip": "isolation & purification",
 }
 
 # ----------------------------------------------------------------------------- tree
