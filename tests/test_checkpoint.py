@@ -1,7 +1,10 @@
 """Checkpoint folders (atomic commit, latest pointer, keep-last-N, resume resolution), RNG state,
 the resumable prompt order, and the model/optimiser/HF-export helpers of workers/fsdp.py."""
 
+import json
+import logging
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -9,7 +12,10 @@ import torch
 
 from deepretrieval.trainer.checkpoint import (
     LATEST_FILE,
+    MARKER,
+    TRAINER_STATE,
     CheckpointManager,
+    IncompleteCheckpoint,
     get_rng_state,
     load_trainer_state,
     save_trainer_state,
@@ -21,6 +27,9 @@ from deepretrieval.trainer.ppo_trainer import PromptLoader
 def commit_step(mgr, step, payload="x"):
     tmp = mgr.begin(step)
     (tmp / "part.txt").write_text(payload)
+    (tmp / "actor").mkdir()
+    (tmp / "actor" / "model.bin").write_bytes(bytes(range(256)) * 8)
+    save_trainer_state(tmp, {"global_step": step})
     return mgr.commit(tmp, step)
 
 
@@ -29,6 +38,7 @@ def test_commit_is_a_rename_with_pointer_and_pruning(tmp_path):
     tmp = mgr.begin(1)
     assert tmp.name.startswith(".tmp_global_step_1") and mgr.latest() is None  # invisible until commit
     (tmp / "part.txt").write_text("one")
+    save_trainer_state(tmp, {"global_step": 1})
     assert mgr.commit(tmp, 1) == tmp_path / "global_step_1" and not tmp.exists()
     for step in (2, 3):
         commit_step(mgr, step)
@@ -49,6 +59,88 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
     assert not tmp.exists()
     mgr.abort(mgr.begin(3))
     assert mgr.list_steps() == [1]
+
+
+def test_marker_lists_every_file_with_size_and_crc(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    final = commit_step(mgr, 5)
+    marker = json.loads((final / MARKER).read_text())
+    assert marker["step"] == 5
+    assert sorted(marker["files"]) == ["actor/model.bin", "part.txt", TRAINER_STATE]
+    blob = bytes(range(256)) * 8
+    assert marker["files"]["actor/model.bin"] == {"size": 2048, "crc32": zlib.crc32(blob)}
+    assert marker["files"]["part.txt"] == {"size": 1, "crc32": zlib.crc32(b"x")}
+    # a checkpoint without trainer_state.pt is never committed
+    tmp = mgr.begin(6)
+    (tmp / "part.txt").write_text("x")
+    with pytest.raises(IncompleteCheckpoint, match="trainer_state.pt not written"):
+        mgr.commit(tmp, 6)
+    assert mgr.list_steps() == [5]
+
+
+def _damage(path, how):
+    if how == "empty":
+        for child in sorted(path.rglob("*"), key=lambda p: -len(p.parts)):
+            child.unlink() if child.is_file() else child.rmdir()
+    elif how == "no_trainer_state":
+        (path / TRAINER_STATE).unlink()
+    elif how == "no_marker":
+        (path / MARKER).unlink()
+    elif how == "truncated_state":
+        data = (path / TRAINER_STATE).read_bytes()
+        (path / TRAINER_STATE).write_bytes(data[: len(data) // 2])
+    elif how == "truncated_shard":
+        data = (path / "actor" / "model.bin").read_bytes()
+        (path / "actor" / "model.bin").write_bytes(data[:-1])
+    elif how == "flipped_byte":  # same size, different content: only the checksum sees it
+        data = bytearray((path / "actor" / "model.bin").read_bytes())
+        data[100] ^= 0xFF
+        (path / "actor" / "model.bin").write_bytes(bytes(data))
+    elif how == "bad_marker":
+        (path / MARKER).write_text("{not json")
+
+
+DAMAGES = ["empty", "no_trainer_state", "no_marker", "truncated_state", "truncated_shard", "flipped_byte",
+           "bad_marker"]
+REASONS = {"empty": "is empty", "no_trainer_state": "lacks trainer_state.pt", "no_marker": "no completion marker",
+           "truncated_state": "trainer_state.pt has", "truncated_shard": "actor/model.bin has 2047 bytes",
+           "flipped_byte": "checksum", "bad_marker": "unreadable"}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, how, caplog):
+    mgr = CheckpointManager(tmp_path)
+    commit_step(mgr, 1)
+    commit_step(mgr, 2)
+    _damage(tmp_path / "global_step_2", how)
+    assert (tmp_path / LATEST_FILE).read_text() == "2"  # the pointer still names the damaged one
+    with caplog.at_level(logging.WARNING, logger="deepretrieval.trainer.checkpoint"):
+        assert mgr.resolve_resume("auto") == tmp_path / "global_step_1"
+    assert any("global_step_2" in r.getMessage() and REASONS[how] in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    # named explicitly, a damaged checkpoint is an error, not a silent fallback
+    with pytest.raises(IncompleteCheckpoint, match="not complete"):
+        mgr.resolve_resume(str(tmp_path / "global_step_2"))
+    # every checkpoint damaged: a fresh start, not a crash
+    _damage(tmp_path / "global_step_1", how)
+    assert mgr.resolve_resume("auto") is None
+
+
+def test_a_folder_renamed_without_marker_is_never_resumed(tmp_path):
+    """A half-written checkpoint that reached its final name (a save killed between the rename of
+    an older tool and its pointer, or a copy interrupted by hand) is skipped by resume_mode=auto."""
+    mgr = CheckpointManager(tmp_path, max_to_keep=1)
+    commit_step(mgr, 3)
+    half = tmp_path / "global_step_7"
+    (half / "actor").mkdir(parents=True)
+    (half / "actor" / "model.bin").write_bytes(b"partial")
+    (half / TRAINER_STATE).write_bytes(b"partial")
+    assert mgr.latest() == tmp_path / "global_step_3"
+    # pruning counts complete checkpoints only: the damaged step 7 does not push step 3 out ...
+    assert mgr.prune() == []
+    # ... and the next complete save (step 4, after resuming from 3) is kept
+    commit_step(mgr, 4)
+    assert mgr.latest() == tmp_path / "global_step_4" and not (tmp_path / "global_step_3").exists()
 
 
 def test_latest_tolerates_a_lagging_or_broken_pointer(tmp_path):

@@ -8,22 +8,32 @@ Layout of `trainer.default_local_dir` (verl's names):
                           model and `lora_adapter/` the adapter in peft's format
         critic/           same for the value model
         trainer_state.pt  global step, dataloader position, KL-controller state, driver RNG state
+        COMPLETE.json     the completion marker, written last: size and CRC-32 of every other file
     latest_checkpointed_iteration.txt   the step number of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary folder next to its final place and renamed when
-every part is on disk; a crash mid-save leaves the previous checkpoint and pointer untouched.
+A checkpoint is written into a hidden temporary folder next to its final place. When every part is
+there, each file is fsynced, the marker (sizes and checksums) is written and fsynced, the folder is
+renamed to `global_step_<N>` and the parent folder fsynced; only then does the pointer move. A
+crash mid-save leaves the previous checkpoint and pointer untouched.
+
+Resume (`resume_mode=auto`) only takes a checkpoint whose marker is present and whose files all
+match it (`verify`): an empty `global_step_N`, one without `trainer_state.pt` or without a marker,
+or one with a truncated or altered file is skipped with a warning, and the newest complete one
+before it is used. An explicitly named checkpoint that fails the check is an error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +44,13 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 TMP_PREFIX = ".tmp_global_step_"
 TRAINER_STATE = "trainer_state.pt"
+MARKER = "COMPLETE.json"
+MARKER_VERSION = 1
+_CHUNK = 1 << 22
+
+
+class IncompleteCheckpoint(FileNotFoundError):
+    """A checkpoint folder that is not a complete, intact checkpoint (the message says why)."""
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -56,6 +73,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -63,6 +94,84 @@ def _write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in 4 MiB chunks (catches truncation and torn writes; not a
+    defence against deliberate tampering)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                return crc
+            crc = zlib.crc32(chunk, crc)
+
+
+def _files_under(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def build_manifest(folder: Path, fsync: bool = True) -> Dict[str, Dict[str, int]]:
+    """{relative path: {"size", "crc32"}} of every file under `folder` (the marker excluded), each
+    file fsynced first when `fsync` (the workers wrote them; their data must be on disk before the
+    marker says so), then every sub-folder."""
+    manifest: Dict[str, Dict[str, int]] = {}
+    for path in _files_under(folder):
+        if fsync:
+            fd = os.open(str(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        manifest[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "crc32": file_crc32(path)}
+    if fsync:
+        for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}, key=lambda p: -len(p.parts)):
+            _fsync_dir(sub)
+    return manifest
+
+
+def write_marker(folder: Path, step: int, manifest: Dict[str, Dict[str, int]]) -> None:
+    """The completion marker, written (and fsynced) after every file it lists."""
+    _write_atomic(folder / MARKER, json.dumps({"version": MARKER_VERSION, "step": int(step),
+                                                "files": manifest}, indent=1, sort_keys=True))
+
+
+def verify(folder: Path, required: Sequence[str] = (TRAINER_STATE,), checksums: bool = True) -> None:
+    """Raise IncompleteCheckpoint unless `folder` holds a marker, every `required` file, and every
+    file the marker lists with its recorded size (and CRC-32 when `checksums`)."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not folder.is_dir():
+        raise IncompleteCheckpoint(f"{folder} is not a folder")
+    if not marker.is_file():
+        if not any(folder.iterdir()):
+            raise IncompleteCheckpoint(f"{folder.name} is empty")
+        if not (folder / TRAINER_STATE).is_file() and TRAINER_STATE in required:
+            raise IncompleteCheckpoint(f"{folder.name} lacks {TRAINER_STATE} and its completion marker {MARKER}")
+        raise IncompleteCheckpoint(f"{folder.name} has no completion marker {MARKER} (save interrupted, "
+                                   "or written by a version without markers)")
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        files = data["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IncompleteCheckpoint(f"{folder.name}: unreadable {MARKER} ({exc})") from None
+    for name in required:
+        if name not in files or not (folder / name).is_file():
+            raise IncompleteCheckpoint(f"{folder.name} lacks {name}")
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise IncompleteCheckpoint(f"{folder.name}: {rel} is missing")
+        size = path.stat().st_size
+        if size != int(meta["size"]):
+            raise IncompleteCheckpoint(f"{folder.name}: {rel} has {size} bytes, {meta['size']} were written "
+                                       "(truncated or overwritten)")
+        if checksums and file_crc32(path) != int(meta["crc32"]):
+            raise IncompleteCheckpoint(f"{folder.name}: {rel} does not match its checksum (damaged)")
 
 
 def step_of(path: os.PathLike) -> Optional[int]:
@@ -73,9 +182,11 @@ def step_of(path: os.PathLike) -> Optional[int]:
 class CheckpointManager:
     """Owns the checkpoint folder of one run (see the module docstring for the layout)."""
 
-    def __init__(self, root: os.PathLike, max_to_keep: Optional[int] = None):
+    def __init__(self, root: os.PathLike, max_to_keep: Optional[int] = None,
+                 required: Sequence[str] = (TRAINER_STATE,)):
         self.root = Path(root)
         self.max_to_keep = max_to_keep
+        self.required = tuple(required)
 
     # ---- writing
     def begin(self, step: int) -> Path:
@@ -86,7 +197,12 @@ class CheckpointManager:
         return tmp
 
     def commit(self, tmp: Path, step: int) -> Path:
-        """Rename the finished temporary folder to `global_step_<step>`, move the pointer, prune."""
+        """Fsync the finished temporary folder, write its completion marker, rename it to
+        `global_step_<step>`, move the pointer, prune."""
+        missing = [name for name in self.required if not (tmp / name).is_file()]
+        if missing:
+            raise IncompleteCheckpoint(f"refusing to commit step {step}: {', '.join(missing)} not written")
+        write_marker(tmp, step, build_manifest(tmp))
         final = self.root / f"global_step_{step}"
         if final.exists():  # a re-run of the same step replaces the old folder
             trash = self.root / f".trash_global_step_{step}_{os.getpid()}"
@@ -95,6 +211,7 @@ class CheckpointManager:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync_dir(self.root)
         _write_atomic(self.root / LATEST_FILE, str(step))
         self.prune()
         return final
@@ -103,10 +220,12 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def prune(self) -> List[Path]:
-        """Delete the oldest checkpoints beyond `max_to_keep`; returns the deleted folders."""
+        """Delete the oldest checkpoints beyond `max_to_keep`; returns the deleted folders. Only
+        folders with a completion marker count (and are deleted): a damaged newer folder never
+        pushes a complete one out."""
         if not self.max_to_keep:
             return []
-        steps = self.list_steps()
+        steps = [s for s in self.list_steps() if (self.root / f"global_step_{s}" / MARKER).is_file()]
         removed = []
         for step in steps[: max(0, len(steps) - self.max_to_keep)]:
             path = self.root / f"global_step_{step}"
@@ -128,20 +247,25 @@ class CheckpointManager:
             return []
         return sorted(s for s in (step_of(c) for c in self.root.iterdir() if c.is_dir()) if s is not None)
 
-    def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint: the pointer when it names an existing folder, else the
-        highest-numbered folder (a pointer can lag if a run died between rename and pointer write)."""
+    def latest(self, checksums: bool = True) -> Optional[Path]:
+        """The newest complete checkpoint (see `verify`), newest step first; each folder skipped on
+        the way is logged with the reason. The pointer is only a hint: it can lag (a run died
+        between rename and pointer write) or name a folder that was damaged since."""
         pointer = self.root / LATEST_FILE
-        steps = self.list_steps()
         if pointer.is_file():
             try:
-                step = int(pointer.read_text().strip())
-                path = self.root / f"global_step_{step}"
-                if path.is_dir() and (not steps or step >= steps[-1]):
-                    return path
+                int(pointer.read_text().strip())
             except ValueError:
                 logger.warning("ignoring unreadable %s", pointer)
-        return self.root / f"global_step_{steps[-1]}" if steps else None
+        for step in reversed(self.list_steps()):
+            path = self.root / f"global_step_{step}"
+            try:
+                verify(path, self.required, checksums=checksums)
+            except IncompleteCheckpoint as exc:
+                logger.warning("skipping checkpoint %s: %s; falling back to an older one", path, exc)
+                continue
+            return path
+        return None
 
     def resolve_resume(self, mode: str, resume_from_path: Optional[str] = None) -> Optional[Path]:
         """`resume_mode` -> the folder to resume from, or None to start fresh.
@@ -153,14 +277,21 @@ class CheckpointManager:
             return self.latest()
         path = Path(resume_from_path if mode == "resume_path" else mode)
         if step_of(path) is None and (path / LATEST_FILE).is_file():
-            path = CheckpointManager(path).latest() or path  # a run folder: take its latest
+            path = CheckpointManager(path, required=self.required).latest() or path  # a run folder: its latest
         if step_of(path) is None or not path.is_dir():
             raise FileNotFoundError(f"resume checkpoint {str(path)!r} is not a global_step_<N> folder")
+        try:
+            verify(path, self.required)
+        except IncompleteCheckpoint as exc:
+            raise IncompleteCheckpoint(f"resume checkpoint {str(path)!r} is not complete: {exc}") from None
         return path
 
 
 def save_trainer_state(folder: Path, state: Dict[str, Any]) -> None:
-    torch.save(state, folder / TRAINER_STATE)
+    with open(folder / TRAINER_STATE, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_trainer_state(folder: Path) -> Dict[str, Any]:
