@@ -5,6 +5,7 @@ from deepretrieval.controller.dispatch import Dispatch, register
 from deepretrieval.controller.ray_utils import (
     ControllerError,
     InsufficientResources,
+    WorkerDied,
     WorkerFailed,
     WorkerTimeout,
     init_ray,
@@ -16,6 +17,6 @@ from deepretrieval.controller.worker_group import LocalWorkerGroup, RayWorkerGro
 
 __all__ = [
     "ControllerError", "Dispatch", "InsufficientResources", "LocalWorkerGroup", "RayWorkerGroup",
-    "ResourcePool", "Worker", "WorkerFailed", "WorkerTimeout", "init_ray", "ray_available", "register",
+    "ResourcePool", "Worker", "WorkerDied", "WorkerFailed", "WorkerTimeout", "init_ray", "ray_available", "register",
     "shutdown_ray",
 ]

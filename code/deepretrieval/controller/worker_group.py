@@ -19,7 +19,7 @@ import socket
 from typing import Any, Dict, List, Optional, Sequence
 
 from deepretrieval.controller.dispatch import Dispatch, collect, dispatch_args, dispatch_mode_of, register
-from deepretrieval.controller.ray_utils import WorkerFailed, kill_actors, ray_get
+from deepretrieval.controller.ray_utils import WorkerDied, WorkerFailed, kill_actors, ray_get, wait_all
 from deepretrieval.controller.resource_pool import ResourcePool
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,14 @@ class _WorkerHost:
         return ray.util.get_node_ip_address(), free_port()
 
     @staticmethod
+    def where() -> Dict[str, Any]:
+        """This process: pid, Ray node id and node IP (for logs and fault reports)."""
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address()}
+
+    @staticmethod
     def set_master(addr: str, port: int) -> None:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
@@ -147,6 +155,8 @@ class RayWorkerGroup(_GroupBase):
         self.call_timeout_s = call_timeout_s
         self.start_timeout_s = start_timeout_s
         self.actors: List[Any] = []
+        # per rank: {"rank", "pid", "node_id", "ip"} of its process, known once the workers started
+        self.worker_info: List[Dict[str, Any]] = []
         share = 1.0 / resource_pool.max_colocate_count
         host_cls = ray.remote(_WorkerHost)
         device = "cuda" if resource_pool.use_gpu else "cpu"
@@ -183,6 +193,11 @@ class RayWorkerGroup(_GroupBase):
                     master = ray_get(actor.address.remote(), start_timeout_s, f"starting {name_prefix} rank 0")
                     ray_get(actor.set_master.remote(*master), start_timeout_s, f"starting {name_prefix}")
             ray_get([a.call.remote("ping") for a in self.actors], start_timeout_s, f"starting {name_prefix} workers")
+            where = ray_get([a.where.remote() for a in self.actors], start_timeout_s, f"starting {name_prefix} workers")
+            self.worker_info = [dict(w, rank=r) for r, w in enumerate(where)]
+            for w in self.worker_info:
+                logger.info("%s rank %d: pid %d on node %s (%s)", name_prefix, w["rank"], w["pid"], w["node_id"][:12],
+                            w["ip"])
             # the process group's own timeout bounds every later collective, so it gets the call
             # timeout; the rendezvous itself is bounded by the driver's start timeout (_run)
             self.call("init_distributed", timeout_s=max(start_timeout_s, call_timeout_s))
@@ -190,13 +205,32 @@ class RayWorkerGroup(_GroupBase):
             self.shutdown()
             raise
 
+    def describe(self, rank: int) -> str:
+        """`rank 1 (pid 4242 on node 3f9a..., 10.0.0.2)`, as far as known."""
+        if rank < len(self.worker_info):
+            w = self.worker_info[rank]
+            return f"rank {rank} (pid {w['pid']} on node {w['node_id'][:12]}, {w['ip']})"
+        return f"rank {rank}"
+
     def _run(self, method: str, per_args: List[List[Any]], per_kwargs: List[Dict[str, Any]]) -> List[Any]:
         timeout = self.start_timeout_s if method == "init_distributed" else self.call_timeout_s
+        if not self.actors:
+            raise WorkerFailed(f"{self.name_prefix}.{method}: the worker group was shut down after an earlier failure")
+        what = f"{self.name_prefix}.{method}"
         refs = [a.call.remote(method, *per_args[r], **per_kwargs[r]) for r, a in enumerate(self.actors)]
         try:
-            return ray_get(refs, timeout, f"{self.name_prefix}.{method}")
-        except WorkerFailed:
-            raise
+            return wait_all(refs, timeout, what)
+        except WorkerFailed as exc:
+            rank = getattr(exc, "index", None)
+            if not isinstance(exc, WorkerDied):
+                raise  # the worker raised: its process lives on
+            # a dead process: its peers may be blocked in a collective waiting for it, so the
+            # whole group goes; the error names the rank, pid and node
+            info = self.worker_info[rank] if rank is not None and rank < len(self.worker_info) else {}
+            self.shutdown()
+            who = self.describe(rank) if rank is not None else "a worker"
+            raise WorkerDied(f"{what}: {who} died", rank=rank, pid=info.get("pid"),
+                             node_id=info.get("node_id")) from None
         except BaseException:
             # a timeout or Ctrl-C leaves the other ranks inside a collective: they cannot be reused
             self.shutdown()

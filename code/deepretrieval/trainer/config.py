@@ -418,6 +418,15 @@ def validate_config(cfg: DictConfig) -> None:
     timeout = _get(cfg, f"{trainer}.ray_init.timeout_s")
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
+    _check_fault_keys(cfg)
+
+
+def _check_fault_keys(cfg: DictConfig) -> None:
+    """trainer.max_restarts (integer >= 0) and trainer.max_consecutive_skipped_steps (>= 1 or null)."""
+    restarts = _get(cfg, "trainer.max_restarts")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ConfigError("trainer.max_restarts", f"must be an integer >= 0, got {restarts!r}")
+    _positive_int(cfg, "trainer.max_consecutive_skipped_steps", allow_none=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ suggestion; the composed config is then validated as a whole (batch arithmetic, 
 
 Exit codes: 0 success, 2 configuration error, 1 run failure, 130 interrupted (Ctrl-C / SIGTERM).
 Workers, placement groups and a Ray instance started here are cleaned up on every exit path.
+A failure the trainer understands (a dead worker with no restart left, a damaged checkpoint named
+for resume, the search service down for too many steps) is one line on stderr, no traceback.
+
+Ray: `trainer.ray_init.address` or the `RAY_ADDRESS` environment variable connect to an existing
+cluster (docs/scaling.md); otherwise a local Ray is started.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepretrieval.controller.ray_utils import ControllerError
 from deepretrieval.trainer.config import ConfigError, compose_config, validate_config
+from deepretrieval.trainer.faults import RunFailed
 
 logger = logging.getLogger("deepretrieval.trainer")
 
@@ -67,6 +74,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.warning("interrupted; workers stopped")
         return 130
     except Exception as exc:
+        from deepretrieval.trainer.checkpoint import IncompleteCheckpoint
+
+        if isinstance(exc, (RunFailed, ControllerError, IncompleteCheckpoint)):
+            logger.error("training failed: %s", exc)
+            print(f"training failed: {exc}", file=sys.stderr)
+            return 1
         logger.exception("training failed: %s", exc)
         return 1
     return 0

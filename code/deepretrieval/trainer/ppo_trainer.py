@@ -16,6 +16,14 @@ every `test_freq` steps and after the last step, and reports the reward metrics 
 Checkpoints (`save_freq` and the last step) hold everything a resume needs; resuming from step k
 of N reproduces the metrics of an uninterrupted run (the data order, the rollout sampling seeds,
 every RNG, the optimiser, scheduler and KL-controller states are restored).
+
+Faults (docs/reliability.md, "Checkpoints and worker faults"):
+- a worker process that dies (or a call that times out) is reported with its rank, pid, node and
+  the step; with `trainer.max_restarts=K` the worker groups are torn down, recreated and the run
+  resumes from the latest complete checkpoint (or its start), at most K times; then, or with the
+  default 0, the run stops with `RunFailed`, a one-line error;
+- a step whose every sample had no search answer (`search_unavailable`) updates nothing and is
+  counted as skipped; `trainer.max_consecutive_skipped_steps` such steps in a row stop the run.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from deepretrieval.trainer.checkpoint import (
     set_rng_state,
 )
 from deepretrieval.trainer.config import ConfigError, resolve_device, to_plain, uses_critic, uses_reference, world_size
+from deepretrieval.trainer.faults import RunFailed, is_restartable, skipped_steps_error
 from deepretrieval.trainer.tracking import Tracking
 
 logger = logging.getLogger(__name__)
@@ -231,7 +240,8 @@ class PPOTrainer:
             from deepretrieval.controller.resource_pool import ResourcePool
             from deepretrieval.controller.worker_group import RayWorkerGroup
 
-            self._ray_started = init_ray(address=t.ray_init.address, num_cpus=t.ray_init.num_cpus)
+            self._ray_started = init_ray(address=t.ray_init.address, num_cpus=t.ray_init.num_cpus,
+                                         node_ip_address=t.ray_init.get("node_ip_address")) or self._ray_started
             self._pool = ResourcePool([int(t.n_gpus_per_node)] * int(t.nnodes), use_gpu=self.device == "cuda",
                                       max_colocate_count=2 if self.use_critic else 1, name_prefix="ppo")
             self._pool.create(timeout_s=start_timeout)
@@ -249,7 +259,16 @@ class PPOTrainer:
         if self.critic_wg is not None:
             self.critic_wg.init_model()
 
-    def shutdown(self) -> None:
+    def worker_info(self) -> List[Dict[str, Any]]:
+        """Per worker process: group, rank, pid, node id and IP (empty in-process)."""
+        out = []
+        for wg in (self.actor_wg, self.critic_wg):
+            for w in getattr(wg, "worker_info", None) or []:
+                out.append(dict(w, group=wg.name_prefix))
+        return out
+
+    def shutdown_workers(self) -> None:
+        """Stop the worker groups and release their placement groups (Ray itself stays up)."""
         for wg in (self.actor_wg, self.critic_wg):
             if wg is not None:
                 try:
@@ -260,6 +279,9 @@ class PPOTrainer:
         if self._pool is not None:
             self._pool.remove()
             self._pool = None
+
+    def shutdown(self) -> None:
+        self.shutdown_workers()
         if self._ray_started:
             from deepretrieval.controller.ray_utils import shutdown_ray
 
@@ -408,8 +430,9 @@ class PPOTrainer:
                 batch = self._advantages(batch, unavailable)
 
             trainable = bool((~unavailable).any())
+            metrics["train/step_skipped"] = 0.0 if trainable else 1.0
             if not trainable:
-                logger.warning("step %d: every search was unavailable; no update this step", self.global_step)
+                logger.warning("step %d: every search was unavailable; no update this step (skipped)", self.global_step + 1)
             if self.use_critic and trainable:
                 with _timer("update_critic", timings):
                     metrics.update(self.critic_wg.update_critic(batch.select(batch_keys=CRITIC_UPDATE_KEYS)))
@@ -467,9 +490,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------- fit
     def fit(self) -> Dict[str, float]:
-        """Train until `total_training_steps`; returns the metrics of the last step."""
-        from tqdm import tqdm
-
+        """Train until `total_training_steps`; returns the metrics of the last step. Worker failures
+        are handled as the module docstring says."""
         cfg = self.config
         t = cfg.trainer
         log_dir = t.log_dir or os.path.join(str(t.default_local_dir), "logs")
@@ -490,28 +512,86 @@ class PPOTrainer:
         if self.global_step >= self.total_training_steps:
             logger.info("nothing to do: step %d of %d already reached", self.global_step, self.total_training_steps)
             return last
+        start_state = self._driver_state()
+        restarts, max_restarts = 0, int(t.get("max_restarts", 0) or 0)
+        while True:
+            try:
+                return self._train(last, restarts)
+            except Exception as exc:
+                if not is_restartable(exc):
+                    raise
+                where = f"step {self._running_step} ({self._phase})"
+                logger.error("worker failure at %s: %s", where, exc)
+                if restarts >= max_restarts:
+                    latest = self.ckpt.latest(checksums=False)
+                    raise RunFailed(f"{where}: {exc}; no restart left (trainer.max_restarts={max_restarts}); "
+                                    f"last complete checkpoint: {latest or 'none'}") from None
+                restarts += 1
+                logger.warning("restart %d of %d: recreating the workers and resuming", restarts, max_restarts)
+                self._restart(start_state)
+
+    def _driver_state(self) -> Dict[str, Any]:
+        """What the driver needs to restart from the current position without a checkpoint."""
+        return {"global_step": self.global_step, "loader": self.loader.state_dict(),
+                "kl_ctrl": self.kl_ctrl.state_dict(), "rng": get_rng_state()}
+
+    def _restart(self, start_state: Dict[str, Any]) -> None:
+        """Tear the worker groups down, build them again and continue from the latest complete
+        checkpoint, or from where this `fit` started when there is none (the workers then hold the
+        initial weights again)."""
+        self.shutdown_workers()
+        self.init_workers()
+        if self.load_checkpoint() is None:
+            self.global_step = int(start_state["global_step"])
+            self.loader.load_state_dict(start_state["loader"])
+            self.kl_ctrl.load_state_dict(start_state["kl_ctrl"])
+            set_rng_state(start_state["rng"])
+            if self.global_step:
+                raise RunFailed(f"cannot restart: no complete checkpoint, and this run started at step {self.global_step} "
+                                "from one that is gone")
+        logger.info("resumed at step %d after a worker failure", self.global_step)
+
+    _running_step = 0
+    _phase = "start"
+
+    def _train(self, last: Dict[str, float], restarts: int) -> Dict[str, float]:
+        from tqdm import tqdm
+
+        t = self.config.trainer
+        limit = t.get("max_consecutive_skipped_steps", None)
+        skipped_in_a_row, skipped_total = 0, 0
         bar = tqdm(total=self.total_training_steps, initial=self.global_step, desc="Training", unit="step",
                    disable=None, dynamic_ncols=True)
         try:
             while self.global_step < self.total_training_steps:
                 epoch = self.loader.epoch if self.loader.batch_in_epoch < len(self.loader) else self.loader.epoch + 1
                 batch = Batch.from_single_dict(self.loader.next_batch())
+                self._running_step, self._phase = self.global_step + 1, "training"
                 metrics = self._step(batch)
                 self.global_step += 1
                 last_step = self.global_step >= self.total_training_steps
                 metrics["train/epoch"] = float(epoch)
                 metrics["train/global_step"] = float(self.global_step)
+                skipped = metrics.get("train/step_skipped", 0.0) > 0
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+                skipped_total += int(skipped)
+                metrics["train/skipped_steps"] = float(skipped_total)
+                metrics["train/worker_restarts"] = float(restarts)
                 if self.val_dataset is not None and (last_step or (t.test_freq > 0 and self.global_step % t.test_freq == 0)):
+                    self._phase = "validation"
                     with _timer("testing", timings := {}):
                         metrics.update(self.validate())
                     metrics["timing/testing"] = timings["testing"]
                 if t.save_freq != 0 and (last_step or (t.save_freq > 0 and self.global_step % t.save_freq == 0)):
+                    self._phase = "checkpoint save"
                     start = time.perf_counter()
                     self.save_checkpoint()
                     metrics["timing/save_checkpoint"] = time.perf_counter() - start
                 self.tracker.log(metrics, step=self.global_step)
                 bar.update(1)
                 last = metrics
+                if limit is not None and skipped_in_a_row >= int(limit):
+                    raise skipped_steps_error(skipped_in_a_row, self.global_step)
         finally:
             bar.close()
         return last

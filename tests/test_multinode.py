@@ -1,0 +1,114 @@
+"""Multi-node Ray on a simulated cluster (`ray.cluster_utils.Cluster`: a head and a second node, each
+its own raylet with its own CPUs, on 127.0.0.1). The trainer connects to it through
+`trainer.ray_init.address` and runs the CPU recipe with `trainer.nnodes=2 trainer.n_gpus_per_node=1`:
+the ranks land on two different nodes, the checkpoint and HF export are complete, and the metrics
+equal those of the same run packed on one node (`nnodes=1 n_gpus_per_node=2`, same seeds)."""
+
+import os
+
+import pytest
+
+from deepretrieval.trainer.checkpoint import MARKER, verify
+from deepretrieval.trainer.main_ppo import main
+from trainer_helpers import make_assets, overrides, read_metrics, stable
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (2 CPUs) + second node (2 CPUs), both on 127.0.0.1. Ray resolves a loopback address to the
+    machine's outward IP unless told this is a single-host cluster (its Windows/OSX switch), in this
+    process (the constant) and in the raylets and workers it spawns (the environment variable)."""
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR))
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False})
+    c.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"second_node": 1})
+    c.wait_for_nodes(timeout=120)
+    try:
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, pubmed_mini_index):
+    return make_assets(tmp_path_factory.mktemp("multinode"), pubmed_mini_index)
+
+
+def _run(assets, out, address, monkeypatch, **extra):
+    """main() on the cluster; returns the worker placement recorded just before the workers stop."""
+    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+
+    seen = {}
+    original = PPOTrainer.shutdown_workers
+
+    def record(self):
+        if self.actor_wg is not None:
+            seen["workers"] = self.worker_info()
+            seen["pg_nodes"] = list(self._pool.node_ids)
+        original(self)
+
+    monkeypatch.setattr(PPOTrainer, "shutdown_workers", record)
+    args = overrides(assets, out, **{"trainer.ray_init.address": address, "trainer.ray_init.node_ip_address": "127.0.0.1",
+                                     "trainer.total_training_steps": 2,
+                                     "trainer.val_before_train": False, "trainer.test_freq": -1,
+                                     "trainer.save_freq": 1, **extra})
+    assert main(args) == 0
+    assert not ray.is_initialized()  # the driver disconnected; the cluster lives on
+    return seen
+
+
+@pytest.mark.slow  # 112 s on the shared 2-core machine (two trainer runs on a 2-node cluster)
+def test_two_nodes_match_one_node(cluster, assets, tmp_path, monkeypatch):
+    head = cluster.head_node.node_id
+    second = next(n.node_id for n in cluster.worker_nodes)
+    multi = _run(assets, tmp_path / "multi", cluster.address, monkeypatch,
+                 **{"trainer.nnodes": 2, "trainer.n_gpus_per_node": 1})
+    # actor and critic rank 0 on the driver's (head) node, rank 1 on the second node
+    by_rank = {(w["group"], w["rank"]): w["node_id"] for w in multi["workers"]}
+    assert by_rank == {("actor_rollout_ref", 0): head, ("actor_rollout_ref", 1): second,
+                       ("critic", 0): head, ("critic", 1): second}
+    assert multi["pg_nodes"] == [head, second]
+
+    single = _run(assets, tmp_path / "single", cluster.address, monkeypatch,
+                  **{"trainer.nnodes": 1, "trainer.n_gpus_per_node": 2})
+    assert {w["node_id"] for w in single["workers"]} == {head}
+
+    for run in ("multi", "single"):
+        for step in (1, 2):
+            ckpt = tmp_path / run / f"global_step_{step}"
+            verify(ckpt)  # completion marker present, every file's size and checksum match
+            assert (ckpt / MARKER).is_file()
+        hf = tmp_path / run / "global_step_2" / "actor" / "huggingface"
+        assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    steps_multi, _ = read_metrics(tmp_path / "multi")
+    steps_single, _ = read_metrics(tmp_path / "single")
+    assert sorted(steps_multi) == sorted(steps_single) == [1, 2]
+    for step in (1, 2):
+        a, b = stable(steps_multi[step]), stable(steps_single[step])
+        assert set(a) == set(b)
+        assert "actor/pg_loss" in a and "critic/vf_loss" in a
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    # the trained weights agree as well
+    from trainer_helpers import hf_weights
+    import torch
+
+    wa = hf_weights(tmp_path / "multi" / "global_step_2" / "actor" / "huggingface")
+    wb = hf_weights(tmp_path / "single" / "global_step_2" / "actor" / "huggingface")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
