@@ -55,6 +55,13 @@ class EchoWorker(Worker):
     def fail(self) -> None:
         raise ValueError(f"boom from rank {self.rank}")
 
+    @register(Dispatch.ALL_TO_ALL)
+    def sleep_then_allreduce(self, seconds: float) -> float:
+        import time
+
+        time.sleep(seconds)
+        return self.allreduce(1.0)
+
     @register(Dispatch.ONE_TO_ALL)
     def sleep(self, seconds: float) -> None:
         import time
@@ -176,3 +183,42 @@ def test_ctrl_c_during_a_call_tears_the_group_down(ray_cluster):
     for actor in actors:  # the worker processes are gone, not left sleeping
         with pytest.raises(ray_cluster.exceptions.RayActorError):
             ray_cluster.get(actor.call.remote("ping"), timeout=30)
+
+
+def test_a_killed_worker_is_noticed_while_its_peer_waits_in_a_collective(ray_cluster):
+    """Rank 0 enters an all-reduce at once, rank 1 sleeps first; rank 1 is SIGKILLed by pid. The
+    call fails with WorkerDied naming rank 1, its pid and node within seconds (the call timeout is
+    10 minutes), and the group (rank 0 blocked in the collective included) is torn down."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from deepretrieval.controller import RayWorkerGroup, WorkerDied
+
+    pool = ResourcePool([2], use_gpu=False, name_prefix="t_kill")
+    pool.create(timeout_s=60)
+    group = RayWorkerGroup(pool, EchoWorker, name_prefix="echo", start_timeout_s=60, call_timeout_s=600)
+    try:
+        info = group.worker_info
+        assert [w["rank"] for w in info] == [0, 1] and len({w["pid"] for w in info}) == 2
+        assert all(w["node_id"] == pool.node_ids[0] for w in info)
+        victim = info[1]["pid"]
+        actors = list(group.actors)
+        threading.Timer(2.0, os.kill, (victim, signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(WorkerDied) as err:
+            group.sleep_then_allreduce([0.0, 120.0])
+        assert time.monotonic() - start < 60
+        assert err.value.rank == 1 and err.value.pid == victim and err.value.node_id == info[1]["node_id"]
+        assert f"rank 1 (pid {victim} on node {info[1]['node_id'][:12]}" in str(err.value)
+        assert "echo.sleep_then_allreduce" in str(err.value)
+        assert group.actors == []
+        for actor in actors:  # rank 0 was not left blocked in the all-reduce
+            with pytest.raises(ray_cluster.exceptions.RayActorError):
+                ray_cluster.get(actor.call.remote("ping"), timeout=30)
+        with pytest.raises(WorkerFailed, match="shut down after an earlier failure"):
+            group.ping()
+    finally:
+        group.shutdown()
+        pool.remove()
