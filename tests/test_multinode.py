@@ -112,3 +112,45 @@ def test_two_nodes_match_one_node(cluster, assets, tmp_path, monkeypatch):
     wa = hf_weights(tmp_path / "multi" / "global_step_2" / "actor" / "huggingface")
     wb = hf_weights(tmp_path / "single" / "global_step_2" / "actor" / "huggingface")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.slow  # ~30 s with the cluster up
+def test_per_node_search_budget_on_two_nodes(cluster, tmp_path):
+    """The documented multi-node rate-limit setup (docs/scaling.md): every machine that searches
+    with one key gets its own limiter state (its own disk) and `rate_limit` = the key's budget / the
+    number of such machines. Two Ray tasks pinned to the two nodes, each with its own limiter folder
+    (as on two machines) and half of a 6/s budget, search the fake esearch: each node's requests
+    are spaced by its share, so together they never exceed the budget."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from deepretrieval.controller.ray_utils import init_ray, shutdown_ray
+    from deepretrieval.search.fakes import FakePubMedServer
+
+    budget, per_node_requests = 6.0, 7
+    nodes = [cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]
+    started = init_ray(address=cluster.address, node_ip_address="127.0.0.1")
+    try:
+        @ray.remote(num_cpus=1)
+        def search_from_node(url, rate, state_dir, tag, n):
+            from deepretrieval.search.pubmed import PubMedSearchEngine
+
+            engine = PubMedSearchEngine(base_url=url, cache=False, rate_limit=rate, ratelimit_dir=state_dir,
+                                        max_retries=0)
+            for i in range(n):
+                engine.search(f"{tag} q{i}", k=5)
+            return ray.get_runtime_context().get_node_id()
+
+        with FakePubMedServer() as server:
+            refs = [search_from_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                    .remote(server.url, budget / len(nodes), str(tmp_path / f"limiter_{i}"), f"node{i}",
+                            per_node_requests) for i, node in enumerate(nodes)]
+            assert ray.get(refs, timeout=300) == nodes
+            requests = list(server.requests)
+    finally:
+        shutdown_ray(started)
+    assert len(requests) == per_node_requests * len(nodes)
+    for i in range(len(nodes)):
+        times = sorted(r.time for r in requests if r.params.get("term", "").startswith(f"node{i} "))
+        assert len(times) == per_node_requests
+        # n sends spaced by at least 1 / (budget / nodes): a lower bound, so load can only widen it
+        assert times[-1] - times[0] >= (per_node_requests - 1) / (budget / len(nodes)) * 0.98, times
