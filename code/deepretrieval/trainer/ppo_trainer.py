@@ -242,6 +242,8 @@ class PPOTrainer:
 
             self._ray_started = init_ray(address=t.ray_init.address, num_cpus=t.ray_init.num_cpus,
                                          node_ip_address=t.ray_init.get("node_ip_address")) or self._ray_started
+            if _SIGTERM["wanted"]:
+                install_sigterm_handler()  # over the handler ray.init put in place
             self._pool = ResourcePool([int(t.n_gpus_per_node)] * int(t.nnodes), use_gpu=self.device == "cuda",
                                       max_colocate_count=2 if self.use_critic else 1, name_prefix="ppo")
             self._pool.create(timeout_s=start_timeout)
@@ -605,12 +607,19 @@ def _as_list(value: Any) -> List[Any]:
     return list(value)
 
 
+_SIGTERM = {"wanted": False}
+
+
 def install_sigterm_handler() -> None:
-    """SIGTERM (e.g. from a scheduler) ends the run like Ctrl-C, so workers are cleaned up."""
+    """SIGTERM (e.g. from a scheduler) ends the run like Ctrl-C, so workers are cleaned up.
+
+    `ray.init` installs Ray's own fatal-signal handler, which aborts the process on SIGTERM
+    (exit by SIGABRT, no cleanup); the trainer therefore installs this one again after Ray is up."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
+    _SIGTERM["wanted"] = True
     try:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
