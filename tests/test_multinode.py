@@ -73,7 +73,7 @@ def _run(assets, out, address, monkeypatch, **extra):
     return seen
 
 
-@pytest.mark.slow  # 112 s on the shared 2-core machine (two trainer runs on a 2-node cluster)
+@pytest.mark.slow  # 65-112 s on the shared 2-core machine (two trainer runs on a 2-node cluster)
 def test_two_nodes_match_one_node(cluster, assets, tmp_path, monkeypatch):
     head = cluster.head_node.node_id
     second = next(n.node_id for n in cluster.worker_nodes)
@@ -114,7 +114,7 @@ def test_two_nodes_match_one_node(cluster, assets, tmp_path, monkeypatch):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.mark.slow  # ~30 s with the cluster up
+@pytest.mark.slow  # 6 s once the cluster is up (it takes ~10 s to start)
 def test_per_node_search_budget_on_two_nodes(cluster, tmp_path):
     """The documented multi-node rate-limit setup (docs/scaling.md): every machine that searches
     with one key gets its own limiter state (its own disk) and `rate_limit` = the key's budget / the

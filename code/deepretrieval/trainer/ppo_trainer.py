@@ -314,12 +314,15 @@ class PPOTrainer:
         logger.info("saved checkpoint %s", final)
         return final
 
-    def load_checkpoint(self) -> Optional[Path]:
+    def load_checkpoint(self, path: Optional[Path] = None) -> Optional[Path]:
+        """Load `path`, or the checkpoint `trainer.resume_mode` names (None: nothing loaded)."""
         t = self.config.trainer
         self.ckpt.clean_stale()
-        path = self.ckpt.resolve_resume(str(t.resume_mode), t.resume_from_path)
+        if path is None:
+            path = self.ckpt.resolve_resume(str(t.resume_mode), t.resume_from_path)
         if path is None:
             return None
+        self._resumed_from = path
         logger.info("resuming from %s", path)
         self.actor_wg.load_checkpoint(str(path / "actor"))
         if self.critic_wg is not None:
@@ -543,18 +546,22 @@ class PPOTrainer:
         initial weights again)."""
         self.shutdown_workers()
         self.init_workers()
-        if self.load_checkpoint() is None:
+        # this run's newest complete checkpoint; else the one it started from (resume_mode=<path>)
+        path = self.ckpt.latest() or self._resumed_from
+        if path is not None and int(load_trainer_state(path)["global_step"]) < int(start_state["global_step"]):
+            path = self._resumed_from
+        if path is not None:
+            self.load_checkpoint(path)
+        else:
             self.global_step = int(start_state["global_step"])
             self.loader.load_state_dict(start_state["loader"])
             self.kl_ctrl.load_state_dict(start_state["kl_ctrl"])
             set_rng_state(start_state["rng"])
-            if self.global_step:
-                raise RunFailed(f"cannot restart: no complete checkpoint, and this run started at step {self.global_step} "
-                                "from one that is gone")
         logger.info("resumed at step %d after a worker failure", self.global_step)
 
     _running_step = 0
     _phase = "start"
+    _resumed_from: Optional[Path] = None
 
     def _train(self, last: Dict[str, float], restarts: int) -> Dict[str, float]:
         from tqdm import tqdm
