@@ -266,3 +266,23 @@ def test_search_down_for_k_steps_in_a_row_stops_the_run(assets, tmp_path, monkey
     assert len(err) == 1 and "2 steps in a row (up to step 3)" in err[0], err
     steps, _ = read_metrics(out, prefixes=("train/",))
     assert sorted(steps) == [1, 2, 3]  # stopped after the second skipped step, not at step 10
+
+
+@pytest.mark.parametrize("key,value,ok", [
+    ("trainer.max_restarts", 0, True), ("trainer.max_restarts", 3, True), ("trainer.max_restarts", -1, False),
+    ("trainer.max_restarts", True, False), ("trainer.max_restarts", "2", False),
+    ("trainer.max_consecutive_skipped_steps", None, True), ("trainer.max_consecutive_skipped_steps", 1, True),
+    ("trainer.max_consecutive_skipped_steps", 0, False),
+])
+def test_fault_keys_are_checked(key, value, ok):
+    from omegaconf import OmegaConf
+
+    from deepretrieval.trainer.config import ConfigError, _check_fault_keys, default_config
+
+    cfg = default_config()
+    OmegaConf.update(cfg, key, value)
+    if ok:
+        _check_fault_keys(cfg)
+    else:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            _check_fault_keys(cfg)
