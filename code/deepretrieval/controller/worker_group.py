@@ -24,6 +24,9 @@ from deepretrieval.controller.resource_pool import ResourcePool
 
 logger = logging.getLogger(__name__)
 
+# after a rank raised: how long to wait for the others to show whether one of them died
+DEATH_GRACE_S = 10.0
+
 
 class Worker:
     """Base class of worker roles: knows its rank and sets up torch.distributed."""
@@ -223,7 +226,11 @@ class RayWorkerGroup(_GroupBase):
         except WorkerFailed as exc:
             rank = getattr(exc, "index", None)
             if not isinstance(exc, WorkerDied):
-                raise  # the worker raised: its process lives on
+                # a rank raised; when a peer died, the survivors' collectives fail first ("connection
+                # reset by peer"), so look for a dead rank before blaming the exception
+                rank = self._dead_rank(refs, DEATH_GRACE_S)
+                if rank is None:
+                    raise  # the worker raised: its process lives on
             # a dead process: its peers may be blocked in a collective waiting for it, so the
             # whole group goes; the error names the rank, pid and node
             info = self.worker_info[rank] if rank is not None and rank < len(self.worker_info) else {}
@@ -235,6 +242,33 @@ class RayWorkerGroup(_GroupBase):
             # a timeout or Ctrl-C leaves the other ranks inside a collective: they cannot be reused
             self.shutdown()
             raise
+
+    @staticmethod
+    def _dead_rank(refs: List[Any], grace_s: float) -> Optional[int]:
+        """The rank whose call ended because its process died, waiting at most `grace_s` for the
+        calls still running to end; None when every ended call ended some other way."""
+        import time
+
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + grace_s
+        pending = list(range(len(refs)))
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready, _ = ray.wait([refs[i] for i in pending], num_returns=len(pending),
+                                timeout=max(0.0, min(1.0, remaining)), fetch_local=False)
+            for i in [i for i in pending if refs[i] in ready]:
+                pending.remove(i)
+                try:
+                    ray.get(refs[i], timeout=5)
+                except RayActorError:
+                    return i
+                except Exception:
+                    pass
+            if remaining <= 0:
+                return None
+        return None
 
     def shutdown(self) -> None:
         kill_actors(self.actors)
