@@ -73,7 +73,7 @@ def run_scenario(name: str, tmp: Path) -> dict:
         return out
     if name == "endless_paging":
         ids = [f"NCT{i:08d}" for i in range(5000)]
-        with fakes.FakeCTGovServer(answers={"q": ids}, stuck_paging=True) as server:
+        with fakes.FakeCTGovServer(answers={"q": ids}, stuck_paging="page") as server:
             engine = CTGovSearchEngine(base_url=server.url, cache=False, rate_limit=0, page_size=100,
                                        ratelimit_dir=tmp / "rl")
             box = {}

@@ -10,8 +10,8 @@ Answer: `{"studies": [{"protocolSection": {"identificationModule": {"nctId": ...
 "nextPageToken": ..., "totalCount": N}`; paging stops at k ids or when no token remains.
 
 Paging must advance: a `nextPageToken` seen before, a page that brings no new id, or more
-than `ceil(k / pageSize) + PAGE_SLACK` pages is a broken service (`http.PagingError`, a
-`SearchUnavailable`), never a short result. A page that lists no study but still hands out
+than `ceil(k / n1) + PAGE_SLACK` pages (n1: the first page's length, so at most k + 2) is a
+broken service (`http.PagingError`, a `SearchUnavailable`), never a short result. A page that lists no study but still hands out
 a token, or a first page with `totalCount > 0` and no study, contradicts itself: retried
 like any transient fault.
 
@@ -59,7 +59,7 @@ DEFAULT_URL = "https://clinicaltrials.gov/api/v2/"
 URL_ENV = "DEEPRETRIEVAL_CTGOV_URL"
 DEFAULT_RATE = 1.0
 MAX_PAGE_SIZE = 1000
-PAGE_SLACK = 2  # pages allowed beyond ceil(k / pageSize), for pages a little short of pageSize
+PAGE_SLACK = 2  # pages allowed beyond ceil(k / first page's length), for later pages a little short
 QUERY_FAULT_PATTERN = re.compile(r"error\s+parsing\s+query|syntax\s+error", re.IGNORECASE)
 
 
@@ -179,7 +179,7 @@ class CTGovSearchEngine(LiveSearchEngine, SearchEngine):
         total: Optional[int] = None
         token: Optional[str] = None
         tokens_seen = set()
-        max_pages = math.ceil(k / page_size) + PAGE_SLACK
+        max_pages = math.ceil(k / page_size) + PAGE_SLACK  # revised by the first page's length
         pages = 0
         while len(ids) < k:
             if pages >= max_pages:
@@ -195,6 +195,8 @@ class CTGovSearchEngine(LiveSearchEngine, SearchEngine):
             pages += 1
             if total is None:
                 total = page["total"]
+                # A mirror may cap pageSize below what was asked: size the bound by what came.
+                max_pages = math.ceil(k / max(len(page["ids"]), 1)) + PAGE_SLACK
             before = len(ids)
             for nct in page["ids"]:
                 if nct not in seen:

@@ -20,8 +20,10 @@ answer, its first `size` bytes one every `seconds`, then the rest; `size=0`: all
 `huge` (the answer padded to about `size` bytes; `declare_length=False` sends no
 Content-Length and closes the connection to end the body), `empty_ids` (HTTP 200 claiming
 hits but listing none: esearch `count>0` with an empty `idlist`, a /studies page with
-`totalCount>0`, no studies and a `nextPageToken`). `FakeCTGovServer(stuck_paging=True)`
-answers every page with the first page and the same `nextPageToken`.
+`totalCount>0`, no studies and a `nextPageToken`). `FakeCTGovServer(stuck_paging="page")`
+answers every page with the first page and the same `nextPageToken`; `stuck_paging="token"`
+serves the asked page but always hands out the first `nextPageToken`; `page_cap=n` serves
+at most n studies per page whatever `pageSize` asks (as a mirror with a lower cap would).
 
     with FakePubMedServer(latency=0.15, rate_limit=10) as server:
         engine = PubMedSearchEngine(base_url=server.url, cache=False)
@@ -441,11 +443,15 @@ class FakeCTGovServer(_FakeService):
         latency: float = 0.0,
         rate_limit: Optional[float] = None,
         retry_after: Union[int, float, str] = 1,
-        stuck_paging: bool = False,
+        stuck_paging: Optional[str] = None,
+        page_cap: Optional[int] = None,
     ):
         super().__init__(latency, rate_limit, retry_after)
         self.answers = dict(answers or {})
+        if stuck_paging not in (None, "page", "token"):
+            raise ValueError(f"stuck_paging must be None, 'page' or 'token', got {stuck_paging!r}")
         self.stuck_paging = stuck_paging
+        self.page_cap = page_cap
 
     @property
     def url(self) -> str:
@@ -497,14 +503,16 @@ class FakeCTGovServer(_FakeService):
                 return 400, "Parameter `pageToken` has incorrect format", "text/plain"
             if tag != hashlib.sha1(term.encode()).hexdigest()[:8]:
                 return 400, "Parameter `pageToken` does not match the query", "text/plain"
-        if self.stuck_paging:
+        if self.page_cap is not None:
+            size = min(size, self.page_cap)
+        if self.stuck_paging == "page":
             offset = 0  # a broken server: page one and the same token, whatever was asked
         page = ids[offset: offset + size]
         body: Dict[str, Any] = {
             "studies": [{"protocolSection": {"identificationModule": {"nctId": n}}} for n in page]
         }
         if offset + size < len(ids):
-            body["nextPageToken"] = self._token(term, size if self.stuck_paging else offset + size)
+            body["nextPageToken"] = self._token(term, size if self.stuck_paging else offset + size)  # stuck: page 2
         if params.get("countTotal", "").lower() == "true":
             body["totalCount"] = len(ids)
         return 200, json.dumps(body), "application/json"
