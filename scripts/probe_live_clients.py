@@ -28,7 +28,7 @@ from pathlib import Path
 FAKES = Path(__file__).resolve().parents[1] / "code" / "deepretrieval" / "search" / "fakes.py"
 KEY = "probe-key-123456"
 SCENARIOS = ("redirect_get", "redirect_post", "endless_paging", "empty_ids", "drip", "stall",
-             "retry_after", "huge", "short_key")
+             "retry_after", "huge", "huge_undeclared", "short_key")
 
 
 def _fakes():
@@ -128,9 +128,9 @@ def run_scenario(name: str, tmp: Path) -> dict:
             out["log"] = [r for r in records if "Retry-After" in r or "pause" in r][:3]
             out["stats"] = {k: v for k, v in engine.stats().items() if "retry_after" in k or "rate" in k}
         return out
-    if name == "huge":
+    if name in ("huge", "huge_undeclared"):
         with fakes.FakePubMedServer() as server:
-            server.inject(fakes.Fault("huge", size=50_000_000))
+            server.inject(fakes.Fault("huge", size=50_000_000, declare_length=name == "huge"))
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             out = _outcome(lambda: pubmed(server).search("asthma", k=10))
             out["peak_rss_growth_mb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1)

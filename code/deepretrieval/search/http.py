@@ -466,10 +466,14 @@ class HttpClient:
     ) -> T:
         deadline = deadline if deadline is not None else self.new_deadline()
         attempts = self.policy.max_retries + 1
-        last = "no attempt made"
+        last = ""
+
+        def so_far(detail: str) -> str:
+            return f"{detail}; last error: {last}" if last else detail
+
         for attempt in range(attempts):
             if self.limiter.acquire(latest=deadline.wall_end()) is None:
-                raise self._deadline_error(deadline, what, f"the rate-limit queue reaches past it; last: {last}")
+                raise self._deadline_error(deadline, what, so_far("the rate-limit queue reaches past it"))
             self._count("requests")
             retry_after = None
             try:
@@ -488,7 +492,7 @@ class HttpClient:
                 finally:
                     response.close()
             except _OutOfTime as exc:
-                raise self._deadline_error(deadline, what, f"{exc}; last: {last}") from None
+                raise self._deadline_error(deadline, what, so_far(str(exc))) from None
             except SearchEngineError as exc:
                 # Final classification by the engine; make sure no secret leaks through it.
                 for index, arg in enumerate(exc.args):
@@ -504,12 +508,12 @@ class HttpClient:
             except requests.RequestException as exc:
                 last = f"{type(exc).__name__}: {redact(exc, self._secrets)}"
             if deadline.expired:
-                raise self._deadline_error(deadline, what, f"after {attempt + 1} attempt(s); last: {last}")
+                raise self._deadline_error(deadline, what, f"after {attempt + 1} attempt(s); last error: {last}")
             if attempt + 1 < attempts:
                 wait = self.policy.delay(attempt, retry_after)
                 if wait >= deadline.remaining():
                     raise self._deadline_error(
-                        deadline, what, f"a {wait:.1f}s wait before retry {attempt + 1} would pass it; last: {last}"
+                        deadline, what, f"a {wait:.1f}s wait before retry {attempt + 1} would pass it; last error: {last}"
                     )
                 self._count("retries")
                 logger.info(
