@@ -295,6 +295,15 @@ def test_undeclared_oversized_answer_stops_at_the_cap(server, make):
     assert make(server, max_response_bytes=1_000_000).search("asthma", k=5).ids == IDS[:5]
 
 
+def test_gzip_chunked_answers_are_read_and_capped_after_decompression(server, make):
+    server.inject(Fault("gzip"), Fault("gzip", size=20_000_000))
+    engine = make(server, max_response_bytes=1_000_000)
+    assert engine.search("asthma", k=5).ids == IDS[:5]  # compressed, chunked: read as usual
+    result = engine.try_search("asthma", k=6)  # ~20 kB on the wire, 20 MB once decompressed
+    assert result.error["type"] == "search_unavailable" and "1,000,000-byte cap" in result.error["message"]
+    assert engine.search("asthma", k=6).ids == IDS[:6]
+
+
 def test_connections_are_reused_after_a_streamed_read(server, make):
     engine = make(server)
     adapter = engine.http.session.get_adapter(server.url)

@@ -20,7 +20,9 @@ answer, its first `size` bytes one every `seconds`, then the rest; `size=0`: all
 `huge` (the answer padded to about `size` bytes; `declare_length=False` sends no
 Content-Length and closes the connection to end the body), `empty_ids` (HTTP 200 claiming
 hits but listing none: esearch `count>0` with an empty `idlist`, a /studies page with
-`totalCount>0`, no studies and a `nextPageToken`). `FakeCTGovServer(stuck_paging="page")`
+`totalCount>0`, no studies and a `nextPageToken`), `gzip` (the answer, padded to `size`
+bytes if given, gzip-compressed and sent in chunks: a well-formed answer, or with a large
+`size` a decompression bomb). `FakeCTGovServer(stuck_paging="page")`
 answers every page with the first page and the same `nextPageToken`; `stuck_paging="token"`
 serves the asked page but always hands out the first `nextPageToken`; `page_cap=n` serves
 at most n studies per page whatever `pageSize` asks (as a mirror with a lower cap would).
@@ -32,6 +34,7 @@ at most n studies per page whatever `pageSize` asks (as a mirror with a lower ca
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import socket
@@ -295,6 +298,22 @@ class _FakeService:
         if fault.kind == "huge":
             _, body, ctype = self._answer(handler, params)
             return self._huge(handler, body, fault)
+        if fault.kind == "gzip":
+            _, body, ctype = self._answer(handler, params)
+            if fault.size > len(body):
+                body = '{"pad":"' + "x" * (fault.size - len(body) - 10) + '",' + body.lstrip()[1:]
+            data = gzip.compress(body.encode("utf-8"))
+            handler.send_response(200)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Content-Encoding", "gzip")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            for start in range(0, len(data), 4096):
+                part = data[start:start + 4096]
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+            return 200
         if fault.kind == "empty_ids":
             handler.send_body(200, self._empty_ids_body(params))
             return 200

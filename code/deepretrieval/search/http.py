@@ -476,6 +476,7 @@ class HttpClient:
                 raise self._deadline_error(deadline, what, so_far("the rate-limit queue reaches past it"))
             self._count("requests")
             retry_after = None
+            read_timeout = min(self.timeout, max(deadline.remaining(), 0.0))
             try:
                 response = self._send(method, url, params, data, deadline, what)
                 try:
@@ -504,7 +505,7 @@ class HttpClient:
                 if exc.reason:
                     self._count(exc.reason)
             except requests.Timeout as exc:
-                last = f"timeout after {min(self.timeout, max(deadline.remaining(), 0)):g}s ({type(exc).__name__})"
+                last = f"timeout after {read_timeout:.3g}s ({type(exc).__name__})"
             except requests.RequestException as exc:
                 last = f"{type(exc).__name__}: {redact(exc, self._secrets)}"
             if deadline.expired:
