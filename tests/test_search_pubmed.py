@@ -452,3 +452,17 @@ def test_parse_esearch_consistency():
     assert parse_esearch(payload(0, []), "q", retstart=0, retmax=10)["ids"] == []  # a real zero
     assert parse_esearch(payload(20, []), "q", retstart=20, retmax=10)["ids"] == []  # past the end
     assert parse_esearch(payload(5, ["1"]), "q", retstart=0, retmax=10)["count"] == 5
+
+
+def test_page_of_repeated_ids_is_a_paging_error(server, make, monkeypatch):
+    engine = make(server, page_size=10)
+    calls = []
+
+    def same_page(params, query, deadline):  # a server ignoring retstart
+        calls.append(params["retstart"])
+        return {"count": 250, "ids": IDS[:10], "translation": None, "warnings": []}
+
+    monkeypatch.setattr(engine, "_request", same_page)
+    with pytest.raises(SearchUnavailable, match="retstart 10 repeated ids already seen"):
+        engine.search("asthma", k=50)
+    assert calls == ["0", "10"]

@@ -5,7 +5,8 @@ when the encoded request would exceed `post_threshold` characters), so a generat
 such as `x&retmax=1&db=pmc` is searched as text and cannot change any other parameter.
 Paging: `retstart`/`retmax` pages of `page_size` until k ids, the end of the result list,
 or PubMed's ceiling: esearch on PubMed returns only the first 9,999 records, so k above
-that is clamped and the result carries a warning saying so.
+that is clamped and the result carries a warning saying so. A later page made only of ids
+already seen (a server ignoring `retstart`) is a broken service: `http.PagingError`.
 
 Dates: `min_date` / `max_date` ("YYYY", "YYYY/MM" or "YYYY/MM/DD") filter on publication
 date (`datetype=pdat`). NCBI needs both bounds; a missing one is filled with
@@ -55,6 +56,7 @@ from deepretrieval.search.http import (
     Deadline,
     HttpClient,
     LiveSearchEngine,
+    PagingError,
     RetryPolicy,
     Secret,
     TransientError,
@@ -284,10 +286,13 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
                 total, translation = page["count"], page["translation"]
                 warnings.extend(page["warnings"])
                 first = False
+            before = len(ids)
             for pmid in page["ids"]:
                 if pmid not in seen:  # the set can shift between pages while PubMed updates
                     seen.add(pmid)
                     ids.append(pmid)
+            if retstart > 0 and page["ids"] and len(ids) == before:
+                raise PagingError(f"PubMed esearch page at retstart {retstart} repeated ids already seen (no new record)")
             retstart += len(page["ids"])
             if len(page["ids"]) < retmax or retstart >= page["count"]:
                 break
