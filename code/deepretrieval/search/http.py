@@ -143,7 +143,8 @@ def register_secret(secret: Optional[str]) -> None:
 
     Process-wide, so only strings of at least `MIN_SECRET_LEN` characters are registered
     (NCBI keys are 36): a one-letter test key would otherwise blank that letter in every
-    log line. Shorter secrets are still redacted from the owning client's own errors.
+    log line. Shorter secrets are still redacted from the owning client's own errors, and
+    every log line loses the value of its `api_key=` parameters whatever their length.
     """
     if not secret or len(secret) < MIN_SECRET_LEN:
         return
