@@ -156,6 +156,18 @@ def test_dripping_server_is_cut_at_the_deadline(server, make):
     assert engine.stats()["http_deadline_exceeded"] == 1
 
 
+def test_server_dripping_its_headers_is_cut_at_the_deadline(server, make):
+    server.inject(Fault("drip_headers", seconds=0.1))  # ~300 header bytes: ~30 s, each byte well within timeout
+    engine = make(server, timeout=30.0, deadline=2.0)
+    start = time.perf_counter()
+    with pytest.raises(DeadlineExceeded, match="waiting for the answer's headers"):
+        engine.search("asthma", k=10)
+    assert 1.9 <= time.perf_counter() - start < 8.0
+    assert len(server.requests) == 1
+    server.inject(Fault("drip_headers", seconds=0.001))
+    assert engine.search("asthma", k=10).ids == IDS[:10]  # well-formed, only slow: read whole
+
+
 def test_stalling_server_is_cut_at_the_deadline(server, make):
     server.inject(*[Fault("timeout", seconds=20.0)] * 6)  # each attempt would wait the 30 s read timeout
     engine = make(server, timeout=30.0, max_retries=5, deadline=2.0)

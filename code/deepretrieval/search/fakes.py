@@ -17,6 +17,7 @@ with a matching Content-Length), `short_read` (Content-Length promises more than
 `reset` (close the socket without answering), `redirect` (HTTP `status` 3xx to
 `location` + the request's own path and query, as a load balancer would), `drip` (the
 answer, its first `size` bytes one every `seconds`, then the rest; `size=0`: all of it),
+`drip_headers` (the status line and headers one byte every `seconds`, then the answer),
 `huge` (the answer padded to about `size` bytes; `declare_length=False` sends no
 Content-Length and closes the connection to end the body), `empty_ids` (HTTP 200 claiming
 hits but listing none: esearch `count>0` with an empty `idlist`, a /studies page with
@@ -292,6 +293,21 @@ class _FakeService:
             handler.send_body(fault.status if 300 <= fault.status < 400 else 302, "", content_type="text/plain",
                               headers={"Location": target})
             return fault.status
+        if fault.kind == "drip_headers":
+            _, body, ctype = self._answer(handler, params)
+            data = body.encode("utf-8")
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nX-Padding: {'p' * 200}\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n").encode("ascii")
+            try:
+                for index in range(len(head)):
+                    time.sleep(fault.seconds)
+                    handler.wfile.write(head[index:index + 1])
+                    handler.wfile.flush()
+                handler.wfile.write(data)
+                handler.wfile.flush()
+            except OSError:
+                handler.close_connection = True  # the client gave up
+            return 200
         if fault.kind == "drip":
             _, body, ctype = self._answer(handler, params)
             return self._drip(handler, body.encode("utf-8"), ctype, fault)

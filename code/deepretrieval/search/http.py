@@ -15,10 +15,10 @@ empty result.
 Bounds (each failure is a `SearchUnavailable` subclass whose `reason` names it; `kind` stays
 "search_unavailable", so the reward leaves the sample out instead of penalising it):
   * `Deadline`: one total budget per search (`deadline_s`, default `DEFAULT_DEADLINE_S`),
-    across pages, retries, backoff sleeps and rate-limit waits. Every socket read waits at
-    most what is left of it, so a server that stalls or drips a byte at a time cannot hold a
-    search past it (reason "deadline"). Not covered: a server dripping the *headers* of an
-    answer (each header read is bounded, their number is not); the per-read timeout remains.
+    across pages, retries, backoff sleeps and rate-limit waits. Every socket read of a body
+    waits at most what is left of it, and a timer (`_Watch`) shuts the connection down if
+    the status line and headers have not all arrived by then, so a server that stalls or
+    drips a byte at a time cannot hold a search past it (reason "deadline").
   * `Retry-After` (seconds or an HTTP date) is capped at `retry_after_max` (default
     `ratelimit.RETRY_AFTER_MAX_S`) for this caller's sleep *and* for the shared limiter; a
     pause the deadline cannot afford fails the search at once. Every server-requested pause
@@ -316,7 +316,7 @@ class HttpClient:
         _install_log_filter()  # parameter-name redaction applies whatever the key's length
         self.session = session or requests.Session()
         if session is None:
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+            adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
             self.session.mount("http://", adapter)
             self.session.mount("https://", adapter)
         if user_agent:
@@ -396,8 +396,22 @@ class HttpClient:
             if remaining <= 0:
                 raise _OutOfTime("before sending")
             wait = min(self.timeout, remaining)
-            response = self.session.request(method, url, params=params, data=data, timeout=(wait, wait),
-                                            allow_redirects=False, stream=True)
+            # Each socket read of the status line and headers waits at most `wait`; the watch
+            # cuts the connection when the deadline passes however many reads there are.
+            watch = _Watch(remaining) if math.isfinite(remaining) else None
+            try:
+                response = self.session.request(method, url, params=params, data=data, timeout=(wait, wait),
+                                                allow_redirects=False, stream=True)
+            except requests.RequestException:
+                if watch is not None and watch.fired:
+                    raise _OutOfTime("waiting for the answer's headers") from None
+                raise
+            finally:
+                if watch is not None:
+                    watch.stop()
+            if watch is not None and watch.fired:  # cut mid-headers: what came is not an answer
+                response.close()
+                raise _OutOfTime("waiting for the answer's headers")
             if response.status_code in REDIRECT_STATUS and response.headers.get("Location"):
                 try:
                     url = self._redirect_target(origin, response, what)
@@ -535,6 +549,75 @@ class HttpClient:
 
 class _OutOfTime(Exception):
     """Internal: the deadline ran out inside an attempt (becomes `DeadlineExceeded`)."""
+
+
+_WATCHING = threading.local()
+
+
+class _Watch:
+    """Shuts down the socket of the connection this thread takes from the pool (see
+    `_WatchedPool`) if `seconds` pass before `stop()`: a server sending its headers a byte
+    at a time would otherwise hold the request past the deadline, one bounded read at a time."""
+
+    def __init__(self, seconds: float):
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._active = True
+        self.fired = False
+        _WATCHING.current = self
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def attach(self, conn: Any) -> None:
+        with self._lock:
+            self._conn = conn
+
+    def _fire(self) -> None:
+        with self._lock:
+            sock = getattr(self._conn, "sock", None)
+            if not self._active or sock is None:
+                return
+            self.fired = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        with self._lock:
+            self._active = False
+            self._conn = None
+        self._timer.cancel()
+        if getattr(_WATCHING, "current", None) is self:
+            _WATCHING.current = None
+
+
+class _WatchedPool:
+    """Connection-pool mixin: hands the connection it gives out to this thread's `_Watch`."""
+
+    def _get_conn(self, timeout: Optional[float] = None):
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        watch = getattr(_WATCHING, "current", None)
+        if watch is not None:
+            watch.attach(conn)
+        return conn
+
+
+class _WatchedHTTPPool(_WatchedPool, urllib3.HTTPConnectionPool):
+    pass
+
+
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    pass
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """`HTTPAdapter` whose pools report their connections to `_Watch` (no other change)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
 
 def _default_port(scheme: Optional[str]) -> int:
