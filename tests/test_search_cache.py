@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepretrieval.search.base import SearchResult, SearchUnavailable
-from deepretrieval.search.cache import SearchCache, cache_key, normalize_query, resolve_cache
+from deepretrieval.search.cache import DEFAULT_TTL_S, SearchCache, cache_key, normalize_query, resolve_cache
 from deepretrieval.search.fakes import FakeCTGovServer, FakePubMedServer, Fault
 from deepretrieval.search.pubmed import PubMedSearchEngine
 from deepretrieval.search.ctgov import CTGovSearchEngine
@@ -190,3 +190,55 @@ def test_engines_use_the_cache(tmp_path):
         ct.search("asthma AND copd", k=20, max_date="2010")
         assert ct.search("asthma AND copd", k=20, max_date="2010").cached  # not confused with PubMed's entry
         assert len(srv.requests) == 1
+
+
+# -- expiry (issue #19) -------------------------------------------------------------------------
+class Clock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_default_expiry_and_fake_clock(tmp_path):
+    clock = Clock()
+    cache = SearchCache(tmp_path / "c.sqlite", clock=clock)
+    assert cache.ttl == DEFAULT_TTL_S == 7 * 24 * 3600
+    cache.put("a", result(["1"]))
+    clock.now += DEFAULT_TTL_S
+    assert cache.get("a").ids == ["1"]  # exactly ttl old: still fresh
+    clock.now += 1
+    assert cache.get("a") is None
+    cache.put("a", result(["2"]))  # re-fetched and overwritten
+    assert cache.get("a").ids == ["2"]
+    clock.now -= 3600  # the clock stepped back an hour: the entry is "from the future"
+    assert cache.get("a") is None
+    forever = SearchCache(tmp_path / "f.sqlite", ttl=float("inf"), clock=clock)
+    forever.put("b", result(["3"]))
+    clock.now += 1e9
+    assert forever.get("b").ids == ["3"]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="ttl"):
+            SearchCache(tmp_path / "x.sqlite", ttl=bad)
+
+
+def test_engine_refetches_expired_entries(tmp_path):
+    clock = Clock()
+    cache = SearchCache(tmp_path / "c.sqlite", ttl=60, clock=clock)
+    with FakePubMedServer() as srv:
+        engine = PubMedSearchEngine(base_url=srv.url, cache=cache, rate_limit=0, ratelimit_dir=tmp_path)
+        assert not engine.search("asthma", k=5).cached
+        assert engine.search("asthma", k=5).cached and len(srv.requests) == 1
+        clock.now += 61
+        again = engine.search("asthma", k=5)
+        assert not again.cached and len(srv.requests) == 2
+        assert engine.search("asthma", k=5).cached and len(srv.requests) == 2  # refreshed entry
+        assert engine.config()["cache_ttl"] == 60
+
+
+def test_self_contradicting_result_is_not_stored(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    cache.put("glitch", SearchResult(ids=[], total=125, engine="pubmed", query="q", k=10))
+    cache.put("zero", SearchResult(ids=[], total=0, engine="pubmed", query="q", k=10))
+    assert cache.get("glitch") is None and cache.get("zero").ids == [] and len(cache) == 1

@@ -14,6 +14,8 @@ Metrics (for the whole batch as `reward/<name>`, and per data source as `reward/
   query_len_mean (characters), unique_query_ratio            over samples with a parsed query
   search_cache_hit_ratio (engine cache hits / searches run), searches, search_time_s (wall time
   of the search phase), search_time_mean_s (per search)
+  engine/<source>/<counter>   the engine's own cumulative `stats()` (live engines: HTTP retries,
+                              server-requested pauses `http_retry_after[_s]`, deadlines, ...)
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class RewardManager:
         self.num_examine = num_examine
         self.last_results: List[Dict[str, Any]] = []
         self.last_search_stats: Dict[str, float] = {}
+        self.last_engine_stats: Dict[str, float] = {}
 
     # ------------------------------------------------------------ scoring texts
 
@@ -132,6 +135,7 @@ class RewardManager:
         for key, sample in jobs.items():
             by_engine[key[0]].append((key, sample))
         outcomes: Dict[Tuple, SearchOutcome] = {}
+        used: Dict[str, Any] = {}
         pools = []
         futures = []
         for engine_jobs in by_engine.values():
@@ -144,6 +148,7 @@ class RewardManager:
                 for key, _ in engine_jobs:
                     outcomes[key] = SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, f"engine: {exc}")
                 continue
+            used[first.source.name] = engine
             workers = self._workers_for(first, len(engine_jobs))
             if workers == 1:
                 for key, sample in engine_jobs:
@@ -156,6 +161,8 @@ class RewardManager:
             outcomes[key] = future.result()
         for pool in pools:
             pool.shutdown(wait=True)
+        self.last_engine_stats = {f"engine/{name}/{k}": float(v) for name, engine in used.items()
+                                  if callable(getattr(engine, "stats", None)) for k, v in engine.stats().items()}
         return outcomes
 
     def score_texts(
@@ -190,6 +197,7 @@ class RewardManager:
             "search_time_mean_s": float(np.mean([o.elapsed_s for o in run])) if run else 0.0,
             "search_cache_hit_ratio": _ratio([o.cached for o in run]),
         }
+        self.last_search_stats.update(self.last_engine_stats)
         self.last_results = results
         return results
 

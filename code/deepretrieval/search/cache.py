@@ -7,7 +7,14 @@ wait on `busy_timeout`). An entry is keyed by a SHA-256 of the canonical JSON of
 
 where the query is normalised by collapsing runs of white space (case is kept: PubMed
 needs upper-case Boolean operators). Credentials are never part of a key. Only successful
-results are stored: a service failure must be retried later, not replayed.
+results are stored: a service failure must be retried later, not replayed; so is a result
+that contradicts itself (`total > 0` with no id), which only a glitch produces.
+
+Expiry: an entry older than `ttl` seconds is a miss, re-fetched and overwritten by the
+engine. Default `DEFAULT_TTL_S` (7 days: live indexes change daily, and a bad entry must
+not outlive a week of training); `ttl=math.inf` keeps entries for ever. Engines take it as
+`cache_ttl=`. Age is measured on the wall clock (`clock`, for tests); an entry stamped
+more than five minutes in the future (the clock stepped back) is treated as expired too.
 
 Failure policy: a cache never stops a run. A file that SQLite cannot read as a database is
 moved aside (`<name>.corrupt-<time>`) and rebuilt, with a warning; if even that fails the
@@ -25,13 +32,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from deepretrieval.search.base import SearchResult
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+DEFAULT_TTL_S = 7 * 24 * 3600.0
+_FUTURE_SLACK_S = 300.0  # stamps this far ahead of the clock are from a clock that stepped back
 _WS = re.compile(r"\s+")
 
 
@@ -57,13 +66,18 @@ def cache_key(engine: str, base_url: str, query: str, k: int, filters: Optional[
 class SearchCache:
     """`get(key) -> SearchResult | None`, `put(key, result)`; counters in `stats()`.
 
-    `ttl` (seconds) makes older entries misses. Safe to share between threads; each thread
-    (and each forked process) opens its own SQLite connection.
+    `ttl` (seconds; None: `DEFAULT_TTL_S`; `math.inf`: never) makes older entries misses.
+    Safe to share between threads; each thread (and each forked process) opens its own
+    SQLite connection.
     """
 
-    def __init__(self, path: Optional[Union[str, Path]] = None, ttl: Optional[float] = None, timeout: float = 30.0):
+    def __init__(self, path: Optional[Union[str, Path]] = None, ttl: Optional[float] = None, timeout: float = 30.0,
+                 clock: Callable[[], float] = time.time):
         self.path = Path(path).expanduser() if path is not None else default_cache_path()
-        self.ttl = float(ttl) if ttl else None
+        self.ttl = DEFAULT_TTL_S if ttl is None else float(ttl)
+        if not self.ttl > 0:  # also NaN
+            raise ValueError(f"cache ttl must be a positive number of seconds (math.inf: never expire), got {ttl!r}")
+        self.clock = clock
         self.timeout = timeout
         self.enabled = True
         self._local = threading.local()
@@ -162,7 +176,7 @@ class SearchCache:
                     self._disable(exc)
                     break
                 self._recover(exc)
-        hit = row is not None and (self.ttl is None or time.time() - float(row[1]) <= self.ttl)
+        hit = row is not None and self._fresh(float(row[1]))
         result = None
         if hit:
             try:
@@ -178,9 +192,16 @@ class SearchCache:
                 self.misses += 1
         return result
 
+    def _fresh(self, created: float) -> bool:
+        age = self.clock() - created
+        return -_FUTURE_SLACK_S <= age <= self.ttl
+
     def put(self, key: str, result: SearchResult) -> None:
-        """Store a successful result; failed results are ignored."""
+        """Store a successful result; failed and self-contradicting ones are ignored."""
         if not self.enabled or result.error is not None:
+            return
+        if result.total > 0 and not result.ids:
+            logger.warning("search cache: not storing %s result with total %d but no ids", result.engine, result.total)
             return
         data = result.to_dict()
         data["cached"] = False
@@ -190,7 +211,7 @@ class SearchCache:
             try:
                 self._conn().execute(
                     "INSERT OR REPLACE INTO results (key, engine, value, created) VALUES (?, ?, ?, ?)",
-                    (key, result.engine, value, time.time()),
+                    (key, result.engine, value, self.clock()),
                 )
                 with self._lock:
                     self.puts += 1
