@@ -114,6 +114,12 @@ def _run(argv: Optional[List[str]]) -> int:
         return EXIT_INTERRUPTED
     except (OutputClosed, SystemExit, GeneratorExit):
         raise
+    except MemoryError:
+        error_line("out of memory")
+        return 1
+    except OSError as exc:  # the environment (a missing file, a full disk, no permission), not a bug
+        error_line(exc)
+        return 1
     except BaseException as exc:  # noqa: BLE001 - last resort; also pyo3's PanicException (a BaseException)
         logger.debug("internal error", exc_info=True)
         hint = "" if args.verbose else " (rerun with -v for the traceback)"

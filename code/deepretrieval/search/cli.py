@@ -211,8 +211,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         _check_range("--k", args.k, 0, MAX_K)
         filters = date_filters(args)
         options = _engine_options(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # UsageError is a ValueError
         return _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:  # e.g. the cache folder for a vendored index cannot be written
+        return _fail(f"search unavailable: cannot prepare the index: {exc}", EXIT_UNAVAILABLE)
     try:
         with make_engine(args.engine, **options) as engine:
             result = engine.search(text, k=args.k, **filters)

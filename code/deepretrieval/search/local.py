@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import tantivy
 
+from deepretrieval.data.paths import INDEX_META_FILE
 from deepretrieval.search import query as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
@@ -49,7 +50,7 @@ from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, det
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "deepretrieval_index.json"
+META_FILE = INDEX_META_FILE  # written last: its presence marks a finished index
 INDEX_FORMAT_VERSION = 1
 TEXT_FIELDS = Q.ALL_FIELDS
 KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
