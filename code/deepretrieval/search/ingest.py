@@ -127,14 +127,13 @@ def _month(value: Optional[str]) -> int:
 
 
 def _yyyymmdd(year: int, month: int, day: Optional[int], end: bool) -> Optional[int]:
-    """yyyymmdd of a real calendar day, or None. A missing day is the first (or, with `end`,
-    the last) day of the month."""
+    """yyyymmdd of a real calendar day, or None. A missing day is the first of the month, or
+    with `end` day 31 (an inclusive upper bound: no real day lies between the 28th-30th and it)."""
     if not (1 <= year <= 9999 and 1 <= month <= 12):
         return None
-    last = calendar.monthrange(year, month)[1]
     if day is None:
-        day = last if end else 1
-    if not 1 <= day <= last:
+        return year * 10000 + month * 100 + (31 if end else 1)
+    if not 1 <= day <= calendar.monthrange(year, month)[1]:
         return None
     return year * 10000 + month * 100 + day
 
@@ -218,8 +217,8 @@ def expand_paths(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 def detect_format(path: PathLike) -> str:
     """Guess the format of one file from its first bytes (after gunzip)."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        return "ctgov"
+    if zipfile.is_zipfile(path) or _zip_magic(path):
+        return "ctgov"  # read_ctgov reports a damaged zip
     try:
         with _open_binary(path) as fh:
             head = fh.read(65536)
@@ -548,10 +547,19 @@ def _load_json(data: bytes, where: str, skips: Optional[SkipLog]) -> Tuple[bool,
     return False, None
 
 
+def _zip_magic(path: PathLike) -> bool:
+    """The file starts like a zip archive (whether or not its central directory survived)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def read_ctgov(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator[Record]:
     """A study file, a list or API page of studies, JSON Lines of studies, or a zip of study files
     (the bulk download). A study file that is not JSON is one skipped record."""
     path = Path(path)
+    if _zip_magic(path) and not zipfile.is_zipfile(path):
+        raise CorpusFormatError(f"{path}: a zip archive without its directory (truncated download?); "
+                                "no index was written, replace the file")
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
