@@ -112,6 +112,17 @@ def test_query_file_errors(index, tmp_path, capsys):
         assert_one_error_line(err, fragment)
 
 
+def test_query_argument_errors(index, tmp_path, capsys):
+    q = tmp_path / "q.txt"
+    q.write_text("aspirin")
+    code, _, err = run(capsys, "search", "--index", index, "--query-file", q, "stroke")
+    assert code == 2
+    assert_one_error_line(err, "not both")
+    code, _, err = run(capsys, "search", "--index", index, "aspirin \udcff")  # how Python passes a non-UTF-8 argv byte
+    assert code == 2
+    assert_one_error_line(err, "the query is not UTF-8 text (character 8)")
+
+
 def test_query_file_utf8_with_bom_reads(index, tmp_path, capsys):
     q = tmp_path / "q.txt"
     q.write_bytes("\ufeffaspirin[ti] AND café".encode("utf-8"))

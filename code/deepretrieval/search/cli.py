@@ -139,6 +139,8 @@ def read_query(args: argparse.Namespace) -> str:
     for a missing, unreadable, oversized, non-UTF-8 or empty one."""
     if args.query_file is None:
         text = args.query
+    elif args.query is not None:
+        raise UsageError("give the query as QUERY or with --query-file, not both")
     else:
         source = "standard input" if args.query_file == "-" else f"query file {args.query_file}"
         try:
@@ -158,6 +160,10 @@ def read_query(args: argparse.Namespace) -> str:
             raise UsageError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if text is None or not text.strip():
         raise UsageError("no query given (positional QUERY or --query-file)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a command-line argument that was not UTF-8 (surrogate-escaped bytes)
+        raise UsageError(f"the query is not UTF-8 text (character {exc.start})") from None
     return text
 
 
