@@ -156,7 +156,7 @@ def test_bad_inputs_are_classified(tmp_path):
 @pytest.mark.parametrize("value,end,expected", [
     ("2020/13/45", False, None), ("2020/00/10", False, None), ("2021/02/29", False, None),
     ("2020/02/29", True, 20200229), ("2020/02", True, 20200231), ("2020/04", False, 20200401), ("2005 Foo 12", False, None), (20201345, False, None), (20200230, False, None),
-    (True, False, None), ("2005-03-15T10:00:00Z", False, 20050315),
+    (True, False, None), ("2005-03-15T10:00:00Z", False, 20050315), (2005.0, True, 20051231),
 ])
 def test_parse_date_rejects_days_that_do_not_exist(value, end, expected):
     assert parse_date(value, end=end) == expected

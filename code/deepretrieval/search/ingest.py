@@ -68,6 +68,14 @@ class CorpusFormatError(ValueError):
     """The input cannot be read as the requested (or any known) corpus format."""
 
 
+class RecordError(CorpusFormatError):
+    """One record cannot be used; `reason` is the category it is counted under when skipped."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 MAX_LINE_BYTES = 64 << 20  # a JSONL line (one record) longer than this is skipped, not read into memory
 _DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error, zipfile.BadZipFile)  # a truncated or corrupt container
 
@@ -146,6 +154,8 @@ def parse_date(value: Any, end: bool = False) -> Optional[int]:
     exist (month 13, day 45, 2021/02/29)."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, float) and value.is_integer():  # a JSON year written 2005.0
+        value = int(value)
     if isinstance(value, int):
         if 1000 <= value <= 9999:
             return value * 10000 + (1231 if end else 101)
@@ -271,9 +281,9 @@ def record_from_dict(obj: Dict[str, Any]) -> Record:
     if isinstance(doc_id, str):
         doc_id = doc_id.strip()
     if doc_id is None or doc_id == "":
-        raise CorpusFormatError(f"record without an id (one of {', '.join(_ID_KEYS)}): keys {sorted(obj)[:8]}")
+        raise RecordError("no id", f"record without an id (one of {', '.join(_ID_KEYS)}): keys {sorted(obj)[:8]}")
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-        raise CorpusFormatError(f"record id must be a string or an integer, not {type(doc_id).__name__}")
+        raise RecordError("bad id", f"record id must be a string or an integer, not {type(doc_id).__name__}")
     body = next((obj[k] for k in _BODY_KEYS if obj.get(k)), "")
     date = next((obj[k] for k in ("pub_date", "date", "publication_date", "year") if obj.get(k)), None)
     return Record(
@@ -302,9 +312,8 @@ def _record_or_skip(obj: Any, where: str, skips: Optional[SkipLog]) -> Optional[
         return None
     try:
         return record_from_dict(obj)
-    except CorpusFormatError as exc:
-        reason = "no id" if "without an id" in str(exc) or "nctId" in str(exc) else "bad id"
-        _skip(skips, reason, where, str(exc))
+    except RecordError as exc:
+        _skip(skips, exc.reason, where, str(exc))
     except _FIELD_ERRORS as exc:
         _skip(skips, "fields of the wrong type", where, f"{type(exc).__name__}: {exc}")
     return None
@@ -486,7 +495,7 @@ def record_from_ctgov(study: Dict[str, Any]) -> Record:
     proto = study.get("protocolSection") or {}
     nct = _get(proto, "identificationModule", "nctId")
     if not nct:
-        raise CorpusFormatError("ClinicalTrials.gov study without protocolSection.identificationModule.nctId")
+        raise RecordError("no id", "ClinicalTrials.gov study without protocolSection.identificationModule.nctId")
     ident = proto.get("identificationModule", {})
     titles = [t for t in (ident.get("briefTitle"), ident.get("officialTitle")) if t]
     desc = proto.get("descriptionModule", {}) or {}
