@@ -142,8 +142,8 @@ def test_concurrent_searches_match_sequential(small_engine):
 def test_interrupted_build_leaves_nothing_that_opens(tmp_path, monkeypatch):
     real = ingest.iter_records
 
-    def broken(paths, fmt=None):
-        for i, rec in enumerate(real(paths, fmt)):
+    def broken(paths, fmt=None, **kwargs):
+        for i, rec in enumerate(real(paths, fmt, **kwargs)):
             if i == 3:
                 raise KeyboardInterrupt
             yield rec

@@ -42,13 +42,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import tantivy
 
+from deepretrieval.data.paths import INDEX_META_FILE
 from deepretrieval.search import query as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
-from deepretrieval.search.ingest import Record, detect_format, expand_paths, iter_records, parse_date
+from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
+                                         parse_date)
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "deepretrieval_index.json"
+META_FILE = INDEX_META_FILE  # written last: its presence marks a finished index
 INDEX_FORMAT_VERSION = 1
 TEXT_FIELDS = Q.ALL_FIELDS
 KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
@@ -142,11 +144,16 @@ def build_index(
 ) -> Dict[str, Any]:
     """Index the corpus file(s) at `corpus_path` into `out_dir`; returns the index metadata.
 
-    `format`: "jsonl" | "pubmed-xml" | "ctgov" or None to detect per file. PubMed XML and
-    CT.gov inputs replace earlier records with the same id (revisions) and apply
-    DeleteCitation; JSONL is append-only. `out_dir` may be absent, empty or an earlier index
-    (replaced); any other non-empty directory needs `overwrite=True`. `limit` stops after that
-    many records (benchmarks)."""
+    `format`: "jsonl" | "pubmed-xml" | "ctgov" or None to detect per file. One document per id:
+    a record whose id was seen before replaces the earlier one in every format (PubMed/CT.gov
+    revisions, and duplicate lines in JSONL: the last one wins), and DeleteCitation removes it;
+    the metadata counts them (`replaced_or_deleted`, and `duplicates` when the corpus has no
+    deletions). A record that cannot be read or indexed is skipped and counted by reason
+    (`skipped`, `skipped_examples`); a damaged file (truncated gzip, malformed XML) or a corpus
+    with no readable record raises CorpusFormatError and writes nothing. `out_dir` may be
+    absent, empty or an earlier index (replaced only when the build succeeds); any other
+    non-empty directory needs `overwrite=True`. `limit` stops after that many indexed records
+    (benchmarks)."""
     from tqdm import tqdm
 
     out = Path(out_dir).resolve()
@@ -162,25 +169,29 @@ def build_index(
     start = time.perf_counter()
     stats = {"added": 0, "deleted": 0, "with_date": 0, "with_mesh": 0, "with_major": 0, "with_qualifiers": 0,
              "with_pt": 0}
+    skips = SkipLog()
     writer = index = None
     try:
         index = tantivy.Index(build_schema(), path=str(tmp))
         writer = index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
-        upsert_formats = {"pubmed-xml", "ctgov"}
         bar = tqdm(total=None, unit="doc", desc="indexing", disable=not progress, mininterval=1.0)
         since_commit = 0
         present: set = set()
         for path in paths:
             fmt = format or detect_format(path)
-            upsert = fmt in upsert_formats
-            for rec in iter_records(path, fmt):
-                if rec.deleted:
+            for rec in iter_records(path, fmt, skips=skips):
+                try:
+                    doc = None if rec.deleted else _document(rec)
+                    # the id's earlier version (if any) goes: revisions, duplicates, deletions
                     writer.delete_documents_by_term("id", rec.id)
+                    if doc is not None:
+                        writer.add_document(doc)
+                except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate from a JSON escape
+                    skips.add("cannot be indexed", f"{path}: id {rec.id!r}", f"{type(exc).__name__}: {exc}")
+                    continue
+                if rec.deleted:
                     stats["deleted"] += 1
                     continue
-                if upsert:
-                    writer.delete_documents_by_term("id", rec.id)
-                writer.add_document(_document(rec))
                 stats["added"] += 1
                 stats["with_date"] += rec.pub_date is not None
                 stats["with_mesh"] += bool(rec.mesh)
@@ -199,11 +210,16 @@ def build_index(
                     break
             if limit is not None and stats["added"] >= limit:
                 break
+        bar.close()
+        if stats["added"] == 0 and skips.total:
+            raise CorpusFormatError(
+                f"no record could be indexed: {skips.total} skipped ({_reasons(skips.counts)}); "
+                f"first: {skips.examples[0]}")
         writer.commit()
         writer.wait_merging_threads()
-        bar.close()
         index.reload()
         num_docs = index.searcher().num_docs
+        removed = stats["added"] - num_docs
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
             "num_docs": num_docs,
@@ -215,12 +231,17 @@ def build_index(
             "has_qualifiers": stats["with_qualifiers"] > 0,
             "has_pt": stats["with_pt"] > 0,
             "text_fields": [f for f in TEXT_FIELDS if f in present],
+            "records_read": stats["added"] + stats["deleted"] + skips.total,
             "records_added": stats["added"],
             "deletions": stats["deleted"],
+            "replaced_or_deleted": removed,
+            "duplicates": removed if stats["deleted"] == 0 else None,
+            "skipped": dict(sorted(skips.counts.items())),
+            "skipped_examples": skips.examples,
             "build_seconds": round(time.perf_counter() - start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         # swap into place: the old index (if any) moves aside first, then is removed
         old = None
         if out.exists():
@@ -243,6 +264,60 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("indexed %d documents into %s in %.1fs", meta["num_docs"], out, meta["build_seconds"])
+    if meta["skipped"] or meta["replaced_or_deleted"]:
+        logger.warning("index %s: %s", out, "; ".join(build_summary(meta)[1:3]))
+    return meta
+
+
+def _reasons(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def build_summary(meta: Dict[str, Any]) -> List[str]:
+    """Human-readable lines for a build's metadata: records read, indexed, replaced, skipped."""
+    lines = [f"records read {meta.get('records_read', meta.get('records_added', 0)):,}; "
+             f"documents in the index {meta.get('num_docs', 0):,}"]
+    if meta.get("deletions"):
+        lines.append(f"deletion records {meta['deletions']:,}; records replaced by a later one with the same id "
+                     f"or deleted {meta.get('replaced_or_deleted', 0):,}")
+    elif meta.get("duplicates"):
+        lines.append(f"duplicate ids {meta['duplicates']:,}: each id is indexed once, from its last record")
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        lines.append(f"skipped {sum(skipped.values()):,} records ({_reasons(skipped)})")
+        lines += [f"  {example}" for example in meta.get("skipped_examples", [])[:5]]
+    return lines
+
+
+# metadata key -> the JSON types it may have; anything else means a damaged or foreign file
+_META_TYPES: Dict[str, Tuple[type, ...]] = {
+    "format_version": (int,), "num_docs": (int,), "formats": (list,), "text_fields": (list,), "sources": (list,),
+    "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,),
+}
+
+
+def read_index_meta(index_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The metadata `build_index` wrote last into `index_dir`; raises SearchUnavailable (with the
+    fix: rebuild) when it is missing, unreadable, not JSON, not an object or has fields of the
+    wrong type."""
+    path = Path(index_dir) / META_FILE
+    rebuild = "rebuild it with `deepretrieval index build`"
+    if not path.is_file():
+        raise SearchUnavailable(f"{index_dir} is not a complete deepretrieval index (no {META_FILE}); "
+                                "build one with `deepretrieval index build`")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SearchUnavailable(f"index metadata {path} is unreadable ({type(exc).__name__}: {exc}); {rebuild}") \
+            from None
+    if not isinstance(meta, dict):
+        raise SearchUnavailable(f"index metadata {path} holds a JSON {type(meta).__name__}, not an object; {rebuild}")
+    for key, types in _META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise SearchUnavailable(f"index metadata {path}: {key!r} is a {type(meta[key]).__name__}; {rebuild}")
+    fields = meta.get("text_fields", [])
+    if not all(isinstance(f, str) for f in fields):
+        raise SearchUnavailable(f"index metadata {path}: 'text_fields' must list field names; {rebuild}")
     return meta
 
 
@@ -532,12 +607,7 @@ class LocalSearchEngine(SearchEngine):
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
                  expansion_cache_size: int = 50_000, **_ignored: Any):
         self.index_dir = Path(index_dir)
-        meta_path = self.index_dir / META_FILE
-        if not meta_path.exists():
-            raise SearchUnavailable(
-                f"{self.index_dir} is not a complete deepretrieval index (no {META_FILE}); "
-                "build one with `deepretrieval index build`")
-        self.meta: Dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
         try:
             self.index = tantivy.Index.open(str(self.index_dir))
         except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes

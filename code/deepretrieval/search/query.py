@@ -410,10 +410,12 @@ def _date_bounds(value: str) -> Optional[Tuple[int, int]]:
         a, b = a.strip().strip('"'), b.strip().strip('"')
         if not (_valid_date(a) and _valid_date(b)):
             return None
-        return parse_date(a), parse_date(b, end=True)
-    if not _valid_date(value):
+        bounds = parse_date(a), parse_date(b, end=True)
+    elif not _valid_date(value):
         return None
-    return parse_date(value), parse_date(value, end=True)
+    else:
+        bounds = parse_date(value), parse_date(value, end=True)
+    return None if None in bounds else bounds  # parse_date: None for a day that does not exist
 
 
 class _Parser:
