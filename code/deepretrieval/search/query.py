@@ -30,15 +30,24 @@ evaluable locally and are dropped with a warning). Bracketed annotations after a
 `parse(query) -> Query` returns the tree of the final line with earlier lines resolved into
 `lines`; errors raise `QuerySyntaxError(problem, position, query)` with 0-based offsets into
 the original query string.
+
+Budgets (a query over them is the query writer's fault: `QuerySyntaxError`): at most
+`MAX_QUERY_CHARS` characters, parentheses nested at most `MAX_QUERY_DEPTH` deep, and a tree at
+most `MAX_QUERY_DEPTH` levels deep with line references inlined (every node knows its `depth`),
+so that code walking a parsed tree recursively never reaches Python's recursion limit. Parsing
+is linear in the length of the query.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from deepretrieval.search.base import QuerySyntaxError
+
+MAX_QUERY_CHARS = 20_000  # longest expert search in the vendored data: 2,419 characters
+MAX_QUERY_DEPTH = 100  # nesting of parentheses, and of the tree with line references inlined
 
 # ----------------------------------------------------------------------------- fields
 
@@ -128,7 +137,16 @@ OVID_SUBHEADINGS = {
 
 @dataclass(frozen=True)
 class Node:
+    """`depth`: levels of the tree under (and including) this node, computed on construction
+    from the children (a `Ref` counts 1: see `expanded_depth`)."""
+
     pos: int
+    depth: int = field(default=1, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        children = _children(self)
+        if children:
+            object.__setattr__(self, "depth", 1 + max(c.depth for c in children))
 
 
 @dataclass(frozen=True)
@@ -418,10 +436,10 @@ def _date_bounds(value: str) -> Optional[Tuple[int, int]]:
 
 class _Parser:
     def __init__(self, toks: List[Tok], line_text: str, offset: int, query: str, dialect: str,
-                 line_no: int, known_lines: Sequence[int], warnings: List[str]):
+                 line_no: int, known_lines: Collection[int], warnings: List[str]):
         self.toks, self.i = toks, 0
         self.s, self.offset, self.query, self.ovid = line_text, offset, query, dialect == "ovid"
-        self.line_no, self.known, self.warnings = line_no, set(known_lines), warnings
+        self.line_no, self.known, self.warnings = line_no, known_lines, warnings
 
     # helpers
     def error(self, problem: str, pos: int) -> QuerySyntaxError:
@@ -464,11 +482,11 @@ class _Parser:
             raise self.error("expected a term", len(self.s))
         if t.kind == "OP":
             raise self.error(f"dangling operator {t.value}: nothing on its left", t.pos)
-        left = self.near()
+        run = _Run(self, self.near())
         while True:
             t = self.peek()
             if t is None or t.kind == "RP":
-                return left
+                return run.close()
             if t.kind == "OP":
                 op = self.take()
                 name = op.value
@@ -480,9 +498,9 @@ class _Parser:
                     what = "end of query" if nxt is None else repr(nxt.value)
                     raise self.error(f"dangling operator {op.value}: {what} follows it", op.pos)
                 right = self.near()
-                left = self.combine(name, left, right, op.pos)
+                run.add(name, right)
             elif self.starts_operand(t):
-                left = self.combine("AND", left, self.near(), t.pos)  # implicit AND
+                run.add("AND", self.near())  # implicit AND
             elif t.kind in ("TAG", "SUFFIX", "SLASH"):
                 raise self.error(f"field tag {t.value!r} does not follow a term", t.pos)
             elif t.kind == "ADJ":
@@ -490,15 +508,13 @@ class _Parser:
             else:
                 raise self.error(f"unexpected {t.value!r}", t.pos)
 
-    def combine(self, op: str, left: Node, right: Node, pos: int) -> Node:
-        p = self.offset + pos
-        if op == "AND":
-            items = (left.items if isinstance(left, And) else (left,)) + (right,)
-            return And(items[0].pos if items else p, items)
-        if op == "OR":
-            items = (left.items if isinstance(left, Or) else (left,)) + (right,)
-            return Or(items[0].pos, items)
-        return Not(left.pos, left, right)
+    def bounded(self, node: Node) -> Node:
+        """`node`, unless its tree is deeper than MAX_QUERY_DEPTH (a QuerySyntaxError)."""
+        if node.depth > MAX_QUERY_DEPTH:
+            raise QuerySyntaxError(
+                f"query nested too deeply: more than {MAX_QUERY_DEPTH} levels of operators "
+                "(every change between AND, OR and NOT, every NOT and every group adds one)", node.pos, self.query)
+        return node
 
     def near(self) -> Node:
         left = self.primary()
@@ -509,7 +525,7 @@ class _Parser:
             right = self.primary()
             # Ovid: "adj" = next to each other in order; "adjN" = within N-1 words, any order.
             ordered = op.extra == 1 and op.value.lower() == "adj"
-            left = Near(left.pos, left, right, max(0, int(op.extra) - 1), ordered)
+            left = self.bounded(Near(left.pos, left, right, max(0, int(op.extra) - 1), ordered))
         return left
 
     def postfix_field(self) -> Optional[Tuple[List[FieldSpec], Tok]]:
@@ -556,7 +572,7 @@ class _Parser:
                 raise self.error("unbalanced parenthesis: '(' is never closed", t.pos)
             self.take()
             post = self.postfix_field()
-            return self.apply_specs(inner, post[0], post[1]) if post else inner
+            return self.bounded(self.apply_specs(inner, post[0], post[1])) if post else inner
         if t.kind == "REF":
             self.take()
             return self.ref(int(t.value), t.pos)
@@ -673,6 +689,38 @@ class _Parser:
         return node  # refs, headings, dates keep their own meaning
 
 
+class _Run:
+    """A left-to-right chain of binary operators being parsed: consecutive operands of the same
+    AND/OR are collected in a list (one node at the end, not a tuple copied per operand, which
+    was quadratic), and the tree is the one PubMed's strict left-to-right evaluation gives:
+    `a OR b AND c` -> And(Or(a, b), c); an operand that is already an And/Or of the same kind
+    (a parenthesised group) is flattened into the run, as before."""
+
+    def __init__(self, parser: "_Parser", first: Node):
+        self.parser, self.left, self.op, self.items = parser, first, None, []  # type: ignore[var-annotated]
+
+    def close(self) -> Node:
+        """The tree so far (the open AND/OR run becomes one node)."""
+        if self.op is not None:
+            cls = And if self.op == "AND" else Or
+            self.left = self.parser.bounded(cls(self.items[0].pos, tuple(self.items)))
+            self.op, self.items = None, []
+        return self.left
+
+    def add(self, op: str, right: Node) -> None:
+        if op == self.op:
+            self.items.append(right)
+            return
+        left = self.close()
+        if op in ("AND", "OR"):
+            cls = And if op == "AND" else Or
+            self.op = op
+            self.items = list(left.items) if isinstance(left, cls) else [left]
+            self.items.append(right)  # every item is within the budget; close() checks the node
+        else:
+            self.left = self.parser.bounded(Not(left.pos, left, right))
+
+
 def _merge_text_specs(specs: List[FieldSpec]) -> List[FieldSpec]:
     """`.ti,ab.` -> one text spec over both fields; other kinds stay separate (OR-ed)."""
     text_fields: List[str] = []
@@ -708,7 +756,10 @@ def _split_lines(text: str) -> List[Tuple[int, str]]:
 def parse(query: str, dialect: Optional[str] = None) -> Query:
     """Parse a PubMed (or Ovid) search, one line or a multi-line search with line references."""
     if not isinstance(query, str):
-        raise QuerySyntaxError("query must be a string", 0, str(query))
+        raise QuerySyntaxError("query must be a string", 0, str(query)[:200])
+    if len(query) > MAX_QUERY_CHARS:
+        raise QuerySyntaxError(f"query is {len(query)} characters long (limit {MAX_QUERY_CHARS})",
+                               MAX_QUERY_CHARS, query)
     text = query.translate(_QUOTES)  # same length, so positions still match the original
     lines = _split_lines(text)
     if not lines:
@@ -716,6 +767,7 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
     dialect = dialect or detect_dialect(text)
     warnings: List[str] = []
     parsed: Dict[int, Node] = {}
+    depths: Dict[int, int] = {}  # line -> depth of its tree with references inlined
     expected = 1
     last: Optional[Node] = None
     for offset, line in lines:
@@ -731,7 +783,11 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
             if (m.group(3) or n == expected) and not is_op_next and n not in parsed:
                 number, body_start = n, m.end()
         body = line[body_start:]
-        node = _parse_line(body, offset + body_start, query, dialect, number, list(parsed), warnings)
+        node = _parse_line(body, offset + body_start, query, dialect, number, parsed.keys(), warnings)
+        depths[number] = expanded_depth(node, depths)
+        if depths[number] > MAX_QUERY_DEPTH:
+            raise QuerySyntaxError(f"query nested too deeply: line {number} is more than {MAX_QUERY_DEPTH} levels "
+                                   "deep with its line references inlined", offset + body_start, query)
         parsed[number] = node
         last = node
         expected = number + 1
@@ -741,7 +797,7 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
 
 
 def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
-                known: List[int], warnings: List[str]) -> Node:
+                known: Collection[int], warnings: List[str]) -> Node:
     if dialect == "ovid":
         m = _OVID_COMBINE.match(body)
         if m:
@@ -788,6 +844,8 @@ def _check_parens(toks: List[Tok], offset: int, query: str) -> None:
     for t in toks:
         if t.kind == "LP":
             stack.append(t)
+            if len(stack) > MAX_QUERY_DEPTH:
+                raise QuerySyntaxError(f"parentheses nested more than {MAX_QUERY_DEPTH} deep", offset + t.pos, query)
         elif t.kind == "RP":
             if not stack:
                 raise QuerySyntaxError("unbalanced parenthesis: ')' without a matching '('", offset + t.pos, query)
@@ -821,6 +879,21 @@ def _fold_date_ranges(toks: List[Tok], body: str, offset: int, query: str) -> Li
             out.append(t)
         i += 1
     return out
+
+
+def expanded_depth(node: Node, line_depths: Dict[int, int]) -> int:
+    """Depth of `node`'s tree with each reference counted as the depth of its line (from
+    `line_depths`; 1 when unknown). Iterative, linear in the number of nodes."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        current, level = stack.pop()
+        if isinstance(current, Ref):
+            deepest = max(deepest, level - 1 + line_depths.get(current.line, 1))
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in _children(current))
+    return deepest
 
 
 def expanded_size(q: Query) -> int:
