@@ -282,6 +282,8 @@ def test_queries_at_the_depth_limit_run_even_deep_in_a_stack(small_engine, query
     "\n".join(["aspirin"] + [f"#{i} NOT x" for i in range(1, 400)]),
     "(" + " adj2 ".join(["aspirin"] * 40) + ").tw.",  # proximity variants doubled per adj: was exponential
     "(aspir$999999 adj stroke).tw.",  # a regex tantivy cannot compile
+    "aspirin$100",  # limited truncation is at most $99
+    "#" + "1" * 5000,  # found by the fuzz test: int() of a 5000-digit line number raised ValueError
 ])
 def test_too_deep_or_too_large_queries_are_syntax_errors_quickly(small_engine, query):
     start = time.perf_counter()

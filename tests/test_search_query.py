@@ -1,6 +1,7 @@
 """PubMed / Ovid query parser: precedence, field tags, truncation, line references, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -367,3 +368,22 @@ def test_operator_chains_match_the_reference_fold(ops, grouped):
             operands.append(Text(0, f"w{i}"))
     query = texts[0] + "".join(f" {op} {t}" for op, t in zip(ops, texts[1:]))
     assert words(parse(query).root) == words(_reference_fold(operands, ops))
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("#" + "1" * 5000, "line reference #111111111111..."),  # found by the fuzz test: int() raised ValueError
+    ("a adj" + "9" * 20 + " b", "proximity distance"),
+    ("x[tiab:~" + "9" * 30 + "]", "proximity distance"),
+    ("a.tw.\nor/1-" + "9" * 40, "line numbers in"),
+    ("a.tw.\nlimit " + "9" * 40 + " to humans", "limit refers to a line number that is too long"),
+])
+def test_long_numbers_are_syntax_errors(query, fragment):
+    with pytest.raises(QuerySyntaxError, match=re.escape(fragment)):
+        parse(query)
+
+
+def test_numbers_are_read_as_int_reads_them():
+    assert words(parse("#\u00b2").root) == "#\u00b2"  # '²' is a digit to isdigit() but not a number: a word
+    q = parse("1" * 30 + " foo\nbar")  # a 30-digit "label" is no label: two lines, the last is the query
+    assert words(q.root) == "bar" and words(q.lines[1]) == ("AND", "1" * 30, "foo")
+    assert words(parse("a\nb\n#\u0661 OR #2").root) == ("OR", "#1", "#2")  # Arabic-Indic digit one

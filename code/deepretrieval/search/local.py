@@ -311,6 +311,9 @@ class _Compiler:
         """Analyse like the index; wildcards survive as sentinels -> markers '*', '?', '#', '$N'."""
         protected = text
         if "$" in protected:
+            limited = re.search(r"\$(\d{3,})", protected)
+            if limited:  # Ovid limited truncation: $N allows up to N more characters
+                raise self.error(f"limited truncation ${limited.group(1)[:12]} allows at most 99 characters", pos)
             protected = re.sub(r"\$(\d+)", lambda m: f"qqzlim{m.group(1)}qqz", protected)
         for ch, sentinel in _SENTINELS.items():
             if ch in ("?", "#") and not self.ovid:
@@ -683,10 +686,10 @@ class LocalSearchEngine(SearchEngine):
             tq = comp.compile(parsed.root)
         except RecursionError as exc:  # the parser bounds depth; this only guards against its own bugs
             raise QuerySyntaxError(f"query nested too deeply for the local engine ({exc})", 0, query) from exc
-        except ValueError as exc:
+        except (ValueError, OverflowError, re.error) as exc:
             if isinstance(exc, QuerySyntaxError):
                 raise
-            # tantivy refusing a query it was given (e.g. a regex it cannot compile)
+            # tantivy (or a regular expression) refusing a query it was given
             raise QuerySyntaxError(f"query not accepted by the local index ({exc})", 0, query) from exc
         warnings = list(parsed.warnings) + comp.warnings
         if tq is None:

@@ -48,6 +48,14 @@ from deepretrieval.search.base import QuerySyntaxError
 
 MAX_QUERY_CHARS = 20_000  # longest expert search in the vendored data: 2,419 characters
 MAX_QUERY_DEPTH = 100  # nesting of parentheses, and of the tree with line references inlined
+MAX_NUMBER_DIGITS = 9  # line numbers, distances, limits: longer numbers are errors (int() is not linear)
+
+
+def _number(text: str) -> Optional[int]:
+    """The value of a decimal number of at most MAX_NUMBER_DIGITS digits, else None (`isdigit`
+    is true for characters such as '²' that `int` refuses; `isdecimal` is what `int` reads)."""
+    return int(text) if text.isdecimal() and len(text) <= MAX_NUMBER_DIGITS else None
+
 
 # ----------------------------------------------------------------------------- fields
 
@@ -371,9 +379,9 @@ class _Lexer:
                     if all(q in OVID_SUBHEADINGS for q in codes):
                         quals, end = codes, m.end()
                 toks.append(Tok("SLASH", s[i:end], i, end, quals)); i = end
-            elif c == "#" and i + 1 < n and s[i + 1].isdigit():
+            elif c == "#" and i + 1 < n and s[i + 1].isdecimal():
                 j = i + 1
-                while j < n and s[j].isdigit():
+                while j < n and s[j].isdecimal():
                     j += 1
                 toks.append(Tok("REF", s[i + 1:j], i, j)); i = j
             elif c == ":" and not self.ovid:
@@ -395,7 +403,9 @@ class _Lexer:
                     if upper in ("AND", "OR", "NOT"):
                         toks.append(Tok("OP", upper, i, j))
                     elif self.ovid and re.fullmatch(r"adj\d*", word, re.I):
-                        dist = int(word[3:]) if len(word) > 3 else 1
+                        dist = _number(word[3:]) if len(word) > 3 else 1
+                        if dist is None:
+                            raise self.error(f"proximity distance in {word[:20]!r} is too large", i)
                         toks.append(Tok("ADJ", word, i, j, dist))
                     else:
                         if word.lower() in ("and", "or", "not") and not self.ovid:
@@ -550,7 +560,10 @@ class _Parser:
         name = re.sub(r"\s+", " ", t.value.strip().lower())
         m = re.fullmatch(r"(tiab|ti|ab|tw|title/abstract|title|abstract):~\s*(\d+)", name)
         if m:
-            return replace(PUBMED_TAGS[m.group(1)], slop=int(m.group(2)), name=name)
+            slop = _number(m.group(2))
+            if slop is None:
+                raise self.error(f"proximity distance in [{t.value[:20]}] is too large", t.pos)
+            return replace(PUBMED_TAGS[m.group(1)], slop=slop, name=name)
         spec = PUBMED_TAGS.get(name)
         if spec is None:
             raise self.error(f"unknown field tag [{t.value}]", t.pos)
@@ -575,7 +588,10 @@ class _Parser:
             return self.bounded(self.apply_specs(inner, post[0], post[1])) if post else inner
         if t.kind == "REF":
             self.take()
-            return self.ref(int(t.value), t.pos)
+            n = _number(t.value)
+            if n is None:
+                raise self.error(f"line reference #{t.value[:12]}... is not a line number (too long)", t.pos)
+            return self.ref(n, t.pos)
         if t.kind == "QUOTED":
             self.take()
             text = t.value.strip()
@@ -621,7 +637,7 @@ class _Parser:
             node: Node = Text(self.offset + first.pos, text, None, True)
             return self.apply_specs(node, post[0], post[1])
         words = [w for w in run if w.kind == "WORD"]
-        if self.ovid and not all(w.value.isdigit() for w in words):
+        if self.ovid and not all(w.value.isdecimal() for w in words):
             # Ovid searches adjacent words as a phrase
             return Text(self.offset + first.pos, text, None, len(words) > 1)
         # untagged run: each word is a term, joined by implicit AND
@@ -629,8 +645,9 @@ class _Parser:
         for w in run:
             if w.kind != "WORD":
                 continue
-            if self.ovid and w.value.isdigit() and 1 <= int(w.value) < self.line_no and int(w.value) in self.known:
-                items.append(Ref(self.offset + w.pos, int(w.value)))
+            n = _number(w.value) if self.ovid else None
+            if n is not None and 1 <= n < self.line_no and n in self.known:
+                items.append(Ref(self.offset + w.pos, n))
             else:
                 items.append(Text(self.offset + w.pos, w.value, None, False))
         if not items:
@@ -775,12 +792,12 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
         body_start = 0
         m = _LABEL.match(line)
         if m and len(lines) > 1:
-            n = int(m.group(2))
+            n = _number(m.group(2))
             rest = line[m.end():]
             # A leading number is a label when it is marked (1. / 1) / #1: ...) or when, read as
             # a reference, it would refer to its own line (impossible) - "#1 foo" on line 1.
             is_op_next = re.match(r"^(AND|OR|NOT)\b", rest, re.I if dialect == "ovid" else 0)
-            if (m.group(3) or n == expected) and not is_op_next and n not in parsed:
+            if n is not None and (m.group(3) or n == expected) and not is_op_next and n not in parsed:
                 number, body_start = n, m.end()
         body = line[body_start:]
         node = _parse_line(body, offset + body_start, query, dialect, number, parsed.keys(), warnings)
@@ -807,7 +824,9 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
                 if not part:
                     raise QuerySyntaxError("empty line number in combination", pos, query)
                 a, _, b = part.partition("-")
-                lo, hi = int(a), int(b) if b else int(a)
+                lo, hi = _number(a.strip()), _number(b.strip()) if b else _number(a.strip())
+                if lo is None or hi is None:
+                    raise QuerySyntaxError(f"line numbers in {part[:30]!r} are not valid", pos, query)
                 if hi < lo:
                     raise QuerySyntaxError(f"line range {part} runs backwards", pos, query)
                 for n in range(lo, hi + 1):
@@ -817,8 +836,10 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
             return (And if m.group(1).lower() == "and" else Or)(offset, tuple(refs)) if len(refs) > 1 else refs[0]
         m = _OVID_LIMIT.match(body)
         if m:
-            n = int(m.group(1))
+            n = _number(m.group(1))
             pos = offset + m.start(1)
+            if n is None:
+                raise QuerySyntaxError("limit refers to a line number that is too long", pos, query)
             if n >= number or n not in known:
                 raise QuerySyntaxError(f"limit refers to line {n}, which is not an earlier line", pos, query)
             what = m.group(2).strip()
