@@ -214,3 +214,25 @@ def test_strip_fence_equals_the_old_regex(text):
     match = _OLD_FENCE_RE.match(text.strip())
     expected = match.group(1).strip() if match else text.strip()
     assert parsing._strip_fence(text) == expected
+
+
+def test_local_cost_budget_is_configurable_per_source_and_penalised(tmp_path):
+    from pathlib import Path
+
+    from deepretrieval.rewards import literature
+    from deepretrieval.search.local import COST_TERM, build_index
+
+    build_index(Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl", tmp_path / "idx", progress=False)
+    one_term = COST_TERM + 4  # "aspirin" is in 4 titles of the fixture corpus
+    config = {"sources": {"pubmed_mini": {"engine": "local", "index_dir": str(tmp_path / "idx"),
+                                          "max_query_cost": one_term}}}
+    info = {"think_in_prompt": False}
+    try:
+        ok = compute_score("pubmed_mini", wrap('{"query": "aspirin[ti]"}'), ["d1"], info, config=config)
+        assert ok["error"] == "none" and ok["recall"] == 1.0
+        over = compute_score("pubmed_mini", wrap('{"query": "aspirin[ti] AND aspirin[ti]"}'), ["d1"], info,
+                             config=config)
+        assert over["error"] == "query_syntax" and "too expensive" in over["error_detail"]
+        assert over["score"] == -3.0 and not over["search_unavailable"]
+    finally:
+        literature.clear_engines()
