@@ -714,7 +714,9 @@ class _Run:
     (a parenthesised group) is flattened into the run, as before."""
 
     def __init__(self, parser: "_Parser", first: Node):
-        self.parser, self.left, self.op, self.items = parser, first, None, []  # type: ignore[var-annotated]
+        self.parser, self.left = parser, first
+        self.op: Optional[str] = None  # the operator of the open run, if any
+        self.items: List[Node] = []
 
     def close(self) -> Node:
         """The tree so far (the open AND/OR run becomes one node)."""
