@@ -31,7 +31,7 @@ _QUERY_PIECES = [
     "aspirin", "stroke", "warfarin", "random*", "c-reactive", " ", " AND ", " OR ", " NOT ", " AND NOT ", "(", ")",
     '"', "[tiab]", "[ti]", "[mh]", "[majr]", "[dp]", "[au]", "[xx]", "2005", "2001:2005", "/", "#1", "#2", "\n",
     "1.", "adj3", "adj", ".tw.", ".ti,ab.", "exp ", "Aspirin/", "*", "$", "$2", "?", "#", "or/1-2", "and/1,2",
-    "limit 1 to humans", "[tiab:~2]", ":", ",", "]", "[", "é", "\u201c",
+    "limit 1 to humans", "[tiab:~2]", ":", ",", "]", "[", "é", "\u201c", "\ud800",
 ]
 
 

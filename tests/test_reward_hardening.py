@@ -236,3 +236,12 @@ def test_local_cost_budget_is_configurable_per_source_and_penalised(tmp_path):
         assert over["score"] == -3.0 and not over["search_unavailable"]
     finally:
         literature.clear_engines()
+
+
+def test_query_with_a_lone_surrogate_is_a_query_syntax_error_without_a_search():
+    engine = RecordingEngine()
+    result = compute_score("pubmed_mini", wrap('{"query": "aspirin \\ud800"}'), ["1"], {"think_in_prompt": False},
+                           engine=engine)
+    assert result["error"] == "query_syntax" and "not valid Unicode at position 8" in result["error_detail"]
+    assert engine.calls == [] and result["score"] == -3.0
+    assert parse_answer(wrap('{"query": "aspirin \\ud83d\\ude00"}')).query == "aspirin \U0001F600"  # a valid pair

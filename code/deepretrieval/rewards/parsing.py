@@ -9,7 +9,8 @@ raw newlines inside strings, a trailing comma — but it never guesses a query o
 Error classes (in the order they are checked): `too_long` (the response is longer than
 `MAX_RESPONSE_CHARS`; it is not parsed), `format` (no answer block), `json` (no object, no
 `query` string in it, or an object nested deeper than `MAX_JSON_DEPTH`), `empty_query` (a blank
-query), `query_syntax` (a query longer than `MAX_QUERY_CHARS`, which no engine is asked to run).
+query), `query_syntax` (a query longer than `MAX_QUERY_CHARS`, or with a lone surrogate from a
+JSON escape such as `\\ud800`, which no engine is asked to run).
 
 Every step is linear in the length of the response (plain string scans, no backtracking
 regular expressions), and nothing raises on any string: see docs/reliability.md.
@@ -187,6 +188,11 @@ def parse_answer(text: str) -> ParsedAnswer:
     if len(query) > MAX_QUERY_CHARS:
         return ParsedAnswer(None, ERROR_QUERY_SYNTAX, block,
                             f"query is {len(query)} characters long (limit {MAX_QUERY_CHARS})")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape such as \ud800: no engine can send it
+        return ParsedAnswer(None, ERROR_QUERY_SYNTAX, block,
+                            f"query contains a character that is not valid Unicode at position {exc.start}")
     return ParsedAnswer(query, ERROR_NONE, block)
 
 
