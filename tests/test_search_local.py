@@ -309,8 +309,8 @@ def _prefix_title_terms(prefix):
 
 
 def test_cost_budget_is_exact_on_hand_computed_costs(small_engine):
-    aspirin, resistance = _title_df("aspirin"), _title_df("resistance")
-    assert (aspirin, resistance) == (4, 1)
+    aspirin, resistance, stroke = _title_df("aspirin"), _title_df("resistance"), _title_df("stroke")
+    assert (aspirin, resistance, stroke) == (4, 1, 2)
     random_terms = _prefix_title_terms("random")
     assert random_terms == {"randomized": 1, "randomization": 1}
     cases = {
@@ -318,6 +318,8 @@ def test_cost_budget_is_exact_on_hand_computed_costs(small_engine):
         '"aspirin resistance"[ti]': 2 * COST_TERM + COST_POSITION_POSTING * (aspirin + resistance),
         "random*[ti]": COST_TERM * len(random_terms) + sum(random_terms.values()),
         '"random* aspirin"[ti]': 2 * COST_TERM + COST_POSITION_POSTING * (sum(random_terms.values()) + aspirin),
+        # adj2 is unordered: 2 phrase variants, each reading both words' positions
+        "(aspirin adj2 stroke).ti.": 2 * COST_TERM + COST_POSITION_POSTING * 2 * (aspirin + stroke),
     }
     for query, cost in cases.items():
         assert LocalSearchEngine(small_engine.index_dir, max_query_cost=cost).search(query).total >= 0

@@ -387,3 +387,49 @@ def test_numbers_are_read_as_int_reads_them():
     q = parse("1" * 30 + " foo\nbar")  # a 30-digit "label" is no label: two lines, the last is the query
     assert words(q.root) == "bar" and words(q.lines[1]) == ("AND", "1" * 30, "foo")
     assert words(parse("a\nb\n#\u0661 OR #2").root) == ("OR", "#1", "#2")  # Arabic-Indic digit one
+
+
+# the regular expressions rewritten to be linear (found by the fuzz test: a run of blank lines
+# made dialect detection quadratic) match exactly what the former ones matched
+_OLD_MARKERS = [re.compile(r"^\s*(and|or)\s*/\s*\d", re.I | re.M), re.compile(r"^\s*exp\s", re.I | re.M),
+                re.compile(r"^\s*limit\s+\d+\s+to\b", re.I | re.M)]
+_OLD_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+?)\s*$", re.I)
+_OLD_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+?)\s*$", re.I)
+_OLD_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})\s*(?:-\s*(\d{4}|current)?)?\s*"?$', re.I)
+_REGEX_PIECES = st.sampled_from([" ", "\n", "\t", "or", "and", "/", "1", "2005", "-", ",", "exp", "limit", "to",
+                                 "yr", "=", '"', "current", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_REGEX_PIECES, max_size=14).map("".join))
+def test_rewritten_regexes_match_the_former_ones(text):
+    new_markers = [query_module._OVID_MARKERS[i] for i in (0, 5, 6)]
+    for old, new in zip(_OLD_MARKERS, new_markers):
+        assert bool(old.search(text)) == bool(new.search(text))
+    line = text.replace("\n", " ")
+    for old, new in ((_OLD_COMBINE, query_module._OVID_COMBINE), (_OLD_LIMIT, query_module._OVID_LIMIT)):
+        a, b = old.match(line), new.match(line)
+        assert (a is None) == (b is None)
+        if a:
+            assert a.group(1) == b.group(1) and a.group(2).strip() == b.group(2).strip()
+            assert a.start(2) == b.start(2)
+    a, b = _OLD_YR.match(line), query_module._YR.match(line)
+    assert (a is None) == (b is None) and (a is None or a.groups() == b.groups())
+
+
+@pytest.mark.parametrize("query", [
+    "#" * 684 + "\n" * 15_000 + "aspirin",
+    "a.tw.\nb.tw.\nor/1" + " " * 15_000 + "x",
+    "a.tw.\nlimit 1 to x" + " " * 15_000 + "y",
+    "a.tw.\nlimit 1 to yr=2005" + " " * 15_000 + "x",
+    "a.tw.\n" + " \n" * 9_000 + "exp x/",
+])
+def test_whitespace_runs_parse_in_linear_time(query):
+    import time
+
+    start = time.perf_counter()
+    try:
+        parse(query)
+    except QuerySyntaxError:
+        pass
+    assert time.perf_counter() - start < 2  # quadratic: 10+ s at this size

@@ -375,8 +375,9 @@ class _Compiler:
                 return tantivy.Query.term_query(schema, field, terms[0])
             return tantivy.Query.boolean_query(
                 [(tantivy.Occur.Should, tantivy.Query.term_query(schema, field, t)) for t in terms])
-        self.charge(COST_TERM * len(toks) + COST_POSITION_POSTING * sum(self.token_postings(field, t) for t in toks),
-                    pos)
+        self.charge(COST_TERM * len(toks), pos)
+        for tok in toks:  # token by token: an expensive phrase stops at the first token over budget
+            self.charge(COST_POSITION_POSTING * self.token_postings(field, tok), pos)
         if any(self.is_wild(t) for t in toks):
             return tantivy.Query.regex_phrase_query(schema, field, [self.to_regex(t) for t in toks], slop)
         return tantivy.Query.phrase_query(schema, field, toks, slop)
@@ -502,12 +503,14 @@ class _Compiler:
             seqs += [r + l for l in left_r for r in right_r]
         fields = self.near_fields(node)
         for field in fields:
-            # every variant reads the positions of all its tokens (merged single words: all of them)
-            left_cost = [sum(self.token_postings(field, t) for t in alt) for alt in left]
-            right_cost = [sum(self.token_postings(field, t) for t in alt) for alt in right]
-            n_left_r, n_right_r = len(left_r), len(right_r)
-            postings = factor * (n_right_r * sum(left_cost) + n_left_r * sum(right_cost))
-            self.charge(COST_TERM * len(seqs) + COST_POSITION_POSTING * postings, node.pos)
+            # every variant reads the positions of all its tokens (merged single words: all of
+            # them), so each alternative on one side is read once per variant of the other side;
+            # charged token by token, so an expensive query stops at the first token over budget
+            self.charge(COST_TERM * len(seqs), node.pos)
+            for alts, times in ((left, factor * len(right_r)), (right, factor * len(left_r))):
+                for alt in alts:
+                    for tok in alt:
+                        self.charge(COST_POSITION_POSTING * times * self.token_postings(field, tok), node.pos)
         clauses = []
         for field in fields:
             for seq in dict.fromkeys(tuple(s) for s in seqs):

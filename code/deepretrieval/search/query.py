@@ -297,14 +297,17 @@ _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": 
                          "\u2018": "'", "\u2019": "'"})
 
 _OVID_SUFFIX = re.compile(r"\.((?:[a-z]{2})(?:\s*,\s*[a-z]{2})*)(\.?)(?=$|[\s)\[])", re.I)
+# Regular expressions here are written so that no two unbounded repeats can match the same
+# characters (no `^\s*` under re.M, which re-scans a run of blank lines from every line start;
+# no `(.+?)\s*$`): each runs in time linear in its input (tests/test_fuzz_query.py).
 _OVID_MARKERS = [
-    re.compile(r"^\s*(and|or)\s*/\s*\d", re.I | re.M),
+    re.compile(r"^[^\S\n]*(and|or)\s*/\s*\d", re.I | re.M),
     re.compile(r"\.(mp|tw|ti|ab|sh|ot|nm|rn|au|ed|kw|kf|hw|pt|fs|yr)(,[a-z]{2})*\.?(?=$|[\s)\[])", re.I | re.M),
     re.compile(r"/\s*($|\))|/\s+(or|and|not)\b", re.I | re.M),
     re.compile(r"/(%s)(\s*,\s*[a-z]{2})*(?![a-z/])" % "|".join(sorted(OVID_SUBHEADINGS)), re.I | re.M),
     re.compile(r"\badj\d*\b", re.I),
-    re.compile(r"^\s*exp\s", re.I | re.M),
-    re.compile(r"^\s*limit\s+\d+\s+to\b", re.I | re.M),
+    re.compile(r"^[^\S\n]*exp\s", re.I | re.M),
+    re.compile(r"^[^\S\n]*limit\s+\d+\s+to\b", re.I | re.M),
 ]
 
 
@@ -757,9 +760,10 @@ def _merge_text_specs(specs: List[FieldSpec]) -> List[FieldSpec]:
 # ----------------------------------------------------------------------------- lines
 
 _LABEL = re.compile(r"^\s*(#?)(\d+)([.):]?)\s+(?=\S)")
-_OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+?)\s*$", re.I)
-_OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+?)\s*$", re.I)
-_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})\s*(?:-\s*(\d{4}|current)?)?\s*"?$', re.I)
+# (groups 2 take trailing whitespace with them: callers strip it)
+_OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+)$", re.I)
+_OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+)$", re.I)
+_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})(?:\s*-\s*(\d{4}|current)?)?\s*"?$', re.I)
 
 
 def _split_lines(text: str) -> List[Tuple[int, str]]:
