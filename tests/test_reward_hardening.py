@@ -245,3 +245,14 @@ def test_query_with_a_lone_surrogate_is_a_query_syntax_error_without_a_search():
     assert result["error"] == "query_syntax" and "not valid Unicode at position 8" in result["error_detail"]
     assert engine.calls == [] and result["score"] == -3.0
     assert parse_answer(wrap('{"query": "aspirin \\ud83d\\ude00"}')).query == "aspirin \U0001F600"  # a valid pair
+
+
+def test_python_literal_fallback_does_not_print_syntax_warnings():
+    """Found by the fuzz test: odd literals made Python's parser print a SyntaxWarning per answer."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parsed = parse_answer("<answer>{'query': 'a' if 1else 'b'}</answer>")
+    assert parsed.error == "json"
+    assert not [w for w in caught if issubclass(w.category, SyntaxWarning)]

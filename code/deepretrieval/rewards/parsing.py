@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import json
 import string
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -155,8 +156,11 @@ def _decode_object(text: str) -> Tuple[Optional[Any], str]:
     if candidate is None:
         return None, f"unbalanced JSON object ({json_error})"
     try:
-        # single-quoted keys/strings, trailing commas: a Python literal reads them without guessing
-        value = ast.literal_eval(candidate)
+        # single-quoted keys/strings, trailing commas: a Python literal reads them without guessing;
+        # Python's parser warns about odd literals ("1e"), which would print once per bad answer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            value = ast.literal_eval(candidate)
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None, f"invalid JSON ({json_error})"
     return value, ""
