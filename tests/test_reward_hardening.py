@@ -40,9 +40,9 @@ class RecordingEngine(SearchEngine):
 
 
 def timed(fn, *args):
-    start = time.perf_counter()
+    start = time.process_time()
     value = fn(*args)
-    return value, time.perf_counter() - start
+    return value, time.process_time() - start
 
 
 def wrap(answer_body: str) -> str:

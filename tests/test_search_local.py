@@ -286,10 +286,10 @@ def test_queries_at_the_depth_limit_run_even_deep_in_a_stack(small_engine, query
     "#" + "1" * 5000,  # found by the fuzz test: int() of a 5000-digit line number raised ValueError
 ])
 def test_too_deep_or_too_large_queries_are_syntax_errors_quickly(small_engine, query):
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(QuerySyntaxError):
         small_engine.search(query, k=10)
-    assert time.perf_counter() - start < 3
+    assert time.process_time() - start < 3
 
 
 def _title_df(term):
@@ -332,10 +332,10 @@ def test_wildcard_phrases_from_the_issue_are_refused_quickly(pubmed_mini):
     letters = "abcdefghijklmnopqrstuvwxyz"
     query = " OR ".join(f'"{letters[i % 26]}* {letters[(i * 7 + 3) % 26]}*"' for i in range(64))
     assert len(query) == 700
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(QuerySyntaxError, match="too expensive"):
         pubmed_mini.search(query)
-    assert time.perf_counter() - start < 3
+    assert time.process_time() - start < 3
     # phrases of frequent words: 1000 of them took 12 s
     with pytest.raises(QuerySyntaxError, match="too expensive"):
         pubmed_mini.search(" OR ".join(['"of the"'] * 999))

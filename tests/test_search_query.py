@@ -309,9 +309,9 @@ def _parse_seconds(query, repeats=2):
 
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         root = parse(query).root
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best, root
 
 
@@ -329,14 +329,14 @@ def test_long_or_chain_parses_in_linear_time(monkeypatch):
 def test_many_lines_parse():
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()
     chain = ["a"] + [f"#{i} OR b" for i in range(1, 300)]
     with pytest.raises(QuerySyntaxError, match=f"line {MAX_QUERY_DEPTH + 1} is more than"):
         parse("\n".join(chain))  # line i = Or(#(i-1), b) is i levels deep with references inlined
     flat = ["a"] + ["#1 b"] * 3000 + ["#1 OR #3000"]
     q = parse("\n".join(flat))
     assert len(q.lines) == 3001 and words(q.root) == ("OR", "#1", "#3000")
-    assert time.perf_counter() - start < 10
+    assert time.process_time() - start < 10
 
 
 def _reference_fold(operands, ops):
@@ -427,9 +427,9 @@ def test_rewritten_regexes_match_the_former_ones(text):
 def test_whitespace_runs_parse_in_linear_time(query):
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         parse(query)
     except QuerySyntaxError:
         pass
-    assert time.perf_counter() - start < 2  # quadratic: 10+ s at this size
+    assert time.process_time() - start < 2  # quadratic: 10+ s at this size
