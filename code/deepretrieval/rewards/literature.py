@@ -3,10 +3,12 @@
     score = format_part + answer_part
 
     format_part  = format_score (+1)        if the tags are right (parsing.check_format)
-                 = format_penalty (-4)      otherwise; then there is no search and answer_part = 0
+                 = format_penalty (-4)      otherwise, or a response over parsing.MAX_RESPONSE_CHARS
+                                            (error "too_long"); then there is no search and answer_part = 0
     answer_part  = tier(recall@K)           recall@K = |top-K retrieved ∩ targets| / |targets|
                  = answer_error_penalty (-4)   no JSON object / no "query" string / blank query
-                 = query_syntax_penalty (-4)   the engine rejected the query (the model's fault)
+                 = query_syntax_penalty (-4)   the engine rejected the query, or it is longer than
+                                               parsing.MAX_QUERY_CHARS (the model's fault)
     tier(r)      = 5 if r >= 0.7, 4 if r >= 0.5, 3 if r >= 0.4, 1 if r >= 0.3, 0.5 if r >= 0.1,
                    0.1 if r >= 0.05, else -3.5                 (thresholds inclusive)
 
@@ -50,6 +52,7 @@ from deepretrieval.rewards.parsing import (
     ERROR_NONE,
     ERROR_QUERY_SYNTAX,
     ERROR_SEARCH_UNAVAILABLE,
+    ERROR_TOO_LONG,
     check_format,
     parse_answer,
 )
@@ -288,14 +291,17 @@ def prepare_sample(
     reasoning_default = not (extra_info and extra_info.get("prompt_style") == "no_reason")
     reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
     think_in_prompt = _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
-    format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
     parsed = parse_answer(solution_str)
+    if parsed.error == ERROR_TOO_LONG:  # over the length budget: not checked further, scored as bad format
+        format_ok, format_detail = False, parsed.detail
+    else:
+        format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
     filters: Dict[str, Any] = {}
     if source.use_pub_date and extra_info and extra_info.get("pub_date"):
         filters["max_date"] = str(extra_info["pub_date"])
     if not format_ok:
         # the original never searched a badly formatted response; the parsed query is still logged
-        error, detail = ERROR_FORMAT, format_detail
+        error, detail = (ERROR_TOO_LONG if parsed.error == ERROR_TOO_LONG else ERROR_FORMAT), format_detail
     else:
         error, detail = parsed.error, parsed.detail
     return PreparedSample(
@@ -341,8 +347,10 @@ def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> D
         "search_time_s": 0.0,
         "cached": False,
     }
-    if sample.error == ERROR_FORMAT:
+    if sample.error in (ERROR_FORMAT, ERROR_TOO_LONG):
         pass
+    elif sample.error == ERROR_QUERY_SYNTAX:  # a query over the length budget, rejected before any search
+        result["answer_score"] = scoring.query_syntax_penalty
     elif sample.error != ERROR_NONE:
         result["answer_score"] = scoring.answer_error_penalty
     elif outcome is None:
@@ -485,7 +493,7 @@ def compute_score(
     """verl's reward signature: score one decoded response.
 
     Returns a dict with `score`, `format_ok`, `query`, `recall` (None when the search was
-    unavailable), `n_retrieved`, `error` (none | format | json | empty_query | query_syntax |
+    unavailable), `n_retrieved`, `error` (none | too_long | format | json | empty_query | query_syntax |
     search_unavailable), `tier` (recall threshold reached; 0.0 below all; None without recall),
     `format_score`, `answer_score`, `search_unavailable`, `error_detail`, `search_time_s`, `cached`.
     """

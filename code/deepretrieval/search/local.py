@@ -26,6 +26,13 @@ tantivy's own query parser):
   excluded by any date condition.
 - Ranking: BM25 (tantivy's) over the documents the Boolean query matches; a term searched in
   several fields scores the sum of its per-field BM25; `total` counts every match.
+- Cost budget: while the tantivy query is built, the postings it will read are estimated from
+  the index's document frequencies (`COST_*`: a positional posting of a phrase or proximity
+  search costs more than a plain one, and every expanded term has a fixed cost); a query over
+  `max_query_cost` (default `DEFAULT_MAX_QUERY_COST`, about 1-2 s on one core) is rejected with
+  a `QuerySyntaxError` before anything runs. Proximity searches expand to at most
+  `MAX_PROXIMITY_VARIANTS` phrase variants, checked before they are built. Any query the parser
+  accepts is within `query.MAX_QUERY_DEPTH`, so compiling it never reaches the recursion limit.
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ TEXT_FIELDS = Q.ALL_FIELDS
 KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
 MAX_EXPANDED_NODES = 2_000  # tantivy copies a reused sub-query wherever it is referenced; CLEF max is 314
 DEFAULT_MAX_EXPANSIONS = 600  # PubMed's documented cap on variants of a truncated term
+MAX_PROXIMITY_VARIANTS = 2_000  # phrase variants one proximity (adjN) search may expand to
+# Estimated cost of a query, in units of one posting read by a term query (measured on
+# pubmed_mini: ~0.015-0.04 us per term posting, ~0.15-0.25 us per positional posting of a
+# phrase / regex phrase, ~6 us per term query built for an expanded truncation).
+COST_POSTING = 1
+COST_POSITION_POSTING = 10
+COST_TERM = 400
+DEFAULT_MAX_QUERY_COST = 50_000_000
 
 
 def build_schema() -> tantivy.Schema:
@@ -339,6 +354,25 @@ class _Compiler:
         self.ovid = parsed.dialect == "ovid"
         self.warnings: List[str] = []
         self.memo: Dict[Tuple[int, bool], Optional[tantivy.Query]] = {}
+        self.cost = 0
+
+    def charge(self, cost: int, pos: int) -> None:
+        """Add to the estimated cost of the query; over the engine's budget: QuerySyntaxError."""
+        self.cost += int(cost)
+        if self.cost > self.e.max_query_cost:
+            raise self.error(
+                f"query too expensive for the local index: it would read more than {self.e.max_query_cost:,} "
+                "postings (estimated from term frequencies); use fewer or more specific phrases and "
+                "truncated terms (longer prefixes)", pos)
+
+    def token_postings(self, field: str, tok: str) -> int:
+        """Postings of an analysed token in `field`: its document frequency, or for a wildcard
+        token the sum over every term its regex matches (what a regex phrase query reads)."""
+        if not self.is_wild(tok):
+            return self.e._doc_freq(field, tok)
+        prefix = tok.split("\x00", 1)[0]
+        pattern = None if re.fullmatch(r"[^\x00]*\x00\*", tok) else re.compile(self.to_regex(tok) + r"\Z")
+        return self.e._prefix_postings(field, prefix, pattern)
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
@@ -352,6 +386,9 @@ class _Compiler:
         """Analyse like the index; wildcards survive as sentinels -> markers '*', '?', '#', '$N'."""
         protected = text
         if "$" in protected:
+            limited = re.search(r"\$(\d{3,})", protected)
+            if limited:  # Ovid limited truncation: $N allows up to N more characters
+                raise self.error(f"limited truncation ${limited.group(1)[:12]} allows at most 99 characters", pos)
             protected = re.sub(r"\$(\d+)", lambda m: f"qqzlim{m.group(1)}qqz", protected)
         for ch, sentinel in _SENTINELS.items():
             if ch in ("?", "#") and not self.ovid:
@@ -389,28 +426,33 @@ class _Compiler:
         return "".join(out)
 
     # -- leaves
-    def expand(self, field: str, tok: str) -> List[str]:
+    def expand(self, field: str, tok: str, pos: int) -> List[str]:
         prefix = tok.split("\x00", 1)[0]
         pattern = None if re.fullmatch(r"[^\x00]*\x00\*", tok) else re.compile(self.to_regex(tok) + r"\Z")
-        terms, capped = self.e._expand(field, prefix, pattern)
+        terms, capped, postings = self.e._expand(field, prefix, pattern)
+        self.charge(COST_TERM * len(terms) + COST_POSTING * postings, pos)
         if capped:
             self.warn(f"truncated term {prefix}* has more than {self.e.max_expansions} variants in {field}; "
                       f"the {self.e.max_expansions} most frequent were searched")
         return terms
 
-    def term_in_field(self, field: str, toks: List[str], slop: int) -> Optional[tantivy.Query]:
+    def term_in_field(self, field: str, toks: List[str], slop: int, pos: int) -> Optional[tantivy.Query]:
         schema = self.e.schema
         if len(toks) == 1:
             tok = toks[0]
             if not self.is_wild(tok):
+                self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, tok), pos)
                 return tantivy.Query.term_query(schema, field, tok)
-            terms = self.expand(field, tok)
+            terms = self.expand(field, tok, pos)
             if not terms:
                 return None
             if len(terms) == 1:
                 return tantivy.Query.term_query(schema, field, terms[0])
             return tantivy.Query.boolean_query(
                 [(tantivy.Occur.Should, tantivy.Query.term_query(schema, field, t)) for t in terms])
+        self.charge(COST_TERM * len(toks), pos)
+        for tok in toks:  # token by token: an expensive phrase stops at the first token over budget
+            self.charge(COST_POSITION_POSTING * self.token_postings(field, tok), pos)
         if any(self.is_wild(t) for t in toks):
             return tantivy.Query.regex_phrase_query(schema, field, [self.to_regex(t) for t in toks], slop)
         return tantivy.Query.phrase_query(schema, field, toks, slop)
@@ -424,7 +466,7 @@ class _Compiler:
         if not toks:
             self.warn(f"{node.text!r} has no searchable characters and was ignored")
             return None
-        parts = [q for q in (self.term_in_field(f, toks, slop) for f in fields) if q is not None]
+        parts = [q for q in (self.term_in_field(f, toks, slop, node.pos) for f in fields) if q is not None]
         if not parts:
             return tantivy.Query.empty_query()
         if len(parts) == 1:
@@ -433,10 +475,11 @@ class _Compiler:
         # disjunction-max here, with the same match set
         return tantivy.Query.boolean_query([(tantivy.Occur.Should, p) for p in parts])
 
-    def keyword(self, field: str, value: str, wildcard: bool = False) -> tantivy.Query:
+    def keyword(self, field: str, value: str, wildcard: bool = False, pos: int = 0) -> tantivy.Query:
         value = re.sub(r"\s+", " ", value.strip().lower())
         if wildcard:
-            terms, capped = self.e._expand(field, value, None)
+            terms, capped, postings = self.e._expand(field, value, None)
+            self.charge(COST_TERM * len(terms) + COST_POSTING * postings, pos)
             if capped:
                 self.warn(f"{value}* matched more than {self.e.max_expansions} headings; "
                           f"the {self.e.max_expansions} most frequent were searched")
@@ -444,6 +487,7 @@ class _Compiler:
                 return tantivy.Query.empty_query()
             return tantivy.Query.boolean_query(
                 [(tantivy.Occur.Should, tantivy.Query.term_query(self.e.schema, field, t)) for t in terms])
+        self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, value), pos)
         return tantivy.Query.term_query(self.e.schema, field, value)
 
     def heading(self, node: Q.Heading) -> tantivy.Query:
@@ -453,14 +497,14 @@ class _Compiler:
         if node.kind == "pt":
             if not meta.get("has_pt", True):
                 self.warn("this index has no publication types: [pt] matches nothing")
-            return self.keyword("pt_kw", node.name, node.wildcard)
+            return self.keyword("pt_kw", node.name, node.wildcard, node.pos)
         if node.kind in ("mesh", "majr") and not meta.get("has_mesh", True):
             self.warn("this index has no MeSH headings: MeSH searches match nothing")
         if node.kind == "sh":
             name = Q.OVID_SUBHEADINGS.get(node.name.lower(), node.name)
             if not meta.get("has_qualifiers"):
                 self.warn("this index has no MeSH subheadings: [sh] matches nothing")
-            return self.keyword("sh_kw", name, node.wildcard)
+            return self.keyword("sh_kw", name, node.wildcard, node.pos)
         if node.explode:
             self.warn(f"MeSH explosion is not available locally (no MeSH tree): exp {node.name} "
                       "searches that heading only")
@@ -469,7 +513,7 @@ class _Compiler:
             self.warn("this index has no major-topic data: [majr] / *Heading searched as [mh]")
             kind = "mesh"
         field = "majr_kw" if kind == "majr" else "mesh_kw"
-        base = self.keyword(field, node.name, node.wildcard)
+        base = self.keyword(field, node.name, node.wildcard, node.pos)
         if not node.qualifiers:
             return base
         if not meta.get("has_qualifiers"):
@@ -489,14 +533,26 @@ class _Compiler:
             toks = self.tokens(node.text, node.pos)
             return [toks] if toks else []
         if isinstance(node, Q.Or):
-            return [alt for item in node.items for alt in self.near_alternatives(item)]
+            alts = []
+            for item in node.items:
+                alts += self.near_alternatives(item)
+                self.check_variants(len(alts), node.pos)
+            return alts
         if isinstance(node, Q.Near):
             left, right = self.near_alternatives(node.left), self.near_alternatives(node.right)
+            self.check_variants(len(left) * len(right) * (1 if node.ordered else 2), node.pos)
             out = [l + r for l in left for r in right]
             if not node.ordered:
                 out += [r + l for l in left for r in right]
             return out
         raise self.error("only words, phrases and OR-groups can stand inside a proximity (adj) search", node.pos)
+
+    def check_variants(self, n: int, pos: int) -> None:
+        """Proximity searches expand to phrase variants (nested adjN multiply them): bounded
+        before they are built, so a chain of adjN costs linear time, not exponential."""
+        if n > MAX_PROXIMITY_VARIANTS:
+            raise self.error(f"proximity search expands to more than {MAX_PROXIMITY_VARIANTS} phrase variants "
+                             f"({n} or more)", pos)
 
     def near_fields(self, node: Q.Node) -> Tuple[str, ...]:
         if isinstance(node, Q.Text):
@@ -515,13 +571,23 @@ class _Compiler:
         if not left or not right:
             return None
         left_r, right_r = self._merge_alternatives(left), self._merge_alternatives(right)
+        factor = 1 if node.ordered else 2
+        self.check_variants(len(left_r) * len(right_r) * factor, node.pos)
         seqs = [l + r for l in left_r for r in right_r]
         if not node.ordered:
             seqs += [r + l for l in left_r for r in right_r]
-        if len(seqs) > 2000:
-            raise self.error(f"proximity search expands to {len(seqs)} phrase variants (limit 2000)", node.pos)
+        fields = self.near_fields(node)
+        for field in fields:
+            # every variant reads the positions of all its tokens (merged single words: all of
+            # them), so each alternative on one side is read once per variant of the other side;
+            # charged token by token, so an expensive query stops at the first token over budget
+            self.charge(COST_TERM * len(seqs), node.pos)
+            for alts, times in ((left, factor * len(right_r)), (right, factor * len(left_r))):
+                for alt in alts:
+                    for tok in alt:
+                        self.charge(COST_POSITION_POSTING * times * self.token_postings(field, tok), node.pos)
         clauses = []
-        for field in self.near_fields(node):
+        for field in fields:
             for seq in dict.fromkeys(tuple(s) for s in seqs):
                 slop = node.distance + max(0, len(seq) - 2)
                 clauses.append((tantivy.Occur.Should,
@@ -605,7 +671,7 @@ class LocalSearchEngine(SearchEngine):
     name = "local"
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
-                 expansion_cache_size: int = 50_000, **_ignored: Any):
+                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST, **_ignored: Any):
         self.index_dir = Path(index_dir)
         self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
         try:
@@ -617,7 +683,8 @@ class LocalSearchEngine(SearchEngine):
         self.searcher = self.index.searcher()
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
-        self._cache: Dict[Tuple[str, str, Optional[str]], Tuple[List[str], bool]] = {}
+        self.max_query_cost = int(max_query_cost)
+        self._cache: Dict[Tuple[str, str, Optional[str]], Any] = {}
         self._cache_size = expansion_cache_size
         self._lock = threading.Lock()
         if _ignored:
@@ -634,29 +701,53 @@ class LocalSearchEngine(SearchEngine):
     def num_docs(self) -> int:
         return self.searcher.num_docs
 
-    def _expand(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> Tuple[List[str], bool]:
-        key = (field, prefix, pattern.pattern if pattern is not None else None)
+    def _cached(self, key: Tuple[str, str, Optional[str]], compute: Any) -> Any:
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        if pattern is None:
-            found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
-        else:
-            found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
-        capped = len(found) > self.max_expansions
-        terms = [t for t, _ in found[: self.max_expansions]]  # sorted by document frequency
+        value = compute()
         with self._lock:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[key] = (terms, capped)
-        return terms, capped
+            self._cache[key] = value
+        return value
+
+    def _expand(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> Tuple[List[str], bool, int]:
+        """The `max_expansions` most frequent terms of `field` with `prefix` (matching `pattern`),
+        whether the cap cut some, and the postings of the kept terms (sum of document frequencies)."""
+
+        def compute() -> Tuple[List[str], bool, int]:
+            if pattern is None:
+                found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
+            else:
+                found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
+            kept = found[: self.max_expansions]  # sorted by document frequency
+            return [t for t, _ in kept], len(found) > self.max_expansions, sum(int(c) for _, c in kept)
+
+        return self._cached((field, prefix, pattern.pattern if pattern is not None else None), compute)
+
+    def _prefix_postings(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> int:
+        """Postings of every term of `field` with `prefix` (matching `pattern`): no cap, as a
+        regex phrase query reads them all."""
+
+        def compute() -> int:
+            return sum(int(c) for t, c in self.searcher.terms_with_prefix(field, prefix)
+                       if pattern is None or pattern.match(t))
+
+        return self._cached(("postings:" + field, prefix, pattern.pattern if pattern is not None else None), compute)
+
+    def _doc_freq(self, field: str, term: str) -> int:
+        return int(self.searcher.doc_freq(field, term))
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
         return tantivy.Query.range_query(self.schema, "pub_date", tantivy.FieldType.Integer, lo, hi)
 
     def compile(self, query: str) -> Tuple[tantivy.Query, Q.Query, List[str]]:
-        """Parse and build the tantivy query; returns (query, parsed tree, warnings)."""
+        """Parse and build the tantivy query; returns (query, parsed tree, warnings).
+
+        Every failure is a QuerySyntaxError: the parser's budgets, the expanded size, the cost
+        budget, and (defensively) tantivy rejecting a query it was given or a recursion limit."""
         parsed = Q.parse(query)
         size = Q.expanded_size(parsed)
         if size > MAX_EXPANDED_NODES:
@@ -664,7 +755,15 @@ class LocalSearchEngine(SearchEngine):
                 f"query too complex: its line references expand to {size} clauses (limit {MAX_EXPANDED_NODES})",
                 0, query)
         comp = _Compiler(self, parsed)
-        tq = comp.compile(parsed.root)
+        try:
+            tq = comp.compile(parsed.root)
+        except RecursionError as exc:  # the parser bounds depth; this only guards against its own bugs
+            raise QuerySyntaxError(f"query nested too deeply for the local engine ({exc})", 0, query) from exc
+        except (ValueError, OverflowError, re.error) as exc:
+            if isinstance(exc, QuerySyntaxError):
+                raise
+            # tantivy (or a regular expression) refusing a query it was given
+            raise QuerySyntaxError(f"query not accepted by the local index ({exc})", 0, query) from exc
         warnings = list(parsed.warnings) + comp.warnings
         if tq is None:
             warnings.append("the query has no searchable terms")
