@@ -88,6 +88,9 @@ class SearchCache(SQLiteStore):
 
 
 def _decode(data: Any) -> SearchResult:
+    """A stored entry -> SearchResult; TypeError for anything not written by `put`."""
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or not isinstance(data.get("total"), int):
+        raise TypeError("not a stored search result")
     result = SearchResult.from_dict(data)
     result.cached = True
     return result
