@@ -11,6 +11,10 @@ Guarantees that hold for every sub-command (docs/reliability.md):
 - Start-up imports only what the parser needs: the command modules keep their heavy imports
   (torch, transformers, ray, pandas) inside the functions that use them, so `search` and
   `index` never load them (tests/test_cli_startup.py checks it).
+
+`deepretrieval train key=value ...` is the PPO/GRPO trainer, the same entry as
+`python -m deepretrieval.trainer.main_ppo key=value ...` (kept for verl users): the arguments
+are Hydra overrides passed through unchanged, and the trainer is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -82,23 +86,56 @@ def error_line(message: Any) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
+TRAIN_USAGE = """usage: deepretrieval train [--cfg] [key=value ...]
+
+Train a query writer with PPO / GRPO. The arguments are Hydra overrides of the trainer's
+configuration, exactly as for `python -m deepretrieval.trainer.main_ppo`; e.g.
+  deepretrieval train data.train_files=train.parquet actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B-Instruct
+--cfg prints the composed configuration and exits. The trainer's own help follows.
+"""
+
+
+def register_train(subparsers: Any) -> None:
+    """`deepretrieval train key=value ...`: every argument goes to the trainer (see `run_train`)."""
+    sub = subparsers.add_parser(
+        "train", add_help=False, usage="deepretrieval train [--cfg] [key=value ...]",
+        help="train a query writer with PPO/GRPO (Hydra key=value overrides; `train --help` explains)")
+    sub.add_argument("overrides", nargs=argparse.REMAINDER)
+    sub.set_defaults(func=run_train, pass_unknown_args=True)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run the trainer's entry point (`trainer/main_ppo.py:main`) on the overrides; its exit code:
+    0 success, 2 configuration error (one line on stderr), 1 run failure, 130 interrupted."""
+    if any(a in ("-h", "--help") for a in args.overrides):
+        print(TRAIN_USAGE)
+    from deepretrieval.trainer.main_ppo import main as train_main
+
+    return train_main(list(args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepretrieval",
         description="Train LLM query writers with RL on search recall: build indexes, search, "
-        "prepare data, evaluate, run the quickstart.",
+        "prepare data, train, evaluate, run the quickstart.",
     )
     parser.add_argument("--version", action="version", version=f"deepretrieval {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks of internal errors)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    register_train(subparsers)
     return parser
 
 
 def _run(argv: Optional[List[str]]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # options of the trainer (`train --cfg`) belong to it; elsewhere they are errors
+        if not getattr(args, "pass_unknown_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = unknown + list(args.overrides)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
