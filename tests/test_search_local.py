@@ -101,6 +101,21 @@ def test_result_shape_and_k(small_engine):
     assert make_engine("local", index_dir=small_engine.index_dir).search("aspirin", k=5).total == 4
 
 
+@pytest.mark.parametrize("k", [-1, 100_001, 10**12, 2**64, pytest.param(10**5000, id="5001-digits"), 2.5, "100", None, True])
+def test_k_out_of_range_is_a_value_error_not_an_abort(small_engine, k):
+    # tantivy allocates k result slots up front: k = 10**12 used to abort the whole process (rc 134)
+    with pytest.raises(ValueError, match="k must be"):
+        small_engine.search("aspirin", k=k)
+
+
+def test_k_at_the_limits(small_engine):
+    from deepretrieval.search.base import MAX_K
+
+    assert small_engine.search("aspirin", k=0).ids == []
+    assert small_engine.search("aspirin", k=MAX_K).ids == small_engine.search("aspirin", k=1000).ids
+    assert small_engine.search("aspirin", k=3.0).k == 3  # an integral float is accepted
+
+
 def test_warnings_for_unavailable_fields(small_engine):
     res = small_engine.search("aspirin[majr]")
     assert set(res.ids) == {"d1", "d2", "d3", "d7"}  # no major-topic data: searched as [mh]

@@ -51,7 +51,7 @@ import tantivy
 
 from deepretrieval.data.paths import INDEX_META_FILE
 from deepretrieval.search import query as Q
-from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
+from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
                                          parse_date)
 
@@ -782,7 +782,7 @@ class LocalSearchEngine(SearchEngine):
             if (min_date and lo is None) or (max_date and hi is None):
                 raise ValueError(f"invalid date filter min_date={min_date!r} max_date={max_date!r} (use YYYY/MM/DD)")
             tq = tantivy.Query.boolean_query([(tantivy.Occur.Must, tq), (tantivy.Occur.Must, self._date_query(lo, hi))])
-        k = max(0, int(k))
+        k = check_k(k)
         try:
             res = self.searcher.search(tq, limit=max(k, 1), count=True)
         except ValueError as exc:  # e.g. a regex phrase with too many expansions
