@@ -152,3 +152,41 @@ def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = Tru
         order = "".join(tags)
         return False, f"tags out of order (expected {order})"
     return True, ""
+
+
+# ---------------------------------------------------------------- strict reading (the original's)
+
+ERROR_EMPTY_ANSWER = "empty_answer"
+
+
+def parse_answer_strict(text: str) -> ParsedAnswer:
+    """Read the query the way the original DeepRetrieval reward did: the last `<answer>` block,
+    stripped, must be exactly one JSON document (`json.loads`, strict: no code fence, no text
+    around it, no single quotes, trailing comma, raw newline/tab inside a string, second object
+    or Python literal) holding an object with a `query` string.
+
+    Error classes: `format` (no answer block), `empty_answer` (a blank block: the original did not
+    search it and gave it answer score 0, not a penalty), `json` (anything json.loads or the
+    `query` lookup rejects), `empty_query` (a blank query string)."""
+    if not isinstance(text, str):
+        return ParsedAnswer(None, ERROR_FORMAT, None, "response is not text")
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    stripped = block.strip()
+    if not stripped:
+        return ParsedAnswer(None, ERROR_EMPTY_ANSWER, block, "blank <answer> block")
+    try:
+        value = json.loads(stripped)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        return ParsedAnswer(None, ERROR_JSON, block, f"not one strict JSON document ({exc})")
+    if not isinstance(value, dict):
+        return ParsedAnswer(None, ERROR_JSON, block, "answer is not a JSON object")
+    if "query" not in value:
+        return ParsedAnswer(None, ERROR_JSON, block, 'no "query" key')
+    query = value["query"]
+    if not isinstance(query, str):
+        return ParsedAnswer(None, ERROR_JSON, block, '"query" is not a string')
+    if not query.strip():
+        return ParsedAnswer(None, ERROR_EMPTY_QUERY, block, "blank query")
+    return ParsedAnswer(query.strip(), ERROR_NONE, block)
