@@ -211,8 +211,9 @@ def _check_source_entry(path: str, name: str, entry: Any, engine: Optional[str])
         raise RewardConfigError(path, f"a source section must be a mapping of keys, got {entry!r}")
     engine = entry.get("engine", engine)
     if engine is None:
-        raise RewardConfigError(f"{path}.engine", f"source {name!r} is not a known source; a new source needs "
-                                f"engine= (one of {', '.join(sorted(_ENGINE_REGISTRY))})")
+        raise RewardConfigError(f"{path}.engine", f"reward source {name!r} has no engine: it is not a known source "
+                                f"({', '.join(sorted(DEFAULT_SOURCES))}); a new source needs engine= (one of "
+                                f"{', '.join(sorted(_ENGINE_REGISTRY))})")
     if engine not in _ENGINE_REGISTRY:
         raise RewardConfigError(f"{path}.engine", f"unknown search engine {engine!r}; known: {', '.join(sorted(_ENGINE_REGISTRY))}")
     reserved = set(SOURCE_KEYS) | set(ScoringConfig.field_names())
