@@ -192,7 +192,8 @@ class RewardConfigError(ValueError):
 
 
 def engine_parameters(engine: str) -> Optional[Tuple[str, ...]]:
-    """Constructor parameters of a registered engine (None when it takes **kwargs)."""
+    """Constructor parameters of a registered engine (None when it takes **kwargs it uses; a
+    catch-all named `_...`, such as the local engine's `**_ignored`, accepts nothing from a config)."""
     import importlib
     import inspect
 
@@ -201,9 +202,9 @@ def engine_parameters(engine: str) -> Optional[Tuple[str, ...]]:
         module_name, _, attr = target.partition(":")
         target = getattr(importlib.import_module(module_name), attr)
     params = inspect.signature(target).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD and not p.name.startswith("_") for p in params):
         return None
-    return tuple(p.name for p in params if p.name != "self")
+    return tuple(p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def _check_source_entry(path: str, name: str, entry: Any, engine: Optional[str]) -> None:
