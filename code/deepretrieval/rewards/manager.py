@@ -9,7 +9,7 @@ at once), and finally scores every sample from its search. Per-sample results ar
 Metrics (for the whole batch as `reward/<name>`, and per data source as `reward/<ds>/<name>`):
   mean, recall_mean, recall_ge_{70,50,40,30,10,5}_ratio      over samples whose search was not
                                                              unavailable (errors count as recall 0)
-  format_error_ratio, json_error_ratio, empty_query_ratio, query_syntax_error_ratio,
+  format_error_ratio, json_error_ratio, empty_query_ratio, empty_answer_ratio (strict_json), query_syntax_error_ratio,
   search_error_ratio (= search_unavailable), search_unavailable_count   over all samples
   query_len_mean (characters), unique_query_ratio            over samples with a parsed query
   search_cache_hit_ratio (engine cache hits / searches run), searches, search_time_s (wall time
@@ -39,6 +39,7 @@ from deepretrieval.rewards.literature import (
     run_search,
 )
 from deepretrieval.rewards.parsing import (
+    ERROR_EMPTY_ANSWER,
     ERROR_EMPTY_QUERY,
     ERROR_FORMAT,
     ERROR_JSON,
@@ -78,6 +79,7 @@ def compute_reward_metrics(results: Sequence[Mapping[str, Any]], prefix: str = "
         format_error_ratio=_ratio([e == ERROR_FORMAT for e in errors]),
         json_error_ratio=_ratio([e == ERROR_JSON for e in errors]),
         empty_query_ratio=_ratio([e == ERROR_EMPTY_QUERY for e in errors]),
+        empty_answer_ratio=_ratio([e == ERROR_EMPTY_ANSWER for e in errors]),  # strict_json only
         query_syntax_error_ratio=_ratio([e == ERROR_QUERY_SYNTAX for e in errors]),
         search_error_ratio=_ratio([e == ERROR_SEARCH_UNAVAILABLE for e in errors]),
         search_unavailable_count=float(sum(e == ERROR_SEARCH_UNAVAILABLE for e in errors)),
