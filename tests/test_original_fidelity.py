@@ -318,6 +318,8 @@ def test_trainer_rejects_bad_reward_keys_and_ignored_compat_values():
         (["actor_rollout_ref.hybrid_engine=false"], "actor_rollout_ref.hybrid_engine"),
         (["trainer.max_critic_ckpt_to_keep=2"], "trainer.max_critic_ckpt_to_keep"),
         (["actor_rollout_ref.actor.clip_ratio_c=1.0"], "actor_rollout_ref.actor.clip_ratio_c"),
+        (["critic.model.tokenizer_path=other"], "critic.model.tokenizer_path"),
+        (["custom_reward_function.name=my_score"], "custom_reward_function.name"),
     ]
     for extra, key in cases:
         with pytest.raises(ConfigError) as info:

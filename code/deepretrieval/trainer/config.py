@@ -310,6 +310,13 @@ def _check_compat_keys(cfg: DictConfig) -> None:
         if value not in [sorted(a) if isinstance(a, list) else a for a in accepted]:
             shown = " or ".join(repr(a) for a in accepted)
             raise ConfigError(key, f"is accepted for verl compatibility with the value {shown} only: {why}; got {value!r}")
+    tok_path = _get(cfg, "critic.model.tokenizer_path")
+    if tok_path is not None and tok_path != _get(cfg, "actor_rollout_ref.model.path"):
+        raise ConfigError("critic.model.tokenizer_path", "the critic reads the actor's tokens: only null or the value of "
+                          f"actor_rollout_ref.model.path is accepted (set data.tokenizer for another tokenizer); got {tok_path!r}")
+    if _get(cfg, "custom_reward_function.path") is None and _get(cfg, "custom_reward_function.name") != "compute_score":
+        raise ConfigError("custom_reward_function.name", "has no effect without custom_reward_function.path "
+                          "(the python file that defines it)")
     critic_keep = _get(cfg, "trainer.max_critic_ckpt_to_keep")
     if critic_keep is not None and critic_keep != _get(cfg, "trainer.max_actor_ckpt_to_keep"):
         raise ConfigError("trainer.max_critic_ckpt_to_keep", "checkpoints hold both roles: set "
@@ -335,7 +342,6 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found; returns None when the config can run."""
     _check_unknown(cfg, default_config())
     _check_reward_section(cfg)
-    _check_compat_keys(cfg)
 
     for key in ("data.train_files", "actor_rollout_ref.model.path"):
         if OmegaConf.is_missing(cfg, key) or _get(cfg, key) in (None, "", []):
@@ -344,6 +350,7 @@ def validate_config(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # interpolation errors name the key in their message
         raise ConfigError(getattr(exc, "full_key", "?") or "?", f"cannot be resolved: {exc}") from None
+    _check_compat_keys(cfg)
 
     device = _one_of(cfg, "trainer.device", ("auto", "cuda", "cpu"))
     if device == "cuda":
