@@ -69,12 +69,13 @@ from deepretrieval.rewards.parsing import (
     ERROR_FORMAT,
     ERROR_NONE,
     ERROR_QUERY_SYNTAX,
-    ERROR_SEARCH_UNAVAILABLE,
     ERROR_EMPTY_ANSWER,
+    ERROR_SEARCH_UNAVAILABLE,
     check_format,
     parse_answer,
     parse_answer_strict,
 )
+from deepretrieval.search.base import ENGINES as _ENGINE_REGISTRY
 from deepretrieval.search.base import (
     QuerySyntaxError,
     SearchEngine,
@@ -82,7 +83,6 @@ from deepretrieval.search.base import (
     SearchUnavailable,
     make_engine,
 )
-from deepretrieval.search.base import ENGINES as _ENGINE_REGISTRY
 
 logger = logging.getLogger(__name__)
 
