@@ -67,4 +67,6 @@ def test_original_style_frame_and_raw_rows():
                          "\nAssistant: Let me solve this step by step. \n<think>\n")
     assert prompts.is_raw_frame({"extra_info": {"prompt_style": "original"}})
     assert prompts.is_raw_frame({"data_source": "literature", "ability": "literature_mining"})
+    assert prompts.is_raw_frame({"data_source": "pubmed", "ability": "literature_mining"})  # later original files
+    assert not prompts.is_raw_frame({"data_source": "pubmed", "ability": "literature_search"})
     assert not prompts.is_raw_frame({"data_source": "pubmed", "extra_info": {"prompt_style": "reasoning"}})

@@ -215,11 +215,17 @@ def build_original_prompt(pico_text: str) -> str:
     )
 
 
+# `ability` of the rows written by the original DeepRetrieval preprocessing (every version: data
+# source "literature" in the paper's code, "pubmed"/"ctgov" later); its dataset fed their prompt
+# text to the tokenizer as it was (any chat-template tokens are written into the text).
+ORIGINAL_ABILITY = "literature_mining"
+
+
 def is_raw_frame(row: Dict[str, object]) -> bool:
     """Whether a parquet row's stored prompt is the complete model input (no chat template): rows of
     the `original` style, and rows written by the original DeepRetrieval preprocessing
-    (`data_source="literature"`, `ability="literature_mining"`)."""
+    (`ability="literature_mining"`)."""
     extra = row.get("extra_info") or {}
     if isinstance(extra, dict) and extra.get("prompt_style") in RAW_FRAME_STYLES:
         return True
-    return row.get("data_source") == "literature" and row.get("ability") == "literature_mining"
+    return row.get("ability") == ORIGINAL_ABILITY
