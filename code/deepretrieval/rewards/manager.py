@@ -15,9 +15,9 @@ source without a reward source, an unknown engine) still raise: they are not one
 Metrics (for the whole batch as `reward/<name>`, and per data source as `reward/<ds>/<name>`):
   mean, recall_mean, recall_ge_{70,50,40,30,10,5}_ratio      over samples whose search was not
                                                              unavailable (errors count as recall 0)
-  format_error_ratio, too_long_ratio, json_error_ratio, empty_query_ratio, query_syntax_error_ratio,
-  search_error_ratio (= search_unavailable), search_unavailable_count, reward_error_ratio,
-  reward_error_count                                         over all samples
+  format_error_ratio, too_long_ratio, json_error_ratio, empty_query_ratio, empty_answer_ratio
+  (strict_json), query_syntax_error_ratio, search_error_ratio (= search_unavailable),
+  search_unavailable_count, reward_error_ratio, reward_error_count      over all samples
   query_len_mean (characters), unique_query_ratio            over samples with a parsed query
   search_cache_hit_ratio (engine cache hits / searches run), searches, search_time_s (wall time
   of the search phase), search_time_mean_s (per search)
@@ -48,6 +48,7 @@ from deepretrieval.rewards.literature import (
     run_search,
 )
 from deepretrieval.rewards.parsing import (
+    ERROR_EMPTY_ANSWER,
     ERROR_EMPTY_QUERY,
     ERROR_FORMAT,
     ERROR_JSON,
@@ -90,6 +91,7 @@ def compute_reward_metrics(results: Sequence[Mapping[str, Any]], prefix: str = "
         too_long_ratio=_ratio([e == ERROR_TOO_LONG for e in errors]),
         json_error_ratio=_ratio([e == ERROR_JSON for e in errors]),
         empty_query_ratio=_ratio([e == ERROR_EMPTY_QUERY for e in errors]),
+        empty_answer_ratio=_ratio([e == ERROR_EMPTY_ANSWER for e in errors]),  # strict_json only
         query_syntax_error_ratio=_ratio([e == ERROR_QUERY_SYNTAX for e in errors]),
         search_error_ratio=_ratio([e == ERROR_SEARCH_UNAVAILABLE for e in errors]),
         search_unavailable_count=float(sum(e == ERROR_SEARCH_UNAVAILABLE for e in errors)),

@@ -166,19 +166,18 @@ def _decode_object(text: str) -> Tuple[Optional[Any], str]:
     return value, ""
 
 
-def parse_answer(text: str) -> ParsedAnswer:
-    """Read the query from the last `<answer>` block of a response."""
+def _check_text(text: Any) -> Optional[ParsedAnswer]:
+    """The classification of a response that is not parsed at all (not text, over the length budget)."""
     if not isinstance(text, str):
         return ParsedAnswer(None, ERROR_FORMAT, None, "response is not text")
     if len(text) > MAX_RESPONSE_CHARS:
         return ParsedAnswer(None, ERROR_TOO_LONG, None,
                             f"response is {len(text)} characters long (limit {MAX_RESPONSE_CHARS})")
-    block = extract_answer_block(text)
-    if block is None:
-        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
-    value, problem = _decode_object(_strip_fence(block))
-    if problem:
-        return ParsedAnswer(None, ERROR_JSON, block, problem)
+    return None
+
+
+def _read_query(value: Any, block: str) -> ParsedAnswer:
+    """The `query` string of a decoded answer object, checked against the query budgets."""
     if not isinstance(value, dict):
         return ParsedAnswer(None, ERROR_JSON, block, "answer is not a JSON object")
     if "query" not in value:
@@ -200,6 +199,20 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(query, ERROR_NONE, block)
 
 
+def parse_answer(text: str) -> ParsedAnswer:
+    """Read the query from the last `<answer>` block of a response."""
+    unparsed = _check_text(text)
+    if unparsed:
+        return unparsed
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    value, problem = _decode_object(_strip_fence(block))
+    if problem:
+        return ParsedAnswer(None, ERROR_JSON, block, problem)
+    return _read_query(value, block)
+
+
 def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = True) -> Tuple[bool, str]:
     """Tags once each and in order; returns (ok, reason). See the module docstring."""
     if not isinstance(text, str):
@@ -217,3 +230,34 @@ def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = Tru
         order = "".join(tags)
         return False, f"tags out of order (expected {order})"
     return True, ""
+
+
+# ---------------------------------------------------------------- strict reading (the original's)
+
+ERROR_EMPTY_ANSWER = "empty_answer"
+
+
+def parse_answer_strict(text: str) -> ParsedAnswer:
+    """Read the query the way the original DeepRetrieval reward did: the last `<answer>` block,
+    stripped, must be exactly one JSON document (`json.loads`, strict: no code fence, no text
+    around it, no single quotes, trailing comma, raw newline/tab inside a string, second object
+    or Python literal) holding an object with a `query` string.
+
+    Error classes: `format` (no answer block), `empty_answer` (a blank block: the original did not
+    search it and gave it answer score 0, not a penalty), `json` (anything json.loads or the
+    `query` lookup rejects), `empty_query` (a blank query string); the length budgets of the lenient
+    reading apply too (`too_long`, and `query_syntax` for an over-long or invalid-Unicode query)."""
+    unparsed = _check_text(text)
+    if unparsed:
+        return unparsed
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    stripped = block.strip()
+    if not stripped:
+        return ParsedAnswer(None, ERROR_EMPTY_ANSWER, block, "blank <answer> block")
+    try:
+        value = json.loads(stripped)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so are 4,300+ digit ints
+        return ParsedAnswer(None, ERROR_JSON, block, f"not one strict JSON document ({exc})")
+    return _read_query(value, block)

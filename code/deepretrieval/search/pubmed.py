@@ -10,7 +10,10 @@ already seen (a server ignoring `retstart`) is a broken service: `http.PagingErr
 
 Dates: `min_date` / `max_date` ("YYYY", "YYYY/MM" or "YYYY/MM/DD") filter on publication
 date (`datetype=pdat`). NCBI needs both bounds; a missing one is filled with
-`OPEN_MIN_DATE` / `OPEN_MAX_DATE`.
+`open_min_date` (default `OPEN_MIN_DATE`; the original DeepRetrieval sent 1970/01/01) /
+`OPEN_MAX_DATE`. Order: `sort` (default relevance); `sort=None` (or "none") sends no sort
+parameter, i.e. NCBI's default order, as the original did: when a query matches more than k
+records, which k are kept depends on it.
 
 Answer (HTTP 200, `esearchresult`): `count` -> `total`, `idlist` -> `ids`,
 `querytranslation` -> `query_translation`; `errorlist.phrasesnotfound/fieldsnotfound` and
@@ -167,6 +170,7 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
         pool_size: int = 32,
         deadline: Optional[float] = DEFAULT_DEADLINE_S,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        open_min_date: str = OPEN_MIN_DATE,
     ):
         self._remember_options(locals())
         base = base_url or os.environ.get(URL_ENV) or DEFAULT_URL
@@ -178,7 +182,9 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
             self._options["api_key"] = self._api_key  # the pickled options print as *** too
         self.tool = tool
         self.email = email
-        self.sort = sort
+        self.sort = None if sort is None or str(sort).lower() in ("", "none") else str(sort)
+        parse_date(open_min_date, "open_min_date")
+        self.open_min_date = open_min_date
         self.page_size = max(1, min(int(page_size), MAX_RETRIEVABLE))
         self.post_threshold = post_threshold
         self.rate_limit = rate_limit if rate_limit is not None else (RATE_WITH_KEY if self._api_key else RATE_WITHOUT_KEY)
@@ -215,6 +221,8 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
     def _cache_identity(self, filters: Dict[str, Any]) -> Dict[str, Any]:
         ident = dict(filters)
         ident["sort"] = self.sort
+        if self.open_min_date != OPEN_MIN_DATE:  # cache keys of the default floor stay as they were
+            ident["open_min_date"] = self.open_min_date
         return ident
 
     def _date_params(self, filters: Dict[str, Any]) -> Dict[str, str]:
@@ -222,7 +230,7 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
         if lo is None and hi is None:
             return {}
         bounds = []
-        for value, name, open_value in ((lo, "min_date", OPEN_MIN_DATE), (hi, "max_date", OPEN_MAX_DATE)):
+        for value, name, open_value in ((lo, "min_date", self.open_min_date), (hi, "max_date", OPEN_MAX_DATE)):
             if value is None:
                 bounds.append(open_value)
                 continue
@@ -263,7 +271,9 @@ class PubMedSearchEngine(LiveSearchEngine, SearchEngine):
             warnings.append(
                 f"PubMed esearch cannot return records past {MAX_RETRIEVABLE:,}; k={k} was clamped to {MAX_RETRIEVABLE}"
             )
-        base: Dict[str, str] = {"db": "pubmed", "term": query, "retmode": "json", "sort": self.sort}
+        base: Dict[str, str] = {"db": "pubmed", "term": query, "retmode": "json"}
+        if self.sort is not None:
+            base["sort"] = self.sort
         base.update(self._date_params(filters))
         if self.tool:
             base["tool"] = self.tool
