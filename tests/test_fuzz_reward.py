@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepretrieval.rewards.literature import compute_score
@@ -76,9 +76,9 @@ def runs(text, limit=40):
     return out, len(text)
 
 
-def check_response(engine, text):
+def check_response(engine, text, config=None):
     start = time.process_time()
-    result = compute_score("pubmed_mini", text, ["d1", "d3"], INFO, engine=engine)
+    result = compute_score("pubmed_mini", text, ["d1", "d3"], INFO, config=config, engine=engine)
     seconds = time.process_time() - start
     assert result["error"] in ALLOWED, (result["error"], result["error_detail"], runs(text))
     assert isinstance(result["score"], float) and math.isfinite(result["score"])
@@ -97,6 +97,15 @@ _LONG = settings(max_examples=3000, deadline=None,
 @given(text=RESPONSES)
 def test_fuzz_compute_score(engine, text):
     check_response(engine, text)
+
+
+@_FAST
+@given(text=RESPONSES)
+@example(text="<think>x</think>\n<answer>  </answer>")
+@example(text='<think>x</think>\n<answer>' + "[" * 5000 + '</answer>')
+def test_fuzz_compute_score_strict_json(engine, text):
+    # the original's strict reading (json.loads) under the same budgets and invariants
+    check_response(engine, text, config={"strict_json": True})
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ ERROR_JSON = "json"
 ERROR_EMPTY_QUERY = "empty_query"
 ERROR_QUERY_SYNTAX = "query_syntax"
 ERROR_SEARCH_UNAVAILABLE = "search_unavailable"
+ERROR_EMPTY_ANSWER = "empty_answer"  # a blank <answer> block, strict (original) reading only
 ERROR_REWARD = "reward_error"  # scoring one sample raised unexpectedly (a bug): dropped, not scored
 ERROR_CLASSES = (
     ERROR_NONE,
@@ -58,6 +59,7 @@ ERROR_CLASSES = (
     ERROR_JSON,
     ERROR_EMPTY_QUERY,
     ERROR_QUERY_SYNTAX,
+    ERROR_EMPTY_ANSWER,
     ERROR_SEARCH_UNAVAILABLE,
     ERROR_REWARD,
 )
@@ -233,9 +235,6 @@ def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = Tru
 
 
 # ---------------------------------------------------------------- strict reading (the original's)
-
-ERROR_EMPTY_ANSWER = "empty_answer"
-
 
 def parse_answer_strict(text: str) -> ParsedAnswer:
     """Read the query the way the original DeepRetrieval reward did: the last `<answer>` block,
