@@ -56,3 +56,17 @@ def test_format_pico():
     assert prompts.format_pico({"P": " adults ", "I": "aspirin", "C": None, "O": "stroke"}) == (
         "P: adults\nI: aspirin\nC: \nO: stroke"
     )
+
+
+def test_original_style_frame_and_raw_rows():
+    style = prompts.get_style("original")
+    assert style.think_in_prompt and style.assistant_prefix == "Let me solve this step by step. \n<think>\n"
+    text = prompts.build_original_prompt(prompts.format_pico_original({"P": "a", "I": "b", "C": None, "O": "d"}))
+    assert text.startswith(prompts.BASE_PREAMBLE + "\n\nThe Assistant is a clinical specialist.")
+    assert text.endswith("User: The research is defined by the following PICO:\nP: a\nI: b\nC: None\nO: d\n"
+                         "\nAssistant: Let me solve this step by step. \n<think>\n")
+    assert prompts.is_raw_frame({"extra_info": {"prompt_style": "original"}})
+    assert prompts.is_raw_frame({"data_source": "literature", "ability": "literature_mining"})
+    assert prompts.is_raw_frame({"data_source": "pubmed", "ability": "literature_mining"})  # later original files
+    assert not prompts.is_raw_frame({"data_source": "pubmed", "ability": "literature_search"})
+    assert not prompts.is_raw_frame({"data_source": "pubmed", "extra_info": {"prompt_style": "reasoning"}})

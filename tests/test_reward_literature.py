@@ -431,3 +431,15 @@ def test_configuration_errors_raise_but_missing_index_is_unavailable(tmp_path):
         assert result["error"] == "search_unavailable" and result["search_unavailable"]
     finally:
         literature.clear_engines()
+
+
+def test_strict_parser_accepts_only_one_json_document():
+    from deepretrieval.rewards.parsing import parse_answer_strict
+
+    assert parse_answer_strict('<answer> {"query": "a"} </answer>').query == "a"
+    for block in ("{'query': 'a'}", '```json\n{"query": "a"}\n```', '{"query": "a",}', 'x {"query": "a"}',
+                  '{"query": "a\nb"}', '{"query": "a"}{"query": "b"}'):
+        parsed = parse_answer_strict(f"<answer>{block}</answer>")
+        assert parsed.error == "json" and parse_answer(f"<answer>{block}</answer>").error == "none", block
+    assert parse_answer_strict("<answer> </answer>").error == "empty_answer"
+    assert parse_answer_strict("no tags").error == "format"

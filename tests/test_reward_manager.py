@@ -277,3 +277,112 @@ def test_manager_with_pubmed_client_on_loopback_fake(tmp_path):
             assert by_query["other query"]["search_unavailable"] and by_query["other query"]["score"] == 0.0
         finally:
             literature.clear_engines()
+
+
+# ---------------------------------------------------------------- one bad sample never fails a step
+
+
+def _adversarial_texts():
+    """Answers from issue #19 that used to raise in compute_score (or blow up), and the class each
+    must get now."""
+    deep = '{"query": "a", "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    big_int = '{"query": "a", "n": ' + "1" * 5000 + "}"
+    wrap = "thinking\n</think>\n<answer>{}</answer>".format
+    return [
+        (wrap(deep), "json"),
+        (wrap(big_int), "none"),
+        (wrap('{"query": "' + "a " * 15_000 + '"}'), "query_syntax"),  # 30k characters: over the budget
+        ("<answer>" * 20_000, "too_long"),
+        (wrap("```" + " " * 2000 + "x"), "json"),
+    ]
+
+
+def test_adversarial_answers_are_classified_and_counted(engines):
+    mini, _ = engines
+    texts, expected = zip(*_adversarial_texts())
+    manager = RewardManager(None)
+    results = manager.score_texts(list(texts), ["pubmed_mini"] * len(texts), [GT] * len(texts), [INFO] * len(texts))
+    assert [r["error"] for r in results] == list(expected)
+    assert [r["score"] for r in results] == [-3.0, 6.0, -3.0, -4.0, -3.0]  # "a" finds 3 of 4 targets: 1 + 5
+    assert [q for q, _, _ in mini.calls] == ["a"]
+    metrics = manager.metrics(results, ["pubmed_mini"] * len(texts))
+    assert metrics["reward/too_long_ratio"] == pytest.approx(1 / 5)
+    assert metrics["reward/json_error_ratio"] == pytest.approx(2 / 5)
+    assert metrics["reward/query_syntax_error_ratio"] == pytest.approx(1 / 5)
+    assert metrics["reward/reward_error_count"] == 0.0
+
+
+def test_an_exception_for_one_sample_is_a_counted_reward_error(engines, monkeypatch, caplog):
+    from deepretrieval.rewards import manager as manager_module
+
+    real_prepare, real_finish = manager_module.prepare_sample, manager_module.finish_sample
+
+    def prepare(data_source, text, *rest):
+        if "boom" in text:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_prepare(data_source, text, *rest)
+
+    def finish(sample, outcome):
+        if sample.query == "b":
+            raise ValueError("bad finish")
+        return real_finish(sample, outcome)
+
+    monkeypatch.setattr(manager_module, "prepare_sample", prepare)
+    monkeypatch.setattr(manager_module, "finish_sample", finish)
+    texts = [ans("a"), ans("boom"), ans("b"), ans("boom2"), ans("a")]
+    manager = RewardManager(None)
+    with caplog.at_level("DEBUG", logger="deepretrieval.rewards.manager"):
+        results = manager.score_texts(texts, ["pubmed_mini"] * 5, [GT] * 5, [INFO] * 5)
+    assert [r["error"] for r in results] == ["none", "reward_error", "reward_error", "reward_error", "none"]
+    assert [r["score"] for r in results] == [6.0, 0.0, 0.0, 0.0, 6.0]
+    assert [r["search_unavailable"] for r in results] == [False, True, True, True, False]  # left out of the update
+    assert results[1]["error_detail"].startswith("RecursionError: maximum recursion")
+    metrics = manager.metrics(results, ["pubmed_mini"] * 5)
+    assert metrics["reward/reward_error_count"] == 3.0
+    assert metrics["reward/reward_error_ratio"] == pytest.approx(3 / 5)
+    assert metrics["reward/mean"] == 6.0  # dropped samples do not dilute the mean
+    # logged once per exception class (with traceback), then only at debug level
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and {r.exc_info[0] for r in errors} == {RecursionError, ValueError}
+    manager.score_texts([ans("boom")], ["pubmed_mini"], [GT], [INFO])
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2
+
+
+def test_a_custom_compute_score_that_raises_is_a_reward_error():
+    def custom(data_source, solution_str, ground_truth, extra_info):
+        if solution_str == "bad":
+            raise KeyError("boom")
+        return 1.5
+
+    manager = RewardManager(None, compute_score=custom)
+    results = manager.score_texts(["ok", "bad"], ["pubmed_mini"] * 2, [GT] * 2, [INFO] * 2)
+    assert [r["score"] for r in results] == [1.5, 0.0]
+    assert [r["error"] for r in results] == ["none", "reward_error"]
+    assert results[1]["search_unavailable"] is True
+
+
+def test_setup_mistakes_still_raise(engines):
+    with pytest.raises(KeyError, match="no reward source"):
+        RewardManager(None).score_texts([ans("a")], ["no_such_source"], [GT], [INFO])
+
+
+def test_too_deep_queries_are_penalised_not_dropped_with_the_local_engine(tmp_path):
+    """Queries nested 400+ deep used to be search_unavailable (a RecursionError taken as the
+    service's fault, sample dropped); now they are the model's fault: query_syntax."""
+    from pathlib import Path
+
+    from deepretrieval.search.local import LocalSearchEngine, build_index
+
+    build_index(Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl", tmp_path / "idx", progress=False)
+    literature.set_engine("pubmed_mini", LocalSearchEngine(tmp_path / "idx"))
+    try:
+        queries = ["(" * 400 + "aspirin" + ")" * 400, "aspirin" + " NOT stroke" * 500,
+                   "aspirin" + " AND stroke OR warfarin" * 300, "aspirin"]
+        texts = [ans(q) for q in queries]
+        results = RewardManager(None).score_texts(texts, ["pubmed_mini"] * 4, [GT] * 4, [INFO] * 4)
+        assert [r["error"] for r in results] == ["query_syntax"] * 3 + ["none"]
+        assert [r["search_unavailable"] for r in results] == [False] * 4
+        assert [r["score"] for r in results[:3]] == [-3.0] * 3
+        assert "nested" in results[0]["error_detail"] and "nested too deeply" in results[1]["error_detail"]
+    finally:
+        literature.set_engine("pubmed_mini", None)

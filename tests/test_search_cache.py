@@ -1,18 +1,14 @@
-"""Persistent SQLite search cache: keys, TTL, counters, recovery, threads and processes."""
+"""The search cache: keys, serialisation, TTL, counters, engines. Storage (recovery, threads,
+processes) is the shared store's, tested in tests/test_cache_store.py."""
 
-import logging
 import sqlite3
-import subprocess
-import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from deepretrieval.search.base import SearchResult, SearchUnavailable
-from deepretrieval.search.cache import SearchCache, cache_key, normalize_query, resolve_cache
+from deepretrieval.search.cache import DEFAULT_TTL_S, SearchCache, cache_key, normalize_query, resolve_cache
 from deepretrieval.search.fakes import FakeCTGovServer, FakePubMedServer, Fault
 from deepretrieval.search.pubmed import PubMedSearchEngine
 from deepretrieval.search.ctgov import CTGovSearchEngine
@@ -54,12 +50,6 @@ def test_put_get_and_counters(tmp_path):
     assert SearchCache(tmp_path / "c.sqlite").get("k1").ids == ["1", "2"]
 
 
-def test_wal_mode(tmp_path):
-    SearchCache(tmp_path / "c.sqlite")
-    mode = sqlite3.connect(tmp_path / "c.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
-
-
 def test_ttl(tmp_path):
     cache = SearchCache(tmp_path / "c.sqlite", ttl=60)
     cache.put("old", result(["1"]))
@@ -70,37 +60,6 @@ def test_ttl(tmp_path):
     conn.close()
     assert cache.get("old") is None and cache.get("new").ids == ["2"]
     assert SearchCache(tmp_path / "c.sqlite").get("old").ids == ["1"]  # no ttl: still there
-
-
-def test_corrupt_file_is_moved_aside(tmp_path, caplog):
-    path = tmp_path / "c.sqlite"
-    garbage = b"this is not a database" * 200
-    path.write_bytes(garbage)
-    with caplog.at_level(logging.WARNING):
-        cache = SearchCache(path)
-    assert cache.enabled and "unreadable" in caplog.text
-    aside = list(tmp_path.glob("c.sqlite.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_bytes() == garbage
-    cache.put("k", result(["9"]))
-    assert cache.get("k").ids == ["9"]
-
-
-def test_directory_in_the_way_is_moved_aside(tmp_path):
-    path = tmp_path / "c.sqlite"
-    path.mkdir()
-    cache = SearchCache(path)
-    cache.put("k", result(["1"]))
-    assert cache.get("k").ids == ["1"] and path.is_file()
-
-
-def test_unusable_location_disables_cache_but_run_goes_on(tmp_path, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with caplog.at_level(logging.WARNING):
-        cache = SearchCache(blocker / "sub" / "c.sqlite")
-    assert not cache.enabled and "disabled" in caplog.text
-    cache.put("k", result(["1"]))
-    assert cache.get("k") is None and len(cache) == 0
 
 
 def test_resolve_cache(tmp_path, monkeypatch):
@@ -126,48 +85,6 @@ def test_one_cache_root_for_everything(tmp_path, monkeypatch):
     assert resolve_cache(True).path == root / "search_cache.sqlite"
 
 
-def test_threads_share_one_cache(tmp_path):
-    cache = SearchCache(tmp_path / "c.sqlite")
-    errors = []
-
-    def work(t):
-        try:
-            for i in range(40):
-                cache.put(f"{t}-{i}", result([str(i)]))
-                assert cache.get(f"{t}-{i}").ids == [str(i)]
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(cache) == 240 and cache.stats()["hits"] == 240
-
-
-def test_processes_share_one_cache(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / 'code')!r})
-        from deepretrieval.search.base import SearchResult, SearchUnavailable
-        from deepretrieval.search.cache import SearchCache
-        cache = SearchCache({str(tmp_path / 'c.sqlite')!r})
-        me = int(sys.argv[1])
-        for i in range(60):
-            cache.put(f"{{me}}-{{i}}", SearchResult(ids=[str(i)], total=1, engine="pubmed"))
-            other = cache.get(f"{{(me + 1) % 3}}-{{i}}")
-            assert other is None or other.ids == [str(i)]
-        assert cache.stats()["errors"] == 0, cache.stats()
-        """
-    )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)]) for n in range(3)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
-    cache = SearchCache(tmp_path / "c.sqlite")
-    assert len(cache) == 180 and cache.get("2-59").ids == ["59"]
-
-
 def test_engines_use_the_cache(tmp_path):
     path = tmp_path / "c.sqlite"
     kw = dict(cache=path, rate_limit=0, ratelimit_dir=tmp_path, backoff_base=0.01, max_retries=1)
@@ -190,3 +107,76 @@ def test_engines_use_the_cache(tmp_path):
         ct.search("asthma AND copd", k=20, max_date="2010")
         assert ct.search("asthma AND copd", k=20, max_date="2010").cached  # not confused with PubMed's entry
         assert len(srv.requests) == 1
+
+
+# -- expiry (issue #19) -------------------------------------------------------------------------
+class Clock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_default_expiry_and_fake_clock(tmp_path):
+    clock = Clock()
+    cache = SearchCache(tmp_path / "c.sqlite", clock=clock)
+    assert cache.ttl == DEFAULT_TTL_S == 7 * 24 * 3600
+    cache.put("a", result(["1"]))
+    clock.now += DEFAULT_TTL_S
+    assert cache.get("a").ids == ["1"]  # exactly ttl old: still fresh
+    clock.now += 1
+    assert cache.get("a") is None
+    cache.put("a", result(["2"]))  # re-fetched and overwritten
+    assert cache.get("a").ids == ["2"]
+    clock.now -= 3600  # the clock stepped back an hour: the entry is "from the future"
+    assert cache.get("a") is None
+    forever = SearchCache(tmp_path / "f.sqlite", ttl=float("inf"), clock=clock)
+    forever.put("b", result(["3"]))
+    clock.now += 1e9
+    assert forever.get("b").ids == ["3"]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="ttl"):
+            SearchCache(tmp_path / "x.sqlite", ttl=bad)
+
+
+def test_engine_refetches_expired_entries(tmp_path):
+    clock = Clock()
+    cache = SearchCache(tmp_path / "c.sqlite", ttl=60, clock=clock)
+    with FakePubMedServer() as srv:
+        engine = PubMedSearchEngine(base_url=srv.url, cache=cache, rate_limit=0, ratelimit_dir=tmp_path)
+        assert not engine.search("asthma", k=5).cached
+        assert engine.search("asthma", k=5).cached and len(srv.requests) == 1
+        clock.now += 61
+        again = engine.search("asthma", k=5)
+        assert not again.cached and len(srv.requests) == 2
+        assert engine.search("asthma", k=5).cached and len(srv.requests) == 2  # refreshed entry
+        assert engine.config()["cache_ttl"] == 60
+
+
+def test_self_contradicting_result_is_not_stored(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    cache.put("glitch", SearchResult(ids=[], total=125, engine="pubmed", query="q", k=10))
+    cache.put("zero", SearchResult(ids=[], total=0, engine="pubmed", query="q", k=10))
+    assert cache.get("glitch") is None and cache.get("zero").ids == [] and len(cache) == 1
+
+
+def test_search_cache_file_of_the_old_layout_is_rebuilt(tmp_path):
+    path = tmp_path / "c.sqlite"  # before the shared store the table had an `engine` column
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE results (key TEXT PRIMARY KEY, engine TEXT NOT NULL, value TEXT NOT NULL,"
+                 " created REAL NOT NULL)")
+    conn.execute("INSERT INTO results VALUES ('k', 'pubmed', '{}', 0)")
+    conn.commit()
+    conn.close()
+    cache = SearchCache(path)
+    assert cache.enabled and len(cache) == 0
+    cache.put("k", result(["1"]))
+    assert cache.get("k").ids == ["1"] and cache.stats()["errors"] == 0
+
+
+def test_unreadable_entry_is_a_miss(tmp_path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    cache.put_json("k", {"ids": "not a list of ids", "total": "many"})  # written by something else
+    cache.put_json("j", [1, 2])
+    assert cache.get("k") is None and cache.get("j") is None and cache.stats()["misses"] == 2

@@ -182,3 +182,45 @@ def test_env_base_url_and_registry(monkeypatch, server, tmp_path):
     assert engine.search("diabetes", k=3).ids == NCT[:3]
     assert "CTGov" in repr(engine) and engine.config()["engine"] == "ctgov"
     assert CTGovSearchEngine(cache=False, ratelimit_dir=tmp_path).rate_limit == 1.0
+
+
+# -- paging must advance (issue #19) ----------------------------------------------------------
+@pytest.mark.parametrize("mode,message", [("page", "repeated ids already seen"), ("token", "repeated a nextPageToken")])
+def test_stuck_paging_is_detected(make, mode, message):
+    with FakeCTGovServer(answers={"diabetes": NCT}, stuck_paging=mode) as srv:
+        engine = make(srv, page_size=10)
+        start = time.perf_counter()
+        result = engine.try_search("diabetes", k=100)
+        assert time.perf_counter() - start < 5.0
+        assert result.error["type"] == "search_unavailable" and message in result.error["message"]
+        assert len(srv.requests) == 2 and result.ids == []  # a broken service is not a short result
+
+
+def test_pages_shorter_than_asked_are_followed(make):
+    with FakeCTGovServer(answers={"diabetes": NCT}, page_cap=3) as srv:
+        result = make(srv, page_size=10).search("diabetes", k=20)
+        assert result.ids == NCT[:20] and len(srv.requests) == 7
+
+
+def test_pages_are_bounded_by_k(server, make, monkeypatch):
+    engine = make(server, page_size=10)
+    pages = iter([list(range(10))] + [[100 + i] for i in range(1000)])  # 10 ids, then 1 per page
+
+    def fake_page(params, query, deadline):
+        return {"ids": [f"NCT{i:08d}" for i in next(pages)], "total": 5000, "next_token": f"t{len(params)}-{time.time()}"}
+
+    monkeypatch.setattr(engine, "_page", fake_page)
+    with pytest.raises(SearchUnavailable, match=r"paging did not finish: 4 pages of 10 gave 13 of k=20"):
+        engine.search("diabetes", k=20)  # ceil(20 / 10) + PAGE_SLACK = 4 pages at most
+
+
+def test_inconsistent_empty_page_is_transient(server, make):
+    server.inject(Fault("empty_ids"))
+    engine = make(server)
+    assert engine.search("diabetes", k=10).ids == NCT[:10]
+    assert len(server.requests) == 2 and engine.stats()["http_inconsistent"] == 1
+    with pytest.raises(TransientError, match="inconsistent"):
+        parse_studies_page({"studies": [], "totalCount": 5})
+    with pytest.raises(TransientError, match="inconsistent"):
+        parse_studies_page({"studies": [], "nextPageToken": "abc"})
+    assert parse_studies_page({"studies": [], "totalCount": 0})["ids"] == []  # a real zero

@@ -1,19 +1,22 @@
 """Corpus readers: vendored JSONL, PubMed baseline XML (deletions, revisions), CT.gov v2 JSON."""
 
+import gzip
 import json
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from deepretrieval.search.ingest import (CorpusFormatError, detect_format, iter_records, parse_date,
-                                         read_ctgov, read_pubmed_xml)
-from deepretrieval.search.local import LocalSearchEngine, build_index
+from deepretrieval.search import ingest
+from deepretrieval.search.ingest import (CorpusFormatError, SkipLog, check_date_filter, detect_format, iter_records,
+                                         parse_date, read_ctgov, read_pubmed_xml)
+from deepretrieval.search.local import LocalSearchEngine, build_index, build_summary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 XML = FIXTURES / "pubmed_sample.xml.gz"
 CTGOV_DIR = FIXTURES / "ctgov"
 CTGOV_PAGE = FIXTURES / "ctgov_page.json"
+SMALL_JSONL = FIXTURES / "small_corpus.jsonl"
 
 
 @pytest.mark.parametrize("value,end,expected", [
@@ -146,3 +149,181 @@ def test_bad_inputs_are_classified(tmp_path):
     study.write_text(json.dumps({"protocolSection": {"identificationModule": {}}}))
     with pytest.raises(CorpusFormatError, match="nctId"):
         list(iter_records(study))
+
+
+# ----------------------------------------------------------------------------- bad input (issue 19)
+
+@pytest.mark.parametrize("value,end,expected", [
+    ("2020/13/45", False, None), ("2020/00/10", False, None), ("2021/02/29", False, None),
+    ("2020/02/29", True, 20200229), ("2020/02", True, 20200231), ("2020/04", False, 20200401), ("2005 Foo 12", False, None), (20201345, False, None), (20200230, False, None),
+    (True, False, None), ("2005-03-15T10:00:00Z", False, 20050315), (2005.0, True, 20051231),
+])
+def test_parse_date_rejects_days_that_do_not_exist(value, end, expected):
+    assert parse_date(value, end=end) == expected
+
+
+def test_check_date_filter():
+    assert check_date_filter("2020/2/29") == 20200229 and check_date_filter("2020", end=True) == 20201231
+    assert check_date_filter("2019-02", end=True) == 20190231 and check_date_filter("2019.12.31") == 20191231
+    for bad in ("2020/13/45", "2019/02/29", "2020/1/1x", "2020-01/05", "20", "2005 Mar", "", "2020/1/"):
+        with pytest.raises(ValueError, match="is not a valid date"):
+            check_date_filter(bad, name="--min-date")
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+def doc(i, **extra):
+    return json.dumps({"id": f"g{i}", "title": f"good record {i}", "text": "aspirin", **extra})
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    corpus = write_lines(tmp_path / "mixed.jsonl", [
+        doc(1),
+        "{not json",                                       # invalid JSON
+        "[" * 100_000 + "]" * 100_000,                      # nested too deeply (a list: also not an object)
+        '{"a": ' * 100_000 + "1" + "}" * 100_000,           # nested too deeply
+        "[1, 2]",                                           # not an object
+        json.dumps({"title": "no id"}),                     # no id
+        json.dumps({"id": {"x": 1}, "title": "dict id"}),   # bad id
+        json.dumps({"id": True, "title": "bool id"}),       # bad id
+        json.dumps({"id": "g9", "mesh": 5}),                # mesh is not a list: wrong type
+        b'{"id": "latin", "title": "caf\xe9"}',             # not UTF-8
+        '{"id": "surrogate", "title": "\\ud800"}',          # a lone surrogate tantivy cannot take
+        doc(2),
+        "",
+        doc(3),
+    ])
+    meta = build_index(corpus, tmp_path / "idx", progress=False)
+    assert meta["num_docs"] == 3 and meta["records_added"] == 3
+    assert meta["skipped"] == {"JSON nested too deeply": 2, "bad id": 2, "cannot be indexed": 1,
+                               "fields of the wrong type": 1, "invalid JSON": 1, "no id": 1, "not UTF-8": 1,
+                               "not a JSON object": 1}
+    assert meta["records_read"] == 3 + 10 and meta["duplicates"] == 0
+    assert meta["skipped_examples"][0] == f"{corpus}:2: invalid JSON (Expecting property name enclosed in double " \
+                                          "quotes)"
+    assert set(LocalSearchEngine(tmp_path / "idx").search("aspirin").ids) == {"g1", "g2", "g3"}
+    # strict reading (no SkipLog) still stops at the first bad record, naming file and line
+    with pytest.raises(CorpusFormatError, match=r"mixed.jsonl:2: invalid JSON"):
+        list(iter_records(corpus))
+    skips = SkipLog(max_examples=2)
+    assert [r.id for r in iter_records(corpus, skips=skips)] == ["g1", "surrogate", "g2", "g3"]
+    assert skips.total == 9 and len(skips.examples) == 2
+
+
+def test_overlong_line_is_skipped_without_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 100)
+    corpus = write_lines(tmp_path / "long.jsonl", [doc(1), json.dumps({"id": "big", "text": "x" * 1000}), doc(2)])
+    skips = SkipLog()
+    assert [r.id for r in iter_records(corpus, skips=skips)] == ["g1", "g2"]
+    assert skips.counts == {"line too long": 1} and f"{corpus}:2" in skips.examples[0]
+
+
+def test_duplicate_ids_keep_the_last_record(tmp_path):
+    corpus = write_lines(tmp_path / "dups.jsonl", [
+        json.dumps({"id": "a", "title": "first version"}),
+        json.dumps({"id": "b", "title": "other"}),
+        json.dumps({"id": "a", "title": "second version"}),
+        json.dumps({"id": "a", "title": "third version"}),
+    ])
+    meta = build_index(corpus, tmp_path / "idx", progress=False, batch_size=2)  # a commit between the copies
+    assert meta["num_docs"] == 2 and meta["records_added"] == 4 and meta["duplicates"] == 2
+    e = LocalSearchEngine(tmp_path / "idx")
+    assert e.search("version[ti]").ids == ["a"]  # once, not three times
+    assert e.search('"third version"[ti]').ids == ["a"] and e.search("first[ti] OR second[ti]").ids == []
+    assert any("duplicate ids 2" in line for line in build_summary(meta))
+
+
+def test_truncated_gzip_fails_and_keeps_the_previous_index(tmp_path):
+    lines = [doc(i) for i in range(3000)]
+    full = gzip.compress("\n".join(lines).encode())
+    truncated = tmp_path / "corpus.jsonl.gz"
+    truncated.write_bytes(full[: len(full) // 2])
+    out = tmp_path / "idx"
+    build_index(SMALL_JSONL, out, progress=False)
+    with pytest.raises(CorpusFormatError, match=r"corpus.jsonl.gz: the file is truncated or corrupt after line \d+"):
+        build_index(truncated, out, progress=False)
+    assert LocalSearchEngine(out).num_docs == 8  # the old index is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl.gz", "idx"]  # no partial left
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(full[:20] + bytes(b ^ 0xFF for b in full[20:200]) + full[200:])
+    with pytest.raises(CorpusFormatError, match="truncated or corrupt"):
+        build_index(corrupt, tmp_path / "idx2", progress=False)
+    tiny = tmp_path / "tiny.jsonl.gz"
+    tiny.write_bytes(full[:10])  # not even the first block: format detection itself meets the damage
+    with pytest.raises(CorpusFormatError, match="truncated or corrupt"):
+        build_index(tiny, tmp_path / "idx3", progress=False)
+
+
+def test_truncated_pubmed_xml_fails(tmp_path):
+    data = gzip.decompress(XML.read_bytes())
+    cut = tmp_path / "pubmed_cut.xml.gz"
+    cut.write_bytes(gzip.compress(data)[:-30])
+    with pytest.raises(CorpusFormatError, match="truncated or corrupt|malformed XML"):
+        list(read_pubmed_xml(cut))
+    half = tmp_path / "pubmed_half.xml"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusFormatError, match="malformed XML after"):
+        build_index(half, tmp_path / "idx", progress=False)
+
+
+def test_pubmed_article_with_bad_fields_is_skipped(tmp_path):
+    data = gzip.decompress(XML.read_bytes()).decode()
+    bad = data.replace("<PubDate><Year>2004</Year>", "<PubDate><Year>20O4</Year>", 1)  # letter O: int() fails
+    assert bad != data
+    path = tmp_path / "bad_year.xml"
+    path.write_text(bad)
+    skips = SkipLog()
+    ids = [r.id for r in read_pubmed_xml(path, skips)]
+    assert "10000001" not in ids and len(ids) == 6
+    assert skips.counts == {"fields of the wrong type": 1} and "PMID 10000001" in skips.examples[0]
+
+
+def test_ctgov_bad_files_and_deep_lists(tmp_path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    good = json.loads((CTGOV_DIR / "NCT00000102.json").read_text())
+    (folder / "a.json").write_text(json.dumps([[[[good]]], 5]))  # lists of lists, and a stray number
+    (folder / "b.json").write_text('{"protocolSection": ')  # cut short: one skipped file
+    (folder / "c.json").write_text("[" * 50_000 + "]" * 50_000)  # nested too deeply for json
+    (folder / "d.json").write_text(json.dumps({"protocolSection": {  # a module of the wrong type
+        "identificationModule": {"nctId": "NCT09"}, "descriptionModule": "not an object"}}))
+    (folder / "e.json").write_text(json.dumps({"protocolSection": []}))  # no nctId anywhere
+    skips = SkipLog()
+    assert [r.id for r in iter_records(folder, "ctgov", skips=skips)] == ["NCT00000102"]
+    assert skips.counts == {"JSON nested too deeply": 1, "fields of the wrong type": 1, "invalid JSON": 1,
+                            "no id": 1, "not a study object": 1}
+    zpath = tmp_path / "bulk.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("x/NCT1.json", json.dumps(good))
+        zf.writestr("x/NCT2.json", "{oops")
+    skips = SkipLog()
+    assert [r.id for r in read_ctgov(zpath, skips)] == ["NCT00000102"] and skips.counts == {"invalid JSON": 1}
+    broken_zip = tmp_path / "broken.zip"
+    broken_zip.write_bytes(zpath.read_bytes()[:-60])
+    assert detect_format(broken_zip) == "ctgov"
+    with pytest.raises(CorpusFormatError, match="zip archive without its directory"):
+        list(read_ctgov(broken_zip, SkipLog()))
+
+
+def test_nothing_indexable_is_an_error(tmp_path):
+    corpus = write_lines(tmp_path / "all_bad.jsonl", ["{oops", "[1]", json.dumps({"title": "no id"})])
+    with pytest.raises(CorpusFormatError, match=r"no record could be indexed: 3 skipped \(invalid JSON: 1, no id: 1, "
+                                                r"not a JSON object: 1\); first: .*all_bad.jsonl:1"):
+        build_index(corpus, tmp_path / "idx", progress=False)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_cli_build_summary(tmp_path, capsys):
+    from deepretrieval.cli import main
+
+    corpus = write_lines(tmp_path / "c.jsonl", [doc(1), doc(1), "{oops", doc(2)])
+    assert main(["index", "build", "--corpus", str(corpus), "--out", str(tmp_path / "idx"), "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("indexed 2 documents (jsonl)")
+    assert out[1] == "  records read 4; documents in the index 2"
+    assert out[2] == "  duplicate ids 1: each id is indexed once, from its last record"
+    assert out[3] == "  skipped 1 records (invalid JSON: 1)"
+    assert out[4] == f"    {corpus}:3: invalid JSON (Expecting property name enclosed in double quotes)"

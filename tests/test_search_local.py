@@ -101,6 +101,21 @@ def test_result_shape_and_k(small_engine):
     assert make_engine("local", index_dir=small_engine.index_dir).search("aspirin", k=5).total == 4
 
 
+@pytest.mark.parametrize("k", [-1, 100_001, 10**12, 2**64, pytest.param(10**5000, id="5001-digits"), 2.5, "100", None, True])
+def test_k_out_of_range_is_a_value_error_not_an_abort(small_engine, k):
+    # tantivy allocates k result slots up front: k = 10**12 used to abort the whole process (rc 134)
+    with pytest.raises(ValueError, match="k must be"):
+        small_engine.search("aspirin", k=k)
+
+
+def test_k_at_the_limits(small_engine):
+    from deepretrieval.search.base import MAX_K
+
+    assert small_engine.search("aspirin", k=0).ids == []
+    assert small_engine.search("aspirin", k=MAX_K).ids == small_engine.search("aspirin", k=1000).ids
+    assert small_engine.search("aspirin", k=3.0).k == 3  # an integral float is accepted
+
+
 def test_warnings_for_unavailable_fields(small_engine):
     res = small_engine.search("aspirin[majr]")
     assert set(res.ids) == {"d1", "d2", "d3", "d7"}  # no major-topic data: searched as [mh]
@@ -142,8 +157,8 @@ def test_concurrent_searches_match_sequential(small_engine):
 def test_interrupted_build_leaves_nothing_that_opens(tmp_path, monkeypatch):
     real = ingest.iter_records
 
-    def broken(paths, fmt=None):
-        for i, rec in enumerate(real(paths, fmt)):
+    def broken(paths, fmt=None, **kwargs):
+        for i, rec in enumerate(real(paths, fmt, **kwargs)):
             if i == 3:
                 raise KeyboardInterrupt
             yield rec
@@ -242,3 +257,102 @@ def test_exponential_line_reuse_is_refused_quickly(small_engine):
     with pytest.raises(QuerySyntaxError, match="too complex"):
         small_engine.search("\n".join(lines))
     assert small_engine.search("\n".join(lines[:6])).total == 4  # 2^5 clauses is fine
+
+
+# ----------------------------------------------------------------------------- budgets (issue #19)
+
+import re  # noqa: E402
+import time  # noqa: E402
+
+from deepretrieval.search.local import COST_POSITION_POSTING, COST_TERM  # noqa: E402
+from deepretrieval.search.query import MAX_QUERY_DEPTH  # noqa: E402
+
+ASPIRIN = {"d1", "d2", "d3", "d7"}
+
+
+def _call_with_stack_depth(frames, fn, *args):
+    """fn(*args) called `frames` Python frames deep (a reward computed deep inside a trainer)."""
+    if frames <= 0:
+        return fn(*args)
+    return _call_with_stack_depth(frames - 1, fn, *args)
+
+
+@pytest.mark.parametrize("query", [
+    "(" * MAX_QUERY_DEPTH + "aspirin" + ")" * MAX_QUERY_DEPTH,
+    "aspirin" + "".join(f" NOT zzz{i}" for i in range(MAX_QUERY_DEPTH - 1)),
+    "aspirin" + "".join(" OR zzz" if i % 2 else " AND aspirin" for i in range(MAX_QUERY_DEPTH - 1)),
+    "(((aspirin adj5 stroke) not zzz) and aspirin).tw.",
+])
+def test_queries_at_the_depth_limit_run_even_deep_in_a_stack(small_engine, query):
+    expected = {"d1", "d3"} if "adj5" in query else ASPIRIN
+    res = _call_with_stack_depth(500, small_engine.search, query, 100)
+    assert set(res.ids) == expected
+
+
+@pytest.mark.parametrize("query", [
+    "(" * 330 + "aspirin" + ")" * 330,
+    "(" * 5000 + "aspirin" + ")" * 5000,
+    "aspirin" + " NOT stroke" * 500,
+    "aspirin" + " AND stroke OR warfarin" * 400,
+    "\n".join(["aspirin"] + [f"#{i} NOT x" for i in range(1, 400)]),
+    "(" + " adj2 ".join(["aspirin"] * 40) + ").tw.",  # proximity variants doubled per adj: was exponential
+    "(aspir$999999 adj stroke).tw.",  # a regex tantivy cannot compile
+    "aspirin$100",  # limited truncation is at most $99
+    "#" + "1" * 5000,  # found by the fuzz test: int() of a 5000-digit line number raised ValueError
+])
+def test_too_deep_or_too_large_queries_are_syntax_errors_quickly(small_engine, query):
+    start = time.process_time()
+    with pytest.raises(QuerySyntaxError):
+        small_engine.search(query, k=10)
+    assert time.process_time() - start < 3
+
+
+def _title_df(term):
+    """Titles of the fixture corpus containing `term` (independent of tantivy)."""
+    rows = [json.loads(line) for line in SMALL.open()]
+    return sum(term in re.findall(r"[a-z0-9]+", r["title"].lower()) for r in rows)
+
+
+def _prefix_title_terms(prefix):
+    rows = [json.loads(line) for line in SMALL.open()]
+    terms = {}
+    for r in rows:
+        for t in set(re.findall(r"[a-z0-9]+", r["title"].lower())):
+            if t.startswith(prefix):
+                terms[t] = terms.get(t, 0) + 1
+    return terms
+
+
+def test_cost_budget_is_exact_on_hand_computed_costs(small_engine):
+    aspirin, resistance, stroke = _title_df("aspirin"), _title_df("resistance"), _title_df("stroke")
+    assert (aspirin, resistance, stroke) == (4, 1, 2)
+    random_terms = _prefix_title_terms("random")
+    assert random_terms == {"randomized": 1, "randomization": 1}
+    cases = {
+        "aspirin[ti]": COST_TERM + aspirin,
+        '"aspirin resistance"[ti]': 2 * COST_TERM + COST_POSITION_POSTING * (aspirin + resistance),
+        "random*[ti]": COST_TERM * len(random_terms) + sum(random_terms.values()),
+        '"random* aspirin"[ti]': 2 * COST_TERM + COST_POSITION_POSTING * (sum(random_terms.values()) + aspirin),
+        # adj2 is unordered: 2 phrase variants, each reading both words' positions
+        "(aspirin adj2 stroke).ti.": 2 * COST_TERM + COST_POSITION_POSTING * 2 * (aspirin + stroke),
+    }
+    for query, cost in cases.items():
+        assert LocalSearchEngine(small_engine.index_dir, max_query_cost=cost).search(query).total >= 0
+        with pytest.raises(QuerySyntaxError, match="too expensive"):
+            LocalSearchEngine(small_engine.index_dir, max_query_cost=cost - 1).search(query)
+
+
+def test_wildcard_phrases_from_the_issue_are_refused_quickly(pubmed_mini):
+    """64 OR-ed wildcard phrases (700 characters) took ~9 s on pubmed_mini; now refused at once."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    query = " OR ".join(f'"{letters[i % 26]}* {letters[(i * 7 + 3) % 26]}*"' for i in range(64))
+    assert len(query) == 700
+    start = time.process_time()
+    with pytest.raises(QuerySyntaxError, match="too expensive"):
+        pubmed_mini.search(query)
+    assert time.process_time() - start < 3
+    # phrases of frequent words: 1000 of them took 12 s
+    with pytest.raises(QuerySyntaxError, match="too expensive"):
+        pubmed_mini.search(" OR ".join(['"of the"'] * 999))
+    # specific wildcard phrases stay fine
+    assert pubmed_mini.search('"aspirin* resist*" OR "warfarin* therap*"', k=5).total > 0

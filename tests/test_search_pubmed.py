@@ -14,7 +14,7 @@ import pytest
 
 from deepretrieval.search import QuerySyntaxError, SearchUnavailable, make_engine
 from deepretrieval.search.fakes import FakeAnswer, FakePubMedServer, Fault
-from deepretrieval.search.http import RetryPolicy, parse_retry_after, redact
+from deepretrieval.search.http import RetryPolicy, TransientError, parse_retry_after, redact
 from deepretrieval.search.pubmed import (
     MAX_RETRIEVABLE,
     OPEN_MAX_DATE,
@@ -22,6 +22,7 @@ from deepretrieval.search.pubmed import (
     PubMedSearchEngine,
     classify_esearch_error,
     esearch_warnings,
+    parse_esearch,
 )
 from deepretrieval.search.ratelimit import RateLimiter, credential_tag
 
@@ -421,3 +422,47 @@ def test_bench_script_smoke():
     assert out["concurrent"]["ids"] == 4 * 20
     assert out["cache_rerun"]["cached"] == 4 and out["cache_rerun"]["server_requests"] == 0
     assert out["sequential"]["server_requests"] == 8 and out["threads"] == 2
+
+
+# -- inconsistent answers are glitches, not zero-hit results (issue #19) ----------------------
+def test_count_without_ids_is_retried_then_unavailable_and_never_cached(server, make, tmp_path):
+    from deepretrieval.search.cache import SearchCache
+
+    cache = SearchCache(tmp_path / "c.sqlite")
+    engine = make(server, cache=cache, max_retries=3)
+    server.inject(Fault("empty_ids"))
+    assert engine.search("asthma", k=10).ids == IDS[:10]  # one glitch: retried
+    server.inject(*[Fault("empty_ids")] * 4)
+    result = engine.try_search("asthma", k=20)
+    assert result.error["type"] == "search_unavailable"  # dropped, not recall 0
+    assert "inconsistent esearch answer: count 125 but no ids" in result.error["message"]
+    assert len(cache) == 1 and engine.stats()["http_inconsistent"] == 5  # only the good k=10 answer
+    fresh = engine.search("asthma", k=20)
+    assert fresh.ids == IDS[:20] and not fresh.cached
+
+
+def test_parse_esearch_consistency():
+    def payload(count, ids):
+        return {"esearchresult": {"count": str(count), "idlist": ids}}
+
+    with pytest.raises(TransientError, match="inconsistent"):
+        parse_esearch(payload(5, []), "q", retstart=0, retmax=10)
+    with pytest.raises(TransientError, match="inconsistent"):
+        parse_esearch(payload(30, []), "q", retstart=20, retmax=10)
+    assert parse_esearch(payload(0, []), "q", retstart=0, retmax=10)["ids"] == []  # a real zero
+    assert parse_esearch(payload(20, []), "q", retstart=20, retmax=10)["ids"] == []  # past the end
+    assert parse_esearch(payload(5, ["1"]), "q", retstart=0, retmax=10)["count"] == 5
+
+
+def test_page_of_repeated_ids_is_a_paging_error(server, make, monkeypatch):
+    engine = make(server, page_size=10)
+    calls = []
+
+    def same_page(params, query, deadline):  # a server ignoring retstart
+        calls.append(params["retstart"])
+        return {"count": 250, "ids": IDS[:10], "translation": None, "warnings": []}
+
+    monkeypatch.setattr(engine, "_request", same_page)
+    with pytest.raises(SearchUnavailable, match="retstart 10 repeated ids already seen"):
+        engine.search("asthma", k=50)
+    assert calls == ["0", "10"]

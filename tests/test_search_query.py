@@ -1,6 +1,7 @@
 """PubMed / Ovid query parser: precedence, field tags, truncation, line references, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -234,3 +235,201 @@ def test_unmatched_quote_is_ignored_with_warning():
     q = parse('Serology"[MeSH]')
     assert q.root.kind == "mesh" and q.root.name == "Serology"
     assert any("unmatched quotation mark" in w for w in q.warnings)
+
+
+# ----------------------------------------------------------------------------- budgets (issue #19)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from deepretrieval.search import query as query_module  # noqa: E402
+from deepretrieval.search.query import MAX_QUERY_CHARS, MAX_QUERY_DEPTH, expanded_depth  # noqa: E402
+
+
+def test_query_length_budget():
+    at_limit = ("a OR " * MAX_QUERY_CHARS)[:MAX_QUERY_CHARS - 1] + "b"
+    assert len(at_limit) == MAX_QUERY_CHARS
+    assert isinstance(parse(at_limit).root, Or)
+    with pytest.raises(QuerySyntaxError, match=f"{MAX_QUERY_CHARS + 1} characters long \\(limit {MAX_QUERY_CHARS}\\)"):
+        parse(at_limit + "c")
+
+
+def test_parenthesis_depth_budget_names_the_offending_parenthesis():
+    depth = MAX_QUERY_DEPTH
+    assert words(parse("(" * depth + "a" + ")" * depth).root) == "a"
+    with pytest.raises(QuerySyntaxError, match=f"nested more than {depth} deep") as err:
+        parse("x AND " + "(" * (depth + 1) + "a" + ")" * (depth + 1))
+    assert err.value.position == len("x AND ") + depth  # the (depth+1)-th '('
+    with pytest.raises(QuerySyntaxError, match="nested"):
+        parse("(" * 400 + "a" + ")" * 400)  # used to be a RecursionError
+
+
+@pytest.mark.parametrize("op", ["NOT", "AND NOT"])
+def test_chained_not_depth_budget(op):
+    # a NOT b1 NOT b2 ... NOT bk is Not(Not(...(a, b1)...), bk): depth k + 1
+    ok = "a" + "".join(f" {op} b{i}" for i in range(MAX_QUERY_DEPTH - 1))
+    assert parse(ok).root.depth == MAX_QUERY_DEPTH
+    with pytest.raises(QuerySyntaxError, match="nested too deeply"):
+        parse(ok + f" {op} last")
+    with pytest.raises(QuerySyntaxError, match="nested too deeply"):
+        parse("a" + f" {op} b" * 500)
+
+
+def test_alternating_operators_depth_budget():
+    # a AND b OR c AND d ...: each change of operator wraps the tree so far (left to right)
+    query = "a" + "".join(f" {'AND' if i % 2 == 0 else 'OR'} t{i}" for i in range(MAX_QUERY_DEPTH - 1))
+    assert parse(query).root.depth == MAX_QUERY_DEPTH
+    with pytest.raises(QuerySyntaxError, match="nested too deeply"):
+        parse(query + (" OR x" if (MAX_QUERY_DEPTH - 1) % 2 == 0 else " AND x") + " AND y OR z")
+
+
+def test_depth_of_hand_built_trees():
+    a, b = Text(0, "a"), Text(1, "b")
+    assert a.depth == 1 and Ref(0, 1).depth == 1
+    assert And(0, (a, b)).depth == 2
+    assert Not(0, And(0, (a, b)), b).depth == 3
+    assert Or(0, (a, Not(0, a, Near(0, a, b, 1, False)))).depth == 4
+    assert And(0, (a, b)) == And(0, (a, b))  # depth takes no part in equality
+    # references count as the depth of their line
+    assert expanded_depth(Not(0, Ref(0, 1), a), {1: 7}) == 8
+    assert expanded_depth(Or(0, (a, And(0, (Ref(0, 1), b)))), {1: 7}) == 9
+
+
+def test_line_reference_chains_count_towards_depth():
+    # line 1: a; line i: #(i-1) NOT x  ->  line i is i levels deep with references inlined
+    lines = ["a"] + [f"#{i - 1} NOT x{i}" for i in range(2, MAX_QUERY_DEPTH + 1)]
+    q = parse("\n".join(lines))
+    assert len(q.lines) == MAX_QUERY_DEPTH - 1
+    with pytest.raises(QuerySyntaxError, match=f"line {MAX_QUERY_DEPTH + 1} is more than"):
+        parse("\n".join(lines + [f"#{MAX_QUERY_DEPTH} NOT y"]))
+
+
+def _parse_seconds(query, repeats=2):
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        root = parse(query).root
+        best = min(best, time.process_time() - start)
+    return best, root
+
+
+def test_long_or_chain_parses_in_linear_time(monkeypatch):
+    """A 1 MB query took 13.4 s (a tuple copied on every OR: quadratic). With the length budget
+    lifted, 4x the operands must cost well under 16x the time (linear: ~4x)."""
+    monkeypatch.setattr(query_module, "MAX_QUERY_CHARS", 2_000_000)
+    small, root = _parse_seconds(" OR ".join(["a"] * 10_000))
+    assert isinstance(root, Or) and len(root.items) == 10_000 and root.depth == 2
+    large, root = _parse_seconds(" OR ".join(["a"] * 40_000))
+    assert len(root.items) == 40_000
+    assert large / small < 10, (small, large)
+
+
+def test_many_lines_parse():
+    import time
+
+    start = time.process_time()
+    chain = ["a"] + [f"#{i} OR b" for i in range(1, 300)]
+    with pytest.raises(QuerySyntaxError, match=f"line {MAX_QUERY_DEPTH + 1} is more than"):
+        parse("\n".join(chain))  # line i = Or(#(i-1), b) is i levels deep with references inlined
+    flat = ["a"] + ["#1 b"] * 3000 + ["#1 OR #3000"]
+    q = parse("\n".join(flat))
+    assert len(q.lines) == 3001 and words(q.root) == ("OR", "#1", "#3000")
+    assert time.process_time() - start < 10
+
+
+def _reference_fold(operands, ops):
+    """PubMed's strict left-to-right evaluation with the parser's flattening of same-operator
+    chains, written independently of the parser (the pre-#19 `combine`)."""
+    left = operands[0]
+    for op, right in zip(ops, operands[1:]):
+        if op == "AND":
+            left = And(0, (left.items if isinstance(left, And) else (left,)) + (right,))
+        elif op == "OR":
+            left = Or(0, (left.items if isinstance(left, Or) else (left,)) + (right,))
+        else:
+            left = Not(0, left, right)
+    return left
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["AND", "OR", "NOT"]), min_size=0, max_size=30),
+       st.lists(st.booleans(), min_size=31, max_size=31))
+def test_operator_chains_match_the_reference_fold(ops, grouped):
+    # operands are words or parenthesised pairs "(x AND y)" (a group of the same operator flattens)
+    texts, operands = [], []
+    for i in range(len(ops) + 1):
+        if grouped[i]:
+            texts.append(f"(g{i} AND h{i})")
+            operands.append(And(0, (Text(0, f"g{i}"), Text(0, f"h{i}"))))
+        else:
+            texts.append(f"w{i}")
+            operands.append(Text(0, f"w{i}"))
+    query = texts[0] + "".join(f" {op} {t}" for op, t in zip(ops, texts[1:]))
+    assert words(parse(query).root) == words(_reference_fold(operands, ops))
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("#" + "1" * 5000, "line reference #111111111111..."),  # found by the fuzz test: int() raised ValueError
+    ("a adj" + "9" * 20 + " b", "proximity distance"),
+    ("x[tiab:~" + "9" * 30 + "]", "proximity distance"),
+    ("a.tw.\nor/1-" + "9" * 40, "line numbers in"),
+    ("a.tw.\nlimit " + "9" * 40 + " to humans", "limit refers to a line number that is too long"),
+])
+def test_long_numbers_are_syntax_errors(query, fragment):
+    with pytest.raises(QuerySyntaxError, match=re.escape(fragment)):
+        parse(query)
+
+
+def test_numbers_are_read_as_int_reads_them():
+    assert words(parse("#\u00b2").root) == "#\u00b2"  # '²' is a digit to isdigit() but not a number: a word
+    q = parse("1" * 30 + " foo\nbar")  # a 30-digit "label" is no label: two lines, the last is the query
+    assert words(q.root) == "bar" and words(q.lines[1]) == ("AND", "1" * 30, "foo")
+    assert words(parse("a\nb\n#\u0661 OR #2").root) == ("OR", "#1", "#2")  # Arabic-Indic digit one
+
+
+# the regular expressions rewritten to be linear (found by the fuzz test: a run of blank lines
+# made dialect detection quadratic) match exactly what the former ones matched
+_OLD_MARKERS = [re.compile(r"^\s*(and|or)\s*/\s*\d", re.I | re.M), re.compile(r"^\s*exp\s", re.I | re.M),
+                re.compile(r"^\s*limit\s+\d+\s+to\b", re.I | re.M)]
+_OLD_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+?)\s*$", re.I)
+_OLD_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+?)\s*$", re.I)
+_OLD_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})\s*(?:-\s*(\d{4}|current)?)?\s*"?$', re.I)
+_REGEX_PIECES = st.sampled_from([" ", "\n", "\t", "or", "and", "/", "1", "2005", "-", ",", "exp", "limit", "to",
+                                 "yr", "=", '"', "current", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_REGEX_PIECES, max_size=14).map("".join))
+def test_rewritten_regexes_match_the_former_ones(text):
+    new_markers = [query_module._OVID_MARKERS[i] for i in (0, 5, 6)]
+    for old, new in zip(_OLD_MARKERS, new_markers):
+        assert bool(old.search(text)) == bool(new.search(text))
+    line = text.replace("\n", " ")
+    for old, new in ((_OLD_COMBINE, query_module._OVID_COMBINE), (_OLD_LIMIT, query_module._OVID_LIMIT)):
+        a, b = old.match(line), new.match(line)
+        assert (a is None) == (b is None)
+        if a:
+            assert a.group(1) == b.group(1) and a.group(2).strip() == b.group(2).strip()
+            assert a.start(2) == b.start(2)
+    a, b = _OLD_YR.match(line), query_module._YR.match(line)
+    assert (a is None) == (b is None) and (a is None or a.groups() == b.groups())
+
+
+@pytest.mark.parametrize("query", [
+    "#" * 684 + "\n" * 15_000 + "aspirin",
+    "a.tw.\nb.tw.\nor/1" + " " * 15_000 + "x",
+    "a.tw.\nlimit 1 to x" + " " * 15_000 + "y",
+    "a.tw.\nlimit 1 to yr=2005" + " " * 15_000 + "x",
+    "a.tw.\n" + " \n" * 9_000 + "exp x/",
+])
+def test_whitespace_runs_parse_in_linear_time(query):
+    import time
+
+    start = time.process_time()
+    try:
+        parse(query)
+    except QuerySyntaxError:
+        pass
+    assert time.process_time() - start < 2  # quadratic: 10+ s at this size

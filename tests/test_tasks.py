@@ -163,3 +163,15 @@ def test_cli_prepare_and_example_script(tmp_path, capsys):
         a = pd.read_parquet(tmp_path / "cli" / f"{split}.parquet")
         b = pd.read_parquet(tmp_path / "ex" / f"{split}.parquet")
         assert a.to_json() == b.to_json()
+
+
+def test_raw_targets_in_both_spellings_and_original_order():
+    from deepretrieval.data.tasks import original_order, raw_targets
+
+    assert raw_targets({"targets": ["1"]}) == ["1"]
+    assert raw_targets({"publication_pmids": ["2", "3"]}) == ["2", "3"]
+    assert raw_targets({"pico": {}}) == []
+    rows = [{"id": "x-10"}, {"id": "x-2"}, {"id": "x-0"}]
+    assert [r["id"] for r in original_order(rows)] == ["x-0", "x-2", "x-10"]  # numeric, not text order
+    mixed = [{"id": "b"}, {"id": "x-1"}]
+    assert original_order(mixed) == mixed  # no numbering: file order

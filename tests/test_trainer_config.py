@@ -209,6 +209,6 @@ def test_bad_reward_section_is_a_config_error_at_start(tmp_path, capsys):
             "trainer.n_gpus_per_node=1", "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "critic.ppo_micro_batch_size_per_gpu=2"]
     assert main(args + ["reward.sources.my_source.k=3"]) == 2
-    assert "config key 'reward': reward source 'my_source' has no engine" in capsys.readouterr().err
+    assert "config key 'reward.sources.my_source.engine': reward source 'my_source' has no engine" in capsys.readouterr().err
     assert main(args + ["custom_reward_function.path=/no/such/file.py"]) == 2
     assert "custom_reward_function.path" in capsys.readouterr().err

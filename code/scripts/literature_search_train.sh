@@ -1,14 +1,19 @@
 #!/bin/sh
-# DeepRetrieval literature search (publications, live PubMed) with PPO — the original recipe.
+# DeepRetrieval literature search (publications, live PubMed) with PPO — the project's recipe on the
+# original hyper-parameters.
 #
 #   sh code/scripts/literature_search_train.sh [key=value ...]
 #
-# Defaults reproduce the DeepRetrieval paper's run: Qwen2.5-3B-Instruct as actor and critic on 2
+# The hyper-parameters are the DeepRetrieval paper's run: Qwen2.5-3B-Instruct as actor and critic on 2
 # GPUs, train batch 64 prompts, prompt and response 500 tokens, actor lr 1e-6, critic lr 1e-5,
-# mini-batch 16, micro-batch 8 (across the 2 GPUs), KL coefficient 0.001 applied in the reward,
-# GAE with gamma = lambda = 1, vLLM rollout (tensor parallel 2, 20% of GPU memory), gradient
-# checkpointing, reference parameters offloaded to CPU, checkpoint every 50 steps, validation
-# every 200, 15 epochs, wandb project `literature_search`.
+# mini-batch 16, micro-batch 8 (across the 2 GPUs), entropy bonus 0.001, KL coefficient 0.001 applied
+# in the reward, GAE with gamma = lambda = 1, vLLM rollout (tensor parallel 2, 20% of GPU memory),
+# gradient checkpointing, reference parameters offloaded to CPU, checkpoint every 50 steps, validation
+# every 200, 15 epochs, wandb project `literature_search`. It is NOT the exact original run: it keeps
+# the project's prompt (chat template, PubMed syntax help), lenient answer parsing, recall@3000,
+# PubMed sorted by relevance, dual clip 3 and a seeded 100-row validation sample.
+# The exact reproduction is literature_search_train_original.sh (docs/original.md lists every
+# difference).
 # Every value can be overridden: environment variables below, or any config key as an argument
 # (arguments come last and win), e.g. `trainer.n_gpus_per_node=4 data.train_batch_size=128`.
 # All keys: docs/configuration.md.
@@ -43,6 +48,7 @@ exec "$PYTHON" -m deepretrieval.trainer.main_ppo \
     actor_rollout_ref.actor.optim.lr=1e-6 \
     actor_rollout_ref.actor.ppo_mini_batch_size=16 \
     actor_rollout_ref.actor.ppo_micro_batch_size=8 \
+    actor_rollout_ref.actor.entropy_coeff=0.001 \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.log_prob_micro_batch_size=8 \
     actor_rollout_ref.rollout.tensor_model_parallel_size="$ROLLOUT_TP_SIZE" \

@@ -498,7 +498,7 @@ def compute_policy_loss(
     cliprange: float = 0.2,
     cliprange_low: float | None = None,
     cliprange_high: float | None = None,
-    clip_ratio_c: float = 3.0,
+    clip_ratio_c: float | None = 3.0,
     loss_agg_mode: str = "token-mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PPO clipped surrogate with asymmetric clip (DAPO clip-higher) and dual clip (Ye et al. 2020).
@@ -508,14 +508,16 @@ def compute_policy_loss(
         L_t      = min(L^clip_t, -A_t * c)   if A_t < 0      (dual clip, c = clip_ratio_c > 1)
                    L^clip_t                  otherwise
         pg_loss  = agg_m(L)
-    eps_low / eps_high default to ``cliprange``.
+    eps_low / eps_high default to ``cliprange``. ``clip_ratio_c=None`` disables the dual clip:
+    L_t = L^clip_t for every token (the plain PPO-clip loss of the original DeepRetrieval/verl
+    0.1, whose policy loss had no dual clip), and pg_clipfrac_lower is 0.
     Metrics: pg_clipfrac = mean_m[ -A clip(rho) > -A rho ] (the clipped branch is active),
              ppo_kl = mean_m(old_log_prob - log_prob),
              pg_clipfrac_lower = mean_m[ A < 0 and L^clip > -A c ] (the dual clip is active).
     Returns (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
     """
-    if clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {clip_ratio_c}")
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO (or None to disable it), got {clip_ratio_c}")
     eps_low = cliprange if cliprange_low is None else cliprange_low
     eps_high = cliprange if cliprange_high is None else cliprange_high
 
@@ -527,6 +529,10 @@ def compute_policy_loss(
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
     pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
+
+    if clip_ratio_c is None:
+        pg_loss = agg_loss(clip_pg_losses1, response_mask, loss_agg_mode)
+        return pg_loss, pg_clipfrac, ppo_kl, torch.zeros_like(pg_clipfrac)
 
     pg_losses3 = -advantages * clip_ratio_c
     clip_pg_losses2 = torch.minimum(pg_losses3, clip_pg_losses1)

@@ -43,6 +43,9 @@ def ray_available() -> bool:
     return True
 
 
+# the address of a Ray instance this process starts itself (see init_ray)
+LOCAL_NODE_IP = "127.0.0.1"
+
 # environment the worker processes need regardless of the driver's shell
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -95,6 +98,10 @@ def init_ray(
             logger.info("connecting to the Ray cluster at %s: its own resources apply (ray_init.num_cpus ignored)",
                         address)
     else:
+        # A Ray instance started here is a one-machine cluster: keep its traffic on loopback. Bound to
+        # the interface address (Ray's default) it can be unreachable in sandboxes and containers, and
+        # the driver then waits on a GCS it cannot reach. Multi-node runs connect with `address`.
+        kwargs["_node_ip_address"] = LOCAL_NODE_IP
         if num_cpus is not None:
             kwargs["num_cpus"] = int(num_cpus)
         if num_gpus is not None:

@@ -33,6 +33,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")
+    parser.add_argument("--val-from", default="sample", choices=("sample", "first"),
+                        help="pubmed/ctgov: val.parquet = a seeded sample of test, or its first --val-size rows in the raw file's original order")
     parser.add_argument(
         "--test-fraction", type=float, default=0.25, help="pubmed_mini/trials_sigir: share of test topics"
     )
@@ -51,6 +53,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction,
         "max_train": args.max_train,
         "max_test": args.max_test,
+        "val_from": getattr(args, "val_from", "sample"),
     }
     try:
         paths = prepare_task(args.task, args.out, **options)

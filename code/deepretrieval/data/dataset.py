@@ -4,7 +4,14 @@ The stored chat messages go through the tokenizer's chat template (`add_generati
 when the dataset is loaded, then the row's assistant prefix (`extra_info.assistant_prefix`, e.g.
 `Let me solve this step by step.\\n<think>\\n`) is appended, so the model's turn starts where the
 prompt left it. With `apply_chat_template=False` (base models) the messages are rendered as
-plain text by `deepretrieval.data.prompts.render_raw_text`.
+plain text by `deepretrieval.data.prompts.render_raw_text`. Rows whose stored prompt is already
+the complete model input (`prompts.is_raw_frame`: the `original` style, and parquet files of the
+original DeepRetrieval preprocessing) are tokenised as they are, with neither template nor prefix,
+as the original did.
+
+Original-format rows (`data_source="literature"`, top-level `pub_date` and `label`) are read as
+they are: `row_extra_info` copies the top-level `pub_date` into `extra_info` (where the reward
+reads the date limit) and marks the original prompt (it opens `<think>`) for the format check.
 
 Config keys (the `data` section, or a config holding one): prompt_key ("prompt"),
 max_prompt_length (1024), truncation ("error" | "left" | "right"), filter_overlong_prompts
@@ -23,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from deepretrieval.data.prompts import render_raw_text
+from deepretrieval.data.prompts import is_raw_frame, render_raw_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,21 @@ def _data_section(config: Any) -> Dict[str, Any]:
     return out
 
 
+def row_extra_info(row: Mapping[str, Any]) -> Dict[str, Any]:
+    """A row's `extra_info` completed for original-format rows: the top-level `pub_date` when
+    extra_info has none, and for a raw-frame prompt without a style, `prompt_style="original"`
+    and `think_in_prompt` (whether the stored text ends by opening `<think>`)."""
+    extra = dict(row.get("extra_info") or {})
+    if extra.get("pub_date") in (None, "") and row.get("pub_date") not in (None, ""):
+        extra["pub_date"] = str(row["pub_date"])
+    if is_raw_frame(row) and extra.get("prompt_style") is None:
+        messages = row.get("prompt")
+        text = messages if isinstance(messages, str) else (messages[-1].get("content", "") if messages else "")
+        extra["prompt_style"] = "original"
+        extra["think_in_prompt"] = text.rstrip().endswith("<think>")
+    return extra
+
+
 def compute_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """verl's position ids for left padding: max(cumsum(mask) - 1, 0)."""
     return torch.clamp(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
@@ -103,6 +125,8 @@ class RLHFDataset(torch.utils.data.Dataset):
     def render(self, row: Mapping[str, Any]) -> str:
         """The prompt text fed to the model: chat template (or raw text) + assistant prefix."""
         messages = row[self.config["prompt_key"]]
+        if is_raw_frame(row):  # the stored text is the whole model input (the original's frame)
+            return messages if isinstance(messages, str) else "".join(m["content"] for m in messages)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         prefix = self.config["assistant_prefix"]
@@ -146,7 +170,7 @@ class RLHFDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         text = self.render(row)
         item: Dict[str, Any] = self._pad(self._encode(text), index)
-        extra_info = row.get("extra_info") or {}
+        extra_info = row_extra_info(row)
         item.update(
             data_source=row.get("data_source"),
             reward_model=row.get("reward_model"),

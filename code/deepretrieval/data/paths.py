@@ -57,7 +57,19 @@ def default_index_dir(name: str) -> Path:
 
 
 def index_ready(index_dir: Path) -> bool:
-    return (Path(index_dir) / INDEX_META_FILE).exists()
+    """True when `index_dir` holds a finished index whose metadata reads; `ensure_local_index`
+    rebuilds a vendored index whose metadata is missing or damaged."""
+    if not (Path(index_dir) / INDEX_META_FILE).is_file():
+        return False
+    from deepretrieval.search.base import SearchUnavailable
+    from deepretrieval.search.local import read_index_meta
+
+    try:
+        read_index_meta(index_dir)
+    except SearchUnavailable as exc:
+        logger.warning("%s", exc)
+        return False
+    return True
 
 
 def ensure_local_index(name: str, index_dir: Optional[os.PathLike] = None, rebuild: bool = False) -> Path:

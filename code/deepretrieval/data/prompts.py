@@ -11,6 +11,11 @@ Styles:
   reasoning        think in <think>...</think>, answer in <answer>{"query": ...}</answer>; prompt opens <think>
   reasoning_free   same tags, but the model opens <think> itself (for templates that add their own turn text)
   no_reason        answer only: <answer>{"query": ...}</answer>
+  original         the original DeepRetrieval text and frame, byte for byte (`build_original_prompt`):
+                   no chat template; one raw text of preamble, instruction, `User:` with the PICO,
+                   then `Assistant: Let me solve this step by step. \n<think>\n`. Stored whole as
+                   the single user message, as the original parquet did; the dataset feeds it to
+                   the tokenizer as it is (`is_raw_frame`). See docs/original.md.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ PROMPT_STYLES: Dict[str, PromptStyle] = {
     "reasoning": PromptStyle("reasoning", True, "Let me solve this step by step.\n<think>\n"),
     "reasoning_free": PromptStyle("reasoning_free", True, ""),
     "no_reason": PromptStyle("no_reason", False, ""),
+    # the prefix is already inside the stored text (see build_original_prompt); kept here so the
+    # reward's format check knows the prompt opened <think>
+    "original": PromptStyle("original", True, "Let me solve this step by step. \n<think>\n"),
 }
+
+# Styles whose stored prompt is the complete model input (no chat template, no prefix added).
+RAW_FRAME_STYLES = ("original",)
 
 BASE_PREAMBLE = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
@@ -160,3 +171,61 @@ def render_raw_text(messages: List[Message], assistant_prefix: str = "") -> str:
 def format_pico(pico: Dict[str, Optional[str]]) -> str:
     """LEADS PICO dict -> the `P: ...\\nI: ...\\nC: ...\\nO: ...` input text."""
     return "\n".join(f"{key}: {(pico.get(key) or '').strip()}" for key in ("P", "I", "C", "O"))
+
+
+# ------------------------------------------------------------------ the original DeepRetrieval text
+# The wording below is the original's (pat-jj/DeepRetrieval, examples/data_preprocess/
+# literature_mining.py, template_type "base"), kept byte for byte, trailing spaces included:
+# tests/test_original_fidelity.py compares it with a rendering the original code produced.
+
+ORIGINAL_INSTRUCTION = (
+    "\nThe Assistant is a clinical specialist. He is conducting research and doing a medical literature "
+    "review. His task is to create query terms for a search URL to find relevant literature on PubMed or "
+    "ClinicalTrials.gov.\n\n"
+    "The research is defined using the PICO framework:\n"
+    "P: Patient, Problem or Population - Who or what is the research about?\n"
+    "I: Intervention - What is the main intervention or exposure being considered?\n"
+    "C: Comparison - What is the intervention being compared to?\n"
+    "O: Outcome - What are the relevant outcomes or effects being measured?\n\n"
+)
+ORIGINAL_ANSWER_FORMAT = (
+    "The Assistant should show his thinking process in <think> </think> tags. The Assistant should "
+    "return the final answer in JSON format in <answer> </answer> tags, \nFor example:\n<think>\n"
+    "[thinking process]\n</think>\n<answer>\n{\n    \"query\": \"....\"\n} \n</answer>. \n"
+    "Note: The query should use Boolean operators (AND, OR) and parentheses for grouping terms "
+    "appropriately.\n\n"
+)
+ORIGINAL_USER_INTRO = "User: The research is defined by the following PICO:\n"
+ORIGINAL_ASSISTANT_TURN = "\nAssistant: " + PROMPT_STYLES["original"].assistant_prefix
+
+
+def format_pico_original(pico: Dict[str, Optional[str]]) -> str:
+    """The original's PICO text: `P: ...\\n` for P, I, C, O, values as they are (no stripping;
+    a missing value prints as `None`, as the original's f-string did)."""
+    return "".join(f"{key}: {pico.get(key)}\n" for key in ("P", "I", "C", "O"))
+
+
+def build_original_prompt(pico_text: str) -> str:
+    """The complete model input of the original DeepRetrieval publication-search prompt for a PICO
+    text (`format_pico_original`): preamble, instruction, answer format, `User:` turn, then the
+    opened assistant turn. Fed to the tokenizer as it is, without a chat template."""
+    return (
+        BASE_PREAMBLE + "\n" + ORIGINAL_INSTRUCTION + ORIGINAL_ANSWER_FORMAT + ORIGINAL_USER_INTRO
+        + pico_text + ORIGINAL_ASSISTANT_TURN
+    )
+
+
+# `ability` of the rows written by the original DeepRetrieval preprocessing (every version: data
+# source "literature" in the paper's code, "pubmed"/"ctgov" later); its dataset fed their prompt
+# text to the tokenizer as it was (any chat-template tokens are written into the text).
+ORIGINAL_ABILITY = "literature_mining"
+
+
+def is_raw_frame(row: Dict[str, object]) -> bool:
+    """Whether a parquet row's stored prompt is the complete model input (no chat template): rows of
+    the `original` style, and rows written by the original DeepRetrieval preprocessing
+    (`ability="literature_mining"`)."""
+    extra = row.get("extra_info") or {}
+    if isinstance(extra, dict) and extra.get("prompt_style") in RAW_FRAME_STYLES:
+        return True
+    return row.get("ability") == ORIGINAL_ABILITY

@@ -11,7 +11,16 @@ Every row follows verl's schema:
 One function per task turns raw records into rows (registry `TASKS`); `prepare_task` writes
 `train.parquet`, `test.parquet` and a small `val.parquet` (a seeded sample of the test split, as
 the original DeepRetrieval validated on a slice of its test set). Splits are deterministic for a
-given seed. The trials_sigir graded judgements travel in the ground truth as parallel lists
+given seed. With `val_from="first"` the validation file is instead the first `val_size` rows of the
+raw test file in its original order (the original DeepRetrieval validated on the first 101 rows of
+its test.jsonl; the vendored LEADS ids `publication_test-N` number that order, so it is recovered
+even from a reshuffled copy; see docs/original.md).
+
+Raw LEADS rows come in two spellings: the project's `{"id", "pico", "targets", "pub_date"}` and the
+original DeepRetrieval's `{"pico", "publication_pmids", "pub_date"}` (`TARGET_KEYS`). Parquet files
+written by the original preprocessing (`data_source="literature"`, `ability="literature_mining"`,
+top-level `pub_date` and `label`) are read as they are by the dataset and routed by the reward to
+the PubMed source. The trials_sigir graded judgements travel in the ground truth as parallel lists
 (`judged`, `grades`): a dict keyed by trial id would become a parquet struct with one field per
 trial id in the whole split.
 """
@@ -64,6 +73,12 @@ def make_row(
     extra: Optional[Dict[str, Any]] = None,
 ) -> Row:
     prompt_style = prompts.get_style(style)
+    if style in prompts.RAW_FRAME_STYLES:
+        if task_kind not in ("pico_publication", "pico_trial"):
+            raise ValueError(f"prompt style {style!r} exists for the PICO tasks (pubmed, ctgov) only, not {task_kind!r}")
+        messages = [{"role": "user", "content": prompts.build_original_prompt(task_input)}]
+    else:
+        messages = prompts.build_messages(task_kind, task_input, engine, style)
     extra_info = {
         "split": split,
         "index": index,
@@ -77,7 +92,7 @@ def make_row(
     extra_info.update(extra or {})
     return {
         "data_source": data_source,
-        "prompt": prompts.build_messages(task_kind, task_input, engine, style),
+        "prompt": messages,
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": ground_truth},
         "extra_info": extra_info,
@@ -91,6 +106,18 @@ def _reindex(rows: List[Row], split: str) -> List[Row]:
         row["extra_info"] = dict(row["extra_info"], split=split, index=i)
         out.append(row)
     return out
+
+
+def original_order(raw: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Raw LEADS rows in the order of the original files: by the number N of ids `<name>-N` when
+    every row has one (the vendored files are reshuffled copies), else as given."""
+    numbers = []
+    for record in raw:
+        head, _, tail = str(record.get("id", "")).rpartition("-")
+        if not head or not tail.isdigit():
+            return list(raw)
+        numbers.append(int(tail))
+    return [record for _, record in sorted(zip(numbers, raw), key=lambda pair: pair[0])]
 
 
 def _val_from_test(test_rows: List[Row], val_size: int, seed: int) -> List[Row]:
@@ -112,15 +139,31 @@ def _limit(rows: List[Any], limit: Optional[int]) -> List[Any]:
 # ---------------------------------------------------------------- LEADS PICO tasks (live engines)
 
 
+# Where raw LEADS rows keep their relevant ids: the project's spelling, then the original
+# DeepRetrieval's (publication_pmids; its trial files used trial_nctids).
+TARGET_KEYS = ("targets", "publication_pmids", "trial_nctids")
+
+
+def raw_targets(record: Dict[str, Any]) -> List[Any]:
+    """The relevant ids of a raw LEADS row under the first of `TARGET_KEYS` it has (empty if none)."""
+    for key in TARGET_KEYS:
+        value = record.get(key)
+        if value:
+            return list(value) if not isinstance(value, str) else [value]
+    return []
+
+
 def leads_rows(
     raw: Iterable[Dict[str, Any]], data_source: str, split: str, style: str, engine: Optional[str] = None
 ) -> List[Row]:
-    """LEADS raw rows `{"id", "pico": {P,I,C,O}, "targets": [...], "pub_date"}` -> verl rows."""
+    """LEADS raw rows `{"id", "pico": {P,I,C,O}, "targets": [...], "pub_date"}` (or the original's
+    `{"pico", "publication_pmids", "pub_date"}`) -> verl rows."""
     task_kind = "pico_publication" if data_source == "pubmed" else "pico_trial"
     engine = engine or data_source
+    format_pico = prompts.format_pico_original if style in prompts.RAW_FRAME_STYLES else prompts.format_pico
     rows, skipped = [], 0
     for record in raw:
-        pico, targets = record.get("pico"), record.get("targets")
+        pico, targets = record.get("pico"), raw_targets(record)
         if not isinstance(pico, dict) or not targets:
             skipped += 1
             continue
@@ -129,7 +172,7 @@ def leads_rows(
                 data_source,
                 task_kind,
                 engine,
-                prompts.format_pico(pico),
+                format_pico(pico),
                 {"target": [str(t) for t in targets]},
                 split=split,
                 index=len(rows),
@@ -154,6 +197,7 @@ def _prepare_leads(
     style: str = "reasoning",
     max_train: Optional[int] = None,
     max_test: Optional[int] = None,
+    val_from: str = "sample",
     **_: Any,
 ) -> Dict[str, List[Row]]:
     train_path = input or (str(data_root() / default_train) if default_train else None)
@@ -168,9 +212,15 @@ def _prepare_leads(
     else:
         raw = _limit(_shuffled(read_jsonl(train_path), seed), max_train)
         splits["train"] = leads_rows(raw, data_source, "train", style)
-    raw_test = _limit(_shuffled(read_jsonl(test_path), seed), max_test)
+    raw_test_all = read_jsonl(test_path)
+    raw_test = _limit(_shuffled(raw_test_all, seed), max_test)
     splits["test"] = leads_rows(raw_test, data_source, "test", style)
-    splits["val"] = _val_from_test(splits["test"], val_size, seed)
+    if val_from == "first":
+        splits["val"] = leads_rows(original_order(raw_test_all)[:val_size], data_source, "val", style)
+    elif val_from == "sample":
+        splits["val"] = _val_from_test(splits["test"], val_size, seed)
+    else:
+        raise ValueError(f"val_from must be 'sample' or 'first', not {val_from!r}")
     return splits
 
 
@@ -210,8 +260,11 @@ def _prepare_topics(
     test_fraction: float = 0.25,
     val_size: int = 100,
     style: str = "reasoning",
+    val_from: str = "sample",
     **_: Any,
 ) -> Dict[str, List[Row]]:
+    if val_from != "sample":
+        raise ValueError(f"{data_source}: val_from={val_from!r} exists for the LEADS tasks (pubmed, ctgov) only")
     topics = read_jsonl(input or (data_root() / topics_file))
     assignment = split_topics(topics, test_fraction, seed)
     splits: Dict[str, List[Row]] = {"train": [], "test": []}

@@ -7,38 +7,39 @@
 
 The command line is `deepretrieval eval` (deepretrieval.eval.cli); docs/evaluation.md has the
 measured baseline table.
+
+Submodules are imported on first use of a name (PEP 562 `__getattr__`), so that importing
+`deepretrieval.eval.cli` (every `deepretrieval` command builds its parser from it) does not pull
+in torch through the runner.
 """
 
-from deepretrieval.eval.baselines import BASELINES, PROMPT_MODES, TASK_BASELINES, baseline_query
-from deepretrieval.eval.llm_client import ChatClient, ChatResult
-from deepretrieval.eval.metrics import (
-    Interval,
-    aggregate_samples,
-    bootstrap_ci,
-    ndcg_at_k,
-    precision_at_k,
-    query_metrics,
-    recall_at_k,
-)
-from deepretrieval.eval.report import markdown_table, plot_summaries, summarize, write_report
-from deepretrieval.eval.runner import (
-    BaselineMethod,
-    EvalSample,
-    Generation,
-    LLMMethod,
-    ModelMethod,
-    QueryMethod,
-    Searcher,
-    evaluate,
-    load_samples,
-    resolve_model_dir,
-    sample_from_row,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BASELINES", "PROMPT_MODES", "TASK_BASELINES", "baseline_query", "ChatClient", "ChatResult", "Interval",
-    "aggregate_samples", "bootstrap_ci", "ndcg_at_k", "precision_at_k", "query_metrics", "recall_at_k",
-    "markdown_table", "plot_summaries", "summarize", "write_report", "BaselineMethod", "EvalSample",
-    "Generation", "LLMMethod", "ModelMethod", "QueryMethod", "Searcher", "evaluate", "load_samples",
-    "resolve_model_dir", "sample_from_row",
-]
+import importlib
+from typing import Any, Dict, List
+
+_EXPORTS: Dict[str, List[str]] = {
+    "baselines": ["BASELINES", "PROMPT_MODES", "TASK_BASELINES", "baseline_query"],
+    "llm_client": ["ChatClient", "ChatResult"],
+    "metrics": ["Interval", "aggregate_samples", "bootstrap_ci", "ndcg_at_k", "precision_at_k", "query_metrics",
+                "recall_at_k"],
+    "report": ["markdown_table", "plot_summaries", "summarize", "write_report"],
+    "runner": ["BaselineMethod", "EvalSample", "Generation", "LLMMethod", "ModelMethod", "QueryMethod", "Searcher",
+               "evaluate", "load_samples", "resolve_model_dir", "sample_from_row"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(list(globals()) + __all__)

@@ -102,7 +102,10 @@ def _load_config(path: str) -> Any:
     if path.endswith((".yaml", ".yml")):
         from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+        try:
+            return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+        except Exception as exc:  # yaml/omegaconf errors are not ValueErrors
+            raise ValueError(f"{path}: {type(exc).__name__}: {exc}") from None
     return json.loads(text)
 
 
@@ -211,10 +214,14 @@ def run_eval(args: argparse.Namespace) -> int:
     cache: Any = out / "search_cache.sqlite"
     if args.search_cache:
         cache = None if args.search_cache.lower() in ("none", "off", "false") else args.search_cache
+    try:
+        reward_config = _load_config(args.reward_config) if args.reward_config else None
+        ks = [int(x) for x in args.ks.split(",")] if args.ks else None
+    except (OSError, ValueError) as exc:  # missing/unreadable config, bad JSON/YAML, --ks not integers
+        logger.error("bad --reward-config or --ks: %s", exc)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    searcher = Searcher(reward_config=_load_config(args.reward_config) if args.reward_config else None,
-                        k=args.k, cache=cache, threads=args.search_threads)
-    ks = [int(x) for x in args.ks.split(",")] if args.ks else None
+    searcher = Searcher(reward_config=reward_config, k=args.k, cache=cache, threads=args.search_threads)
     records: List[Dict[str, Any]] = []
     for method in methods:
         only = getattr(method, "tasks", None)

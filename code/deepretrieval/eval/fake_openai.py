@@ -3,8 +3,10 @@
 It answers `POST /v1/chat/completions` (and Azure's
 `/openai/deployments/<name>/chat/completions?api-version=...`) with whatever a `responder`
 function returns for the request body, in the OpenAI response shape. Failures can be scripted:
-`fail_next(status, times)` makes the next requests fail with that HTTP status, which is how tests
-exercise retries, and a responder may return `(status, body)` to answer anything at all.
+`fail_next(status, times, retry_after)` makes the next requests fail with that HTTP status (and,
+when `retry_after` is given, a `Retry-After` header of that many seconds), which is how tests
+exercise retries; a responder may return `(status, body)` to answer anything at all (a `str` or
+`bytes` body is sent as is, e.g. text that is not JSON).
 It binds 127.0.0.1 on a free port and never touches the network.
 """
 
@@ -25,6 +27,16 @@ def echo_last_user(body: Dict[str, Any]) -> str:
     return f"<answer>{users[-1] if users else ''}</answer>"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gave up (a timeout test) closes its socket mid-answer: not worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeOpenAIServer:
     """`with FakeOpenAIServer(responder, api_key="k") as srv: srv.base_url -> http://127.0.0.1:P/v1`.
 
@@ -39,17 +51,22 @@ class FakeOpenAIServer:
         self.delay_s = delay_s
         self.requests: List[Dict[str, Any]] = []
         self.paths: List[str] = []
-        self._failures: List[int] = []
+        self._failures: List[Tuple[int, Optional[float]]] = []
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
     # scripted failures --------------------------------------------------------------------
-    def fail_next(self, status: int = 500, times: int = 1) -> None:
+    def fail_next(self, status: int = 500, times: int = 1, retry_after: Optional[float] = None) -> None:
+        """The next `times` requests get HTTP `status` (with `Retry-After: retry_after` if given)."""
         with self._lock:
-            self._failures.extend([status] * times)
+            self._failures.extend([(status, retry_after)] * times)
 
-    def _pop_failure(self) -> Optional[int]:
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
+
+    def _pop_failure(self) -> Optional[Tuple[int, Optional[float]]]:
         with self._lock:
             return self._failures.pop(0) if self._failures else None
 
@@ -71,13 +88,13 @@ class FakeOpenAIServer:
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
-            def _send(self, status: int, payload: Any) -> None:
+            def _send(self, status: int, payload: Any, retry_after: Optional[float] = None) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
+                if retry_after is not None:
+                    self.send_header("Retry-After", str(retry_after))
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -102,7 +119,8 @@ class FakeOpenAIServer:
                     time.sleep(server.delay_s)
                 failure = server._pop_failure()
                 if failure is not None:
-                    return self._send(failure, {"error": {"message": f"scripted failure {failure}"}})
+                    status, retry_after = failure
+                    return self._send(status, {"error": {"message": f"scripted failure {status}"}}, retry_after)
                 try:
                     answer = server.responder(body)
                 except Exception as exc:  # a broken responder is a server error, as in real life
@@ -126,7 +144,7 @@ class FakeOpenAIServer:
                     },
                 )
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

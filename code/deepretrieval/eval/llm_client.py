@@ -1,20 +1,23 @@
-"""A small client for any OpenAI-compatible chat-completions endpoint.
+"""A client for any OpenAI-compatible chat-completions endpoint, on the official `openai` package.
 
 Works with OpenAI (`https://api.openai.com/v1`), a local `vllm serve` (`http://host:8000/v1`),
-and Azure OpenAI (`azure_api_version` set: the URL becomes
-`{base}/openai/deployments/{model}/chat/completions?api-version=...` and the key goes in the
-`api-key` header). Settings come from arguments or the environment:
+both through `openai.OpenAI(base_url=...)`, and Azure OpenAI (`azure_api_version` set:
+`openai.AzureOpenAI(azure_endpoint=base_url, api_version=...)`, the model name is the
+deployment). Settings come from arguments or the environment:
 
     OPENAI_BASE_URL   (default https://api.openai.com/v1)
     OPENAI_API_KEY    (or the variable named by `api_key_env`; optional for local servers)
     OPENAI_MODEL
-    OPENAI_API_VERSION (Azure only)
+    OPENAI_API_VERSION (Azure only, used when the base URL contains "azure")
 
-Requests run concurrently (`concurrency` threads), are retried with exponential backoff on
-connection errors, 408/409/429 and 5xx (honouring `Retry-After`), and successful answers are
-cached in SQLite keyed by (endpoint, model, messages, sampling parameters), so a re-run costs
-nothing. Failures come back classified in `ChatResult.error`, never raised. The key is never
-logged, put in an error message, or written to the cache.
+Requests run concurrently (`concurrency` threads). Retries are the `openai` package's: up to
+`max_retries` more attempts on connection errors, timeouts, 408/409/429 and 5xx, with
+exponential backoff (0.5 s doubling to 8 s, with jitter) or the server's `Retry-After` /
+`retry-after-ms` when it gives one (up to two minutes). Successful answers are cached in
+SQLite (`AnswerCache`, the shared `deepretrieval.cache_store` store, kept for ever) keyed by
+(endpoint, model, messages, sampling parameters), so a re-run costs nothing. Failures come back
+classified in `ChatResult.error`, never raised. The key is never logged, put in an error message
+(a server that echoes it has it replaced by `<api key>`), or written to the cache.
 """
 
 from __future__ import annotations
@@ -22,23 +25,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import sqlite3
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import requests
+from deepretrieval.cache_store import SQLiteStore
 
 logger = logging.getLogger(__name__)
 
 Messages = List[Dict[str, str]]
-
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-
+NO_KEY = "EMPTY"  # sent when no key is set (a local `vllm serve` without --api-key ignores it)
 
 @dataclass
 class ChatResult:
@@ -64,31 +63,27 @@ class ChatResult:
         return self.error is None
 
 
-class AnswerCache:
-    """SQLite store of successful answers; safe to share between threads and processes."""
+class AnswerCache(SQLiteStore):
+    """SQLite store of successful answers (`{"texts": [...], "usage": {...}}`), never expiring;
+    safe to share between threads and processes; a corrupt file is moved aside and rebuilt."""
+
+    TABLE = "answers"
 
     def __init__(self, path: "str | os.PathLike[str]"):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._conn.commit()
+        super().__init__(path, table=self.TABLE, ttl=math.inf, name="llm answer cache")
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return self.get_json(key, decode=_decode_answer)
 
     def put(self, key: str, value: Dict[str, Any]) -> None:
-        with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(value)))
-            self._conn.commit()
+        self.put_json(key, {"texts": list(value["texts"]), "usage": dict(value.get("usage") or {})})
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+
+def _decode_answer(value: Any) -> Dict[str, Any]:
+    texts = value["texts"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("cached texts are not a list of strings")
+    return {"texts": texts, "usage": value.get("usage") or {}}
 
 
 class ChatClient:
@@ -105,7 +100,6 @@ class ChatClient:
         max_tokens: int = 1024,
         timeout_s: float = 120.0,
         max_retries: int = 4,
-        backoff_s: float = 1.0,
         concurrency: int = 4,
         cache_path: "str | os.PathLike[str] | None" = None,
         extra_body: Optional[Dict[str, Any]] = None,
@@ -121,12 +115,12 @@ class ChatClient:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.max_retries = max(0, int(max_retries))
         self.concurrency = max(1, concurrency)
         self.extra_body = dict(extra_body or {})
         self.cache = AnswerCache(cache_path) if cache_path else None
-        self._local = threading.local()
+        self._local = threading.local()  # attempts of the call running on this thread
+        self._openai = self._make_openai()
         if not self._api_key and "api.openai.com" in self.base_url:
             logger.warning("no API key in $%s for %s: requests will be rejected", api_key_env, self.base_url)
 
@@ -134,24 +128,31 @@ class ChatClient:
         key = "set" if self._api_key else "unset"
         return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key=<{key}>)"
 
-    # request building ---------------------------------------------------------------------
+    def _make_openai(self) -> Any:
+        import openai
+
+        # every HTTP attempt (first try and retries) passes this hook: `ChatResult.attempts`
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]})
+        # a local server needs no key, but the package insists on one: "EMPTY", as vLLM's docs do
+        common = dict(api_key=self._api_key or NO_KEY, max_retries=self.max_retries, timeout=self.timeout_s,
+                      http_client=http_client)
+        if self.azure_api_version:
+            return openai.AzureOpenAI(azure_endpoint=self.base_url, api_version=self.azure_api_version, **common)
+        return openai.OpenAI(base_url=self.base_url, **common)
+
+    def _count_attempt(self, request: Any) -> None:
+        self._local.attempts = getattr(self._local, "attempts", 0) + 1
+
+    # request identity ---------------------------------------------------------------------
     @property
     def url(self) -> str:
+        """The chat-completions URL requests go to (part of the cache key)."""
         if self.azure_api_version:
             return (
                 f"{self.base_url}/openai/deployments/{self.model}/chat/completions"
                 f"?api-version={self.azure_api_version}"
             )
         return f"{self.base_url}/chat/completions"
-
-    def _headers(self) -> Dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            if self.azure_api_version:
-                headers["api-key"] = self._api_key
-            else:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
 
     def _body(self, messages: Messages, n: int, temperature: Optional[float]) -> Dict[str, Any]:
         body: Dict[str, Any] = {
@@ -169,12 +170,6 @@ class ChatClient:
         blob = json.dumps({"url": self.url, "body": body}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _session(self) -> requests.Session:
-        sess = getattr(self._local, "session", None)
-        if sess is None:
-            sess = self._local.session = requests.Session()
-        return sess
-
     # calls --------------------------------------------------------------------------------
     def complete(self, messages: Messages, n: int = 1, temperature: Optional[float] = None) -> ChatResult:
         """One chat completion with retries and caching; never raises for service failures."""
@@ -184,7 +179,7 @@ class ChatClient:
             hit = self.cache.get(key)
             if hit is not None:
                 return ChatResult(texts=hit["texts"], cached=True, usage=hit.get("usage", {}))
-        result = self._post_with_retries(body)
+        result = self._request(body)
         if result.ok and self.cache is not None:
             self.cache.put(key, {"texts": result.texts, "usage": result.usage})
         return result
@@ -211,55 +206,58 @@ class ChatClient:
                 futures = tqdm(futures, total=len(conversations), desc="llm", unit="req")
             return list(futures)
 
-    def _post_with_retries(self, body: Dict[str, Any]) -> ChatResult:
-        last_error, last_message = "llm_unavailable", ""
-        for attempt in range(1, self.max_retries + 2):
-            wait = self.backoff_s * (2 ** (attempt - 1))
-            try:
-                resp = self._session().post(self.url, json=body, headers=self._headers(), timeout=self.timeout_s)
-            except requests.RequestException as exc:
-                # the exception text can hold the URL but never the headers, so it is safe to keep
-                last_error, last_message = "llm_unavailable", f"{type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 200:
-                    return self._parse(resp, attempt)
-                last_message = f"HTTP {resp.status_code}: {_error_text(resp)}"
-                if resp.status_code not in RETRY_STATUS:
-                    return ChatResult(error="llm_request_rejected", message=last_message, attempts=attempt)
-                last_error = "llm_unavailable"
-                retry_after = resp.headers.get("Retry-After")
-                if retry_after:
-                    try:
-                        wait = max(0.0, float(retry_after))
-                    except ValueError:
-                        pass
-            if attempt <= self.max_retries:
-                logger.debug("chat request failed (%s); retry %d in %.1fs", last_message, attempt, wait)
-                time.sleep(wait)
-        return ChatResult(error=last_error, message=last_message, attempts=self.max_retries + 1)
+    def _request(self, body: Dict[str, Any]) -> ChatResult:
+        """Send `body` through the `openai` client (which retries); classify what comes back."""
+        import openai
 
-    @staticmethod
-    def _parse(resp: requests.Response, attempt: int) -> ChatResult:
+        fields = {name: body[name] for name in ("model", "messages", "temperature", "max_tokens", "n") if name in body}
+        extra = {name: value for name, value in body.items() if name not in fields}
+        self._local.attempts = 0
         try:
-            data = resp.json()
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-            texts = [c["message"]["content"] or "" for c in choices]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return ChatResult(error="llm_bad_response", message=f"{type(exc).__name__}: {exc}", attempts=attempt)
-        if not texts:
-            return ChatResult(error="llm_bad_response", message="no choices in response", attempts=attempt)
-        return ChatResult(texts=texts, attempts=attempt, usage=data.get("usage") or {})
+            raw = self._openai.chat.completions.with_raw_response.create(**fields, extra_body=extra or None)
+            data = json.loads(raw.text)
+        except openai.APIStatusError as exc:  # the last answer was an HTTP error
+            retryable = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+            return self._failed("llm_unavailable" if retryable else "llm_request_rejected",
+                                f"HTTP {exc.status_code}: {_error_text(exc)}")
+        except openai.APIConnectionError as exc:  # refused, reset, timed out (APITimeoutError)
+            cause = exc.__cause__ or exc.__context__
+            detail = f"{type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+            return self._failed("llm_unavailable", detail)
+        except (ValueError, openai.APIResponseValidationError) as exc:  # a 200 whose body is not JSON
+            return self._failed("llm_bad_response", f"{type(exc).__name__}: {exc}")
+        except openai.OpenAIError as exc:  # anything else the package refuses (e.g. a malformed URL)
+            return self._failed("llm_request_rejected", f"{type(exc).__name__}: {exc}")
+        return _parse(data, self._local.attempts)
+
+    def _failed(self, error: str, message: str) -> ChatResult:
+        if self._api_key:  # a server may quote the key it rejected
+            message = message.replace(self._api_key, "<api key>")
+        return ChatResult(error=error, message=message[:500], attempts=self._local.attempts)
 
     def close(self) -> None:
+        self._openai.close()
         if self.cache is not None:
             self.cache.close()
 
 
-def _error_text(resp: requests.Response) -> str:
+def _parse(data: Any, attempts: int) -> ChatResult:
+    """An OpenAI-shaped response body -> ChatResult (`llm_bad_response` for any other shape)."""
     try:
-        err = resp.json().get("error")
-        if isinstance(err, dict):
-            return str(err.get("message", ""))[:300]
-        return str(err)[:300]
-    except ValueError:
-        return resp.text[:300]
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        texts = [c["message"]["content"] or "" for c in choices]
+    except (KeyError, TypeError, AttributeError) as exc:
+        return ChatResult(error="llm_bad_response", message=f"{type(exc).__name__}: {exc}", attempts=attempts)
+    if not texts:
+        return ChatResult(error="llm_bad_response", message="no choices in response", attempts=attempts)
+    return ChatResult(texts=texts, attempts=attempts, usage=data.get("usage") or {})
+
+
+def _error_text(exc: Any) -> str:
+    """The server's own error message from an `openai.APIStatusError` (its `error.message`)."""
+    body = exc.body
+    if isinstance(body, dict):
+        return str(body.get("message", body))[:300]
+    if body is not None:
+        return str(body)[:300]
+    return str(exc.message)[:300]

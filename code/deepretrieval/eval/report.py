@@ -5,6 +5,12 @@ Per topic, the n queries of a method are collapsed first (`mean`: expected score
 `best`: best-of-n), then topics are averaged and the 95% interval is a percentile bootstrap over
 topics (deepretrieval.eval.metrics.bootstrap_ci). Queries that failed for infrastructure reasons
 (runner.INFRA_ERRORS) are left out; topics where the method does not apply are not counted.
+
+Parse failures (runner.WRITER_ERRORS: format, json, empty_query, query_syntax) count as recall 0
+in the main mean. The original DeepRetrieval evaluation (src/eval/eval_literature.py) left them
+out of its mean recall instead, so every metric is also reported as `<metric>/parsed_only` (mean
+over the queries that were searched; topics without one are left out), and the table shows both
+where they differ, saying which is which.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from deepretrieval.eval.metrics import aggregate_samples, bootstrap_ci
-from deepretrieval.eval.runner import INFRA_ERRORS
+from deepretrieval.eval.runner import INFRA_ERRORS, WRITER_ERRORS
 
 
 def _metric_names(records: Sequence[Mapping[str, Any]]) -> List[str]:
@@ -59,6 +65,8 @@ def summarize_group(
         "metrics": {},
     }
     hows = ["mean", "best"] if n_per_topic > 1 else ["mean"]
+    parsed_by_topic = {t: [r for r in rs if r.get("error") not in WRITER_ERRORS] for t, rs in by_topic.items()}
+    summary["n_parse_failures"] = sum(1 for r in scored if r.get("error") in WRITER_ERRORS)
     for name in _metric_names(scored):
         for how in hows:
             per_topic = [aggregate_samples([(r.get("metrics") or {}).get(name) for r in rs], how)
@@ -66,6 +74,11 @@ def summarize_group(
             ci = bootstrap_ci([v for v in per_topic if v is not None], confidence, n_resamples, seed)
             key = name if how == "mean" else f"{name}/best_of_{n_per_topic}"
             summary["metrics"][key] = ci.to_dict()
+        # the original's mean: parse failures left out, not counted as 0
+        per_topic = [aggregate_samples([(r.get("metrics") or {}).get(name) for r in rs], "mean")
+                     for rs in parsed_by_topic.values() if rs]
+        ci = bootstrap_ci([v for v in per_topic if v is not None], confidence, n_resamples, seed)
+        summary["metrics"][f"{name}/parsed_only"] = ci.to_dict()
     return summary
 
 
@@ -113,6 +126,7 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]], metric: Optional[str]
         headers.append(f"{t} {name}")
     lines = ["| method | " + " | ".join(headers) + " |", "|---|" + "---|" * len(tasks)]
     notes = []
+    any_parsed_only = False
     for m in methods:
         row = [m]
         for t in tasks:
@@ -125,6 +139,10 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]], metric: Optional[str]
             text = _fmt(cell, digits)
             if cell and cell.get("n"):
                 text += f" (n={cell['n']})"
+            parsed = s["metrics"].get(f"{name}/parsed_only")
+            if s.get("n_parse_failures") and parsed and parsed.get("n"):
+                text += f"; parsed only {_fmt(parsed, digits)} (n={parsed['n']})"
+                any_parsed_only = True
             row.append(text)
             bad = {e: c for e, c in s["errors"].items() if e not in ("none", "not_applicable")}
             if bad:
@@ -132,6 +150,10 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]], metric: Optional[str]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     text += "\nMean over topics with a 95% percentile-bootstrap interval; n = topics.\n"
+    if any_parsed_only:
+        text += ("First value: responses without a usable query (format/json/empty_query/query_syntax) count as "
+                 "recall 0. \"parsed only\": they are left out, as the original DeepRetrieval evaluation did "
+                 "(compare this one with the paper's numbers).\n")
     if notes:
         text += "\nQuery errors (format/json/empty_query/query_syntax score 0; search/LLM failures are left out):\n"
         text += "".join(f"- {n}\n" for n in notes)

@@ -13,6 +13,7 @@ and, where graded judgements exist, NDCG@K.
 Error classes per query (what goes in the record's `error`):
   none                          searched; metrics computed
   format | json | empty_query   the response has no usable query (rewards.parsing): scores 0
+  empty_answer                  (strict_json sources) a blank <answer> block: scores 0
   query_syntax                  the engine rejected the query: scores 0
   search_unavailable            the engine could not answer          } not the query writer's
   llm_unavailable | llm_request_rejected | llm_bad_response          } fault: left out of the
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 INFRA_ERRORS = frozenset(
     {"search_unavailable", "llm_unavailable", "llm_request_rejected", "llm_bad_response", "generation_error"}
 )
-WRITER_ERRORS = frozenset({"format", "json", "empty_query", "query_syntax"})
+WRITER_ERRORS = frozenset({"format", "json", "empty_query", "query_syntax", "empty_answer"})
 
 
 # ------------------------------------------------------------------------- samples
@@ -139,7 +140,10 @@ def sample_from_row(row: Mapping[str, Any]) -> EvalSample:
     """A verl parquet row -> EvalSample (joins the vendored topic record by `extra_info.topic_id`)."""
     from deepretrieval.data.tasks import judgements_from_ground_truth
 
+    from deepretrieval.data.dataset import row_extra_info
+
     row = plain_python(dict(row))
+    row["extra_info"] = row_extra_info(row)  # original-format rows: top-level pub_date, original prompt
     task = str(row.get("data_source"))
     extra = row.get("extra_info") or {}
     gt = (row.get("reward_model") or {}).get("ground_truth") or {}
@@ -491,7 +495,7 @@ def score_generation(
 ) -> Dict[str, Any]:
     """Parse (if needed), search and score one generation; returns the record body (`recall` is
     recall@k, default the largest cut-off)."""
-    from deepretrieval.rewards.parsing import check_format, parse_answer
+    from deepretrieval.rewards.parsing import check_format, parse_answer, parse_answer_strict
 
     rec: Dict[str, Any] = {"reasoning": None, "query": None, "response": None, "format_ok": None,
                            "ids": [], "error": "none", "detail": "", "cached_search": False}
@@ -507,7 +511,9 @@ def score_generation(
         rec["response"] = gen.text
         rec["reasoning"] = split_reasoning(gen.text)
         rec["format_ok"] = check_format(gen.text, think_in_prompt=think_in_prompt, reasoning=reasoning)[0]
-        parsed = parse_answer(gen.text)
+        # the source's strict_json: the original's json.loads reading (its eval script read answers so)
+        strict = bool(getattr(searcher.source(sample.task), "strict_json", False))
+        parsed = parse_answer_strict(gen.text) if strict else parse_answer(gen.text)
         if parsed.error != "none":
             rec.update(error=parsed.error, detail=parsed.detail)
         query = parsed.query
@@ -552,7 +558,8 @@ def evaluate(
         src = searcher.source(task)
         # cut-offs above K would repeat recall@K: the engine returns at most K ids
         cut = sorted({c for c in (ks or default_ks(src.k)) if c <= src.k} | {src.k})
-        fp = fingerprint_of(method, task, src.k, searcher.engine_id(task), cut)
+        engine_ident = searcher.engine_id(task) + (":strict_json" if getattr(src, "strict_json", False) else "")
+        fp = fingerprint_of(method, task, src.k, engine_ident, cut)
         store = RecordStore(Path(out_dir) / "samples" / task / f"{_slug(method.name)}.jsonl", fp)
         # what produced the records, next to them (the spec never holds credentials)
         store.path.with_suffix(".spec.json").write_text(json.dumps(

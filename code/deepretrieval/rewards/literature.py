@@ -3,24 +3,39 @@
     score = format_part + answer_part
 
     format_part  = format_score (+1)        if the tags are right (parsing.check_format)
-                 = format_penalty (-4)      otherwise; then there is no search and answer_part = 0
+                 = format_penalty (-4)      otherwise, or a response over parsing.MAX_RESPONSE_CHARS
+                                            (error "too_long"); then there is no search and answer_part = 0
     answer_part  = tier(recall@K)           recall@K = |top-K retrieved ∩ targets| / |targets|
                  = answer_error_penalty (-4)   no JSON object / no "query" string / blank query
-                 = query_syntax_penalty (-4)   the engine rejected the query (the model's fault)
+                 = query_syntax_penalty (-4)   the engine rejected the query, or it is longer than
+                                               parsing.MAX_QUERY_CHARS (the model's fault)
     tier(r)      = 5 if r >= 0.7, 4 if r >= 0.5, 3 if r >= 0.4, 1 if r >= 0.3, 0.5 if r >= 0.1,
                    0.1 if r >= 0.05, else -3.5                 (thresholds inclusive)
 
-These defaults reproduce the original DeepRetrieval reward (verl/utils/reward_score/literature.py:
-format +1 / -4, the same tiers, -4 for an answer that fails to evaluate). A `search_unavailable`
-sample (network, rate limit, server error) is not the model's fault: it gets
-`search_unavailable_score` (0) and `search_unavailable=True`, so the trainer can leave it out of
-the update.
+The tier values, the format bonus/penalty and the -4 for an answer that fails to evaluate are
+those of the original DeepRetrieval reward (verl/utils/reward_score/literature.py), but the
+defaults do NOT reproduce it exactly:
+  * answer parsing is lenient by default (`strict_json: false`, `parsing.parse_answer`): code
+    fences, single quotes, trailing commas, text around the object, raw newlines/tabs in strings,
+    two objects and Python literals are read, where the original's `json.loads` failed and gave
+    -4 (total -3). Lenient is the default because a policy should be rewarded for its query, not
+    for JSON punctuation, and an LLM evaluated with the same parser is measured on its queries.
+    `strict_json: true` (`parsing.parse_answer_strict`) is the original's reading, including its
+    answer score 0 for a blank `<answer>` block (error `empty_answer`); the reproduction
+    (docs/original.md) uses it;
+  * a `search_unavailable` sample (network, rate limit, server error) is not the model's fault:
+    it gets `search_unavailable_score` (0) and `search_unavailable=True`, so the trainer can leave
+    it out of the update (the original scored it -4, total -3);
+  * the live sources default to recall@3000 (the original trained first on all results, up to
+    9,999, then 1-2 epochs at 3,000), and the PubMed engine's own defaults for sort order and date
+    floor (`sort=relevance`, `open_min_date=1000/01/01`; the original sent no sort and 1970/01/01).
 
 Configuration (the trainer's `reward` section; dict or DictConfig) overrides any default and maps
 each data source to its engine:
 
     reward:
       format_score: 1.0
+      strict_json: false                        # true: the original's json.loads reading
       tiers: [[0.7, 5], [0.5, 4], ...]        # (min recall, reward), any order
       below_tiers_score: -3.5
       sources:                                  # or the same keys at the top level
@@ -28,7 +43,14 @@ each data source to its engine:
         pubmed: {engine: pubmed, k: 3000, use_pub_date: true, base_url: ..., cache: ...}
 
 Keys of a source other than the reserved ones (`SOURCE_KEYS` and the scoring keys) are passed
-to `make_engine(engine, **options)`. A local source without `index_dir` uses the vendored corpus
+to `make_engine(engine, **options)`. No key is ignored: `validate_reward_section` rejects, with a
+`RewardConfigError` naming the key and the accepted spellings, any top-level key that is neither a
+scoring key, `sources`, `num_workers`, `strict_json` nor a source section, a source section without
+`engine` that is not a known source (`reward.pubmed.k=9999` and `reward.sources.pubmed.k=9999` both
+set the pubmed source), and a source key that is neither reserved nor a parameter of the engine's
+constructor. Data source `literature` (parquet files of the original DeepRetrieval preprocessing)
+is routed to the `pubmed` source (`SOURCE_ALIASES`), with the format check of the original prompt
+(which opens `<think>`) unless the source sets `think_in_prompt`. A local source without `index_dir` uses the vendored corpus
 named by `index` (default: the data source name), built on first use (deepretrieval.data.paths).
 Engines are created lazily, once per process, keyed by their options, so the function-style
 `compute_score` works inside Ray workers.
@@ -49,10 +71,14 @@ from deepretrieval.rewards.parsing import (
     ERROR_FORMAT,
     ERROR_NONE,
     ERROR_QUERY_SYNTAX,
+    ERROR_EMPTY_ANSWER,
     ERROR_SEARCH_UNAVAILABLE,
+    ERROR_TOO_LONG,
     check_format,
     parse_answer,
+    parse_answer_strict,
 )
+from deepretrieval.search.base import ENGINES as _ENGINE_REGISTRY
 from deepretrieval.search.base import (
     QuerySyntaxError,
     SearchEngine,
@@ -81,7 +107,14 @@ DEFAULT_SOURCES: Dict[str, Dict[str, Any]] = {
 }
 
 # Keys of a source entry that configure scoring, not the engine constructor.
-SOURCE_KEYS = ("engine", "k", "use_pub_date", "index", "num_workers", "reasoning", "think_in_prompt")
+SOURCE_KEYS = ("engine", "k", "use_pub_date", "index", "num_workers", "reasoning", "think_in_prompt", "strict_json")
+
+# Data sources that read another source's settings: the original DeepRetrieval parquet files say
+# "literature" for publication search on PubMed.
+SOURCE_ALIASES: Dict[str, str] = {"literature": "pubmed"}
+
+# Top-level keys of the reward section besides the scoring keys and the source sections.
+TOP_LEVEL_KEYS = ("sources", "num_workers", "strict_json")
 
 
 @dataclass(frozen=True)
@@ -113,6 +146,7 @@ class SourceConfig:
     num_workers: Optional[int] = None
     reasoning: Optional[bool] = None  # None: read extra_info.prompt_style (default True)
     think_in_prompt: Optional[bool] = None  # None: read extra_info.think_in_prompt (default False)
+    strict_json: bool = False  # True: parsing.parse_answer_strict (the original's json.loads)
     engine_options: Tuple[Tuple[str, Any], ...] = ()
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
@@ -151,6 +185,87 @@ def _scoring_overrides(section: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class RewardConfigError(ValueError):
+    """A problem in the `reward` section; `key` is the dotted key at fault (under `reward.`)."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"config key '{key}': {reason}")
+
+
+def engine_parameters(engine: str) -> Optional[Tuple[str, ...]]:
+    """Constructor parameters of a registered engine (None when it takes **kwargs it uses; a
+    catch-all named `_...`, such as the local engine's `**_ignored`, accepts nothing from a config)."""
+    import importlib
+    import inspect
+
+    target = _ENGINE_REGISTRY[engine]
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD and not p.name.startswith("_") for p in params):
+        return None
+    return tuple(p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+def _check_source_entry(path: str, name: str, entry: Any, engine: Optional[str]) -> None:
+    if not isinstance(entry, Mapping):
+        raise RewardConfigError(path, f"a source section must be a mapping of keys, got {entry!r}")
+    engine = entry.get("engine", engine)
+    if engine is None:
+        raise RewardConfigError(f"{path}.engine", f"reward source {name!r} has no engine: it is not a known source "
+                                f"({', '.join(sorted(DEFAULT_SOURCES))}); a new source needs engine= (one of "
+                                f"{', '.join(sorted(_ENGINE_REGISTRY))})")
+    if engine not in _ENGINE_REGISTRY:
+        raise RewardConfigError(f"{path}.engine", f"unknown search engine {engine!r}; known: {', '.join(sorted(_ENGINE_REGISTRY))}")
+    reserved = set(SOURCE_KEYS) | set(ScoringConfig.field_names())
+    allowed = engine_parameters(str(engine))
+    for key in entry:
+        if key in reserved or allowed is None or key in allowed:
+            continue
+        raise RewardConfigError(f"{path}.{key}", f"unknown key for a source of engine {engine!r}; accepted: "
+                                f"{', '.join(sorted(reserved | set(allowed)))}")
+
+
+def validate_reward_section(plain: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Check every key of a plain `reward` section (see the module docstring); returns the source
+    sections it sets, by name (from `sources:` and from the top level). Raises RewardConfigError."""
+    scoring_keys = set(ScoringConfig.field_names())
+    given: Dict[str, Dict[str, Any]] = {}
+    sections: List[Tuple[str, str, Any]] = []
+    for key, value in plain.items():
+        key = str(key)
+        if key == "sources":
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise RewardConfigError("reward.sources", f"must map source names to sections, got {value!r}")
+            sections.extend((f"reward.sources.{n}", str(n), e) for n, e in value.items())
+        elif key in scoring_keys or key in TOP_LEVEL_KEYS:
+            continue
+        elif isinstance(value, Mapping):
+            sections.append((f"reward.{key}", key, value))
+        else:
+            accepted = sorted(scoring_keys | set(TOP_LEVEL_KEYS))
+            hint = ""
+            if key in SOURCE_KEYS:
+                hint = f" ('{key}' belongs to a source: reward.<source>.{key} or reward.sources.<source>.{key})"
+            raise RewardConfigError(f"reward.{key}", f"unknown key{hint}; accepted: {', '.join(accepted)}, or a "
+                                    f"source section reward.<source>.<key> (known sources: "
+                                    f"{', '.join(sorted(DEFAULT_SOURCES))})")
+    for path, name, entry in sections:
+        if name in SOURCE_ALIASES and not (isinstance(entry, Mapping) and "engine" in entry):
+            target = SOURCE_ALIASES[name]
+            raise RewardConfigError(path, f"data source {name!r} reads the {target!r} source's settings: set "
+                                    f"reward.{target}.<key> (or reward.sources.{target}.<key>), or give {name!r} "
+                                    f"its own engine=")
+        _check_source_entry(path, name, entry, DEFAULT_SOURCES.get(name, {}).get("engine"))
+        given[name] = {**given.get(name, {}), **dict(entry or {})}
+    return given
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """The parsed `reward` section: global scoring values plus one SourceConfig per data source."""
@@ -161,12 +276,10 @@ class RewardConfig:
     @classmethod
     def from_config(cls, config: Any = None) -> "RewardConfig":
         plain = _to_plain(config)
+        given = validate_reward_section(plain)
         scoring = ScoringConfig(**_scoring_overrides(plain))
+        strict_default = bool(plain.get("strict_json") or False)
         raw_sources = {name: dict(entry) for name, entry in DEFAULT_SOURCES.items()}
-        given = dict(plain.get("sources") or {})
-        for key, value in plain.items():
-            if isinstance(value, Mapping) and "engine" in value and key != "sources":
-                given[key] = value
         for name, entry in given.items():
             entry = dict(entry or {})
             if "engine" in entry and entry["engine"] != raw_sources.get(name, {}).get("engine"):
@@ -190,12 +303,17 @@ class RewardConfig:
                 num_workers=entry.get("num_workers"),
                 reasoning=entry.get("reasoning"),
                 think_in_prompt=entry.get("think_in_prompt"),
+                strict_json=bool(entry["strict_json"]) if entry.get("strict_json") is not None else strict_default,
                 engine_options=tuple(sorted(options.items())),
                 scoring=replace(scoring, **_scoring_overrides(entry)),
             )
         return cls(scoring=scoring, sources=sources)
 
     def source(self, data_source: str) -> SourceConfig:
+        if data_source not in self.sources and SOURCE_ALIASES.get(data_source) in self.sources:
+            target = self.sources[SOURCE_ALIASES[data_source]]
+            # the original prompt opens <think> itself; a source that says otherwise wins
+            return target if target.think_in_prompt is not None else replace(target, think_in_prompt=True)
         if data_source not in self.sources:
             raise KeyError(
                 f"no reward source configured for data_source {data_source!r}; "
@@ -288,14 +406,17 @@ def prepare_sample(
     reasoning_default = not (extra_info and extra_info.get("prompt_style") == "no_reason")
     reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
     think_in_prompt = _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
-    format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
-    parsed = parse_answer(solution_str)
+    parsed = parse_answer_strict(solution_str) if source.strict_json else parse_answer(solution_str)
+    if parsed.error == ERROR_TOO_LONG:  # over the length budget: not checked further, scored as bad format
+        format_ok, format_detail = False, parsed.detail
+    else:
+        format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
     filters: Dict[str, Any] = {}
     if source.use_pub_date and extra_info and extra_info.get("pub_date"):
         filters["max_date"] = str(extra_info["pub_date"])
     if not format_ok:
         # the original never searched a badly formatted response; the parsed query is still logged
-        error, detail = ERROR_FORMAT, format_detail
+        error, detail = (ERROR_TOO_LONG if parsed.error == ERROR_TOO_LONG else ERROR_FORMAT), format_detail
     else:
         error, detail = parsed.error, parsed.detail
     return PreparedSample(
@@ -341,8 +462,10 @@ def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> D
         "search_time_s": 0.0,
         "cached": False,
     }
-    if sample.error == ERROR_FORMAT:
-        pass
+    if sample.error in (ERROR_FORMAT, ERROR_TOO_LONG, ERROR_EMPTY_ANSWER):
+        pass  # empty_answer (strict reading only): the original scored a blank answer block 0
+    elif sample.error == ERROR_QUERY_SYNTAX:  # a query over the length budget, rejected before any search
+        result["answer_score"] = scoring.query_syntax_penalty
     elif sample.error != ERROR_NONE:
         result["answer_score"] = scoring.answer_error_penalty
     elif outcome is None:
@@ -485,8 +608,9 @@ def compute_score(
     """verl's reward signature: score one decoded response.
 
     Returns a dict with `score`, `format_ok`, `query`, `recall` (None when the search was
-    unavailable), `n_retrieved`, `error` (none | format | json | empty_query | query_syntax |
-    search_unavailable), `tier` (recall threshold reached; 0.0 below all; None without recall),
+    unavailable), `n_retrieved`, `error` (none | too_long | format | json | empty_query | query_syntax |
+    search_unavailable | empty_answer (strict_json only)), `tier` (recall threshold reached; 0.0 below all;
+    None without recall),
     `format_score`, `answer_score`, `search_unavailable`, `error_detail`, `search_time_s`, `cached`.
     """
     cfg = resolve_config(config)

@@ -6,14 +6,23 @@ pool per engine (live engines rate-limit themselves; the pool only caps how many
 at once), and finally scores every sample from its search. Per-sample results are kept in
 `last_results` and returned as `reward_extra_info` for logging.
 
+One bad sample never fails a step: an unexpected exception while scoring one sample (a bug, not
+the model's fault) becomes that sample's `reward_error` result (score 0, `search_unavailable=True`
+so the trainer leaves it out, like an unavailable search), counted in `reward_error_count`; each
+exception class is logged once per manager, with its traceback. Configuration mistakes (a data
+source without a reward source, an unknown engine) still raise: they are not one sample's fault.
+
 Metrics (for the whole batch as `reward/<name>`, and per data source as `reward/<ds>/<name>`):
   mean, recall_mean, recall_ge_{70,50,40,30,10,5}_ratio      over samples whose search was not
                                                              unavailable (errors count as recall 0)
-  format_error_ratio, json_error_ratio, empty_query_ratio, query_syntax_error_ratio,
-  search_error_ratio (= search_unavailable), search_unavailable_count   over all samples
+  format_error_ratio, too_long_ratio, json_error_ratio, empty_query_ratio, empty_answer_ratio
+  (strict_json), query_syntax_error_ratio, search_error_ratio (= search_unavailable),
+  search_unavailable_count, reward_error_ratio, reward_error_count      over all samples
   query_len_mean (characters), unique_query_ratio            over samples with a parsed query
   search_cache_hit_ratio (engine cache hits / searches run), searches, search_time_s (wall time
   of the search phase), search_time_mean_s (per search)
+  engine/<source>/<counter>   the engine's own cumulative `stats()` (live engines: HTTP retries,
+                              server-requested pauses `http_retry_after[_s]`, deadlines, ...)
 """
 
 from __future__ import annotations
@@ -39,11 +48,14 @@ from deepretrieval.rewards.literature import (
     run_search,
 )
 from deepretrieval.rewards.parsing import (
+    ERROR_EMPTY_ANSWER,
     ERROR_EMPTY_QUERY,
     ERROR_FORMAT,
     ERROR_JSON,
     ERROR_QUERY_SYNTAX,
+    ERROR_REWARD,
     ERROR_SEARCH_UNAVAILABLE,
+    ERROR_TOO_LONG,
 )
 from deepretrieval.search.base import SearchEngineError
 
@@ -76,15 +88,40 @@ def compute_reward_metrics(results: Sequence[Mapping[str, Any]], prefix: str = "
         metrics[f"recall_ge_{int(round(threshold * 100))}_ratio"] = _ratio([r >= threshold - 1e-12 for r in recalls])
     metrics.update(
         format_error_ratio=_ratio([e == ERROR_FORMAT for e in errors]),
+        too_long_ratio=_ratio([e == ERROR_TOO_LONG for e in errors]),
         json_error_ratio=_ratio([e == ERROR_JSON for e in errors]),
         empty_query_ratio=_ratio([e == ERROR_EMPTY_QUERY for e in errors]),
+        empty_answer_ratio=_ratio([e == ERROR_EMPTY_ANSWER for e in errors]),  # strict_json only
         query_syntax_error_ratio=_ratio([e == ERROR_QUERY_SYNTAX for e in errors]),
         search_error_ratio=_ratio([e == ERROR_SEARCH_UNAVAILABLE for e in errors]),
         search_unavailable_count=float(sum(e == ERROR_SEARCH_UNAVAILABLE for e in errors)),
+        reward_error_ratio=_ratio([e == ERROR_REWARD for e in errors]),
+        reward_error_count=float(sum(e == ERROR_REWARD for e in errors)),
         query_len_mean=float(np.mean([len(q) for q in queries])) if queries else 0.0,
         unique_query_ratio=len(set(queries)) / len(queries) if queries else 0.0,
     )
     return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def reward_error_result(exc: BaseException, score: float = 0.0) -> Dict[str, Any]:
+    """The result of a sample whose scoring raised `exc`: classified `reward_error`, left out of
+    the update (`search_unavailable=True`, recall None), with the exception in `error_detail`."""
+    return {
+        "score": float(score),
+        "format_ok": False,
+        "query": None,
+        "recall": None,
+        "n_retrieved": 0,
+        "error": ERROR_REWARD,
+        "error_detail": f"{type(exc).__name__}: {str(exc)[:500]}",
+        "tier": None,
+        "format_score": 0.0,
+        "answer_score": 0.0,
+        "search_unavailable": True,
+        "n_targets": 0,
+        "search_time_s": 0.0,
+        "cached": False,
+    }
 
 
 class RewardManager:
@@ -115,6 +152,23 @@ class RewardManager:
         self.num_examine = num_examine
         self.last_results: List[Dict[str, Any]] = []
         self.last_search_stats: Dict[str, float] = {}
+        self.last_engine_stats: Dict[str, float] = {}
+        self._logged_error_classes: set = set()
+
+    def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        """(fn(*args), None), or (None, a reward_error result) when it raises; each exception class
+        is logged once per manager (with its traceback), later ones at debug level."""
+        try:
+            return fn(*args), None
+        except Exception as exc:  # one sample must never fail the step (see the module docstring)
+            name = type(exc).__name__
+            if name not in self._logged_error_classes:
+                self._logged_error_classes.add(name)
+                logger.exception("reward_error: %s raised %s for one sample; it is left out of the update "
+                                 "(further %s errors are counted in reward/reward_error_count)", what, name, name)
+            else:
+                logger.debug("reward_error: %s raised %s: %s", what, name, exc)
+            return None, reward_error_result(exc)
 
     # ------------------------------------------------------------ scoring texts
 
@@ -132,6 +186,7 @@ class RewardManager:
         for key, sample in jobs.items():
             by_engine[key[0]].append((key, sample))
         outcomes: Dict[Tuple, SearchOutcome] = {}
+        used: Dict[str, Any] = {}
         pools = []
         futures = []
         for engine_jobs in by_engine.values():
@@ -144,6 +199,7 @@ class RewardManager:
                 for key, _ in engine_jobs:
                     outcomes[key] = SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, f"engine: {exc}")
                 continue
+            used[first.source.name] = engine
             workers = self._workers_for(first, len(engine_jobs))
             if workers == 1:
                 for key, sample in engine_jobs:
@@ -156,6 +212,8 @@ class RewardManager:
             outcomes[key] = future.result()
         for pool in pools:
             pool.shutdown(wait=True)
+        self.last_engine_stats = {f"engine/{name}/{k}": float(v) for name, engine in used.items()
+                                  if callable(getattr(engine, "stats", None)) for k, v in engine.stats().items()}
         return outcomes
 
     def score_texts(
@@ -172,17 +230,28 @@ class RewardManager:
         extra_infos = list(extra_infos) if extra_infos is not None else [None] * n
         start = time.perf_counter()
         if self.custom_compute_score is not None:
-            results = [self._custom(s, d, g, e) for s, d, g, e in zip(solutions, data_sources, ground_truths, extra_infos)]
+            results = []
+            for s, d, g, e in zip(solutions, data_sources, ground_truths, extra_infos):
+                result, failed = self._guarded("compute_score", self._custom, s, d, g, e)
+                results.append(failed if failed is not None else result)
             self.last_search_stats = {"search_time_s": time.perf_counter() - start, "searches": float(n)}
             self.last_results = results
             return results
-        samples = [
-            prepare_sample(str(d), s, g, e, self.reward_config)
+        for ds in set(map(str, data_sources)):
+            self.reward_config.source(ds)  # a data source without a reward source is a setup mistake: raise
+        prepared = [
+            self._guarded("prepare_sample", prepare_sample, str(d), s, g, e, self.reward_config)
             for s, d, g, e in zip(solutions, data_sources, ground_truths, extra_infos)
         ]
+        samples = [sample for sample, _ in prepared if sample is not None]
         outcomes = self._search_all(samples)
         search_time = time.perf_counter() - start
-        results = [finish_sample(s, outcomes.get(s.search_key()) if s.needs_search else None) for s in samples]
+        results = []
+        for sample, failed in prepared:
+            if failed is None:
+                outcome = outcomes.get(sample.search_key()) if sample.needs_search else None
+                result, failed = self._guarded("finish_sample", finish_sample, sample, outcome)
+            results.append(failed if failed is not None else result)
         run = list(outcomes.values())
         self.last_search_stats = {
             "searches": float(len(run)),
@@ -190,6 +259,7 @@ class RewardManager:
             "search_time_mean_s": float(np.mean([o.elapsed_s for o in run])) if run else 0.0,
             "search_cache_hit_ratio": _ratio([o.cached for o in run]),
         }
+        self.last_search_stats.update(self.last_engine_stats)
         self.last_results = results
         return results
 

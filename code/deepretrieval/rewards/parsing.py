@@ -6,8 +6,14 @@ object, Python-style single quotes (only when `ast.literal_eval` reads the objec
 raw newlines inside strings, a trailing comma — but it never guesses a query out of free text:
 `<answer>aspirin AND stroke</answer>` is a `json` error.
 
-Error classes (in the order they are checked): `format` (no answer block), `json` (no object, or
-no `query` string in it), `empty_query` (a blank query).
+Error classes (in the order they are checked): `too_long` (the response is longer than
+`MAX_RESPONSE_CHARS`; it is not parsed), `format` (no answer block), `json` (no object, no
+`query` string in it, or an object nested deeper than `MAX_JSON_DEPTH`), `empty_query` (a blank
+query), `query_syntax` (a query longer than `MAX_QUERY_CHARS`, or with a lone surrogate from a
+JSON escape such as `\\ud800`, which no engine is asked to run).
+
+Every step is linear in the length of the response (plain string scans, no backtracking
+regular expressions), and nothing raises on any string: see docs/reliability.md.
 
 The format check (`check_format`) wants each tag exactly once and in order
 `<think> < </think> < <answer> < </answer>`; when the prompt itself opened `<think>`
@@ -19,29 +25,43 @@ from __future__ import annotations
 
 import ast
 import json
-import re
+import string
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
+from deepretrieval.search.query import MAX_QUERY_CHARS
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+FENCE = "```"
+_FENCE_LANGUAGE_CHARS = string.ascii_letters + string.digits + "_-"
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_FENCE_RE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+# Length budgets (characters). A decoded response is a few hundred to a few thousand characters;
+# a response past MAX_RESPONSE_CHARS is not parsed at all (error "too_long").
+MAX_RESPONSE_CHARS = 100_000
+MAX_JSON_DEPTH = 64  # brackets/braces nested deeper than this: "json" error (Python's json recurses)
+MAX_INT_DIGITS = 4_300  # longer JSON integers are read as floats (int() is quadratic; Python caps it)
 
 ERROR_NONE = "none"
+ERROR_TOO_LONG = "too_long"
 ERROR_FORMAT = "format"
 ERROR_JSON = "json"
 ERROR_EMPTY_QUERY = "empty_query"
 ERROR_QUERY_SYNTAX = "query_syntax"
 ERROR_SEARCH_UNAVAILABLE = "search_unavailable"
+ERROR_EMPTY_ANSWER = "empty_answer"  # a blank <answer> block, strict (original) reading only
+ERROR_REWARD = "reward_error"  # scoring one sample raised unexpectedly (a bug): dropped, not scored
 ERROR_CLASSES = (
     ERROR_NONE,
+    ERROR_TOO_LONG,
     ERROR_FORMAT,
     ERROR_JSON,
     ERROR_EMPTY_QUERY,
     ERROR_QUERY_SYNTAX,
+    ERROR_EMPTY_ANSWER,
     ERROR_SEARCH_UNAVAILABLE,
+    ERROR_REWARD,
 )
 
 
@@ -56,19 +76,39 @@ class ParsedAnswer:
 
 
 def extract_answer_block(text: str) -> Optional[str]:
-    """Content of the last complete `<answer>…</answer>` block, or None."""
-    matches = _ANSWER_RE.findall(text)
-    return matches[-1] if matches else None
+    """Content of the last complete `<answer>…</answer>` block, or None.
+
+    Blocks are found as a non-greedy regular expression would find them (each from an opening tag
+    to the first closing tag after it, left to right), but with `str.find`, so the time is linear
+    in the length of the text whatever the tags (the regex was quadratic in unclosed tags)."""
+    last, pos = None, 0
+    while True:
+        start = text.find(ANSWER_OPEN, pos)
+        if start < 0:
+            return last
+        start += len(ANSWER_OPEN)
+        end = text.find(ANSWER_CLOSE, start)
+        if end < 0:  # no closing tag after this opening tag, hence none after any later one
+            return last
+        last, pos = text[start:end], end + len(ANSWER_CLOSE)
 
 
 def _strip_fence(text: str) -> str:
-    match = _FENCE_RE.match(text.strip())
-    return match.group(1).strip() if match else text.strip()
+    """The inside of a Markdown code fence (```lang … ```) around the whole text, stripped.
+
+    String operations only, linear in the length (a regex with `\\s*` on both sides of a lazy
+    group was cubic in a run of whitespace)."""
+    text = text.strip()
+    if len(text) < 2 * len(FENCE) or not (text.startswith(FENCE) and text.endswith(FENCE)):
+        return text
+    inner = text[len(FENCE) : -len(FENCE)]
+    return inner.lstrip(_FENCE_LANGUAGE_CHARS).strip()
 
 
-def _balanced_object(text: str, start: int) -> Optional[str]:
-    """The `{…}` starting at `start`, matched with quote awareness ('…' and "…"), or None."""
-    depth, quote, escaped = 0, None, False
+def _balanced_object(text: str, start: int) -> Tuple[Optional[str], int]:
+    """The `{…}` starting at `start`, matched with quote awareness ('…' and "…"), or None; and the
+    deepest nesting of brackets and braces seen on the way (one linear scan)."""
+    depth, nesting, deepest, quote, escaped = 0, 0, 0, None, False
     for i in range(start, len(text)):
         ch = text[i]
         if quote:
@@ -81,13 +121,23 @@ def _balanced_object(text: str, start: int) -> Optional[str]:
             continue
         if ch in ("'", '"'):
             quote = ch
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    return None
+        elif ch in "{[":
+            nesting += 1
+            deepest = max(deepest, nesting)
+            if ch == "{":
+                depth += 1
+        elif ch in "}]":
+            nesting = max(0, nesting - 1)
+            if ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start : i + 1], deepest
+    return None, deepest
+
+
+def _bounded_int(digits: str) -> Any:
+    """JSON integers: exact up to MAX_INT_DIGITS digits, a float beyond (never raises)."""
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
 
 
 def _decode_object(text: str) -> Tuple[Optional[Any], str]:
@@ -95,33 +145,41 @@ def _decode_object(text: str) -> Tuple[Optional[Any], str]:
     start = text.find("{")
     if start < 0:
         return None, "no JSON object in the answer"
-    decoder = json.JSONDecoder(strict=False)  # strict=False: raw newlines/tabs inside strings
+    candidate, deepest = _balanced_object(text, start)
+    if deepest > MAX_JSON_DEPTH:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    # strict=False: raw newlines/tabs inside strings
+    decoder = json.JSONDecoder(strict=False, parse_int=_bounded_int)
     try:
         value, _ = decoder.raw_decode(text, start)
         return value, ""
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         json_error = str(exc)
-    candidate = _balanced_object(text, start)
     if candidate is None:
         return None, f"unbalanced JSON object ({json_error})"
     try:
-        # single-quoted keys/strings, trailing commas: a Python literal reads them without guessing
-        value = ast.literal_eval(candidate)
+        # single-quoted keys/strings, trailing commas: a Python literal reads them without guessing;
+        # Python's parser warns about odd literals ("1e"), which would print once per bad answer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            value = ast.literal_eval(candidate)
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None, f"invalid JSON ({json_error})"
     return value, ""
 
 
-def parse_answer(text: str) -> ParsedAnswer:
-    """Read the query from the last `<answer>` block of a response."""
+def _check_text(text: Any) -> Optional[ParsedAnswer]:
+    """The classification of a response that is not parsed at all (not text, over the length budget)."""
     if not isinstance(text, str):
         return ParsedAnswer(None, ERROR_FORMAT, None, "response is not text")
-    block = extract_answer_block(text)
-    if block is None:
-        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
-    value, problem = _decode_object(_strip_fence(block))
-    if problem:
-        return ParsedAnswer(None, ERROR_JSON, block, problem)
+    if len(text) > MAX_RESPONSE_CHARS:
+        return ParsedAnswer(None, ERROR_TOO_LONG, None,
+                            f"response is {len(text)} characters long (limit {MAX_RESPONSE_CHARS})")
+    return None
+
+
+def _read_query(value: Any, block: str) -> ParsedAnswer:
+    """The `query` string of a decoded answer object, checked against the query budgets."""
     if not isinstance(value, dict):
         return ParsedAnswer(None, ERROR_JSON, block, "answer is not a JSON object")
     if "query" not in value:
@@ -132,7 +190,29 @@ def parse_answer(text: str) -> ParsedAnswer:
     query = query.strip()
     if not query:
         return ParsedAnswer(None, ERROR_EMPTY_QUERY, block, "blank query")
+    if len(query) > MAX_QUERY_CHARS:
+        return ParsedAnswer(None, ERROR_QUERY_SYNTAX, block,
+                            f"query is {len(query)} characters long (limit {MAX_QUERY_CHARS})")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape such as \ud800: no engine can send it
+        return ParsedAnswer(None, ERROR_QUERY_SYNTAX, block,
+                            f"query contains a character that is not valid Unicode at position {exc.start}")
     return ParsedAnswer(query, ERROR_NONE, block)
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    """Read the query from the last `<answer>` block of a response."""
+    unparsed = _check_text(text)
+    if unparsed:
+        return unparsed
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    value, problem = _decode_object(_strip_fence(block))
+    if problem:
+        return ParsedAnswer(None, ERROR_JSON, block, problem)
+    return _read_query(value, block)
 
 
 def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = True) -> Tuple[bool, str]:
@@ -152,3 +232,31 @@ def check_format(text: str, think_in_prompt: bool = False, reasoning: bool = Tru
         order = "".join(tags)
         return False, f"tags out of order (expected {order})"
     return True, ""
+
+
+# ---------------------------------------------------------------- strict reading (the original's)
+
+def parse_answer_strict(text: str) -> ParsedAnswer:
+    """Read the query the way the original DeepRetrieval reward did: the last `<answer>` block,
+    stripped, must be exactly one JSON document (`json.loads`, strict: no code fence, no text
+    around it, no single quotes, trailing comma, raw newline/tab inside a string, second object
+    or Python literal) holding an object with a `query` string.
+
+    Error classes: `format` (no answer block), `empty_answer` (a blank block: the original did not
+    search it and gave it answer score 0, not a penalty), `json` (anything json.loads or the
+    `query` lookup rejects), `empty_query` (a blank query string); the length budgets of the lenient
+    reading apply too (`too_long`, and `query_syntax` for an over-long or invalid-Unicode query)."""
+    unparsed = _check_text(text)
+    if unparsed:
+        return unparsed
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    stripped = block.strip()
+    if not stripped:
+        return ParsedAnswer(None, ERROR_EMPTY_ANSWER, block, "blank <answer> block")
+    try:
+        value = json.loads(stripped)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so are 4,300+ digit ints
+        return ParsedAnswer(None, ERROR_JSON, block, f"not one strict JSON document ({exc})")
+    return _read_query(value, block)

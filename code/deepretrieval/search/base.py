@@ -14,6 +14,7 @@ records, first-posted date for trials).
 from __future__ import annotations
 
 import importlib
+import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,30 @@ class SearchResult:
     @classmethod
     def failed(cls, error: SearchEngineError, query: str = "", engine: str = "", k: int = 0) -> "SearchResult":
         return cls(ids=[], total=0, query=query, engine=engine, k=k, error=error.to_dict())
+
+
+# ranked ids one search may return: tantivy allocates k slots up front (k = 10**12 aborts the process),
+# and the live APIs page through k ids; the original DeepRetrieval's largest cut-off is 9,999
+MAX_K = 100_000
+
+
+def check_k(k: Any) -> int:
+    """k as an int in [0, MAX_K] (an integral float is accepted); anything else is a ValueError
+    naming the accepted range, in constant time whatever the size of the number."""
+    wrong = ValueError(f"k must be an integer between 0 and {MAX_K:,}, got {type(k).__name__} {str(k)[:20]!r}"
+                       if not isinstance(k, int) else f"k must be between 0 and {MAX_K:,}")
+    if isinstance(k, bool) or not (isinstance(k, float) or hasattr(k, "__index__")):
+        raise wrong
+    if not isinstance(k, float):
+        k = operator.index(k)  # int, numpy integers
+    elif isinstance(k, float):
+        if not k.is_integer():
+            raise wrong
+        k = int(k)
+    if not 0 <= k <= MAX_K:
+        raise ValueError(f"k must be between 0 and {MAX_K:,}, got {k:,}" if k.bit_length() < 64
+                         else f"k must be between 0 and {MAX_K:,}, got a {k.bit_length()}-bit number")
+    return k
 
 
 class SearchEngine:

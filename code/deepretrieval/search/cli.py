@@ -1,9 +1,11 @@
 """`deepretrieval index build` and `deepretrieval search`.
 
-Exit codes: 0 ok; 1 the query is malformed (QuerySyntaxError); 2 bad usage or input
-(unreadable corpus, invalid date filter); 3 the engine is unavailable (no index, service down);
-130 interrupted. Errors are one line on stderr (and the JSON object on stdout with --json),
-never a traceback.
+Exit codes: 0 ok; 1 the query is malformed (QuerySyntaxError, including a query nested too
+deeply to parse); 2 bad usage or input (unreadable query file or corpus, invalid date, k out of
+range, a damaged corpus file); 3 the engine is unavailable (no index, damaged index, service
+down); 70 an unexpected error inside an engine; 130 interrupted; 141 the output pipe closed
+(see deepretrieval.cli). Errors are one line on stderr (and the JSON object on stdout with
+--json), never a traceback.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
-from deepretrieval.search.base import (ENGINES, QuerySyntaxError, SearchEngineError, SearchResult,
+from deepretrieval.cli import OutputClosed, error_line
+from deepretrieval.search.base import (ENGINES, MAX_K, QuerySyntaxError, SearchEngineError, SearchResult,
                                        SearchUnavailable, make_engine)
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_QUERY, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_QUERY, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+
+MAX_QUERY_FILE_BYTES = 1_000_000  # the longest CLEF expert search is ~12 kB
+
+
+class UsageError(ValueError):
+    """Bad command-line input: exit code 2 with a one-line message."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
     build.add_argument("--heap-mb", type=int, default=256, help="indexing memory budget")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty, non-index --out")
-    build.add_argument("--limit", type=int, default=None, help="stop after N records")
+    build.add_argument("--limit", type=int, default=None, help="stop after N indexed records")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
     index.set_defaults(func=lambda args: (index.print_help(), EXIT_USAGE)[1])
@@ -48,11 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Search with PubMed syntax. Prints a ranked list, or one JSON object with "
         "--json (ids, scores, total, error, warnings).")
     search.add_argument("query", nargs="?", help="the query (use --query-file for multi-line searches)")
-    search.add_argument("--query-file", metavar="FILE", help="read the query from FILE ('-': stdin)")
+    search.add_argument("--query-file", metavar="FILE",
+                        help=f"read the query from FILE ('-': stdin; UTF-8, at most {MAX_QUERY_FILE_BYTES:,} bytes)")
     search.add_argument("--engine", choices=sorted(ENGINES), default="local")
     search.add_argument("--index", metavar="DIR", help="index directory (local engine), or a vendored corpus's "
                         "name (pubmed_mini, trials_sigir): its index is built in the cache on first use")
-    search.add_argument("--k", type=int, default=100, help="number of ranked ids to return")
+    search.add_argument("--k", type=int, default=100, help=f"number of ranked ids to return (0 to {MAX_K:,})")
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.add_argument("--min-date", metavar="YYYY/MM/DD")
     search.add_argument("--max-date", metavar="YYYY/MM/DD")
@@ -63,14 +73,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+    error_line(message)
     return code
+
+
+def _check_range(name: str, value: Optional[int], lo: int, hi: Optional[int] = None) -> None:
+    if value is not None and (value < lo or (hi is not None and value > hi)):
+        bound = f"between {lo:,} and {hi:,}" if hi is not None else f">= {lo:,}"
+        raise UsageError(f"{name} must be {bound}, got {value:,}" if abs(value) < 10**30
+                         else f"{name} must be {bound}")
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from deepretrieval.search.ingest import CorpusFormatError
-    from deepretrieval.search.local import build_index, index_size_bytes
+    from deepretrieval.search.local import build_index, build_summary, index_size_bytes
 
+    try:
+        _check_range("--batch-size", args.batch_size, 1)
+        _check_range("--threads", args.threads, 0, 1024)
+        _check_range("--heap-mb", args.heap_mb, 15, 1_000_000)
+        _check_range("--limit", args.limit, 1)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     try:
         meta = build_index(args.corpus, args.out, format=args.format, batch_size=args.batch_size,
                            heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
@@ -82,6 +106,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     size = index_size_bytes(args.out)
     print(f"indexed {meta['num_docs']} documents ({', '.join(meta['formats'])}) into {args.out} "
           f"in {meta['build_seconds']:.1f}s, {size / 1e6:.1f} MB")
+    for line in build_summary(meta):
+        print(f"  {line}")
     return EXIT_OK
 
 
@@ -97,7 +123,7 @@ def _resolve_index(index: str) -> str:
 def _engine_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.engine == "local":
         if not args.index:
-            raise ValueError("--index DIR is required with --engine local")
+            raise UsageError("--index DIR is required with --engine local")
         return {"index_dir": _resolve_index(args.index)}
     options: Dict[str, Any] = {"cache": not args.no_cache}
     if args.base_url:
@@ -105,6 +131,51 @@ def _engine_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.api_key:
         options["api_key"] = args.api_key
     return options
+
+
+def read_query(args: argparse.Namespace) -> str:
+    """The query text: the positional QUERY, or --query-file (UTF-8, '-' for stdin); UsageError
+    for a missing, unreadable, oversized, non-UTF-8 or empty one."""
+    if args.query_file is None:
+        text = args.query
+    elif args.query is not None:
+        raise UsageError("give the query as QUERY or with --query-file, not both")
+    else:
+        source = "standard input" if args.query_file == "-" else f"query file {args.query_file}"
+        try:
+            if args.query_file == "-":
+                stdin = getattr(sys.stdin, "buffer", sys.stdin)
+                data = stdin.read(MAX_QUERY_FILE_BYTES + 1)
+            else:
+                with open(args.query_file, "rb") as fh:
+                    data = fh.read(MAX_QUERY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from None
+        if len(data) > MAX_QUERY_FILE_BYTES:
+            raise UsageError(f"{source} is larger than {MAX_QUERY_FILE_BYTES:,} bytes")
+        try:
+            text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if text is None or not text.strip():
+        raise UsageError("no query given (positional QUERY or --query-file)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a command-line argument that was not UTF-8 (surrogate-escaped bytes)
+        raise UsageError(f"the query is not UTF-8 text (character {exc.start})") from None
+    return text
+
+
+def date_filters(args: argparse.Namespace) -> Dict[str, str]:
+    """--min-date/--max-date as the engines' `min_date`/`max_date` filters, checked: each must be
+    a real day in a YYYY[/MM[/DD]] form, and min <= max."""
+    from deepretrieval.search.ingest import check_date_filter
+
+    lo = check_date_filter(args.min_date, name="--min-date") if args.min_date else None
+    hi = check_date_filter(args.max_date, end=True, name="--max-date") if args.max_date else None
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"--min-date {args.min_date} is after --max-date {args.max_date}")
+    return {k: v for k, v in (("min_date", args.min_date), ("max_date", args.max_date)) if v}
 
 
 def _emit(result: SearchResult, as_json: bool) -> None:
@@ -120,36 +191,49 @@ def _emit(result: SearchResult, as_json: bool) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
+class InternalSearchError(SearchEngineError):
+    """An engine failed in a way it does not classify (a bug): exit code 70."""
+
+    kind = "internal_error"
+
+
+def classify_search_error(exc: BaseException, engine: str) -> Tuple[SearchEngineError, int]:
+    """Any exception out of building an engine or searching -> (classified error, exit code)."""
+    if isinstance(exc, QuerySyntaxError):
+        return exc, EXIT_QUERY
+    if isinstance(exc, SearchEngineError):
+        return exc, EXIT_UNAVAILABLE
+    if isinstance(exc, RecursionError):  # a parser without its own depth limit
+        return QuerySyntaxError("query nested too deeply to parse"), EXIT_QUERY
+    if isinstance(exc, ImportError):
+        return SearchUnavailable(f"engine {engine!r} is not available: {exc}"), EXIT_UNAVAILABLE
+    return InternalSearchError(f"{engine} engine failed: {type(exc).__name__}: {exc}"), EXIT_INTERNAL
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    if args.query_file:
-        text = sys.stdin.read() if args.query_file == "-" else open(args.query_file, encoding="utf-8").read()
-    else:
-        text = args.query
-    if text is None or not text.strip():
-        return _fail("no query given (positional QUERY or --query-file)", EXIT_USAGE)
-    if args.k < 0:
-        return _fail("--k must be >= 0", EXIT_USAGE)
-    filters = {k: v for k, v in (("min_date", args.min_date), ("max_date", args.max_date)) if v}
     try:
-        engine = make_engine(args.engine, **_engine_options(args))
-    except SearchEngineError as exc:
-        return _report_error(exc, text, args, EXIT_UNAVAILABLE)
-    except ImportError as exc:
-        return _report_error(SearchUnavailable(f"engine {args.engine!r} is not available: {exc}"), text, args,
-                             EXIT_UNAVAILABLE)
-    except (ValueError, TypeError) as exc:
+        text = read_query(args)
+        _check_range("--k", args.k, 0, MAX_K)
+        filters = date_filters(args)
+        options = _engine_options(args)
+    except (ValueError, FileNotFoundError) as exc:  # UsageError is a ValueError
         return _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:  # e.g. the cache folder for a vendored index cannot be written
+        return _fail(f"search unavailable: cannot prepare the index: {exc}", EXIT_UNAVAILABLE)
     try:
-        with engine:
+        with make_engine(args.engine, **options) as engine:
             result = engine.search(text, k=args.k, **filters)
-    except QuerySyntaxError as exc:
-        return _report_error(exc, text, args, EXIT_QUERY)
-    except SearchEngineError as exc:
-        return _report_error(exc, text, args, EXIT_UNAVAILABLE)
-    except ValueError as exc:  # invalid filter values
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, OutputClosed):
+        raise
+    except ValueError as exc:  # invalid filter values the engine rejects (QuerySyntaxError is one too)
+        if isinstance(exc, SearchEngineError):
+            error, code = classify_search_error(exc, args.engine)
+            return _report_error(error, text, args, code)
         return _fail(str(exc), EXIT_USAGE)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BaseException as exc:  # noqa: BLE001 - any engine failure is one line (pyo3 panics are BaseException)
+        logger.debug("search failed", exc_info=True)
+        error, code = classify_search_error(exc, args.engine)
+        return _report_error(error, text, args, code)
     _emit(result, args.json)
     return EXIT_OK
 
@@ -157,5 +241,5 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _report_error(exc: SearchEngineError, text: str, args: argparse.Namespace, code: int) -> int:
     if args.json:
         _emit(SearchResult.failed(exc, query=text, engine=args.engine, k=args.k), True)
-    kind = "query syntax error" if isinstance(exc, QuerySyntaxError) else "search unavailable"
+    kind = {EXIT_QUERY: "query syntax error", EXIT_INTERNAL: "internal error"}.get(code, "search unavailable")
     return _fail(f"{kind}: {exc}", code)

@@ -14,7 +14,19 @@ terms get deterministic synthetic ids), and injected faults consumed one per req
 order (`inject(Fault(...))`): `error200` (ERROR inside HTTP 200), `status` (any code, with
 optional headers/body), `timeout` (answer after `seconds`), `truncated` (JSON cut short
 with a matching Content-Length), `short_read` (Content-Length promises more than is sent),
-`reset` (close the socket without answering).
+`reset` (close the socket without answering), `redirect` (HTTP `status` 3xx to
+`location` + the request's own path and query, as a load balancer would), `drip` (the
+answer, its first `size` bytes one every `seconds`, then the rest; `size=0`: all of it),
+`drip_headers` (the status line and headers one byte every `seconds`, then the answer),
+`huge` (the answer padded to about `size` bytes; `declare_length=False` sends no
+Content-Length and closes the connection to end the body), `empty_ids` (HTTP 200 claiming
+hits but listing none: esearch `count>0` with an empty `idlist`, a /studies page with
+`totalCount>0`, no studies and a `nextPageToken`), `gzip` (the answer, padded to `size`
+bytes if given, gzip-compressed and sent in chunks: a well-formed answer, or with a large
+`size` a decompression bomb). `FakeCTGovServer(stuck_paging="page")`
+answers every page with the first page and the same `nextPageToken`; `stuck_paging="token"`
+serves the asked page but always hands out the first `nextPageToken`; `page_cap=n` serves
+at most n studies per page whatever `pageSize` asks (as a mirror with a lower cap would).
 
     with FakePubMedServer(latency=0.15, rate_limit=10) as server:
         engine = PubMedSearchEngine(base_url=server.url, cache=False)
@@ -23,6 +35,7 @@ with a matching Content-Length), `short_read` (Content-Length promises more than
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import socket
@@ -57,6 +70,9 @@ class Fault:
     message: str = "Search Backend failed: Database is not available"
     seconds: float = 1.0
     match: Optional[str] = None  # only requests whose term contains this substring
+    location: Optional[str] = None  # redirect: scheme://host:port[/prefix] the request is sent on to
+    size: int = 0  # drip: bytes dripped (0 = all); huge: body size in bytes
+    declare_length: bool = True  # huge: send a Content-Length (else end the body by closing)
 
 
 @dataclass
@@ -272,7 +288,99 @@ class _FakeService:
             declared = len(body.encode("utf-8")) if fault.kind == "short_read" else None
             handler.send_body(200, cut, declared_length=declared)
             return 200
+        if fault.kind == "redirect":
+            target = (fault.location or self.root).rstrip("/") + handler.path
+            handler.send_body(fault.status if 300 <= fault.status < 400 else 302, "", content_type="text/plain",
+                              headers={"Location": target})
+            return fault.status
+        if fault.kind == "drip_headers":
+            _, body, ctype = self._answer(handler, params)
+            data = body.encode("utf-8")
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nX-Padding: {'p' * 200}\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n").encode("ascii")
+            try:
+                for index in range(len(head)):
+                    time.sleep(fault.seconds)
+                    handler.wfile.write(head[index:index + 1])
+                    handler.wfile.flush()
+                handler.wfile.write(data)
+                handler.wfile.flush()
+            except OSError:
+                handler.close_connection = True  # the client gave up
+            return 200
+        if fault.kind == "drip":
+            _, body, ctype = self._answer(handler, params)
+            return self._drip(handler, body.encode("utf-8"), ctype, fault)
+        if fault.kind == "huge":
+            _, body, ctype = self._answer(handler, params)
+            return self._huge(handler, body, fault)
+        if fault.kind == "gzip":
+            _, body, ctype = self._answer(handler, params)
+            if fault.size > len(body):
+                body = '{"pad":"' + "x" * (fault.size - len(body) - 10) + '",' + body.lstrip()[1:]
+            data = gzip.compress(body.encode("utf-8"))
+            handler.send_response(200)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Content-Encoding", "gzip")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            for start in range(0, len(data), 4096):
+                part = data[start:start + 4096]
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+            return 200
+        if fault.kind == "empty_ids":
+            handler.send_body(200, self._empty_ids_body(params))
+            return 200
         raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    @staticmethod
+    def _drip(handler: _Handler, data: bytes, ctype: str, fault: Fault) -> int:
+        slow = len(data) if fault.size <= 0 else min(fault.size, len(data))
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.flush()
+            for index in range(slow):
+                time.sleep(fault.seconds)
+                handler.wfile.write(data[index:index + 1])
+                handler.wfile.flush()
+            handler.wfile.write(data[slow:])
+            handler.wfile.flush()
+        except OSError:
+            handler.close_connection = True  # the client gave up
+        return 200
+
+    @staticmethod
+    def _huge(handler: _Handler, body: str, fault: Fault) -> int:
+        # Valid JSON: {"pad": "xxxx...", <the real answer's fields>}
+        head, tail = b'{"pad":"', ('",' + body.lstrip()[1:]).encode("utf-8")
+        pad = max(fault.size - len(head) - len(tail), 0)
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            if fault.declare_length:
+                handler.send_header("Content-Length", str(len(head) + pad + len(tail)))
+            else:
+                handler.send_header("Connection", "close")
+                handler.close_connection = True
+            handler.end_headers()
+            handler.wfile.write(head)
+            block = b"x" * 65536
+            while pad > 0:
+                handler.wfile.write(block[:pad])
+                pad -= min(pad, len(block))
+            handler.wfile.write(tail)
+            handler.wfile.flush()
+        except OSError:
+            handler.close_connection = True  # the client stopped reading
+        return 200
+
+    def _empty_ids_body(self, params: Dict[str, str]) -> str:
+        raise NotImplementedError
 
     def _answer(self, handler: _Handler, params: Dict[str, str]) -> Tuple[int, str, str]:
         raise NotImplementedError
@@ -309,6 +417,11 @@ class FakePubMedServer(_FakeService):
 
     def _error200_body(self, message: str) -> str:
         return json.dumps({"header": {"type": "esearch", "version": "0.3"}, "esearchresult": {"ERROR": message}})
+
+    def _empty_ids_body(self, params: Dict[str, str]) -> str:
+        result = {"count": "125", "retmax": "0", "retstart": params.get("retstart", "0"), "idlist": [],
+                  "translationset": [], "querytranslation": params.get("term", "")}
+        return json.dumps({"header": {"type": "esearch", "version": "0.3"}, "esearchresult": result})
 
     def _answer(self, handler: _Handler, params: Dict[str, str]) -> Tuple[int, str, str]:
         if urlsplit(handler.path).path.rstrip("/").split("/")[-1] != "esearch.fcgi":
@@ -365,13 +478,23 @@ class FakeCTGovServer(_FakeService):
         latency: float = 0.0,
         rate_limit: Optional[float] = None,
         retry_after: Union[int, float, str] = 1,
+        stuck_paging: Optional[str] = None,
+        page_cap: Optional[int] = None,
     ):
         super().__init__(latency, rate_limit, retry_after)
         self.answers = dict(answers or {})
+        if stuck_paging not in (None, "page", "token"):
+            raise ValueError(f"stuck_paging must be None, 'page' or 'token', got {stuck_paging!r}")
+        self.stuck_paging = stuck_paging
+        self.page_cap = page_cap
 
     @property
     def url(self) -> str:
         return f"{self.root}/api/v2/"
+
+    def _empty_ids_body(self, params: Dict[str, str]) -> str:
+        term = params.get("query.term", "")
+        return json.dumps({"studies": [], "nextPageToken": self._token(term, 0), "totalCount": 125})
 
     def _term(self, params: Dict[str, str]) -> str:
         return params.get("query.term", "")
@@ -415,12 +538,16 @@ class FakeCTGovServer(_FakeService):
                 return 400, "Parameter `pageToken` has incorrect format", "text/plain"
             if tag != hashlib.sha1(term.encode()).hexdigest()[:8]:
                 return 400, "Parameter `pageToken` does not match the query", "text/plain"
+        if self.page_cap is not None:
+            size = min(size, self.page_cap)
+        if self.stuck_paging == "page":
+            offset = 0  # a broken server: page one and the same token, whatever was asked
         page = ids[offset: offset + size]
         body: Dict[str, Any] = {
             "studies": [{"protocolSection": {"identificationModule": {"nctId": n}}} for n in page]
         }
         if offset + size < len(ids):
-            body["nextPageToken"] = self._token(term, offset + size)
+            body["nextPageToken"] = self._token(term, size if self.stuck_paging else offset + size)  # stuck: page 2
         if params.get("countTotal", "").lower() == "true":
             body["totalCount"] = len(ids)
         return 200, json.dumps(body), "application/json"

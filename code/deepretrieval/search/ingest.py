@@ -13,11 +13,18 @@ Supported inputs (the format is detected from the content, or named explicitly):
 - ``ctgov``: ClinicalTrials.gov API v2 study JSON: one study per file, a list of studies, an API
   page ``{"studies": [...]}``, a directory of such files or a zip (the bulk download).
 
-Every reader yields `Record`s; `iter_records(paths, format)` is the single entry point.
+Every reader yields `Record`s; `iter_records(paths, format, skips)` is the single entry point.
+
+Bad input: with a `SkipLog` (what `build_index` passes) a record that cannot be read (invalid
+or too deeply nested JSON, not UTF-8, no id, fields of the wrong type, a line over
+`MAX_LINE_BYTES`) is skipped and counted by reason; without one it raises `CorpusFormatError`
+naming the file and line. A damaged *file* (truncated or corrupt gzip, zip or XML) always raises
+`CorpusFormatError`: the records after the damage are unknown, so no reader guesses.
 """
 
 from __future__ import annotations
 
+import calendar
 import gzip
 import io
 import json
@@ -25,10 +32,11 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,51 @@ class CorpusFormatError(ValueError):
     """The input cannot be read as the requested (or any known) corpus format."""
 
 
+class RecordError(CorpusFormatError):
+    """One record cannot be used; `reason` is the category it is counted under when skipped."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+MAX_LINE_BYTES = 64 << 20  # a JSONL line (one record) longer than this is skipped, not read into memory
+_DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error, zipfile.BadZipFile)  # a truncated or corrupt container
+
+
+@dataclass
+class SkipLog:
+    """Records a lenient read left out: counts by reason and the first `max_examples` places
+    (each also logged as a warning)."""
+
+    max_examples: int = 10
+    counts: Dict[str, int] = field(default_factory=dict)
+    examples: List[str] = field(default_factory=list)
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < self.max_examples:
+            text = " ".join((f"{where}: {reason}" + (f" ({detail})" if detail else "")).split())[:300]
+            self.examples.append(text)
+            logger.warning("skipped %s", text)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _skip(skips: Optional[SkipLog], reason: str, where: str, detail: str = "") -> None:
+    """Count a bad record in `skips`, or raise CorpusFormatError when reading strictly."""
+    if skips is None:
+        raise CorpusFormatError(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+    skips.add(reason, where, detail)
+
+
+def _damaged(path: Any, after: str, exc: BaseException) -> CorpusFormatError:
+    return CorpusFormatError(f"{path}: the file is truncated or corrupt after {after} "
+                             f"({type(exc).__name__}: {exc}); no index was written, replace the file")
+
+
 # ----------------------------------------------------------------------------- dates
 
 _MONTHS = {m: i + 1 for i, m in enumerate(
@@ -67,26 +120,48 @@ _MONTHS = {m: i + 1 for i, m in enumerate(
 _SEASONS = {"spring": 3, "summer": 6, "fall": 9, "autumn": 9, "winter": 12}
 
 
-def _month(value: Optional[str]) -> int:
-    if not value:
-        return 1
-    value = value.strip().lower()
+def _month_or_none(value: Optional[str]) -> Optional[int]:
+    """A month number from "3", "03", "Mar", "March" or a season; None when it is not one."""
+    value = (value or "").strip().lower()
     if value.isdigit():
         m = int(value)
-        return m if 1 <= m <= 12 else 1
-    return _MONTHS.get(value[:3], _SEASONS.get(value, 1))
+        return m if 1 <= m <= 12 else None
+    return _MONTHS.get(value[:3]) if len(value) >= 3 and value[:3] in _MONTHS else _SEASONS.get(value)
+
+
+def _month(value: Optional[str]) -> int:
+    """Lenient month for corpus fields (PubMed <Month>): anything unreadable is January."""
+    return _month_or_none(value) or 1 if value else 1
+
+
+def _yyyymmdd(year: int, month: int, day: Optional[int], end: bool) -> Optional[int]:
+    """yyyymmdd of a real calendar day, or None. A missing day is the first of the month, or
+    with `end` day 31 (an inclusive upper bound: no real day lies between the 28th-30th and it)."""
+    if not (1 <= year <= 9999 and 1 <= month <= 12):
+        return None
+    if day is None:
+        return year * 10000 + month * 100 + (31 if end else 1)
+    if not 1 <= day <= calendar.monthrange(year, month)[1]:
+        return None
+    return year * 10000 + month * 100 + day
 
 
 def parse_date(value: Any, end: bool = False) -> Optional[int]:
     """Parse "YYYY", "YYYY/MM", "YYYY/MM/DD" (also with "-" or "."), "YYYY Mon DD" or an int
     yyyymmdd into yyyymmdd. Missing parts are the first day of the period, or the last when
-    `end` (so "2005" as an upper bound is 20051231). Returns None when there is no year."""
-    if value is None:
+    `end` (so "2005" as an upper bound is 20051231). Text after the date is ignored (corpus
+    fields such as "2005-03-15T00:00"). Returns None when there is no year or the date does not
+    exist (month 13, day 45, 2021/02/29)."""
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, float) and value.is_integer():  # a JSON year written 2005.0
+        value = int(value)
     if isinstance(value, int):
         if 1000 <= value <= 9999:
             return value * 10000 + (1231 if end else 101)
-        return value if 10000000 <= value <= 99991231 else None
+        if not 10000000 <= value <= 99991231:
+            return None
+        return _yyyymmdd(value // 10000, value // 100 % 100, value % 100, end)
     text = str(value).strip()
     m = re.match(r"^(\d{4})(?:[/\-. ]([A-Za-z]{3,}|\d{1,2})(?:[/\-. ](\d{1,2}))?)?", text)
     if not m:
@@ -94,23 +169,31 @@ def parse_date(value: Any, end: bool = False) -> Optional[int]:
     year = int(m.group(1))
     if m.group(2) is None:
         return year * 10000 + (1231 if end else 101)
-    month = _month(m.group(2))
-    if m.group(3) is None:
-        day = 31 if end else 1  # an inclusive upper bound; day 31 of a short month is harmless
-    else:
-        day = int(m.group(3))
-    return year * 10000 + month * 100 + day
+    month = _month_or_none(m.group(2))
+    if month is None:
+        return None
+    return _yyyymmdd(year, month, int(m.group(3)) if m.group(3) else None, end)
+
+
+DATE_FILTER_FORMAT = "YYYY, YYYY/MM or YYYY/MM/DD"
+_DATE_FILTER_RE = re.compile(r"\d{4}(?:([/\-.])\d{1,2}(?:\1\d{1,2})?)?")
+
+
+def check_date_filter(value: Any, end: bool = False, name: str = "date") -> int:
+    """A `min_date`/`max_date` filter value -> yyyymmdd; raises ValueError unless the whole
+    value is YYYY, YYYY/MM or YYYY/MM/DD (separator "/", "-" or ".") naming a real day."""
+    text = str(value).strip()
+    parsed = parse_date(text, end=end) if _DATE_FILTER_RE.fullmatch(text) else None
+    if parsed is None:
+        raise ValueError(f"{name} {value!r} is not a valid date (use {DATE_FILTER_FORMAT})")
+    return parsed
 
 
 # ----------------------------------------------------------------------------- opening
 
 def open_text(path: PathLike) -> IO[str]:
-    """Open a file as text, transparently gunzipping (detected by magic bytes, not name)."""
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    """Open a file as UTF-8 text, transparently gunzipping (detected by magic bytes, not name)."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
 
 
 def _open_binary(path: PathLike) -> IO[bytes]:
@@ -144,10 +227,13 @@ def expand_paths(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 def detect_format(path: PathLike) -> str:
     """Guess the format of one file from its first bytes (after gunzip)."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        return "ctgov"
-    with _open_binary(path) as fh:
-        head = fh.read(65536)
+    if zipfile.is_zipfile(path) or _zip_magic(path):
+        return "ctgov"  # read_ctgov reports a damaged zip
+    try:
+        with _open_binary(path) as fh:
+            head = fh.read(65536)
+    except _DAMAGED as exc:
+        raise _damaged(path, "its first bytes", exc) from None
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if not text:
         raise CorpusFormatError(f"{path}: empty file")
@@ -158,11 +244,15 @@ def detect_format(path: PathLike) -> str:
     if text.startswith("["):
         return "ctgov"
     if text.startswith("{"):
+        if re.search(r"\.jsonl(\.gz)?$", path.name):
+            return "jsonl"  # the name says so; a bad first line is then one skipped record
         first = text.split("\n", 1)[0]
         try:
             obj = json.loads(first)
+        except RecursionError:
+            return "jsonl"  # a line nested too deeply; the reader skips it
         except json.JSONDecodeError:
-            return "ctgov"  # a pretty-printed single JSON document
+            return "ctgov"  # a pretty-printed single JSON document (read_ctgov also reads JSONL)
         if isinstance(obj, dict) and "studies" in obj:
             return "ctgov"
         return "jsonl"
@@ -188,12 +278,16 @@ def record_from_dict(obj: Dict[str, Any]) -> Record:
     if "protocolSection" in obj:
         return record_from_ctgov(obj)
     doc_id = next((obj[k] for k in _ID_KEYS if obj.get(k) not in (None, "")), None)
-    if doc_id is None:
-        raise CorpusFormatError(f"record without an id (one of {', '.join(_ID_KEYS)}): keys {sorted(obj)[:8]}")
+    if isinstance(doc_id, str):
+        doc_id = doc_id.strip()
+    if doc_id is None or doc_id == "":
+        raise RecordError("no id", f"record without an id (one of {', '.join(_ID_KEYS)}): keys {sorted(obj)[:8]}")
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise RecordError("bad id", f"record id must be a string or an integer, not {type(doc_id).__name__}")
     body = next((obj[k] for k in _BODY_KEYS if obj.get(k)), "")
     date = next((obj[k] for k in ("pub_date", "date", "publication_date", "year") if obj.get(k)), None)
     return Record(
-        id=str(doc_id).strip(),
+        id=str(doc_id),
         title=str(obj.get("title") or ""),
         abstract=str(body),
         mesh=_as_list(obj.get("mesh") or obj.get("mesh_terms")),
@@ -208,22 +302,70 @@ def record_from_dict(obj: Dict[str, Any]) -> Record:
     )
 
 
-def read_jsonl(path: PathLike) -> Iterator[Record]:
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusFormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object")
-            try:
-                yield record_from_dict(obj)
-            except CorpusFormatError as exc:
-                raise CorpusFormatError(f"{path}:{lineno}: {exc}") from None
+_FIELD_ERRORS = (TypeError, ValueError, AttributeError, KeyError, RecursionError)  # fields of the wrong shape
+
+
+def _record_or_skip(obj: Any, where: str, skips: Optional[SkipLog]) -> Optional[Record]:
+    """`record_from_dict(obj)`, or None after counting why it is not a record."""
+    if not isinstance(obj, dict):
+        _skip(skips, "not a JSON object", where, f"got a JSON {type(obj).__name__}")
+        return None
+    try:
+        return record_from_dict(obj)
+    except RecordError as exc:
+        _skip(skips, exc.reason, where, str(exc))
+    except _FIELD_ERRORS as exc:
+        _skip(skips, "fields of the wrong type", where, f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _json_lines(path: PathLike) -> Iterator[Tuple[int, Optional[bytes]]]:
+    """(line number, bytes) of each line; bytes None for a line over MAX_LINE_BYTES (its rest is
+    read past, never held). A truncated or corrupt gzip stream raises CorpusFormatError."""
+    lineno = 0
+    with _open_binary(path) as fh:
+        try:
+            while True:
+                line = fh.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                lineno += 1
+                if len(line) > MAX_LINE_BYTES:
+                    while line and not line.endswith(b"\n"):
+                        line = fh.readline(MAX_LINE_BYTES)
+                    yield lineno, None
+                else:
+                    yield lineno, line
+        except _DAMAGED as exc:
+            raise _damaged(path, f"line {lineno}", exc) from None
+
+
+def read_jsonl(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator[Record]:
+    """One JSON object per line (blank lines ignored); see the module docstring for bad lines."""
+    for lineno, line in _json_lines(path):
+        where = f"{path}:{lineno}"
+        if line is None:
+            _skip(skips, "line too long", where, f"over {MAX_LINE_BYTES:,} bytes")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _skip(skips, "not UTF-8", where, f"byte {exc.start}: {exc.reason}")
+            continue
+        text = text.strip().lstrip("\ufeff")
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _skip(skips, "invalid JSON", where, exc.msg)
+            continue
+        except RecursionError:
+            _skip(skips, "JSON nested too deeply", where)
+            continue
+        record = _record_or_skip(obj, where, skips)
+        if record is not None:
+            yield record
 
 
 # ----------------------------------------------------------------------------- PubMed XML
@@ -299,8 +441,10 @@ def record_from_pubmed_article(elem: ET.Element) -> Optional[Record]:
                   qualifiers=quals, pt=pts, keywords=keywords, pub_date=date)
 
 
-def read_pubmed_xml(path: PathLike) -> Iterator[Record]:
-    """Stream a PubMed baseline/update file. Elements are cleared as soon as they are read."""
+def read_pubmed_xml(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator[Record]:
+    """Stream a PubMed baseline/update file. Elements are cleared as soon as they are read. An
+    article whose fields cannot be read is skipped (counted); malformed XML is a damaged file."""
+    articles = 0
     with _open_binary(path) as fh:
         try:
             context = ET.iterparse(fh, events=("start", "end"))
@@ -309,7 +453,14 @@ def read_pubmed_xml(path: PathLike) -> Iterator[Record]:
                 if event != "end":
                     continue
                 if elem.tag == "PubmedArticle":
-                    record = record_from_pubmed_article(elem)
+                    articles += 1
+                    try:
+                        record = record_from_pubmed_article(elem)
+                    except _FIELD_ERRORS as exc:
+                        pmid = (elem.findtext("MedlineCitation/PMID") or "?").strip()
+                        _skip(skips, "fields of the wrong type", f"{path}: article {articles} (PMID {pmid})",
+                              f"{type(exc).__name__}: {exc}")
+                        record = None
                     if record is not None:
                         yield record
                     root.clear()
@@ -320,8 +471,13 @@ def read_pubmed_xml(path: PathLike) -> Iterator[Record]:
                     root.clear()
                 elif elem.tag == "PubmedBookArticle":
                     root.clear()  # books have no MEDLINE citation; not indexed
+        except StopIteration:
+            raise CorpusFormatError(f"{path}: empty XML") from None
         except ET.ParseError as exc:
-            raise CorpusFormatError(f"{path}: malformed XML ({exc})") from None
+            raise CorpusFormatError(f"{path}: malformed XML after {articles} articles ({exc}); "
+                                    "no index was written, replace the file") from None
+        except _DAMAGED as exc:
+            raise _damaged(path, f"{articles} articles", exc) from None
 
 
 # ----------------------------------------------------------------------------- ClinicalTrials.gov
@@ -339,7 +495,7 @@ def record_from_ctgov(study: Dict[str, Any]) -> Record:
     proto = study.get("protocolSection") or {}
     nct = _get(proto, "identificationModule", "nctId")
     if not nct:
-        raise CorpusFormatError("ClinicalTrials.gov study without protocolSection.identificationModule.nctId")
+        raise RecordError("no id", "ClinicalTrials.gov study without protocolSection.identificationModule.nctId")
     ident = proto.get("identificationModule", {})
     titles = [t for t in (ident.get("briefTitle"), ident.get("officialTitle")) if t]
     desc = proto.get("descriptionModule", {}) or {}
@@ -369,38 +525,86 @@ def record_from_ctgov(study: Dict[str, Any]) -> Record:
     )
 
 
-def _studies_in(obj: Any, source: str) -> Iterator[Record]:
-    if isinstance(obj, list):
-        for item in obj:
-            yield from _studies_in(item, source)
-    elif isinstance(obj, dict) and "studies" in obj:
-        yield from _studies_in(obj["studies"], source)
-    elif isinstance(obj, dict):
-        try:
-            yield record_from_dict(obj)
-        except CorpusFormatError as exc:
-            raise CorpusFormatError(f"{source}: {exc}") from None
-    else:
-        raise CorpusFormatError(f"{source}: expected a study object or a list of studies")
+def _studies_in(obj: Any, source: str, skips: Optional[SkipLog] = None) -> Iterator[Record]:
+    """Studies in a parsed CT.gov file: a study, a list of studies, an API page {"studies": [...]}
+    or lists of those (walked without recursion, so nesting depth costs no stack)."""
+    stack: List[Tuple[Any, str]] = [(obj, source)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed([(x, f"{where}[{i}]") for i, x in enumerate(item)]))
+        elif isinstance(item, dict) and "studies" in item and "protocolSection" not in item:
+            stack.append((item["studies"], f"{where}.studies"))
+        elif isinstance(item, dict):
+            record = _record_or_skip(item, where, skips)
+            if record is not None:
+                yield record
+        else:
+            _skip(skips, "not a study object", where, f"got a JSON {type(item).__name__}")
 
 
-def read_ctgov(path: PathLike) -> Iterator[Record]:
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            for name in sorted(n for n in zf.namelist() if n.endswith(".json")):
-                with zf.open(name) as fh:
-                    yield from _studies_in(json.load(fh), f"{path}!{name}")
-        return
-    with open_text(path) as fh:
-        text = fh.read()
+def _load_json(data: bytes, where: str, skips: Optional[SkipLog]) -> Tuple[bool, Any]:
+    """(ok, parsed) for a whole JSON document; a bad one is skipped (or raises when strict)."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        # JSON Lines of studies
-        yield from read_jsonl(path)
+        return True, json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        _skip(skips, "not UTF-8", where, f"byte {exc.start}: {exc.reason}")
+    except json.JSONDecodeError as exc:
+        _skip(skips, "invalid JSON", where, f"{exc.msg} at line {exc.lineno}")
+    except RecursionError:
+        _skip(skips, "JSON nested too deeply", where)
+    return False, None
+
+
+def _zip_magic(path: PathLike) -> bool:
+    """The file starts like a zip archive (whether or not its central directory survived)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def read_ctgov(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator[Record]:
+    """A study file, a list or API page of studies, JSON Lines of studies, or a zip of study files
+    (the bulk download). A study file that is not JSON is one skipped record."""
+    path = Path(path)
+    if _zip_magic(path) and not zipfile.is_zipfile(path):
+        raise CorpusFormatError(f"{path}: a zip archive without its directory (truncated download?); "
+                                "no index was written, replace the file")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for name in sorted(n for n in zf.namelist() if n.endswith(".json")):
+                    with zf.open(name) as fh:
+                        ok, obj = _load_json(fh.read(), f"{path}!{name}", skips)
+                    if ok:
+                        yield from _studies_in(obj, f"{path}!{name}", skips)
+        except _DAMAGED as exc:
+            raise _damaged(path, "some of its members", exc) from None
         return
-    yield from _studies_in(obj, str(path))
+    try:
+        with _open_binary(path) as fh:
+            data = fh.read()
+    except _DAMAGED as exc:
+        raise _damaged(path, "reading part of it", exc) from None
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a first JSON value followed by more: JSON Lines of studies
+            yield from read_jsonl(path, skips)
+            return
+        ok, obj = False, None
+    except (UnicodeDecodeError, RecursionError):
+        ok, obj = False, None
+    else:
+        ok = True
+    if not ok:
+        body = data.strip()
+        if body[:1] == b"{" and (b"\n" not in body or b"\n{" in body):
+            yield from read_jsonl(path, skips)  # one line, or JSON Lines whose first line is the bad one
+            return
+        ok, obj = _load_json(data, str(path), skips)  # counts (or raises) why
+        if not ok:
+            return
+    yield from _studies_in(obj, str(path), skips)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -408,11 +612,13 @@ def read_ctgov(path: PathLike) -> Iterator[Record]:
 READERS = {"jsonl": read_jsonl, "pubmed-xml": read_pubmed_xml, "ctgov": read_ctgov}
 
 
-def iter_records(paths: Union[PathLike, Sequence[PathLike]], format: Optional[str] = None) -> Iterator[Record]:
-    """Yield records from one or more files/directories; `format=None` detects it per file."""
+def iter_records(paths: Union[PathLike, Sequence[PathLike]], format: Optional[str] = None,
+                 skips: Optional[SkipLog] = None) -> Iterator[Record]:
+    """Yield records from one or more files/directories; `format=None` detects it per file.
+    With `skips`, bad records are counted there and left out; without, they raise."""
     if format is not None and format not in READERS:
         raise CorpusFormatError(f"unknown corpus format {format!r}; known: {', '.join(FORMATS)}")
     for path in expand_paths(paths):
         fmt = format or detect_format(path)
         logger.debug("reading %s as %s", path, fmt)
-        yield from READERS[fmt](path)
+        yield from READERS[fmt](path, skips)

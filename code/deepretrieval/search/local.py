@@ -26,6 +26,13 @@ tantivy's own query parser):
   excluded by any date condition.
 - Ranking: BM25 (tantivy's) over the documents the Boolean query matches; a term searched in
   several fields scores the sum of its per-field BM25; `total` counts every match.
+- Cost budget: while the tantivy query is built, the postings it will read are estimated from
+  the index's document frequencies (`COST_*`: a positional posting of a phrase or proximity
+  search costs more than a plain one, and every expanded term has a fixed cost); a query over
+  `max_query_cost` (default `DEFAULT_MAX_QUERY_COST`, about 1-2 s on one core) is rejected with
+  a `QuerySyntaxError` before anything runs. Proximity searches expand to at most
+  `MAX_PROXIMITY_VARIANTS` phrase variants, checked before they are built. Any query the parser
+  accepts is within `query.MAX_QUERY_DEPTH`, so compiling it never reaches the recursion limit.
 """
 
 from __future__ import annotations
@@ -42,18 +49,28 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import tantivy
 
+from deepretrieval.data.paths import INDEX_META_FILE
 from deepretrieval.search import query as Q
-from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
-from deepretrieval.search.ingest import Record, detect_format, expand_paths, iter_records, parse_date
+from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
+from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
+                                         parse_date)
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "deepretrieval_index.json"
+META_FILE = INDEX_META_FILE  # written last: its presence marks a finished index
 INDEX_FORMAT_VERSION = 1
 TEXT_FIELDS = Q.ALL_FIELDS
 KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
 MAX_EXPANDED_NODES = 2_000  # tantivy copies a reused sub-query wherever it is referenced; CLEF max is 314
 DEFAULT_MAX_EXPANSIONS = 600  # PubMed's documented cap on variants of a truncated term
+MAX_PROXIMITY_VARIANTS = 2_000  # phrase variants one proximity (adjN) search may expand to
+# Estimated cost of a query, in units of one posting read by a term query (measured on
+# pubmed_mini: ~0.015-0.04 us per term posting, ~0.15-0.25 us per positional posting of a
+# phrase / regex phrase, ~6 us per term query built for an expanded truncation).
+COST_POSTING = 1
+COST_POSITION_POSTING = 10
+COST_TERM = 400
+DEFAULT_MAX_QUERY_COST = 50_000_000
 
 
 def build_schema() -> tantivy.Schema:
@@ -142,11 +159,16 @@ def build_index(
 ) -> Dict[str, Any]:
     """Index the corpus file(s) at `corpus_path` into `out_dir`; returns the index metadata.
 
-    `format`: "jsonl" | "pubmed-xml" | "ctgov" or None to detect per file. PubMed XML and
-    CT.gov inputs replace earlier records with the same id (revisions) and apply
-    DeleteCitation; JSONL is append-only. `out_dir` may be absent, empty or an earlier index
-    (replaced); any other non-empty directory needs `overwrite=True`. `limit` stops after that
-    many records (benchmarks)."""
+    `format`: "jsonl" | "pubmed-xml" | "ctgov" or None to detect per file. One document per id:
+    a record whose id was seen before replaces the earlier one in every format (PubMed/CT.gov
+    revisions, and duplicate lines in JSONL: the last one wins), and DeleteCitation removes it;
+    the metadata counts them (`replaced_or_deleted`, and `duplicates` when the corpus has no
+    deletions). A record that cannot be read or indexed is skipped and counted by reason
+    (`skipped`, `skipped_examples`); a damaged file (truncated gzip, malformed XML) or a corpus
+    with no readable record raises CorpusFormatError and writes nothing. `out_dir` may be
+    absent, empty or an earlier index (replaced only when the build succeeds); any other
+    non-empty directory needs `overwrite=True`. `limit` stops after that many indexed records
+    (benchmarks)."""
     from tqdm import tqdm
 
     out = Path(out_dir).resolve()
@@ -162,25 +184,29 @@ def build_index(
     start = time.perf_counter()
     stats = {"added": 0, "deleted": 0, "with_date": 0, "with_mesh": 0, "with_major": 0, "with_qualifiers": 0,
              "with_pt": 0}
+    skips = SkipLog()
     writer = index = None
     try:
         index = tantivy.Index(build_schema(), path=str(tmp))
         writer = index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
-        upsert_formats = {"pubmed-xml", "ctgov"}
         bar = tqdm(total=None, unit="doc", desc="indexing", disable=not progress, mininterval=1.0)
         since_commit = 0
         present: set = set()
         for path in paths:
             fmt = format or detect_format(path)
-            upsert = fmt in upsert_formats
-            for rec in iter_records(path, fmt):
-                if rec.deleted:
+            for rec in iter_records(path, fmt, skips=skips):
+                try:
+                    doc = None if rec.deleted else _document(rec)
+                    # the id's earlier version (if any) goes: revisions, duplicates, deletions
                     writer.delete_documents_by_term("id", rec.id)
+                    if doc is not None:
+                        writer.add_document(doc)
+                except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate from a JSON escape
+                    skips.add("cannot be indexed", f"{path}: id {rec.id!r}", f"{type(exc).__name__}: {exc}")
+                    continue
+                if rec.deleted:
                     stats["deleted"] += 1
                     continue
-                if upsert:
-                    writer.delete_documents_by_term("id", rec.id)
-                writer.add_document(_document(rec))
                 stats["added"] += 1
                 stats["with_date"] += rec.pub_date is not None
                 stats["with_mesh"] += bool(rec.mesh)
@@ -199,11 +225,16 @@ def build_index(
                     break
             if limit is not None and stats["added"] >= limit:
                 break
+        bar.close()
+        if stats["added"] == 0 and skips.total:
+            raise CorpusFormatError(
+                f"no record could be indexed: {skips.total} skipped ({_reasons(skips.counts)}); "
+                f"first: {skips.examples[0]}")
         writer.commit()
         writer.wait_merging_threads()
-        bar.close()
         index.reload()
         num_docs = index.searcher().num_docs
+        removed = stats["added"] - num_docs
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
             "num_docs": num_docs,
@@ -215,12 +246,17 @@ def build_index(
             "has_qualifiers": stats["with_qualifiers"] > 0,
             "has_pt": stats["with_pt"] > 0,
             "text_fields": [f for f in TEXT_FIELDS if f in present],
+            "records_read": stats["added"] + stats["deleted"] + skips.total,
             "records_added": stats["added"],
             "deletions": stats["deleted"],
+            "replaced_or_deleted": removed,
+            "duplicates": removed if stats["deleted"] == 0 else None,
+            "skipped": dict(sorted(skips.counts.items())),
+            "skipped_examples": skips.examples,
             "build_seconds": round(time.perf_counter() - start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         # swap into place: the old index (if any) moves aside first, then is removed
         old = None
         if out.exists():
@@ -243,6 +279,60 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("indexed %d documents into %s in %.1fs", meta["num_docs"], out, meta["build_seconds"])
+    if meta["skipped"] or meta["replaced_or_deleted"]:
+        logger.warning("index %s: %s", out, "; ".join(build_summary(meta)[1:3]))
+    return meta
+
+
+def _reasons(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def build_summary(meta: Dict[str, Any]) -> List[str]:
+    """Human-readable lines for a build's metadata: records read, indexed, replaced, skipped."""
+    lines = [f"records read {meta.get('records_read', meta.get('records_added', 0)):,}; "
+             f"documents in the index {meta.get('num_docs', 0):,}"]
+    if meta.get("deletions"):
+        lines.append(f"deletion records {meta['deletions']:,}; records replaced by a later one with the same id "
+                     f"or deleted {meta.get('replaced_or_deleted', 0):,}")
+    elif meta.get("duplicates"):
+        lines.append(f"duplicate ids {meta['duplicates']:,}: each id is indexed once, from its last record")
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        lines.append(f"skipped {sum(skipped.values()):,} records ({_reasons(skipped)})")
+        lines += [f"  {example}" for example in meta.get("skipped_examples", [])[:5]]
+    return lines
+
+
+# metadata key -> the JSON types it may have; anything else means a damaged or foreign file
+_META_TYPES: Dict[str, Tuple[type, ...]] = {
+    "format_version": (int,), "num_docs": (int,), "formats": (list,), "text_fields": (list,), "sources": (list,),
+    "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,),
+}
+
+
+def read_index_meta(index_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The metadata `build_index` wrote last into `index_dir`; raises SearchUnavailable (with the
+    fix: rebuild) when it is missing, unreadable, not JSON, not an object or has fields of the
+    wrong type."""
+    path = Path(index_dir) / META_FILE
+    rebuild = "rebuild it with `deepretrieval index build`"
+    if not path.is_file():
+        raise SearchUnavailable(f"{index_dir} is not a complete deepretrieval index (no {META_FILE}); "
+                                "build one with `deepretrieval index build`")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SearchUnavailable(f"index metadata {path} is unreadable ({type(exc).__name__}: {exc}); {rebuild}") \
+            from None
+    if not isinstance(meta, dict):
+        raise SearchUnavailable(f"index metadata {path} holds a JSON {type(meta).__name__}, not an object; {rebuild}")
+    for key, types in _META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise SearchUnavailable(f"index metadata {path}: {key!r} is a {type(meta[key]).__name__}; {rebuild}")
+    fields = meta.get("text_fields", [])
+    if not all(isinstance(f, str) for f in fields):
+        raise SearchUnavailable(f"index metadata {path}: 'text_fields' must list field names; {rebuild}")
     return meta
 
 
@@ -264,6 +354,25 @@ class _Compiler:
         self.ovid = parsed.dialect == "ovid"
         self.warnings: List[str] = []
         self.memo: Dict[Tuple[int, bool], Optional[tantivy.Query]] = {}
+        self.cost = 0
+
+    def charge(self, cost: int, pos: int) -> None:
+        """Add to the estimated cost of the query; over the engine's budget: QuerySyntaxError."""
+        self.cost += int(cost)
+        if self.cost > self.e.max_query_cost:
+            raise self.error(
+                f"query too expensive for the local index: it would read more than {self.e.max_query_cost:,} "
+                "postings (estimated from term frequencies); use fewer or more specific phrases and "
+                "truncated terms (longer prefixes)", pos)
+
+    def token_postings(self, field: str, tok: str) -> int:
+        """Postings of an analysed token in `field`: its document frequency, or for a wildcard
+        token the sum over every term its regex matches (what a regex phrase query reads)."""
+        if not self.is_wild(tok):
+            return self.e._doc_freq(field, tok)
+        prefix = tok.split("\x00", 1)[0]
+        pattern = None if re.fullmatch(r"[^\x00]*\x00\*", tok) else re.compile(self.to_regex(tok) + r"\Z")
+        return self.e._prefix_postings(field, prefix, pattern)
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
@@ -277,6 +386,9 @@ class _Compiler:
         """Analyse like the index; wildcards survive as sentinels -> markers '*', '?', '#', '$N'."""
         protected = text
         if "$" in protected:
+            limited = re.search(r"\$(\d{3,})", protected)
+            if limited:  # Ovid limited truncation: $N allows up to N more characters
+                raise self.error(f"limited truncation ${limited.group(1)[:12]} allows at most 99 characters", pos)
             protected = re.sub(r"\$(\d+)", lambda m: f"qqzlim{m.group(1)}qqz", protected)
         for ch, sentinel in _SENTINELS.items():
             if ch in ("?", "#") and not self.ovid:
@@ -314,28 +426,33 @@ class _Compiler:
         return "".join(out)
 
     # -- leaves
-    def expand(self, field: str, tok: str) -> List[str]:
+    def expand(self, field: str, tok: str, pos: int) -> List[str]:
         prefix = tok.split("\x00", 1)[0]
         pattern = None if re.fullmatch(r"[^\x00]*\x00\*", tok) else re.compile(self.to_regex(tok) + r"\Z")
-        terms, capped = self.e._expand(field, prefix, pattern)
+        terms, capped, postings = self.e._expand(field, prefix, pattern)
+        self.charge(COST_TERM * len(terms) + COST_POSTING * postings, pos)
         if capped:
             self.warn(f"truncated term {prefix}* has more than {self.e.max_expansions} variants in {field}; "
                       f"the {self.e.max_expansions} most frequent were searched")
         return terms
 
-    def term_in_field(self, field: str, toks: List[str], slop: int) -> Optional[tantivy.Query]:
+    def term_in_field(self, field: str, toks: List[str], slop: int, pos: int) -> Optional[tantivy.Query]:
         schema = self.e.schema
         if len(toks) == 1:
             tok = toks[0]
             if not self.is_wild(tok):
+                self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, tok), pos)
                 return tantivy.Query.term_query(schema, field, tok)
-            terms = self.expand(field, tok)
+            terms = self.expand(field, tok, pos)
             if not terms:
                 return None
             if len(terms) == 1:
                 return tantivy.Query.term_query(schema, field, terms[0])
             return tantivy.Query.boolean_query(
                 [(tantivy.Occur.Should, tantivy.Query.term_query(schema, field, t)) for t in terms])
+        self.charge(COST_TERM * len(toks), pos)
+        for tok in toks:  # token by token: an expensive phrase stops at the first token over budget
+            self.charge(COST_POSITION_POSTING * self.token_postings(field, tok), pos)
         if any(self.is_wild(t) for t in toks):
             return tantivy.Query.regex_phrase_query(schema, field, [self.to_regex(t) for t in toks], slop)
         return tantivy.Query.phrase_query(schema, field, toks, slop)
@@ -349,7 +466,7 @@ class _Compiler:
         if not toks:
             self.warn(f"{node.text!r} has no searchable characters and was ignored")
             return None
-        parts = [q for q in (self.term_in_field(f, toks, slop) for f in fields) if q is not None]
+        parts = [q for q in (self.term_in_field(f, toks, slop, node.pos) for f in fields) if q is not None]
         if not parts:
             return tantivy.Query.empty_query()
         if len(parts) == 1:
@@ -358,10 +475,11 @@ class _Compiler:
         # disjunction-max here, with the same match set
         return tantivy.Query.boolean_query([(tantivy.Occur.Should, p) for p in parts])
 
-    def keyword(self, field: str, value: str, wildcard: bool = False) -> tantivy.Query:
+    def keyword(self, field: str, value: str, wildcard: bool = False, pos: int = 0) -> tantivy.Query:
         value = re.sub(r"\s+", " ", value.strip().lower())
         if wildcard:
-            terms, capped = self.e._expand(field, value, None)
+            terms, capped, postings = self.e._expand(field, value, None)
+            self.charge(COST_TERM * len(terms) + COST_POSTING * postings, pos)
             if capped:
                 self.warn(f"{value}* matched more than {self.e.max_expansions} headings; "
                           f"the {self.e.max_expansions} most frequent were searched")
@@ -369,6 +487,7 @@ class _Compiler:
                 return tantivy.Query.empty_query()
             return tantivy.Query.boolean_query(
                 [(tantivy.Occur.Should, tantivy.Query.term_query(self.e.schema, field, t)) for t in terms])
+        self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, value), pos)
         return tantivy.Query.term_query(self.e.schema, field, value)
 
     def heading(self, node: Q.Heading) -> tantivy.Query:
@@ -378,14 +497,14 @@ class _Compiler:
         if node.kind == "pt":
             if not meta.get("has_pt", True):
                 self.warn("this index has no publication types: [pt] matches nothing")
-            return self.keyword("pt_kw", node.name, node.wildcard)
+            return self.keyword("pt_kw", node.name, node.wildcard, node.pos)
         if node.kind in ("mesh", "majr") and not meta.get("has_mesh", True):
             self.warn("this index has no MeSH headings: MeSH searches match nothing")
         if node.kind == "sh":
             name = Q.OVID_SUBHEADINGS.get(node.name.lower(), node.name)
             if not meta.get("has_qualifiers"):
                 self.warn("this index has no MeSH subheadings: [sh] matches nothing")
-            return self.keyword("sh_kw", name, node.wildcard)
+            return self.keyword("sh_kw", name, node.wildcard, node.pos)
         if node.explode:
             self.warn(f"MeSH explosion is not available locally (no MeSH tree): exp {node.name} "
                       "searches that heading only")
@@ -394,7 +513,7 @@ class _Compiler:
             self.warn("this index has no major-topic data: [majr] / *Heading searched as [mh]")
             kind = "mesh"
         field = "majr_kw" if kind == "majr" else "mesh_kw"
-        base = self.keyword(field, node.name, node.wildcard)
+        base = self.keyword(field, node.name, node.wildcard, node.pos)
         if not node.qualifiers:
             return base
         if not meta.get("has_qualifiers"):
@@ -414,14 +533,26 @@ class _Compiler:
             toks = self.tokens(node.text, node.pos)
             return [toks] if toks else []
         if isinstance(node, Q.Or):
-            return [alt for item in node.items for alt in self.near_alternatives(item)]
+            alts = []
+            for item in node.items:
+                alts += self.near_alternatives(item)
+                self.check_variants(len(alts), node.pos)
+            return alts
         if isinstance(node, Q.Near):
             left, right = self.near_alternatives(node.left), self.near_alternatives(node.right)
+            self.check_variants(len(left) * len(right) * (1 if node.ordered else 2), node.pos)
             out = [l + r for l in left for r in right]
             if not node.ordered:
                 out += [r + l for l in left for r in right]
             return out
         raise self.error("only words, phrases and OR-groups can stand inside a proximity (adj) search", node.pos)
+
+    def check_variants(self, n: int, pos: int) -> None:
+        """Proximity searches expand to phrase variants (nested adjN multiply them): bounded
+        before they are built, so a chain of adjN costs linear time, not exponential."""
+        if n > MAX_PROXIMITY_VARIANTS:
+            raise self.error(f"proximity search expands to more than {MAX_PROXIMITY_VARIANTS} phrase variants "
+                             f"({n} or more)", pos)
 
     def near_fields(self, node: Q.Node) -> Tuple[str, ...]:
         if isinstance(node, Q.Text):
@@ -440,13 +571,23 @@ class _Compiler:
         if not left or not right:
             return None
         left_r, right_r = self._merge_alternatives(left), self._merge_alternatives(right)
+        factor = 1 if node.ordered else 2
+        self.check_variants(len(left_r) * len(right_r) * factor, node.pos)
         seqs = [l + r for l in left_r for r in right_r]
         if not node.ordered:
             seqs += [r + l for l in left_r for r in right_r]
-        if len(seqs) > 2000:
-            raise self.error(f"proximity search expands to {len(seqs)} phrase variants (limit 2000)", node.pos)
+        fields = self.near_fields(node)
+        for field in fields:
+            # every variant reads the positions of all its tokens (merged single words: all of
+            # them), so each alternative on one side is read once per variant of the other side;
+            # charged token by token, so an expensive query stops at the first token over budget
+            self.charge(COST_TERM * len(seqs), node.pos)
+            for alts, times in ((left, factor * len(right_r)), (right, factor * len(left_r))):
+                for alt in alts:
+                    for tok in alt:
+                        self.charge(COST_POSITION_POSTING * times * self.token_postings(field, tok), node.pos)
         clauses = []
-        for field in self.near_fields(node):
+        for field in fields:
             for seq in dict.fromkeys(tuple(s) for s in seqs):
                 slop = node.distance + max(0, len(seq) - 2)
                 clauses.append((tantivy.Occur.Should,
@@ -530,14 +671,9 @@ class LocalSearchEngine(SearchEngine):
     name = "local"
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
-                 expansion_cache_size: int = 50_000, **_ignored: Any):
+                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST, **_ignored: Any):
         self.index_dir = Path(index_dir)
-        meta_path = self.index_dir / META_FILE
-        if not meta_path.exists():
-            raise SearchUnavailable(
-                f"{self.index_dir} is not a complete deepretrieval index (no {META_FILE}); "
-                "build one with `deepretrieval index build`")
-        self.meta: Dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
         try:
             self.index = tantivy.Index.open(str(self.index_dir))
         except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes
@@ -547,7 +683,8 @@ class LocalSearchEngine(SearchEngine):
         self.searcher = self.index.searcher()
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
-        self._cache: Dict[Tuple[str, str, Optional[str]], Tuple[List[str], bool]] = {}
+        self.max_query_cost = int(max_query_cost)
+        self._cache: Dict[Tuple[str, str, Optional[str]], Any] = {}
         self._cache_size = expansion_cache_size
         self._lock = threading.Lock()
         if _ignored:
@@ -564,29 +701,53 @@ class LocalSearchEngine(SearchEngine):
     def num_docs(self) -> int:
         return self.searcher.num_docs
 
-    def _expand(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> Tuple[List[str], bool]:
-        key = (field, prefix, pattern.pattern if pattern is not None else None)
+    def _cached(self, key: Tuple[str, str, Optional[str]], compute: Any) -> Any:
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        if pattern is None:
-            found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
-        else:
-            found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
-        capped = len(found) > self.max_expansions
-        terms = [t for t, _ in found[: self.max_expansions]]  # sorted by document frequency
+        value = compute()
         with self._lock:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[key] = (terms, capped)
-        return terms, capped
+            self._cache[key] = value
+        return value
+
+    def _expand(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> Tuple[List[str], bool, int]:
+        """The `max_expansions` most frequent terms of `field` with `prefix` (matching `pattern`),
+        whether the cap cut some, and the postings of the kept terms (sum of document frequencies)."""
+
+        def compute() -> Tuple[List[str], bool, int]:
+            if pattern is None:
+                found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
+            else:
+                found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
+            kept = found[: self.max_expansions]  # sorted by document frequency
+            return [t for t, _ in kept], len(found) > self.max_expansions, sum(int(c) for _, c in kept)
+
+        return self._cached((field, prefix, pattern.pattern if pattern is not None else None), compute)
+
+    def _prefix_postings(self, field: str, prefix: str, pattern: Optional["re.Pattern[str]"]) -> int:
+        """Postings of every term of `field` with `prefix` (matching `pattern`): no cap, as a
+        regex phrase query reads them all."""
+
+        def compute() -> int:
+            return sum(int(c) for t, c in self.searcher.terms_with_prefix(field, prefix)
+                       if pattern is None or pattern.match(t))
+
+        return self._cached(("postings:" + field, prefix, pattern.pattern if pattern is not None else None), compute)
+
+    def _doc_freq(self, field: str, term: str) -> int:
+        return int(self.searcher.doc_freq(field, term))
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
         return tantivy.Query.range_query(self.schema, "pub_date", tantivy.FieldType.Integer, lo, hi)
 
     def compile(self, query: str) -> Tuple[tantivy.Query, Q.Query, List[str]]:
-        """Parse and build the tantivy query; returns (query, parsed tree, warnings)."""
+        """Parse and build the tantivy query; returns (query, parsed tree, warnings).
+
+        Every failure is a QuerySyntaxError: the parser's budgets, the expanded size, the cost
+        budget, and (defensively) tantivy rejecting a query it was given or a recursion limit."""
         parsed = Q.parse(query)
         size = Q.expanded_size(parsed)
         if size > MAX_EXPANDED_NODES:
@@ -594,7 +755,15 @@ class LocalSearchEngine(SearchEngine):
                 f"query too complex: its line references expand to {size} clauses (limit {MAX_EXPANDED_NODES})",
                 0, query)
         comp = _Compiler(self, parsed)
-        tq = comp.compile(parsed.root)
+        try:
+            tq = comp.compile(parsed.root)
+        except RecursionError as exc:  # the parser bounds depth; this only guards against its own bugs
+            raise QuerySyntaxError(f"query nested too deeply for the local engine ({exc})", 0, query) from exc
+        except (ValueError, OverflowError, re.error) as exc:
+            if isinstance(exc, QuerySyntaxError):
+                raise
+            # tantivy (or a regular expression) refusing a query it was given
+            raise QuerySyntaxError(f"query not accepted by the local index ({exc})", 0, query) from exc
         warnings = list(parsed.warnings) + comp.warnings
         if tq is None:
             warnings.append("the query has no searchable terms")
@@ -613,7 +782,7 @@ class LocalSearchEngine(SearchEngine):
             if (min_date and lo is None) or (max_date and hi is None):
                 raise ValueError(f"invalid date filter min_date={min_date!r} max_date={max_date!r} (use YYYY/MM/DD)")
             tq = tantivy.Query.boolean_query([(tantivy.Occur.Must, tq), (tantivy.Occur.Must, self._date_query(lo, hi))])
-        k = max(0, int(k))
+        k = check_k(k)
         try:
             res = self.searcher.search(tq, limit=max(k, 1), count=True)
         except ValueError as exc:  # e.g. a regex phrase with too many expansions

@@ -30,15 +30,32 @@ evaluable locally and are dropped with a warning). Bracketed annotations after a
 `parse(query) -> Query` returns the tree of the final line with earlier lines resolved into
 `lines`; errors raise `QuerySyntaxError(problem, position, query)` with 0-based offsets into
 the original query string.
+
+Budgets (a query over them is the query writer's fault: `QuerySyntaxError`): at most
+`MAX_QUERY_CHARS` characters, parentheses nested at most `MAX_QUERY_DEPTH` deep, and a tree at
+most `MAX_QUERY_DEPTH` levels deep with line references inlined (every node knows its `depth`),
+so that code walking a parsed tree recursively never reaches Python's recursion limit. Parsing
+is linear in the length of the query.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from deepretrieval.search.base import QuerySyntaxError
+
+MAX_QUERY_CHARS = 20_000  # longest expert search in the vendored data: 2,419 characters
+MAX_QUERY_DEPTH = 100  # nesting of parentheses, and of the tree with line references inlined
+MAX_NUMBER_DIGITS = 9  # line numbers, distances, limits: longer numbers are errors (int() is not linear)
+
+
+def _number(text: str) -> Optional[int]:
+    """The value of a decimal number of at most MAX_NUMBER_DIGITS digits, else None (`isdigit`
+    is true for characters such as '²' that `int` refuses; `isdecimal` is what `int` reads)."""
+    return int(text) if text.isdecimal() and len(text) <= MAX_NUMBER_DIGITS else None
+
 
 # ----------------------------------------------------------------------------- fields
 
@@ -128,7 +145,16 @@ OVID_SUBHEADINGS = {
 
 @dataclass(frozen=True)
 class Node:
+    """`depth`: levels of the tree under (and including) this node, computed on construction
+    from the children (a `Ref` counts 1: see `expanded_depth`)."""
+
     pos: int
+    depth: int = field(default=1, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        children = _children(self)
+        if children:
+            object.__setattr__(self, "depth", 1 + max(c.depth for c in children))
 
 
 @dataclass(frozen=True)
@@ -271,14 +297,17 @@ _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": 
                          "\u2018": "'", "\u2019": "'"})
 
 _OVID_SUFFIX = re.compile(r"\.((?:[a-z]{2})(?:\s*,\s*[a-z]{2})*)(\.?)(?=$|[\s)\[])", re.I)
+# Regular expressions here are written so that no two unbounded repeats can match the same
+# characters (no `^\s*` under re.M, which re-scans a run of blank lines from every line start;
+# no `(.+?)\s*$`): each runs in time linear in its input (tests/test_fuzz_query.py).
 _OVID_MARKERS = [
-    re.compile(r"^\s*(and|or)\s*/\s*\d", re.I | re.M),
+    re.compile(r"^[^\S\n]*(and|or)\s*/\s*\d", re.I | re.M),
     re.compile(r"\.(mp|tw|ti|ab|sh|ot|nm|rn|au|ed|kw|kf|hw|pt|fs|yr)(,[a-z]{2})*\.?(?=$|[\s)\[])", re.I | re.M),
     re.compile(r"/\s*($|\))|/\s+(or|and|not)\b", re.I | re.M),
     re.compile(r"/(%s)(\s*,\s*[a-z]{2})*(?![a-z/])" % "|".join(sorted(OVID_SUBHEADINGS)), re.I | re.M),
     re.compile(r"\badj\d*\b", re.I),
-    re.compile(r"^\s*exp\s", re.I | re.M),
-    re.compile(r"^\s*limit\s+\d+\s+to\b", re.I | re.M),
+    re.compile(r"^[^\S\n]*exp\s", re.I | re.M),
+    re.compile(r"^[^\S\n]*limit\s+\d+\s+to\b", re.I | re.M),
 ]
 
 
@@ -353,9 +382,9 @@ class _Lexer:
                     if all(q in OVID_SUBHEADINGS for q in codes):
                         quals, end = codes, m.end()
                 toks.append(Tok("SLASH", s[i:end], i, end, quals)); i = end
-            elif c == "#" and i + 1 < n and s[i + 1].isdigit():
+            elif c == "#" and i + 1 < n and s[i + 1].isdecimal():
                 j = i + 1
-                while j < n and s[j].isdigit():
+                while j < n and s[j].isdecimal():
                     j += 1
                 toks.append(Tok("REF", s[i + 1:j], i, j)); i = j
             elif c == ":" and not self.ovid:
@@ -377,7 +406,9 @@ class _Lexer:
                     if upper in ("AND", "OR", "NOT"):
                         toks.append(Tok("OP", upper, i, j))
                     elif self.ovid and re.fullmatch(r"adj\d*", word, re.I):
-                        dist = int(word[3:]) if len(word) > 3 else 1
+                        dist = _number(word[3:]) if len(word) > 3 else 1
+                        if dist is None:
+                            raise self.error(f"proximity distance in {word[:20]!r} is too large", i)
                         toks.append(Tok("ADJ", word, i, j, dist))
                     else:
                         if word.lower() in ("and", "or", "not") and not self.ovid:
@@ -410,18 +441,20 @@ def _date_bounds(value: str) -> Optional[Tuple[int, int]]:
         a, b = a.strip().strip('"'), b.strip().strip('"')
         if not (_valid_date(a) and _valid_date(b)):
             return None
-        return parse_date(a), parse_date(b, end=True)
-    if not _valid_date(value):
+        bounds = parse_date(a), parse_date(b, end=True)
+    elif not _valid_date(value):
         return None
-    return parse_date(value), parse_date(value, end=True)
+    else:
+        bounds = parse_date(value), parse_date(value, end=True)
+    return None if None in bounds else bounds  # parse_date: None for a day that does not exist
 
 
 class _Parser:
     def __init__(self, toks: List[Tok], line_text: str, offset: int, query: str, dialect: str,
-                 line_no: int, known_lines: Sequence[int], warnings: List[str]):
+                 line_no: int, known_lines: Collection[int], warnings: List[str]):
         self.toks, self.i = toks, 0
         self.s, self.offset, self.query, self.ovid = line_text, offset, query, dialect == "ovid"
-        self.line_no, self.known, self.warnings = line_no, set(known_lines), warnings
+        self.line_no, self.known, self.warnings = line_no, known_lines, warnings
 
     # helpers
     def error(self, problem: str, pos: int) -> QuerySyntaxError:
@@ -464,11 +497,11 @@ class _Parser:
             raise self.error("expected a term", len(self.s))
         if t.kind == "OP":
             raise self.error(f"dangling operator {t.value}: nothing on its left", t.pos)
-        left = self.near()
+        run = _Run(self, self.near())
         while True:
             t = self.peek()
             if t is None or t.kind == "RP":
-                return left
+                return run.close()
             if t.kind == "OP":
                 op = self.take()
                 name = op.value
@@ -480,9 +513,9 @@ class _Parser:
                     what = "end of query" if nxt is None else repr(nxt.value)
                     raise self.error(f"dangling operator {op.value}: {what} follows it", op.pos)
                 right = self.near()
-                left = self.combine(name, left, right, op.pos)
+                run.add(name, right)
             elif self.starts_operand(t):
-                left = self.combine("AND", left, self.near(), t.pos)  # implicit AND
+                run.add("AND", self.near())  # implicit AND
             elif t.kind in ("TAG", "SUFFIX", "SLASH"):
                 raise self.error(f"field tag {t.value!r} does not follow a term", t.pos)
             elif t.kind == "ADJ":
@@ -490,15 +523,13 @@ class _Parser:
             else:
                 raise self.error(f"unexpected {t.value!r}", t.pos)
 
-    def combine(self, op: str, left: Node, right: Node, pos: int) -> Node:
-        p = self.offset + pos
-        if op == "AND":
-            items = (left.items if isinstance(left, And) else (left,)) + (right,)
-            return And(items[0].pos if items else p, items)
-        if op == "OR":
-            items = (left.items if isinstance(left, Or) else (left,)) + (right,)
-            return Or(items[0].pos, items)
-        return Not(left.pos, left, right)
+    def bounded(self, node: Node) -> Node:
+        """`node`, unless its tree is deeper than MAX_QUERY_DEPTH (a QuerySyntaxError)."""
+        if node.depth > MAX_QUERY_DEPTH:
+            raise QuerySyntaxError(
+                f"query nested too deeply: more than {MAX_QUERY_DEPTH} levels of operators "
+                "(every change between AND, OR and NOT, every NOT and every group adds one)", node.pos, self.query)
+        return node
 
     def near(self) -> Node:
         left = self.primary()
@@ -509,7 +540,7 @@ class _Parser:
             right = self.primary()
             # Ovid: "adj" = next to each other in order; "adjN" = within N-1 words, any order.
             ordered = op.extra == 1 and op.value.lower() == "adj"
-            left = Near(left.pos, left, right, max(0, int(op.extra) - 1), ordered)
+            left = self.bounded(Near(left.pos, left, right, max(0, int(op.extra) - 1), ordered))
         return left
 
     def postfix_field(self) -> Optional[Tuple[List[FieldSpec], Tok]]:
@@ -534,7 +565,10 @@ class _Parser:
         name = re.sub(r"\s+", " ", t.value.strip().lower())
         m = re.fullmatch(r"(tiab|ti|ab|tw|title/abstract|title|abstract):~\s*(\d+)", name)
         if m:
-            return replace(PUBMED_TAGS[m.group(1)], slop=int(m.group(2)), name=name)
+            slop = _number(m.group(2))
+            if slop is None:
+                raise self.error(f"proximity distance in [{t.value[:20]}] is too large", t.pos)
+            return replace(PUBMED_TAGS[m.group(1)], slop=slop, name=name)
         spec = PUBMED_TAGS.get(name)
         if spec is None:
             raise self.error(f"unknown field tag [{t.value}]", t.pos)
@@ -556,10 +590,13 @@ class _Parser:
                 raise self.error("unbalanced parenthesis: '(' is never closed", t.pos)
             self.take()
             post = self.postfix_field()
-            return self.apply_specs(inner, post[0], post[1]) if post else inner
+            return self.bounded(self.apply_specs(inner, post[0], post[1])) if post else inner
         if t.kind == "REF":
             self.take()
-            return self.ref(int(t.value), t.pos)
+            n = _number(t.value)
+            if n is None:
+                raise self.error(f"line reference #{t.value[:12]}... is not a line number (too long)", t.pos)
+            return self.ref(n, t.pos)
         if t.kind == "QUOTED":
             self.take()
             text = t.value.strip()
@@ -605,7 +642,7 @@ class _Parser:
             node: Node = Text(self.offset + first.pos, text, None, True)
             return self.apply_specs(node, post[0], post[1])
         words = [w for w in run if w.kind == "WORD"]
-        if self.ovid and not all(w.value.isdigit() for w in words):
+        if self.ovid and not all(w.value.isdecimal() for w in words):
             # Ovid searches adjacent words as a phrase
             return Text(self.offset + first.pos, text, None, len(words) > 1)
         # untagged run: each word is a term, joined by implicit AND
@@ -613,8 +650,9 @@ class _Parser:
         for w in run:
             if w.kind != "WORD":
                 continue
-            if self.ovid and w.value.isdigit() and 1 <= int(w.value) < self.line_no and int(w.value) in self.known:
-                items.append(Ref(self.offset + w.pos, int(w.value)))
+            n = _number(w.value) if self.ovid else None
+            if n is not None and 1 <= n < self.line_no and n in self.known:
+                items.append(Ref(self.offset + w.pos, n))
             else:
                 items.append(Text(self.offset + w.pos, w.value, None, False))
         if not items:
@@ -673,6 +711,40 @@ class _Parser:
         return node  # refs, headings, dates keep their own meaning
 
 
+class _Run:
+    """A left-to-right chain of binary operators being parsed: consecutive operands of the same
+    AND/OR are collected in a list (one node at the end, not a tuple copied per operand, which
+    was quadratic), and the tree is the one PubMed's strict left-to-right evaluation gives:
+    `a OR b AND c` -> And(Or(a, b), c); an operand that is already an And/Or of the same kind
+    (a parenthesised group) is flattened into the run, as before."""
+
+    def __init__(self, parser: "_Parser", first: Node):
+        self.parser, self.left = parser, first
+        self.op: Optional[str] = None  # the operator of the open run, if any
+        self.items: List[Node] = []
+
+    def close(self) -> Node:
+        """The tree so far (the open AND/OR run becomes one node)."""
+        if self.op is not None:
+            cls = And if self.op == "AND" else Or
+            self.left = self.parser.bounded(cls(self.items[0].pos, tuple(self.items)))
+            self.op, self.items = None, []
+        return self.left
+
+    def add(self, op: str, right: Node) -> None:
+        if op == self.op:
+            self.items.append(right)
+            return
+        left = self.close()
+        if op in ("AND", "OR"):
+            cls = And if op == "AND" else Or
+            self.op = op
+            self.items = list(left.items) if isinstance(left, cls) else [left]
+            self.items.append(right)  # every item is within the budget; close() checks the node
+        else:
+            self.left = self.parser.bounded(Not(left.pos, left, right))
+
+
 def _merge_text_specs(specs: List[FieldSpec]) -> List[FieldSpec]:
     """`.ti,ab.` -> one text spec over both fields; other kinds stay separate (OR-ed)."""
     text_fields: List[str] = []
@@ -690,9 +762,10 @@ def _merge_text_specs(specs: List[FieldSpec]) -> List[FieldSpec]:
 # ----------------------------------------------------------------------------- lines
 
 _LABEL = re.compile(r"^\s*(#?)(\d+)([.):]?)\s+(?=\S)")
-_OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+?)\s*$", re.I)
-_OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+?)\s*$", re.I)
-_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})\s*(?:-\s*(\d{4}|current)?)?\s*"?$', re.I)
+# (groups 2 take trailing whitespace with them: callers strip it)
+_OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+)$", re.I)
+_OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+)$", re.I)
+_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})(?:\s*-\s*(\d{4}|current)?)?\s*"?$', re.I)
 
 
 def _split_lines(text: str) -> List[Tuple[int, str]]:
@@ -708,7 +781,10 @@ def _split_lines(text: str) -> List[Tuple[int, str]]:
 def parse(query: str, dialect: Optional[str] = None) -> Query:
     """Parse a PubMed (or Ovid) search, one line or a multi-line search with line references."""
     if not isinstance(query, str):
-        raise QuerySyntaxError("query must be a string", 0, str(query))
+        raise QuerySyntaxError("query must be a string", 0, str(query)[:200])
+    if len(query) > MAX_QUERY_CHARS:
+        raise QuerySyntaxError(f"query is {len(query)} characters long (limit {MAX_QUERY_CHARS})",
+                               MAX_QUERY_CHARS, query)
     text = query.translate(_QUOTES)  # same length, so positions still match the original
     lines = _split_lines(text)
     if not lines:
@@ -716,6 +792,7 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
     dialect = dialect or detect_dialect(text)
     warnings: List[str] = []
     parsed: Dict[int, Node] = {}
+    depths: Dict[int, int] = {}  # line -> depth of its tree with references inlined
     expected = 1
     last: Optional[Node] = None
     for offset, line in lines:
@@ -723,15 +800,19 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
         body_start = 0
         m = _LABEL.match(line)
         if m and len(lines) > 1:
-            n = int(m.group(2))
+            n = _number(m.group(2))
             rest = line[m.end():]
             # A leading number is a label when it is marked (1. / 1) / #1: ...) or when, read as
             # a reference, it would refer to its own line (impossible) - "#1 foo" on line 1.
             is_op_next = re.match(r"^(AND|OR|NOT)\b", rest, re.I if dialect == "ovid" else 0)
-            if (m.group(3) or n == expected) and not is_op_next and n not in parsed:
+            if n is not None and (m.group(3) or n == expected) and not is_op_next and n not in parsed:
                 number, body_start = n, m.end()
         body = line[body_start:]
-        node = _parse_line(body, offset + body_start, query, dialect, number, list(parsed), warnings)
+        node = _parse_line(body, offset + body_start, query, dialect, number, parsed.keys(), warnings)
+        depths[number] = expanded_depth(node, depths)
+        if depths[number] > MAX_QUERY_DEPTH:
+            raise QuerySyntaxError(f"query nested too deeply: line {number} is more than {MAX_QUERY_DEPTH} levels "
+                                   "deep with its line references inlined", offset + body_start, query)
         parsed[number] = node
         last = node
         expected = number + 1
@@ -741,7 +822,7 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
 
 
 def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
-                known: List[int], warnings: List[str]) -> Node:
+                known: Collection[int], warnings: List[str]) -> Node:
     if dialect == "ovid":
         m = _OVID_COMBINE.match(body)
         if m:
@@ -751,7 +832,9 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
                 if not part:
                     raise QuerySyntaxError("empty line number in combination", pos, query)
                 a, _, b = part.partition("-")
-                lo, hi = int(a), int(b) if b else int(a)
+                lo, hi = _number(a.strip()), _number(b.strip()) if b else _number(a.strip())
+                if lo is None or hi is None:
+                    raise QuerySyntaxError(f"line numbers in {part[:30]!r} are not valid", pos, query)
                 if hi < lo:
                     raise QuerySyntaxError(f"line range {part} runs backwards", pos, query)
                 for n in range(lo, hi + 1):
@@ -761,8 +844,10 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
             return (And if m.group(1).lower() == "and" else Or)(offset, tuple(refs)) if len(refs) > 1 else refs[0]
         m = _OVID_LIMIT.match(body)
         if m:
-            n = int(m.group(1))
+            n = _number(m.group(1))
             pos = offset + m.start(1)
+            if n is None:
+                raise QuerySyntaxError("limit refers to a line number that is too long", pos, query)
             if n >= number or n not in known:
                 raise QuerySyntaxError(f"limit refers to line {n}, which is not an earlier line", pos, query)
             what = m.group(2).strip()
@@ -788,6 +873,8 @@ def _check_parens(toks: List[Tok], offset: int, query: str) -> None:
     for t in toks:
         if t.kind == "LP":
             stack.append(t)
+            if len(stack) > MAX_QUERY_DEPTH:
+                raise QuerySyntaxError(f"parentheses nested more than {MAX_QUERY_DEPTH} deep", offset + t.pos, query)
         elif t.kind == "RP":
             if not stack:
                 raise QuerySyntaxError("unbalanced parenthesis: ')' without a matching '('", offset + t.pos, query)
@@ -821,6 +908,21 @@ def _fold_date_ranges(toks: List[Tok], body: str, offset: int, query: str) -> Li
             out.append(t)
         i += 1
     return out
+
+
+def expanded_depth(node: Node, line_depths: Dict[int, int]) -> int:
+    """Depth of `node`'s tree with each reference counted as the depth of its line (from
+    `line_depths`; 1 when unknown). Iterative, linear in the number of nodes."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        current, level = stack.pop()
+        if isinstance(current, Ref):
+            deepest = max(deepest, level - 1 + line_depths.get(current.line, 1))
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in _children(current))
+    return deepest
 
 
 def expanded_size(q: Query) -> int:

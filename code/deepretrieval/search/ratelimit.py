@@ -14,7 +14,11 @@ burst at a window edge is what trips them). The file is named by a hash of the s
 and the credential, never the credential itself.
 
 `defer(seconds)` pushes `next_free` forward for everyone, which is how one worker's
-`Retry-After` answer slows the whole fleet down instead of each worker discovering it.
+`Retry-After` answer slows the whole fleet down instead of each worker discovering it. The
+push is capped at `RETRY_AFTER_MAX_S` (a server asking for ten minutes must not freeze every
+process on the key for ten minutes), and `acquire(latest=t)` reserves nothing and returns
+None when the next free slot is after `t` (a search whose deadline falls inside a long
+pause fails at once instead of sleeping through it).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # A `next_free` further ahead than this is a wall-clock jump or a stale file, not a queue.
 _MAX_AHEAD_S = 600.0
+# The longest server-requested pause honoured, here and in the retry policy (http.RetryPolicy).
+RETRY_AFTER_MAX_S = 120.0
 _STATE = struct.Struct("<d")
 # The live engines send at 95% of a service's published rate (see RateLimiter).
 RATE_HEADROOM = 0.95
@@ -129,17 +135,29 @@ class RateLimiter:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             return result
 
-    def reserve(self) -> float:
-        """Reserve the next send slot; returns its wall-clock time (`time.time()` scale)."""
+    def reserve(self, latest: Optional[float] = None) -> Optional[float]:
+        """Reserve the next send slot; returns its wall-clock time (`time.time()` scale).
+
+        With `latest`, a slot after it is not reserved and None is returned."""
         if self.interval <= 0:
             return time.time()
-        return self._update(lambda nxt, now: (max(now, nxt), max(now, nxt) + self.interval))
 
-    def acquire(self) -> float:
-        """Block until this caller may send; returns the seconds waited."""
+        def take(nxt: float, now: float):
+            slot = max(now, nxt)
+            if latest is not None and slot > latest:
+                return None, nxt
+            return slot, slot + self.interval
+
+        return self._update(take)
+
+    def acquire(self, latest: Optional[float] = None) -> Optional[float]:
+        """Block until this caller may send; returns the seconds waited, or None (nothing
+        reserved, no wait) when the slot would come after `latest` (`time.time()` scale)."""
         if self.interval <= 0:
             return 0.0
-        slot = self.reserve()
+        slot = self.reserve(latest)
+        if slot is None:
+            return None
         wait = slot - time.time()
         if wait > 0:
             time.sleep(wait)
@@ -149,11 +167,14 @@ class RateLimiter:
             self.acquired += 1
         return wait
 
-    def defer(self, seconds: float) -> None:
-        """Hold every sharer back until `seconds` from now (a server's `Retry-After`)."""
+    def defer(self, seconds: float, cap: float = RETRY_AFTER_MAX_S) -> float:
+        """Hold every sharer back until `min(seconds, cap)` from now (a server's `Retry-After`);
+        returns the pause applied."""
+        seconds = min(float(seconds), cap) if seconds == seconds else 0.0  # NaN: no pause
         if self.interval <= 0 or seconds <= 0:
-            return
+            return 0.0
         self._update(lambda nxt, now: (None, max(nxt, now + seconds)))
+        return seconds
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,12 @@ defaults (with a "did you mean") and every setting that cannot work: batch arith
 divide, unknown estimator names, a vLLM rollout without vLLM installed, and so on. Each problem is a
 `ConfigError` that names the key and says why.
 
+No key is silently ignored: the keys of every section are the keys of ppo_trainer.yaml (so a key
+added there is accepted everywhere at once); the open `reward` section is checked key by key by
+its owner (deepretrieval.rewards.literature.validate_reward_section: scoring keys, source
+sections, engine constructor parameters); and the keys the YAML keeps only so that verl scripts
+run (`COMPAT_KEYS`) are errors when set to a value asking for something the trainer does not do.
+
 Batch-size arithmetic (verl semantics). With `W` data-parallel workers and `n` samples per prompt:
     train_batch_size * n            % W == 0        (every worker gets the same number of samples)
     ppo_mini_batch_size * n         % W == 0        (a mini-batch splits evenly over workers)
@@ -46,6 +52,21 @@ ROLLOUT_NAMES = ("hf", "vllm")
 HF_ROLLOUT_CACHES = ("dynamic", "static")
 HF_ROLLOUT_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STRATEGIES = ("fsdp", "fsdp2")
+
+
+# Keys kept for verl compatibility that nothing reads: key -> (values that mean what the trainer
+# does anyway, what to say otherwise).
+COMPAT_KEYS: Dict[str, tuple] = {
+    "actor_rollout_ref.hybrid_engine": ((True,), "actor, rollout and reference always share one process per device"),
+    "reward_model.reward_manager": (("naive",), "rewards come from the search reward manager (the `reward` section); "
+                                    "set custom_reward_function.path for a reward of your own"),
+    "actor_rollout_ref.actor.checkpoint.contents": (
+        (["model", "optimizer", "extra"], ["model", "optimizer", "extra", "hf_model"]),
+        "checkpoints always hold model, optimizer and extra state (trainer.save_hf_model adds the HF folder)"),
+    "critic.checkpoint.contents": (
+        (["model", "optimizer", "extra"], ["model", "optimizer", "extra", "hf_model"]),
+        "checkpoints always hold model, optimizer and extra state"),
+}
 
 
 class ConfigError(ValueError):
@@ -281,9 +302,46 @@ def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_
     return micro
 
 
+def _check_compat_keys(cfg: DictConfig) -> None:
+    for key, (accepted, why) in COMPAT_KEYS.items():
+        value = _get(cfg, key)
+        if isinstance(value, ListConfig):
+            value = sorted(str(v) for v in value)
+        if value not in [sorted(a) if isinstance(a, list) else a for a in accepted]:
+            shown = " or ".join(repr(a) for a in accepted)
+            raise ConfigError(key, f"is accepted for verl compatibility with the value {shown} only: {why}; got {value!r}")
+    tok_path = _get(cfg, "critic.model.tokenizer_path")
+    if tok_path is not None and tok_path != _get(cfg, "actor_rollout_ref.model.path"):
+        raise ConfigError("critic.model.tokenizer_path", "the critic reads the actor's tokens: only null or the value of "
+                          f"actor_rollout_ref.model.path is accepted (set data.tokenizer for another tokenizer); got {tok_path!r}")
+    if _get(cfg, "custom_reward_function.path") is None and _get(cfg, "custom_reward_function.name") != "compute_score":
+        raise ConfigError("custom_reward_function.name", "has no effect without custom_reward_function.path "
+                          "(the python file that defines it)")
+    critic_keep = _get(cfg, "trainer.max_critic_ckpt_to_keep")
+    if critic_keep is not None and critic_keep != _get(cfg, "trainer.max_actor_ckpt_to_keep"):
+        raise ConfigError("trainer.max_critic_ckpt_to_keep", "checkpoints hold both roles: set "
+                          f"trainer.max_actor_ckpt_to_keep (this key may only repeat its value); got {critic_keep!r}")
+
+
+def _check_reward_section(cfg: DictConfig) -> None:
+    """The open `reward` section, key by key (its owner's validation), before anything starts."""
+    from deepretrieval.rewards.literature import RewardConfig, RewardConfigError
+
+    section = cfg.get("reward")
+    if section is None:
+        return
+    try:
+        RewardConfig.from_config(to_plain(section))
+    except RewardConfigError as exc:
+        raise ConfigError(exc.key, exc.reason) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("reward", str(exc)) from None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found; returns None when the config can run."""
     _check_unknown(cfg, default_config())
+    _check_reward_section(cfg)
 
     for key in ("data.train_files", "actor_rollout_ref.model.path"):
         if OmegaConf.is_missing(cfg, key) or _get(cfg, key) in (None, "", []):
@@ -292,6 +350,7 @@ def validate_config(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # interpolation errors name the key in their message
         raise ConfigError(getattr(exc, "full_key", "?") or "?", f"cannot be resolved: {exc}") from None
+    _check_compat_keys(cfg)
 
     device = _one_of(cfg, "trainer.device", ("auto", "cuda", "cpu"))
     if device == "cuda":
@@ -360,6 +419,9 @@ def validate_config(cfg: DictConfig) -> None:
         else:  # fixed micro-batches: a size of its own, else the actor's (None when the actor's are dynamic)
             micro_batch_per_gpu(cfg, section, "log_prob_micro_batch_size", world, fallback=actor_micro)
     _positive_int(cfg, f"{actor}.ppo_epochs")
+    clip_c = _get(cfg, f"{actor}.clip_ratio_c")
+    if clip_c is not None and (isinstance(clip_c, bool) or not isinstance(clip_c, (int, float)) or clip_c <= 1.0):
+        raise ConfigError(f"{actor}.clip_ratio_c", f"must be a number > 1 (dual clip) or null (no dual clip), got {clip_c!r}")
     _one_of(cfg, f"{actor}.loss_agg_mode", LOSS_AGG_MODES)
     _one_of(cfg, f"{actor}.kl_loss_type", KL_PENALTIES)
     for fsdp_key in (f"{actor}.fsdp_config", "critic.model.fsdp_config"):

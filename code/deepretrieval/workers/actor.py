@@ -24,7 +24,7 @@ import torch
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, response_log_probs
-from deepretrieval.workers.optim import LazyOptimizerMixin, _get, clip_grad_and_step
+from deepretrieval.workers.optim import LazyOptimizerMixin, _get, _get_or_null, clip_grad_and_step
 from deepretrieval.workers.packing import packed_response_log_probs
 from deepretrieval.workers.seqbalance import inverse_permutation, token_budget_micro_batches
 
@@ -205,7 +205,8 @@ class Actor(LazyOptimizerMixin):
         entropy_coeff = float(_get(cfg, "entropy_coeff", 0.0))
         clip_ratio = float(_get(cfg, "clip_ratio", 0.2))
         clip_low, clip_high = _get(cfg, "clip_ratio_low"), _get(cfg, "clip_ratio_high")
-        clip_c = float(_get(cfg, "clip_ratio_c", 3.0))
+        clip_c = _get_or_null(cfg, "clip_ratio_c", 3.0)  # null disables the dual clip
+        clip_c = None if clip_c is None else float(clip_c)
         agg_mode = str(_get(cfg, "loss_agg_mode", "token-mean"))
         kl_coef = float(_get(cfg, "kl_loss_coef", 0.001))
         kl_type = str(_get(cfg, "kl_loss_type", "low_var_kl"))
