@@ -101,7 +101,7 @@ def init_ray(
         # A Ray instance started here is a one-machine cluster: keep its traffic on loopback. Bound to
         # the interface address (Ray's default) it can be unreachable in sandboxes and containers, and
         # the driver then waits on a GCS it cannot reach. Multi-node runs connect with `address`.
-        kwargs["_node_ip_address"] = LOCAL_NODE_IP
+        kwargs["_node_ip_address"] = str(node_ip_address or LOCAL_NODE_IP)
         if num_cpus is not None:
             kwargs["num_cpus"] = int(num_cpus)
         if num_gpus is not None:
