@@ -201,3 +201,27 @@ def test_ray_recipe_with_vllm_rollout_trains_checkpoints_resumes_and_exports(tmp
     assert steps_b[2]["training/rollout_log_probs_diff_max"] < 1e-3
     resumed = hf_weights(run_b / "global_step_2" / "actor" / "huggingface")
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_ray_recipe_with_tensor_parallel_2_on_cpu(tmp_path, pubmed_mini_index, monkeypatch):
+    """rollout.tensor_model_parallel_size=2 over the 2 Ray workers (one vLLM engine split over both
+    processes, gloo): a training step whose sampled tokens carry the actor's log-probs (float noise)."""
+    from deepretrieval.data.tasks import prepare_task
+    from deepretrieval.models.tiny import save_tiny_model
+    from deepretrieval.trainer.main_ppo import main
+    from trainer_helpers import overrides, read_metrics
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    paths = prepare_task("pubmed_mini", tmp_path / "data", seed=42, val_size=4)
+    model = save_tiny_model(tmp_path / "model", hidden_size=64, num_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1)
+    assets = type("Assets", (), {"train": str(paths["train"]), "val": str(paths["val"]), "model": model,
+                                 "index": str(pubmed_mini_index)})
+    assert main(overrides(assets, tmp_path / "out", **{
+        "trainer.n_gpus_per_node": 2, "trainer.total_training_steps": 1, "trainer.val_before_train": False,
+        "actor_rollout_ref.rollout.name": "vllm", "actor_rollout_ref.rollout.tensor_model_parallel_size": 2,
+        "actor_rollout_ref.rollout.kv_cache_memory_gb": 0.125, "algorithm.adv_estimator": "grpo",
+        "trainer.call_timeout_s": 600})) == 0
+    steps, _ = read_metrics(tmp_path / "out")
+    assert steps[1]["training/rollout_log_probs_diff_max"] < 1e-3
