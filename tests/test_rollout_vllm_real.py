@@ -56,6 +56,17 @@ def group(tok, tmp_path_factory):
     g.init_model()
     yield g
     g.shutdown()
+    # the engine set up torch.distributed (a world of one) in this process: leave none behind
+    import gc
+
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _hf_greedy(worker, tok, prompts):
