@@ -79,6 +79,7 @@ def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
     out = {}
     for rollout in ("hf", "vllm"):
         run_dir = out_root / rollout
+        run_dir.mkdir(parents=True, exist_ok=True)
         ovr = qs.trainer_overrides(run_dir, data, model_path, steps, False, test_freq=10 * steps, prompt_length=plen,
                                    rollout=rollout)
         ovr += ["trainer.val_before_train=false", "trainer.save_freq=0", "trainer.logger=[console,jsonl]"]
