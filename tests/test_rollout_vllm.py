@@ -564,3 +564,12 @@ def test_quickstart_rollout_option(monkeypatch, tmp_path):
     ovr = qs.trainer_overrides(tmp_path, data, "/m", 2, False, rollout="vllm")
     assert "actor_rollout_ref.rollout.name=vllm" in ovr and "actor_rollout_ref.rollout.kv_cache_memory_gb=0.5" in ovr
     assert "actor_rollout_ref.rollout.name=hf" in qs.trainer_overrides(tmp_path, data, "/m", 2, False)
+
+
+def test_cpu_tensor_parallel_refuses_existing_shm_segments(tmp_path):
+    from deepretrieval.workers.rollout.vllm import check_cpu_tp_shm
+
+    check_cpu_tp_shm(str(tmp_path))  # none: fine
+    (tmp_path / "-tp:0-[0-1]-cpushm_0").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="shared-memory segments"):
+        check_cpu_tp_shm(str(tmp_path))

