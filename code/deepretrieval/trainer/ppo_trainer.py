@@ -54,6 +54,7 @@ from deepretrieval.trainer.checkpoint import (
 from deepretrieval.trainer.config import ConfigError, resolve_device, to_plain, uses_critic, uses_reference, world_size
 from deepretrieval.trainer.faults import RunFailed, is_restartable, skipped_steps_error
 from deepretrieval.trainer.tracking import Tracking
+from deepretrieval.workers.rollout.mismatch import batch_mismatch_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +414,7 @@ class PPOTrainer:
             with _timer("old_log_prob", timings):
                 lp = self.actor_wg.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
             batch = batch.union(lp)
+            metrics.update(batch_mismatch_metrics(batch))  # vLLM rollout: engine vs actor log-probs
             if "entropys" in batch.tensor_keys:
                 ent = batch.batch["entropys"]
                 mask = batch.batch["response_mask"].float()

