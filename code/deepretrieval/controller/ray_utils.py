@@ -102,6 +102,9 @@ def init_ray(
         # the interface address (Ray's default) it can be unreachable in sandboxes and containers, and
         # the driver then waits on a GCS it cannot reach. Multi-node runs connect with `address`.
         kwargs["_node_ip_address"] = str(node_ip_address or LOCAL_NODE_IP)
+        # "local": always a new instance, never a cluster that `ray start` left running on this machine
+        # (ray.init would join it silently and then reject num_cpus)
+        kwargs["address"] = "local"
         if num_cpus is not None:
             kwargs["num_cpus"] = int(num_cpus)
         if num_gpus is not None:
