@@ -6,19 +6,15 @@ each within a time bound per input.
 The default run is derandomized and small (~10 s); `-m slow` runs a larger random campaign."""
 
 import time
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from deepretrieval.search import query as Q
 from deepretrieval.search.base import QuerySyntaxError
-from deepretrieval.search.local import LocalSearchEngine, build_index
-from test_fuzz_reward import QUERIES, runs  # the same query alphabet as the reward fuzz
-
-SECONDS_PER_INPUT = 3.0  # CPU seconds
-SMALL = Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl"
+from test_fuzz_reward import QUERIES  # the same query alphabet as the reward fuzz
+from fuzz_helpers import SECONDS_PER_INPUT, fuzz_settings, runs, small_engine
 
 
 def _nested(parts):
@@ -43,9 +39,7 @@ ANY_QUERY = st.one_of(QUERIES, DEEP, st.text(max_size=200))
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz_query") / "idx"
-    build_index(SMALL, out, progress=False)
-    return LocalSearchEngine(out)
+    return small_engine(tmp_path_factory, "fuzz_query")
 
 
 def check_query(engine, query):
@@ -73,12 +67,8 @@ def check_query(engine, query):
     assert seconds < SECONDS_PER_INPUT, (seconds, runs(query))
 
 
-_FAST = settings(max_examples=200, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.data_too_large])
-_LONG = settings(max_examples=3000, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.data_too_large])
+_FAST = fuzz_settings(200, derandomize=True)
+_LONG = fuzz_settings(3000, derandomize=False)
 
 
 @_FAST

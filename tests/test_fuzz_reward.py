@@ -7,18 +7,15 @@ The default run is derandomized and small (~10 s); `-m slow` runs a larger rando
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
-from hypothesis import example, HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from deepretrieval.rewards.literature import compute_score
 from deepretrieval.rewards.parsing import ERROR_CLASSES
-from deepretrieval.search.local import LocalSearchEngine, build_index
+from fuzz_helpers import SECONDS_PER_INPUT, fuzz_settings, runs, small_engine
 
-SECONDS_PER_INPUT = 3.0  # CPU seconds (not wall-clock: the machine is shared); inputs take milliseconds
-SMALL = Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl"
 INFO = {"think_in_prompt": False, "prompt_style": "reasoning"}
 ALLOWED = set(ERROR_CLASSES) - {"search_unavailable", "reward_error"}
 
@@ -54,26 +51,7 @@ RESPONSES = st.one_of(
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz") / "idx"
-    build_index(SMALL, out, progress=False)
-    return LocalSearchEngine(out)
-
-
-def runs(text, limit=40):
-    """A run-length summary of `text` for failure messages: ([(piece, repeats), ...], length),
-    each piece (1-8 characters) chosen to cover the longest stretch from where it starts."""
-    out, i = [], 0
-    while i < len(text) and len(out) < limit:
-        best = (1, 1)
-        for period in range(1, 9):
-            piece, reps = text[i:i + period], 1
-            while text.startswith(piece, i + reps * period):
-                reps += 1
-            if len(piece) == period and period * reps > best[0] * best[1]:
-                best = (period, reps)
-        out.append((text[i:i + best[0]], best[1]))
-        i += best[0] * best[1]
-    return out, len(text)
+    return small_engine(tmp_path_factory, "fuzz")
 
 
 def check_response(engine, text, config=None):
@@ -85,12 +63,8 @@ def check_response(engine, text, config=None):
     assert seconds < SECONDS_PER_INPUT, (seconds, runs(text))
 
 
-_FAST = settings(max_examples=150, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.data_too_large])
-_LONG = settings(max_examples=3000, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.data_too_large])
+_FAST = fuzz_settings(150, derandomize=True)
+_LONG = fuzz_settings(3000, derandomize=False)
 
 
 @_FAST

@@ -28,7 +28,7 @@ import json
 import string
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 from deepretrieval.search.query import MAX_QUERY_CHARS
 
@@ -168,14 +168,18 @@ def _decode_object(text: str) -> Tuple[Optional[Any], str]:
     return value, ""
 
 
-def _check_text(text: Any) -> Optional[ParsedAnswer]:
-    """The classification of a response that is not parsed at all (not text, over the length budget)."""
+def _answer_block(text: Any) -> Union[str, ParsedAnswer]:
+    """The last `<answer>` block's content, or the classification of a response that has none to
+    read: not text, over the length budget (not searched for tags at all), no block."""
     if not isinstance(text, str):
         return ParsedAnswer(None, ERROR_FORMAT, None, "response is not text")
     if len(text) > MAX_RESPONSE_CHARS:
         return ParsedAnswer(None, ERROR_TOO_LONG, None,
                             f"response is {len(text)} characters long (limit {MAX_RESPONSE_CHARS})")
-    return None
+    block = extract_answer_block(text)
+    if block is None:
+        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    return block
 
 
 def _read_query(value: Any, block: str) -> ParsedAnswer:
@@ -203,12 +207,9 @@ def _read_query(value: Any, block: str) -> ParsedAnswer:
 
 def parse_answer(text: str) -> ParsedAnswer:
     """Read the query from the last `<answer>` block of a response."""
-    unparsed = _check_text(text)
-    if unparsed:
-        return unparsed
-    block = extract_answer_block(text)
-    if block is None:
-        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    block = _answer_block(text)
+    if isinstance(block, ParsedAnswer):
+        return block
     value, problem = _decode_object(_strip_fence(block))
     if problem:
         return ParsedAnswer(None, ERROR_JSON, block, problem)
@@ -246,12 +247,9 @@ def parse_answer_strict(text: str) -> ParsedAnswer:
     search it and gave it answer score 0, not a penalty), `json` (anything json.loads or the
     `query` lookup rejects), `empty_query` (a blank query string); the length budgets of the lenient
     reading apply too (`too_long`, and `query_syntax` for an over-long or invalid-Unicode query)."""
-    unparsed = _check_text(text)
-    if unparsed:
-        return unparsed
-    block = extract_answer_block(text)
-    if block is None:
-        return ParsedAnswer(None, ERROR_FORMAT, None, "no <answer>...</answer> block")
+    block = _answer_block(text)
+    if isinstance(block, ParsedAnswer):
+        return block
     stripped = block.strip()
     if not stripped:
         return ParsedAnswer(None, ERROR_EMPTY_ANSWER, block, "blank <answer> block")
