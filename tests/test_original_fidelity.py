@@ -108,7 +108,7 @@ def _write_jsonl(path, rows):
 def _run_preprocess(argv):
     sys.path.insert(0, str(ROOT / "examples" / "data_preprocess"))
     try:
-        import literature_mining
+        import literature_mining  # examples/data_preprocess/literature_mining.py, the repository's own script
     finally:
         sys.path.pop(0)
     return literature_mining.main(argv)

@@ -443,6 +443,18 @@ class SearchOutcome:
     cached: bool = False
 
 
+def _unsearched_answer_score(error: str, scoring: Any) -> float:
+    """The answer part of the score of a sample that was never searched: nothing without a readable
+    answer block (`format`, `too_long`) or for a blank one (`empty_answer`, strict reading only: the
+    original scored it 0); the syntax penalty for a query rejected before any search (over the
+    length budget); the answer-error penalty otherwise (`json`, `empty_query`)."""
+    if error in (ERROR_FORMAT, ERROR_TOO_LONG, ERROR_EMPTY_ANSWER):
+        return 0.0
+    if error == ERROR_QUERY_SYNTAX:
+        return scoring.query_syntax_penalty
+    return scoring.answer_error_penalty
+
+
 def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> Dict[str, Any]:
     """Combine a prepared sample and its search outcome into the reward dict."""
     scoring = sample.source.scoring
@@ -462,12 +474,8 @@ def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> D
         "search_time_s": 0.0,
         "cached": False,
     }
-    if sample.error in (ERROR_FORMAT, ERROR_TOO_LONG, ERROR_EMPTY_ANSWER):
-        pass  # empty_answer (strict reading only): the original scored a blank answer block 0
-    elif sample.error == ERROR_QUERY_SYNTAX:  # a query over the length budget, rejected before any search
-        result["answer_score"] = scoring.query_syntax_penalty
-    elif sample.error != ERROR_NONE:
-        result["answer_score"] = scoring.answer_error_penalty
+    if sample.error != ERROR_NONE:
+        result["answer_score"] = _unsearched_answer_score(sample.error, scoring)
     elif outcome is None:
         raise ValueError("a sample that needs a search was finished without a search outcome")
     else:
