@@ -105,7 +105,7 @@ def test_impossible_settings_are_rejected(extra, key, phrase):
     assert phrase in str(err)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the start-up error when vllm is missing; vllm is installed here")
 def test_vllm_rollout_without_vllm_fails_at_start():
     err = error_for(SMALL + ["actor_rollout_ref.rollout.name=vllm"])
     assert err.key == "actor_rollout_ref.rollout.name" and "vllm package is not installed" in str(err)

@@ -10,7 +10,7 @@ Guarantees that hold for every sub-command (docs/reliability.md):
   code 141 (128 + SIGPIPE, what a shell reports for a Unix tool killed by SIGPIPE).
 - Start-up imports only what the parser needs: the command modules keep their heavy imports
   (torch, transformers, ray, pandas) inside the functions that use them, so `search` and
-  `index` never load them (tests/test_cli_startup.py checks it).
+  `index` never load them (tests/test_cli_pipe_and_startup.py checks it).
 
 `deepretrieval train key=value ...` is the PPO/GRPO trainer, the same entry as
 `python -m deepretrieval.trainer.main_ppo key=value ...` (kept for verl users): the arguments

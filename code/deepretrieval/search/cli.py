@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from deepretrieval.cli import OutputClosed, error_line
+from deepretrieval.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, OutputClosed, error_line
 from deepretrieval.search.base import (ENGINES, MAX_K, QuerySyntaxError, SearchEngineError, SearchResult,
                                        SearchUnavailable, make_engine)
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_QUERY, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+EXIT_OK, EXIT_QUERY, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3  # 70, 130, 141: deepretrieval.cli
 
 MAX_QUERY_FILE_BYTES = 1_000_000  # the longest CLEF expert search is ~12 kB
 
