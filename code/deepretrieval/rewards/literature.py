@@ -53,12 +53,15 @@ is routed to the `pubmed` source (`SOURCE_ALIASES`), with the format check of th
 (which opens `<think>`) unless the source sets `think_in_prompt`. A local source without `index_dir` uses the vendored corpus
 named by `index` (default: the data source name), built on first use (deepretrieval.data.paths).
 Engines are created lazily, once per process, keyed by their options, so the function-style
-`compute_score` works inside Ray workers.
+`compute_score` works inside Ray workers. With `use_search_service` (the trainer's
+`reward_model.search_service`) the sources of the served engine kinds search through Ray actors
+shared by every process of the run (deepretrieval.search.service), with the same results.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import threading
@@ -83,6 +86,7 @@ from deepretrieval.search.base import (
     QuerySyntaxError,
     SearchEngine,
     SearchEngineError,
+    SearchResult,
     SearchUnavailable,
     make_engine,
 )
@@ -519,10 +523,24 @@ def set_engine(data_source: str, engine: Optional[SearchEngine]) -> None:
         _OVERRIDES[data_source] = engine
 
 
+def open_engine(source: SourceConfig) -> SearchEngine:
+    """A new engine for a source (a local source without `index_dir` opens the vendored corpus
+    named by `index`, built on first use)."""
+    options = dict(source.engine_options)
+    if source.engine == "local" and "index_dir" not in options:
+        from deepretrieval.data.paths import ensure_local_index
+
+        options["index_dir"] = str(ensure_local_index(source.index or source.name))
+    return make_engine(source.engine, **options)
+
+
 def get_engine(source: SourceConfig) -> SearchEngine:
-    """The process-wide engine for a source, created on first use."""
+    """The process-wide engine for a source, created on first use (a client of the search service
+    when `use_search_service` serves the source's engine kind)."""
     if source.name in _OVERRIDES:
         return _OVERRIDES[source.name]
+    if _SERVICE is not None and source.engine in _SERVICE.settings.engines:
+        return _SERVICE.client(source.engine_key(), functools.partial(open_engine, source))
     key = source.engine_key()
     engine = _ENGINES.get(key)
     if engine is not None:
@@ -530,14 +548,29 @@ def get_engine(source: SourceConfig) -> SearchEngine:
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            options = dict(source.engine_options)
-            if source.engine == "local" and "index_dir" not in options:
-                from deepretrieval.data.paths import ensure_local_index
-
-                options["index_dir"] = str(ensure_local_index(source.index or source.name))
-            engine = make_engine(source.engine, **options)
-            _ENGINES[key] = engine
+            engine = _ENGINES[key] = open_engine(source)
     return engine
+
+
+# ---------------------------------------------------------------- the search service (optional)
+
+_SERVICE: Optional[Any] = None  # a deepretrieval.search.service.SearchService
+
+
+def use_search_service(settings: Optional[Any]) -> None:
+    """Serve the engine kinds named in `settings.engines` (a search.service.ServiceSettings) through
+    Ray actors in this process (Ray must be up); None kills the replicas this process started and
+    searches in-process again. Calling it again with equal settings keeps the running service."""
+    global _SERVICE
+    if _SERVICE is not None and settings == _SERVICE.settings:
+        return
+    if _SERVICE is not None:
+        _SERVICE.stop()
+        _SERVICE = None
+    if settings is not None:
+        from deepretrieval.search.service import SearchService
+
+        _SERVICE = SearchService(settings)
 
 
 def clear_engines() -> None:
@@ -573,16 +606,29 @@ def run_search(sample: PreparedSample, engine: Optional[SearchEngine] = None) ->
         return SearchOutcome(
             [], ERROR_SEARCH_UNAVAILABLE, f"{type(exc).__name__}: {exc}", elapsed_s=time.perf_counter() - start
         )
+    return outcome_of(result, time.perf_counter() - start)
+
+
+def outcome_of(result: SearchResult, elapsed_s: float) -> SearchOutcome:
+    """The outcome of a search that returned `result` (which may report a classified error)."""
     if result.error:  # an engine may report instead of raising
         kind = result.error.get("type")
         error = ERROR_QUERY_SYNTAX if kind == ERROR_QUERY_SYNTAX else ERROR_SEARCH_UNAVAILABLE
-        return SearchOutcome([], error, result.error.get("message", ""), elapsed_s=time.perf_counter() - start)
-    return SearchOutcome(
-        ids=[str(i) for i in result.ids],
-        total=int(result.total),
-        elapsed_s=time.perf_counter() - start,
-        cached=bool(result.cached),
-    )
+        return SearchOutcome([], error, result.error.get("message", ""), elapsed_s=elapsed_s)
+    return SearchOutcome(ids=[str(i) for i in result.ids], total=int(result.total), elapsed_s=elapsed_s,
+                         cached=bool(result.cached))
+
+
+def run_searches(samples: Sequence[PreparedSample], engine: Any) -> List[SearchOutcome]:
+    """Search many prepared samples in one call of an engine that takes a batch of requests
+    (`search_requests`, the search service's client); errors come back classified, as in
+    `run_search`. Each outcome's `elapsed_s` is the engine's own time for that search."""
+    try:
+        results = engine.search_requests([(s.query or "", s.source.k, s.filters) for s in samples])
+    except Exception as exc:  # a service bug must not kill a training run; the searches are counted
+        logger.exception("batched search failed unexpectedly")
+        return [SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, f"{type(exc).__name__}: {exc}") for _ in samples]
+    return [outcome_of(r, float(r.elapsed_s)) for r in results]
 
 
 # ---------------------------------------------------------------- verl entry point

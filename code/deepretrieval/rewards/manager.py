@@ -46,6 +46,7 @@ from deepretrieval.rewards.literature import (
     prepare_sample,
     resolve_config,
     run_search,
+    run_searches,
 )
 from deepretrieval.rewards.parsing import (
     ERROR_EMPTY_ANSWER,
@@ -200,6 +201,10 @@ class RewardManager:
                     outcomes[key] = SearchOutcome([], ERROR_SEARCH_UNAVAILABLE, f"engine: {exc}")
                 continue
             used[first.source.name] = engine
+            if callable(getattr(engine, "search_requests", None)):  # the search service: one batched call
+                batch = run_searches([sample for _, sample in engine_jobs], engine)
+                outcomes.update((key, outcome) for (key, _), outcome in zip(engine_jobs, batch))
+                continue
             workers = self._workers_for(first, len(engine_jobs))
             if workers == 1:
                 for key, sample in engine_jobs:
