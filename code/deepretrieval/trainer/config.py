@@ -481,6 +481,29 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     _check_fault_keys(cfg)
+    _check_search_service(cfg)
+
+
+def _check_search_service(cfg: DictConfig) -> None:
+    """reward_model.search_service: a boolean switch, replicas >= 1, a positive timeout, CPUs >= 0,
+    known engine kinds; enabled, it needs Ray."""
+    from deepretrieval.search.base import ENGINES
+
+    key = "reward_model.search_service"
+    enable = _get(cfg, f"{key}.enable")
+    if not isinstance(enable, bool):
+        raise ConfigError(f"{key}.enable", f"must be true or false, got {enable!r}")
+    _positive_int(cfg, f"{key}.replicas_per_node")
+    for name, low in (("timeout_s", "a positive"), ("num_cpus", "a non-negative")):
+        value = _get(cfg, f"{key}.{name}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name == "timeout_s" and value == 0):
+            raise ConfigError(f"{key}.{name}", f"must be {low} number, got {value!r}")
+    engines = _get(cfg, f"{key}.engines")
+    engines = [engines] if isinstance(engines, str) else engines
+    if not isinstance(engines, (list, ListConfig)) or any(e not in ENGINES for e in engines):
+        raise ConfigError(f"{key}.engines", f"must list engine kinds among {', '.join(sorted(ENGINES))}; got {engines!r}")
+    if enable and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{key}.enable", "the search service runs on Ray, which is not installed (pip install 'ray[default]')")
 
 
 def _check_fault_keys(cfg: DictConfig) -> None:

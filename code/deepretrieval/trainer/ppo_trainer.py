@@ -213,6 +213,7 @@ class PPOTrainer:
         self.actor_wg = self.critic_wg = None
         self._pool = None
         self._ray_started = False
+        self._search_service = False  # reward_model.search_service started by this trainer
         self.actor_worker_info: Any = None
         self.tracker: Optional[Tracking] = None
 
@@ -254,6 +255,7 @@ class PPOTrainer:
                                            name_prefix="actor_rollout_ref", **common)
             if self.use_critic:
                 self.critic_wg = RayWorkerGroup(self._pool, CriticWorker, args=(cfg,), name_prefix="critic", **common)
+        self._start_search_service()
         info = self.actor_wg.init_model()
         # per rank: parameter counts, FSDP2, LoRA and how the reference is held ("copy" |
         # "actor_adapter_disabled" with LoRA, where no reference model is built | None)
@@ -261,6 +263,25 @@ class PPOTrainer:
         logger.info("actor workers ready: %s", info)
         if self.critic_wg is not None:
             self.critic_wg.init_model()
+
+    def _start_search_service(self) -> None:
+        """reward_model.search_service: the reward's engines served by Ray actors (Ray started here
+        when the workers run in-process); idempotent, so a restart keeps the running replicas."""
+        from deepretrieval.search.service import settings_from_config
+
+        settings = settings_from_config(self.config.reward_model.get("search_service"))
+        if settings is None:
+            return
+        from deepretrieval.controller.ray_utils import init_ray
+        from deepretrieval.rewards.literature import use_search_service
+
+        t = self.config.trainer
+        self._ray_started = init_ray(address=t.ray_init.address, num_cpus=t.ray_init.num_cpus,
+                                     node_ip_address=t.ray_init.get("node_ip_address")) or self._ray_started
+        if _SIGTERM["wanted"]:
+            install_sigterm_handler()  # over the handler ray.init put in place
+        use_search_service(settings)
+        self._search_service = True
 
     def worker_info(self) -> List[Dict[str, Any]]:
         """Per worker process: group, rank, pid, node id and IP (empty in-process)."""
@@ -285,6 +306,11 @@ class PPOTrainer:
 
     def shutdown(self) -> None:
         self.shutdown_workers()
+        if self._search_service:
+            from deepretrieval.rewards.literature import use_search_service
+
+            use_search_service(None)  # kills the replicas this process started
+            self._search_service = False
         if self._ray_started:
             from deepretrieval.controller.ray_utils import shutdown_ray
 

@@ -1,0 +1,244 @@
+"""The search service (deepretrieval.search.service) on a real local Ray (127.0.0.1, 2 CPUs, started
+once for the module): answers equal the in-process engine's on the vendored pubmed_mini index, a
+batch is spread over the node's replicas, a killed replica is survived (its chunk re-sent), a set
+with no replica left answers `search_unavailable` and recovers on the next call, a deadline is a
+classified error, the reward scores the same through the service, and the config keys."""
+
+import functools
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from deepretrieval.rewards import literature  # noqa: E402
+from deepretrieval.rewards.literature import RewardConfig, open_engine, prepare_sample, run_searches  # noqa: E402
+from deepretrieval.rewards.manager import RewardManager  # noqa: E402
+from deepretrieval.rewards.parsing import ERROR_NONE, ERROR_QUERY_SYNTAX, ERROR_SEARCH_UNAVAILABLE  # noqa: E402
+from deepretrieval.search.base import QuerySyntaxError, SearchUnavailable  # noqa: E402
+from deepretrieval.search.service import (  # noqa: E402
+    SERVICE_NAMESPACE,
+    SearchService,
+    ServiceSearchEngine,
+    ServiceSettings,
+    key_hash,
+    replica_name,
+    settings_from_config,
+)
+
+SETTINGS = ServiceSettings(replicas_per_node=2, timeout_s=60.0, num_cpus=0.1)
+# real queries: words, a field tag, truncation, a phrase, Boolean structure, a MeSH heading, no hit
+QUERIES = ["bone marrow[ti]", "cardio*", '"heart failure"', "diabetes AND (insulin OR metformin) NOT mice",
+           "Neoplasms[mh]", "zzqqxnotaword"]
+
+
+def without_time(result):
+    data = result.to_dict()
+    data.pop("elapsed_s")
+    return data
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    from deepretrieval.controller.ray_utils import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def source(pubmed_mini_index):
+    return RewardConfig.from_config({"sources": {"pubmed_mini": {"engine": "local", "index_dir": str(pubmed_mini_index)}}}
+                                    ).source("pubmed_mini")
+
+
+@pytest.fixture(scope="module")
+def in_process(source):
+    return open_engine(source)
+
+
+@pytest.fixture(scope="module")
+def service(ray_up, source):
+    """The replica set of the pubmed_mini source (2 replicas on the one node), as the reward keys it."""
+    svc = SearchService(SETTINGS)
+    infos = svc.start(source.engine_key(), functools.partial(open_engine, source))
+    assert len(infos) == 2 and len({i["pid"] for i in infos}) == 2
+    yield svc
+    svc.stop()
+
+
+def test_answers_equal_the_in_process_engine(service, source, in_process):
+    client = service.client(source.engine_key(), functools.partial(open_engine, source))
+    assert client.name == in_process.name == "local"
+    requests = [(q, k, {}) for q in QUERIES for k in (0, 5, 100)] + [("cancer", 50, {"max_date": "1980/12/31"}),
+                                                                      ("cancer", 50, {"min_date": "1990"})]
+    served = client.search_requests(requests)
+    assert len(served) == len(requests)
+    for (query, k, filters), result in zip(requests, served):
+        expected = in_process.search(query, k=k, **filters)
+        assert without_time(result) == without_time(expected), query
+    assert any(r.total > 100 for r in served) and any(r.total == 0 for r in served)  # the queries are not all alike
+    assert [without_time(r) for r in client.batch_search(QUERIES, k=20)] == \
+        [without_time(in_process.search(q, k=20)) for q in QUERIES]
+    # classified errors cross the service as themselves, with their position
+    with pytest.raises(QuerySyntaxError) as remote:
+        client.search("diabetes AND (insulin", k=10)
+    with pytest.raises(QuerySyntaxError) as local:
+        in_process.search("diabetes AND (insulin", k=10)
+    assert (remote.value.position, str(remote.value), remote.value.query) == \
+        (local.value.position, str(local.value), local.value.query)
+    assert without_time(client.batch_search(["((a"], k=5)[0]) == without_time(in_process.try_search("((a", k=5))
+    # bad input raises the same ValueError in both
+    with pytest.raises(ValueError) as remote_value:
+        client.search("cancer", k=-1)
+    with pytest.raises(ValueError) as local_value:
+        in_process.search("cancer", k=-1)
+    assert str(remote_value.value) == str(local_value.value)
+
+
+def test_reward_scores_the_same_through_the_service(service, source, pubmed_mini_index):
+    """RewardManager with use_search_service: the replicas the module started are reused (none
+    created), every score equals the in-process reward's, and the service counters are reported."""
+    config = {"sources": {"pubmed_mini": {"engine": "local", "index_dir": str(pubmed_mini_index)}}}
+    texts = [f'<answer>{{"query": "{q}"}}</answer>' for q in ['\\"heart failure\\"', "cardio*", "bone marrow[ti]",
+                                                               "((broken", "cardio*"]] + ["no answer block"]
+    truths = [{"target": ["11006", "12345"]}] * len(texts)
+    info = [{"think_in_prompt": True, "prompt_style": "no_reason"}] * len(texts)
+    local = RewardManager(config=config).score_texts(texts, ["pubmed_mini"] * len(texts), truths, info)
+    try:
+        literature.use_search_service(SETTINGS)
+        manager = RewardManager(config=config)
+        remote = manager.score_texts(texts, ["pubmed_mini"] * len(texts), truths, info)
+        assert literature._SERVICE._created == {}  # the running set was found and reused
+        metrics = manager.metrics(remote, ["pubmed_mini"] * len(texts))
+    finally:
+        literature.use_search_service(None)
+    strip = [{k: v for k, v in r.items() if k != "search_time_s"} for r in local]
+    assert [{k: v for k, v in r.items() if k != "search_time_s"} for r in remote] == strip
+    assert [r["error"] for r in remote] == ["none", "none", "none", ERROR_QUERY_SYNTAX, "none", "format"]
+    assert remote[2]["recall"] == 0.5  # 11006 is the bone-marrow record; 12345 is not in the corpus
+    assert metrics["reward/engine/pubmed_mini/service_requests"] == 4.0  # 4 distinct searches, one batch
+    assert metrics["reward/engine/pubmed_mini/service_calls"] == 1.0
+
+
+def test_a_batch_is_spread_over_the_replicas(service, source, in_process):
+    client = ServiceSearchEngine(source.engine_key(), SETTINGS)  # found by name, as another process would
+    results = client.search_requests([(q, 10, {}) for q in QUERIES + QUERIES[:4]])
+    assert [without_time(r) for r in results] == [without_time(in_process.search(q, k=10)) for q in QUERIES + QUERIES[:4]]
+    node = ray.get_runtime_context().get_node_id()
+    names = {replica_name(key_hash(source.engine_key()), node, i) for i in range(2)}
+    assert dict(client.served) == {name: 5 for name in names}  # 10 queries: 5 per replica
+    results = client.search_requests([("cancer", 3, {})])  # one query: one replica
+    assert sum(client.served.values()) == 11 and results[0].ok
+
+
+def _wait_gone(name, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=SERVICE_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} still registered after {timeout_s} s")
+
+
+def test_killed_replicas_are_survived_counted_and_restarted(ray_up, source, in_process):
+    """Own replica set (another engine key): one replica killed -> its chunk goes to the other;
+    both killed -> every search `search_unavailable` (the reward's class), then the next call
+    starts the set again and answers."""
+    key = "kill-test:" + source.engine_key()
+    svc = SearchService(SETTINGS)
+    try:
+        client = svc.client(key, functools.partial(open_engine, source))
+        node = ray.get_runtime_context().get_node_id()
+        names = [replica_name(key_hash(key), node, i) for i in range(2)]
+        assert client.search("cancer", k=1).ok  # the client holds both replicas' handles
+        ray.kill(ray.get_actor(names[0], namespace=SERVICE_NAMESPACE), no_restart=True)
+        _wait_gone(names[0])
+        samples = [prepare_sample("pubmed_mini", f'<answer>{{"query": "{q}"}}</answer>', {"target": ["11006"]},
+                                  {"prompt_style": "no_reason"}, RewardConfig.from_config(
+                                      {"sources": {"pubmed_mini": dict(source.engine_options, engine="local")}}))
+                   for q in ["cardio*", "bone marrow[ti]", "cancer", "diabetes"]]
+        before = dict(client.served, **{n: client.served[n] for n in names})
+        outcomes = run_searches(samples, client)
+        assert [o.error for o in outcomes] == [ERROR_NONE] * 4
+        assert [o.ids for o in outcomes] == [in_process.search(s.query, k=100).ids for s in samples]
+        assert client.counters["replica_deaths"] == 1
+        assert client.served[names[1]] - before[names[1]] == 4 and client.served[names[0]] == before[names[0]]
+
+        ray.kill(ray.get_actor(names[1], namespace=SERVICE_NAMESPACE), no_restart=True)
+        _wait_gone(names[1])
+        outcomes = run_searches(samples, client)
+        assert [o.error for o in outcomes] == [ERROR_SEARCH_UNAVAILABLE] * 4
+        assert all(o.detail.startswith("search service: replica ") and "died" in o.detail for o in outcomes)
+        assert client.counters["unavailable"] == 4
+        with pytest.raises(SearchUnavailable):
+            ServiceSearchEngine(key, SETTINGS).search("cancer")  # a client that cannot start replicas
+
+        outcomes = run_searches(samples, client)  # the next call starts the set again
+        assert [o.error for o in outcomes] == [ERROR_NONE] * 4
+        assert client.counters["restarts"] == 1 and set(svc._created) == set(names)
+    finally:
+        svc.stop()
+    for name in names:
+        _wait_gone(name)
+
+
+def test_a_deadline_is_a_classified_error_not_a_stall(service, source):
+    client = ServiceSearchEngine(source.engine_key(), ServiceSettings(replicas_per_node=2, timeout_s=0.001))
+    start = time.monotonic()
+    results = client.search_requests([("cancer OR tumor* OR cell*", 5000, {})] * 40)
+    assert time.monotonic() - start < 20  # generous: the deadline is 1 ms
+    assert all(r.error["type"] == "search_unavailable" and "within 0.001 s" in r.error["message"] for r in results)
+    assert client.counters["timeouts"] == 40
+
+
+def test_trainer_starts_and_stops_the_service(ray_up):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+
+    cfg = OmegaConf.create({"reward_model": {"search_service": {"enable": True, "replicas_per_node": 2,
+                                                                "timeout_s": 60, "num_cpus": 0.1, "engines": ["local"]}},
+                            "trainer": {"ray_init": {"address": None, "num_cpus": None, "node_ip_address": None}}})
+    fake = SimpleNamespace(config=cfg, _ray_started=False, _search_service=False)
+    PPOTrainer._start_search_service(fake)
+    try:
+        assert literature._SERVICE is not None and literature._SERVICE.settings == SETTINGS
+        assert fake._ray_started is False  # Ray was up: not started (nor later stopped) by the trainer
+        service = literature._SERVICE
+        PPOTrainer._start_search_service(fake)  # idempotent (a worker restart calls it again)
+        assert literature._SERVICE is service
+    finally:
+        literature.use_search_service(None)
+    assert literature._SERVICE is None
+
+
+def test_settings_and_config_keys():
+    from deepretrieval.trainer.config import ConfigError, compose_config
+
+    assert settings_from_config({"enable": False, "replicas_per_node": 4}) is None
+    assert settings_from_config(None) is None
+    assert settings_from_config({"enable": True, "replicas_per_node": 4, "timeout_s": 5, "num_cpus": 0.5,
+                                 "engines": "local"}) == ServiceSettings(4, 5.0, 0.5, ("local",))
+    required = ["data.train_files=train.parquet", "actor_rollout_ref.model.path=some/model", "trainer.n_gpus_per_node=1",
+                "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "critic.ppo_micro_batch_size_per_gpu=4"]
+    cfg = compose_config(required)
+    assert settings_from_config(cfg.reward_model.search_service) is None  # default off
+    cfg = compose_config(required + ["reward_model.search_service.enable=true",
+                                     "reward_model.search_service.replicas_per_node=3"])
+    assert settings_from_config(cfg.reward_model.search_service) == ServiceSettings(3, 120.0, 1.0, ("local",))
+    for override, phrase in [("replicas_per_node=0", "must be"), ("timeout_s=0", "positive number"),
+                             ("num_cpus=-1", "non-negative"), ("engines=[local,bing]", "bing"),
+                             ("enable=maybe", "true or false")]:
+        with pytest.raises(ConfigError) as info:
+            compose_config(required + [f"reward_model.search_service.{override}"])
+        assert info.value.key == f"reward_model.search_service.{override.split('=')[0]}", override
+        assert phrase in str(info.value)
