@@ -4,12 +4,11 @@ its own raylet with its own CPUs, on 127.0.0.1). The trainer connects to it thro
 the ranks land on two different nodes, the checkpoint and HF export are complete, and the metrics
 equal those of the same run packed on one node (`nnodes=1 n_gpus_per_node=2`, same seeds)."""
 
-import os
-
 import pytest
 
 from deepretrieval.trainer.checkpoint import MARKER, verify
 from deepretrieval.trainer.main_ppo import main
+from ray_cluster import loopback_cluster
 from trainer_helpers import make_assets, overrides, read_metrics, stable
 
 ray = pytest.importorskip("ray")
@@ -17,32 +16,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (2 CPUs) + second node (2 CPUs), both on 127.0.0.1. Ray resolves a loopback address to the
-    machine's outward IP unless told this is a single-host cluster (its Windows/OSX switch), in this
-    process (the constant) and in the raylets and workers it spawns (the environment variable)."""
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    saved = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR))
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})
-    c.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"second_node": 1})
-    c.wait_for_nodes(timeout=120)
-    try:
+    """Head (2 CPUs) + second node (2 CPUs), both on 127.0.0.1 (tests/ray_cluster.py)."""
+    with loopback_cluster(2, {"num_cpus": 2, "resources": {"second_node": 1}}) as c:
         yield c
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
-        if saved[1] is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
-        else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[1]
 
 
 @pytest.fixture(scope="module")
