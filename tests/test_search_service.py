@@ -135,6 +135,10 @@ def test_a_batch_is_spread_over_the_replicas(service, source, in_process):
     assert sum(client.served.values()) == 11 and results[0].ok
 
 
+def running_replicas():
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == SERVICE_NAMESPACE)
+
+
 def _wait_gone(name, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -242,3 +246,41 @@ def test_settings_and_config_keys():
             compose_config(required + [f"reward_model.search_service.{override}"])
         assert info.value.key == f"reward_model.search_service.{override.split('=')[0]}", override
         assert phrase in str(info.value)
+
+
+@pytest.mark.slow  # ~2 one-step CPU trainer runs (tiny model, 21 scripted answers) on the module's Ray
+def test_a_training_step_scores_the_same_with_the_service(ray_up, tmp_path, pubmed_mini_index, monkeypatch):
+    """One PPO step over the 21 pubmed_mini topics, each answered with a real query (the words of
+    its review question): every metric equals the run without the service (timings aside), the
+    service answered the step's searches in one batch, and the replicas the trainer started (none
+    when the module's set is running: it is reused) are gone after the run."""
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+    from deepretrieval.trainer.main_ppo import main
+    from deepretrieval.workers.rollout import hf
+    from trainer_helpers import make_assets, overrides, read_metrics, scripted_rollout, stable, words_query
+
+    def answer(question):
+        return [f'plan</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>']
+
+    monkeypatch.setattr(hf.HFRollout, "generate_sequences", scripted_rollout(load_tiny_tokenizer(), answer))
+    assets = make_assets(tmp_path / "assets", pubmed_mini_index)
+    extra = {"trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.total_training_steps": 1,
+             "trainer.val_before_train": False, "trainer.save_freq": 0, "trainer.save_hf_model": False,
+             "data.train_batch_size": 21, "data.max_response_length": 160, "actor_rollout_ref.rollout.n": 1,
+             "actor_rollout_ref.actor.ppo_mini_batch_size": 21,
+             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 7, "critic.ppo_micro_batch_size_per_gpu": 7}
+    service = {"reward_model.search_service.enable": True, "reward_model.search_service.num_cpus": 0.1,
+               "reward_model.search_service.timeout_s": 60}
+    assert main(overrides(assets, tmp_path / "plain", **extra)) == 0
+    before = running_replicas()
+    assert main(overrides(assets, tmp_path / "service", **extra, **service)) == 0
+    plain, served = (read_metrics(tmp_path / name)[0][1] for name in ("plain", "service"))
+    counters = {k: v for k, v in served.items() if "/service_" in k}
+    assert counters == {"reward/engine/pubmed_mini/service_calls": 1.0, "reward/engine/pubmed_mini/service_requests": 21.0}
+    assert stable({k: v for k, v in served.items() if k not in counters}) == stable(plain)
+    assert served["reward/searches"] == 21 and served["reward/search_error_ratio"] == 0.0
+    assert literature._SERVICE is None
+    deadline = time.monotonic() + 30  # ray.kill returns before the name is released
+    while running_replicas() != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_replicas() == before  # the replicas the trainer started were killed at shutdown
