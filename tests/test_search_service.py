@@ -248,7 +248,7 @@ def test_settings_and_config_keys():
         assert phrase in str(info.value)
 
 
-@pytest.mark.slow  # ~2 one-step CPU trainer runs (tiny model, 21 scripted answers) on the module's Ray
+@pytest.mark.slow  # 70-95 s at load 15-25: two one-step CPU trainer runs (tiny model, 21 scripted answers)
 def test_a_training_step_scores_the_same_with_the_service(ray_up, tmp_path, pubmed_mini_index, monkeypatch):
     """One PPO step over the 21 pubmed_mini topics, each answered with a real query (the words of
     its review question): every metric equals the run without the service (timings aside), the

@@ -3,7 +3,8 @@
 The manager parses every response first, then searches each distinct (engine, query, k, filters)
 once — GRPO samples many answers per prompt and models repeat themselves — in a bounded thread
 pool per engine (live engines rate-limit themselves; the pool only caps how many requests wait
-at once), and finally scores every sample from its search. Per-sample results are kept in
+at once; an engine that takes a batch, the search service's client, gets them all in one call),
+and finally scores every sample from its search. Per-sample results are kept in
 `last_results` and returned as `reward_extra_info` for logging.
 
 One bad sample never fails a step: an unexpected exception while scoring one sample (a bug, not
