@@ -192,6 +192,26 @@ def test_killed_replicas_are_survived_counted_and_restarted(ray_up, source, in_p
         _wait_gone(name)
 
 
+def test_an_engine_that_cannot_open_raises_its_own_error(ray_up, tmp_path):
+    """As in-process: a missing index is SearchUnavailable (the reward's search_unavailable), a
+    bad option a TypeError (a configuration mistake); the replicas of the failed start are gone."""
+    from deepretrieval.search.base import make_engine
+
+    svc = SearchService(ServiceSettings(replicas_per_node=1, timeout_s=60.0, num_cpus=0.1))
+    missing = functools.partial(make_engine, "local", index_dir=str(tmp_path / "no_index"))
+    with pytest.raises(SearchUnavailable) as remote:
+        svc.client("missing-index", missing)
+    with pytest.raises(SearchUnavailable) as local:
+        missing()
+    assert str(remote.value) == str(local.value) and "no deepretrieval_index.json" in str(local.value)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        svc.start("bad-option", functools.partial(make_engine, "pubmed", colour="red"))
+    assert svc._created == {}
+    node = ray.get_runtime_context().get_node_id()
+    for key in ("missing-index", "bad-option"):
+        _wait_gone(replica_name(key_hash(key), node, 0))
+
+
 def test_a_deadline_is_a_classified_error_not_a_stall(service, source):
     client = ServiceSearchEngine(source.engine_key(), ServiceSettings(replicas_per_node=2, timeout_s=0.001))
     start = time.monotonic()

@@ -133,19 +133,28 @@ def _decode(reply: Mapping[str, Any]) -> Union[SearchResult, Exception]:
 
 
 class SearchReplica:
-    """The actor: one opened engine (built by `opener` in the actor's process, on its node)."""
+    """The actor: one opened engine (built by `opener` in the actor's process, on its node). An
+    engine that cannot be opened is reported by `info()` (`error`), so the starter raises the
+    engine's own error, as opening it in-process would."""
 
     def __init__(self, opener: Callable[[], SearchEngine], name: str):
-        self.engine = opener()
         self.name = name
+        self.engine: Optional[SearchEngine] = None
+        self.error: Optional[Dict[str, Any]] = None
+        try:
+            self.engine = opener()
+        except Exception as exc:  # reported by info(); the starter kills this replica
+            self.error = error_payload(exc)
 
     def info(self) -> Dict[str, Any]:
         import ray
 
-        return {"name": self.name, "engine": self.engine.name, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+        return {"name": self.name, "engine": self.engine.name if self.engine is not None else None,
+                "error": self.error, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def search_requests(self, requests: Sequence[Request]) -> List[Dict[str, Any]]:
+        if self.engine is None:
+            return [{"error": self.error} for _ in requests]
         return [serve_request(self.engine, r) for r in requests]
 
 
@@ -396,9 +405,10 @@ class SearchService:
               ) -> List[Dict[str, Any]]:
         """Make sure every alive node with room holds `replicas_per_node` replicas of the engine
         (existing ones are reused) and that all of them answer; returns their `info()`.
-        Raises SearchUnavailable naming the replica when one cannot open its engine or does not
-        answer within `timeout_s` (default settings.timeout_s); the replicas it created for this
-        start are then killed."""
+        When a replica cannot open its engine, the engine's own error is raised (SearchUnavailable
+        for a missing index, TypeError / ValueError for bad options, as in-process); when one does
+        not answer within `timeout_s` (default settings.timeout_s), SearchUnavailable. The replicas
+        created by a failed start are killed."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -435,6 +445,11 @@ class SearchService:
                    f"{self.settings.num_cpus:g} per replica?)" if isinstance(exc, GetTimeoutError)
                    else f"a replica could not open its engine: {type(exc).__name__}: {str(exc)[:800]}")
             raise SearchUnavailable(f"search service: {why}") from None
+        failed = [info for info in infos if info.get("error")]
+        if failed:
+            for name in new:
+                self._kill(name)
+            raise error_from_payload(failed[0]["error"])
         if new:
             logger.info("search service: started %d replica(s) of engine %s (%d reused)", len(new), engine_hash,
                         len(names) - len(new))
