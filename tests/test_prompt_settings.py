@@ -12,7 +12,7 @@ import pytest
 from deepretrieval.data.dataset import DEFAULTS
 from deepretrieval.data.prompts import COMPACT_INSTRUCTION, ENGINE_SYNTAX
 from deepretrieval.data.tasks import build_splits
-from deepretrieval.eval.runner import ModelMethod, Searcher, evaluate, load_samples
+from deepretrieval.eval.runner import ModelMethod, Searcher, evaluate, load_samples, sample_from_row
 from deepretrieval.rewards.parsing import format_answer
 from deepretrieval.search.base import SearchEngine, SearchResult
 from deepretrieval.trainer.checkpoint import (
@@ -132,6 +132,13 @@ def test_eval_prompts_a_checkpoint_as_it_was_trained(compact_checkpoint, tmp_pat
     records = evaluate(samples, forced, tmp_path / "out", searcher=searcher, progress=False)
     assert all(ENGINE_SYNTAX["local"] in p and COMPACT_INSTRUCTION["review_question"] not in p for p in fake.prompts)
     assert {r["format_ok"] for r in records} == {False}
+
+    # rows of a parquet written before the task input was stored cannot be re-rendered: classified
+    legacy = [sample_from_row(dict(s.row, extra_info={k: v for k, v in s.extra_info.items() if k != "task_kind"}))
+              for s in samples[:2]]
+    records = evaluate(legacy, method, tmp_path / "legacy", searcher=searcher, progress=False)
+    assert {r["error"] for r in records} == {"generation_error"}
+    assert "prepare the data again, with --style compact" in records[0]["detail"]
 
 
 def test_eval_cli_refuses_a_conflicting_prompt_style(compact_checkpoint, tmp_path, caplog):
