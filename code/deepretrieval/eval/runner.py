@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from deepretrieval.data.dataset import plain_python
-from deepretrieval.data.prompts import style_reasons
+from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.metrics import query_metrics
 
@@ -683,7 +683,6 @@ class ModelMethod(QueryMethod):
         prompt_style: Optional[str] = None,
         force_prompt_style: bool = False,
     ):
-        from deepretrieval.data.prompts import get_style
         from deepretrieval.trainer.checkpoint import choose_prompt_style, read_prompt_settings
 
         self.model_dir = resolve_model_dir(model_path)
@@ -759,8 +758,6 @@ class ModelMethod(QueryMethod):
         texts = self._generate_vllm(samples) if self.backend == "vllm" else self._generate_hf(samples)
         style: Dict[str, Any] = {}
         if self.prompt_style is not None:  # the format check follows the style the model was prompted in
-            from deepretrieval.data.prompts import get_style
-
             s = get_style(self.prompt_style)
             style = {"think_in_prompt": s.think_in_prompt, "reasoning": s.reasoning}
         return [[Generation(text=t, **style) for t in texts[i * self.n : (i + 1) * self.n]] for i in range(len(samples))]

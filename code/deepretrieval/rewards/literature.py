@@ -403,7 +403,7 @@ def prepare_sample(
 ) -> PreparedSample:
     source = config.source(data_source)
     # reasoning unless the source says otherwise or the row's prompt style asks for the answer only
-    # (imported here: data.prompts builds its text with rewards.parsing, so it imports this package)
+    # (imported here, not at the top: data.prompts imports rewards.parsing, and so this package)
     from deepretrieval.data.prompts import style_reasons
 
     reasoning_default = style_reasons(extra_info)
