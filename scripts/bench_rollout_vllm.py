@@ -72,7 +72,8 @@ def timed(rollout, prompts_fn, repeats):
 
 def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
     """Median timing/gen and timing/step (steps 2..K) of the quickstart trainer with each rollout."""
-    from deepretrieval import quickstart as qs
+    from deepretrieval.quickstart import pipeline as qs
+    from deepretrieval.quickstart.report import read_metrics
 
     data = qs.prepare_data(out_root)
     plen = qs.max_prompt_tokens(model_path, [data["train"], data["test"]])
@@ -85,7 +86,7 @@ def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
         ovr += ["trainer.val_before_train=false", "trainer.save_freq=0", "trainer.logger=[console,jsonl]"]
         start = time.perf_counter()
         qs.train(run_dir, ovr)
-        rows = [r for r in qs.read_metrics(run_dir / "logs" / "metrics.jsonl") if "timing/step" in r]
+        rows = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "timing/step" in r]
         later = rows[1:] or rows
         out[rollout] = {"run_s": time.perf_counter() - start, "steps": len(rows),
                         "gen_s": statistics.median(r["timing/gen"] for r in later),

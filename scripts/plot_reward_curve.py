@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from deepretrieval.quickstart import plot_reward_curve
+from deepretrieval.quickstart.report import plot_reward_curve
 
 
 def main(argv=None) -> int:

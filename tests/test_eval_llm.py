@@ -175,9 +175,11 @@ def test_model_required(monkeypatch):
 import json  # noqa: E402
 
 from deepretrieval.data.paths import data_root  # noqa: E402
+from deepretrieval.data.prompts import legacy_task_input_from_prompt  # noqa: E402
 from deepretrieval.eval import baselines, report  # noqa: E402
 from deepretrieval.eval.runner import (  # noqa: E402
-    BaselineMethod, LLMMethod, Searcher, evaluate, load_samples, task_input_from_prompt)
+    BaselineMethod, LLMMethod, Searcher, evaluate, load_samples)
+from deepretrieval.rewards.parsing import format_answer  # noqa: E402
 from deepretrieval.search.local import LocalSearchEngine, build_index  # noqa: E402
 
 
@@ -190,8 +192,8 @@ def trials_engine(tmp_path_factory):
 
 def bag_writer(body):
     """A stand-in LLM that answers with the case's words joined by OR (the `original` baseline)."""
-    case = task_input_from_prompt(body["messages"])
-    return f"<think>\nkey words\n</think>\n<answer>\n{json.dumps({'query': baselines.or_query(case)})}\n</answer>"
+    case = legacy_task_input_from_prompt(body["messages"])  # a request holds the messages only
+    return format_answer(baselines.or_query(case), thinking="key words", lines=True)
 
 
 def test_llm_modes_end_to_end(tmp_path, trials_engine):
@@ -239,7 +241,7 @@ def test_llm_error_classes_and_resume(tmp_path, trials_engine):
                few[2].need_text: '<answer>{"query": "lung AND (cancer"}</answer>'}  # syntax error
 
     def responder(body):
-        return answers[task_input_from_prompt(body["messages"])]
+        return answers[legacy_task_input_from_prompt(body["messages"])]
 
     with FakeOpenAIServer(responder) as srv:
         client = ChatClient(base_url=srv.base_url, model="m", max_retries=1,

@@ -1,4 +1,4 @@
-"""The quickstart pipeline (deepretrieval.quickstart): its pieces against hand-computed values, and
+"""The quickstart pipeline (deepretrieval.quickstart.pipeline, .report): its pieces against hand-computed values, and
 the shortened CI run end to end (tiny model, 2 GRPO steps on the Ray trainer): before/after table,
 reward curve, resume."""
 
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from deepretrieval import quickstart as qs
+from deepretrieval.quickstart import pipeline as qs
+from deepretrieval.quickstart import report as rp
 
 
 def test_compact_prompt_keeps_question_and_reward_fields():
@@ -15,14 +16,18 @@ def test_compact_prompt_keeps_question_and_reward_fields():
     from deepretrieval.eval.runner import sample_from_row
 
     rows = build_splits("pubmed_mini", style="no_reason")["test"]
-    compact = qs.compact_rows(rows)
+    compact = build_splits("pubmed_mini", style=qs.PROMPT_STYLE)["test"]
     assert len(compact) == len(rows) == 7
+    style_keys = ("prompt_style", "assistant_prefix", "think_in_prompt")
     for old, new in zip(rows, compact):
-        assert new["reward_model"] == old["reward_model"] and new["extra_info"] == old["extra_info"]
+        assert new["reward_model"] == old["reward_model"]
+        assert {k: v for k, v in new["extra_info"].items() if k not in style_keys} == {
+            k: v for k, v in old["extra_info"].items() if k not in style_keys}
         assert len(new["prompt"][0]["content"]) < len(old["prompt"][0]["content"]) / 2
-        # the evaluation (baselines) reads the same question out of both prompts
-        assert sample_from_row(new).need_text == sample_from_row(old).need_text
-    assert rows[0]["extra_info"]["prompt_style"] == "no_reason"
+        # the evaluation (baselines) reads the same question for both
+        assert sample_from_row(new).need_text == sample_from_row(old).need_text == old["extra_info"]["task_input"]
+    assert compact[0]["extra_info"]["prompt_style"] == "compact"
+    assert compact[0]["extra_info"]["assistant_prefix"] == "" and not compact[0]["extra_info"]["think_in_prompt"]
 
 
 def test_warmup_targets_from_the_question_only():
@@ -47,7 +52,7 @@ def test_curves_and_table_from_jsonl(tmp_path):
         {"step": 3, "critic/score/mean": 2.0, "reward/recall_mean": 0.4, "train/epoch": 1},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    c = qs.curves(qs.read_metrics(path))
+    c = rp.curves(rp.read_metrics(path))
     assert c["reward"] == [(1, -1.0), (2, 1.0), (3, 2.0)]  # the resumed step-2 line wins
     assert c["train_recall"] == [(1, 0.05), (2, 0.2), (3, 0.4)]
     assert c["epoch"] == [(1, 0), (2, 0), (3, 1)]
@@ -55,14 +60,14 @@ def test_curves_and_table_from_jsonl(tmp_path):
     assert c["format_ok"] == [(1, 0.5)]
     evals = {"original (baseline)": {"recall": 0.286, "low": 0.2, "high": 0.35, "n": 7, "errors": {}},
              "m": {"recall": 0.0, "low": 0.0, "high": 0.0, "n": 7, "errors": {"format": 7}}}
-    table = qs.results_table(evals, path)
+    table = rp.results_table(evals, path)
     assert "| original (baseline) | 0.286 [0.200, 0.350] (n=7) | none |" in table
     assert "| m | 0.000 [0.000, 0.000] (n=7) | format 7 |" in table
     assert "| training (GRPO), per epoch | epoch 1 (2 steps) | epoch 2 (1 steps) |" in table
     assert "| reward, mean | 0.00 | 2.00 |" in table
     assert "| recall@100, mean | 0.125 | 0.400 |" in table
     assert "0: 0.100, 2: 0.300" in table
-    png = qs.plot_reward_curve(path, tmp_path / "img" / "curve.png")
+    png = rp.plot_reward_curve(path, tmp_path / "img" / "curve.png")
     assert png.stat().st_size > 5000
 
 
@@ -107,7 +112,7 @@ def test_ci_quickstart_end_to_end_tiny(tmp_path, monkeypatch):
     assert res["evals"]["original (baseline)"]["recall"] == pytest.approx(0.286, abs=0.001)  # docs/evaluation.md
     for cell in res["evals"].values():
         assert cell["n"] == 7 and 0.0 <= cell["recall"] <= 1.0
-    metrics = qs.read_metrics(out / "logs" / "metrics.jsonl")
+    metrics = rp.read_metrics(out / "logs" / "metrics.jsonl")
     assert [m["step"] for m in metrics if "critic/score/mean" in m] == [1, 2]
     assert any("val/pubmed_mini/recall_mean" in m for m in metrics if m["step"] == 0)
     table = (out / "results.md").read_text()
@@ -125,6 +130,6 @@ def test_ci_quickstart_end_to_end_tiny(tmp_path, monkeypatch):
     said.clear()
     more = qs.run_quickstart(out, tiny=True, steps=3, test_freq=3, progress=False, say=said.append)
     assert any("continuing training" in s for s in said)
-    steps = [m["step"] for m in qs.read_metrics(out / "logs" / "metrics.jsonl") if "critic/score/mean" in m]
+    steps = [m["step"] for m in rp.read_metrics(out / "logs" / "metrics.jsonl") if "critic/score/mean" in m]
     assert steps == [1, 2, 3]  # step 1-2 not redone
     assert "+ warm-up + GRPO (3 steps)" in more["table"]

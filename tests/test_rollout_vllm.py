@@ -549,7 +549,7 @@ def test_mismatch_metrics_by_hand():
 def test_quickstart_rollout_option(monkeypatch, tmp_path):
     import importlib.util
 
-    from deepretrieval import quickstart as qs
+    from deepretrieval.quickstart import pipeline as qs
 
     assert qs.resolve_rollout("hf") == "hf" and qs.resolve_rollout("vllm", tiny=True) == "vllm"
     real_find_spec = importlib.util.find_spec

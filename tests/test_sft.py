@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from deepretrieval.models.tiny import make_tiny_qwen2, save_tiny_model
+from deepretrieval.rewards.parsing import format_answer
 from deepretrieval.trainer import sft
-
-
-def test_answer_text_is_what_the_reward_parses():
-    from deepretrieval.rewards.parsing import parse_answer
-
-    text = sft.answer_text('aspirin OR "heart attack"')
-    assert text == '<answer>{"query": "aspirin OR \\"heart attack\\""}</answer>'
-    assert parse_answer(text).query == 'aspirin OR "heart attack"'
 
 
 def test_tokenize_masks_prompt_and_appends_eos(tok):
@@ -58,7 +51,7 @@ def test_padded_windowed_loss_matches_per_row_reference(tok):
 
 def test_run_sft_learns_saves_and_skips(tmp_path, tok):
     base = save_tiny_model(tmp_path / "base", hidden_size=32, num_layers=2, seed=0)
-    examples = [sft.SFTExample(f"question number {i}", sft.answer_text(f"term{i % 3} OR other"))
+    examples = [sft.SFTExample(f"question number {i}", format_answer(f"term{i % 3} OR other"))
                 for i in range(8)]
     out = tmp_path / "warm"
     res = sft.run_sft(base, examples, out, epochs=15, lr=1e-2, batch_size=4, progress=False)

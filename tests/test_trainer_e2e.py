@@ -42,6 +42,13 @@ def test_ray_fsdp2_train_validate_checkpoint_resume_export(assets, tmp_path):
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (hf_dir / name).is_file(), name
     assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    # the checkpoint and its export say how the policy was prompted (the parquet's default style)
+    from deepretrieval.trainer.checkpoint import read_prompt_settings
+
+    for folder in (run_a / "global_step_4", hf_dir):
+        settings = read_prompt_settings(folder)
+        assert settings["prompt_style"] == "reasoning" and settings["data_sources"] == ["pubmed_mini"]
+        assert settings["max_prompt_length"] == 384 and settings["apply_chat_template"] is True
 
     # the exported actor loads with transformers and has moved away from the initial weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +85,7 @@ def test_in_process_mode_and_auto_resume(assets, tmp_path):
     assert sorted(steps) == [1, 2]
     assert "val/pubmed_mini/recall_mean" in steps[2]  # validation after the last step
     assert (out / "global_step_2" / "trainer_state.pt").is_file()
+    assert json.loads((out / "global_step_2" / "prompt.json").read_text())["prompt_styles"] == ["reasoning"]
     assert not (out / "global_step_2" / "actor" / "huggingface").exists()
     # resume_mode=auto picks up the latest checkpoint and only runs the missing step
     extra["trainer.total_training_steps"] = 3

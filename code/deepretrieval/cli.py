@@ -34,7 +34,7 @@ COMMAND_MODULES = [
     "deepretrieval.search.cli",  # index, search
     "deepretrieval.data.cli",  # prepare
     "deepretrieval.eval.cli",  # eval
-    "deepretrieval.quickstart_cli",  # quickstart
+    "deepretrieval.quickstart.cli",  # quickstart
 ]
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the user's input

@@ -29,7 +29,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--style",
         default="reasoning",
         choices=sorted(PROMPT_STYLES),
-        help="prompt style: reasoning (prompt opens <think>), reasoning_free, no_reason",
+        help="prompt style: reasoning (prompt opens <think>), reasoning_free, no_reason, compact (the "
+        "quickstart's short answer-only prompt; pubmed_mini), original (pubmed/ctgov)",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")

@@ -11,6 +11,7 @@ Styles:
   reasoning        think in <think>...</think>, answer in <answer>{"query": ...}</answer>; prompt opens <think>
   reasoning_free   same tags, but the model opens <think> itself (for templates that add their own turn text)
   no_reason        answer only: <answer>{"query": ...}</answer>
+  compact          answer only, in a ~40-token instruction (the quickstart's; review questions only)
   original         the original DeepRetrieval text and frame, byte for byte (`build_original_prompt`):
                    no chat template; one raw text of preamble, instruction, `User:` with the PICO,
                    then `Assistant: Let me solve this step by step. \n<think>\n`. Stored whole as
@@ -21,7 +22,9 @@ Styles:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from deepretrieval.rewards.parsing import format_answer
 
 Message = Dict[str, str]
 
@@ -42,6 +45,8 @@ PROMPT_STYLES: Dict[str, PromptStyle] = {
     "reasoning": PromptStyle("reasoning", True, "Let me solve this step by step.\n<think>\n"),
     "reasoning_free": PromptStyle("reasoning_free", True, ""),
     "no_reason": PromptStyle("no_reason", False, ""),
+    # the quickstart's short prompt (`COMPACT_INSTRUCTION`): answer block only, no engine syntax text
+    "compact": PromptStyle("compact", False, ""),
     # the prefix is already inside the stored text (see build_original_prompt); kept here so the
     # reward's format check knows the prompt opened <think>
     "original": PromptStyle("original", True, "Let me solve this step by step. \n<think>\n"),
@@ -120,21 +125,56 @@ TASK_TEXT: Dict[str, Dict[str, str]] = {
     },
 }
 
+# the example answers the prompts show, written by the reward's own writer (rewards.parsing)
+_EXAMPLE_QUERY = "...."
 ANSWER_FORMAT_REASONING = (
     "The Assistant should show his thinking process in <think> </think> tags. The Assistant should "
     "return the final answer in JSON format in <answer> </answer> tags, for example:\n"
-    "<think>\n[thinking process]\n</think>\n<answer>\n{\n    \"query\": \"....\"\n}\n</answer>"
+    + format_answer(_EXAMPLE_QUERY, thinking="[thinking process]", lines=True, indent=4)
 )
 ANSWER_FORMAT_NO_REASON = (
     "The Assistant should return the final answer directly, in JSON format in <answer> </answer> tags, "
-    "without any explanation, for example:\n<answer>\n{\n    \"query\": \"....\"\n}\n</answer>"
+    "without any explanation, for example:\n" + format_answer(_EXAMPLE_QUERY, lines=True, indent=4)
 )
+
+# The `compact` style's whole instruction, per task kind (the quickstart's prompt, ~100 tokens with
+# the input: a 135M model asked for the answer block only). It ends with the task's own input
+# introduction, like the full prompt, so `legacy_task_input_from_prompt` reads both.
+COMPACT_INSTRUCTION: Dict[str, str] = {
+    "review_question": (
+        "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "
+        'AND, OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only '
+        "with " + format_answer("...") + "."
+    ),
+}
 
 
 def get_style(style: str) -> PromptStyle:
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
     return PROMPT_STYLES[style]
+
+
+def style_reasons(extra_info: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a row's prompt asked for reasoning (`<think>` before the answer): its
+    `extra_info.prompt_style`'s; True for a row without a style or with one this version does not
+    know (the original prompts asked for it)."""
+    name = (extra_info or {}).get("prompt_style")
+    return PROMPT_STYLES[name].reasoning if name in PROMPT_STYLES else True
+
+
+def legacy_task_input_from_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """The task input cut back out of a rendered prompt: the text after the last task input
+    introduction in the last user turn (the whole turn, stripped, when it has none).
+
+    For rows written before the task input was stored in `extra_info.task_input` (see
+    `deepretrieval.data.tasks.row_task_input`), and for prompts known only as chat messages."""
+    content = next((m["content"] for m in reversed(list(messages)) if m.get("role") == "user"), "")
+    for text in TASK_TEXT.values():
+        marker = text["input_intro"] + "\n"
+        if marker in content:
+            return content.rsplit(marker, 1)[1].strip()
+    return content.strip()
 
 
 def build_user_content(task_kind: str, task_input: str, engine: str, style: str = "reasoning") -> str:
@@ -144,6 +184,11 @@ def build_user_content(task_kind: str, task_input: str, engine: str, style: str 
     if engine not in ENGINE_SYNTAX:
         raise ValueError(f"unknown engine {engine!r} for prompts; known: {', '.join(ENGINE_SYNTAX)}")
     text = TASK_TEXT[task_kind]
+    if style == "compact":
+        if task_kind not in COMPACT_INSTRUCTION:
+            raise ValueError(f"prompt style 'compact' exists for the task kinds {', '.join(COMPACT_INSTRUCTION)} "
+                             f"only, not {task_kind!r}")
+        return f"{COMPACT_INSTRUCTION[task_kind]}\n\n{text['input_intro']}\n{task_input.strip()}"
     fmt = ANSWER_FORMAT_REASONING if get_style(style).reasoning else ANSWER_FORMAT_NO_REASON
     return (
         f"{text['instruction']}\n\n{ENGINE_SYNTAX[engine]}\n\n{fmt}\n\n"

@@ -6,7 +6,13 @@ Every row follows verl's schema:
     ability       "literature_search"
     reward_model  {"style": "rule", "ground_truth": {"target": [ids], ...}}
     extra_info    {"split", "index", "topic_id", "pub_date", "prompt_style", "assistant_prefix",
-                   "think_in_prompt", "n_targets", ...}
+                   "think_in_prompt", "n_targets", "task_input", "task_kind", "prompt_engine", ...}
+
+`task_input` is the information need as it went into the prompt (the PICO text, review question or
+patient case), `task_kind` and `prompt_engine` the prompt text's other two keys: readers take the
+input from there (`row_task_input`) and `restyle_row` renders the same row in another style.
+Rows written before these keys existed fall back to cutting the input out of the prompt text
+(`prompts.legacy_task_input_from_prompt`).
 
 One function per task turns raw records into rows (registry `TASKS`); `prepare_task` writes
 `train.parquet`, `test.parquet` and a small `val.parquet` (a seeded sample of the test split, as
@@ -59,6 +65,22 @@ def read_jsonl(path: "str | Path") -> List[Dict[str, Any]]:
     return rows
 
 
+def prompt_messages(task_kind: str, engine: str, task_input: str, style: str) -> List[Dict[str, str]]:
+    """The `prompt` column of a row: the chat messages of `task_input` in prompt style `style`."""
+    if style in prompts.RAW_FRAME_STYLES:
+        if task_kind not in ("pico_publication", "pico_trial"):
+            raise ValueError(f"prompt style {style!r} exists for the PICO tasks (pubmed, ctgov) only, not {task_kind!r}")
+        return [{"role": "user", "content": prompts.build_original_prompt(task_input)}]
+    return prompts.build_messages(task_kind, task_input, engine, style)
+
+
+def style_info(style: str) -> Dict[str, Any]:
+    """The `extra_info` keys a row's prompt style sets (the reward's format check reads them)."""
+    prompt_style = prompts.get_style(style)
+    return {"prompt_style": prompt_style.name, "assistant_prefix": prompt_style.assistant_prefix,
+            "think_in_prompt": prompt_style.think_in_prompt}
+
+
 def make_row(
     data_source: str,
     task_kind: str,
@@ -72,22 +94,17 @@ def make_row(
     pub_date: Optional[str] = None,
     extra: Optional[Dict[str, Any]] = None,
 ) -> Row:
-    prompt_style = prompts.get_style(style)
-    if style in prompts.RAW_FRAME_STYLES:
-        if task_kind not in ("pico_publication", "pico_trial"):
-            raise ValueError(f"prompt style {style!r} exists for the PICO tasks (pubmed, ctgov) only, not {task_kind!r}")
-        messages = [{"role": "user", "content": prompts.build_original_prompt(task_input)}]
-    else:
-        messages = prompts.build_messages(task_kind, task_input, engine, style)
+    messages = prompt_messages(task_kind, engine, task_input, style)
     extra_info = {
         "split": split,
         "index": index,
         "topic_id": str(topic_id),
         "pub_date": pub_date,
-        "prompt_style": prompt_style.name,
-        "assistant_prefix": prompt_style.assistant_prefix,
-        "think_in_prompt": prompt_style.think_in_prompt,
+        **style_info(style),
         "n_targets": len(ground_truth["target"]),
+        "task_input": task_input,
+        "task_kind": task_kind,
+        "prompt_engine": engine,
     }
     extra_info.update(extra or {})
     return {
@@ -97,6 +114,40 @@ def make_row(
         "reward_model": {"style": "rule", "ground_truth": ground_truth},
         "extra_info": extra_info,
     }
+
+
+def row_task_input(row: Dict[str, Any]) -> str:
+    """The information need of a verl row, stripped: `extra_info.task_input`, or for rows written
+    before it was stored, the text cut out of the prompt (`prompts.legacy_task_input_from_prompt`)."""
+    extra = row.get("extra_info") or {}
+    stored = extra.get("task_input") if isinstance(extra, dict) else None
+    if isinstance(stored, str):
+        return stored.strip()
+    messages = row.get("prompt") or []
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return prompts.legacy_task_input_from_prompt(messages)
+
+
+def restyle_row(row: Dict[str, Any], style: str) -> Row:
+    """`row` with its prompt (and the style keys of `extra_info`) rendered in prompt style `style`;
+    the row itself when it is in that style already. Needs the keys `make_row` stores (task input,
+    task kind, prompt engine); moving a row into or out of a raw-frame style (`original`, whose
+    PICO text is formatted differently) is refused: prepare the data in that style instead."""
+    extra = dict(row.get("extra_info") or {})
+    current = extra.get("prompt_style")
+    if current == style:
+        return row
+    prompts.get_style(style)  # an unknown style: its own error first
+    if style in prompts.RAW_FRAME_STYLES or current in prompts.RAW_FRAME_STYLES or prompts.is_raw_frame(row):
+        raise ValueError(f"cannot re-render a {current or 'raw-frame'} prompt in style {style!r}: prepare the "
+                         f"data with that style (deepretrieval prepare --style {style})")
+    missing = [k for k in ("task_input", "task_kind", "prompt_engine") if not isinstance(extra.get(k), str)]
+    if missing:
+        raise ValueError(f"row {extra.get('topic_id', '?')} was written without {', '.join(missing)} in "
+                         f"extra_info (an older version): prepare the data again, with --style {style}")
+    messages = prompt_messages(extra["task_kind"], extra["prompt_engine"], extra["task_input"], style)
+    return dict(row, prompt=messages, extra_info=dict(extra, **style_info(style)))
 
 
 def _reindex(rows: List[Row], split: str) -> List[Row]:

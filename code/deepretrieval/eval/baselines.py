@@ -33,9 +33,10 @@ LLM prompting modes (`build_llm_messages`): `zero_shot` (the task prompt as trai
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from deepretrieval.rewards.parsing import format_answer
 
 # ------------------------------------------------------------------------- free text -> OR query
 
@@ -233,11 +234,8 @@ def _guidance_key(data_source: str) -> str:
 
 
 def example_answer(query: str, reasoning: bool = True) -> str:
-    """An assistant turn in the task's answer format (parsed by rewards.parsing.parse_answer)."""
-    body = json.dumps({"query": query}, ensure_ascii=False)
-    if reasoning:
-        return f"<think>\nA reference search for this need.\n</think>\n<answer>\n{body}\n</answer>"
-    return f"<answer>\n{body}\n</answer>"
+    """An assistant turn in the task's answer format (rewards.parsing: format_answer, parse_answer)."""
+    return format_answer(query, thinking="A reference search for this need." if reasoning else None, lines=True)
 
 
 def pick_examples(samples: Sequence[Any], exclude_topic: str, k: int, seed: int = 0) -> List[Any]:

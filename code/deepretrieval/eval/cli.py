@@ -54,6 +54,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     methods.add_argument("--max-prompt-length", type=int, default=1024)
     methods.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     methods.add_argument("--device", default=None, help="torch device for --model (default cuda if available)")
+    methods.add_argument("--prompt-style", default=None,
+                         help="prompt style for --model (default: the one the model was trained with, from its "
+                         "prompt.json; else the data's own). A style other than the trained one is refused")
+    methods.add_argument("--force-prompt-style", action="store_true",
+                         help="evaluate --model with --prompt-style even where it was trained with another")
 
     llm = p.add_argument_group("prompted LLMs (OpenAI-compatible chat completions)")
     llm.add_argument("--llm", action="append", default=[], help="model name at the endpoint; repeatable")
@@ -150,6 +155,7 @@ def build_methods(args: argparse.Namespace, tasks: List[str], pool: List[Any]) -
             path, name=name, backend=args.backend, n=args.n, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size, device=args.device, seed=args.seed,
+            prompt_style=args.prompt_style, force_prompt_style=args.force_prompt_style,
         ))
     if args.llm:
         from deepretrieval.eval.llm_client import ChatClient

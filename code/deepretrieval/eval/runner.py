@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from deepretrieval.data.dataset import plain_python
+from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.metrics import query_metrics
 
@@ -92,18 +93,6 @@ class EvalSample:
 
 
 
-def task_input_from_prompt(messages: Sequence[Mapping[str, str]]) -> str:
-    """The information need inside a task prompt: the text after the task's input introduction."""
-    from deepretrieval.data.prompts import TASK_TEXT
-
-    content = next((m["content"] for m in reversed(list(messages)) if m.get("role") == "user"), "")
-    for text in TASK_TEXT.values():
-        marker = text["input_intro"] + "\n"
-        if marker in content:
-            return content.rsplit(marker, 1)[1].strip()
-    return content.strip()
-
-
 def parse_pico(text: str) -> Optional[Dict[str, str]]:
     """`P: ...\\nI: ...` -> {"P": ..., ...}, or None when the text is not a PICO block."""
     fields = dict(re.findall(r"^([PICO]):\s*(.*)$", text, flags=re.M))
@@ -138,7 +127,7 @@ def _example_query(sample: EvalSample) -> Optional[str]:
 
 def sample_from_row(row: Mapping[str, Any]) -> EvalSample:
     """A verl parquet row -> EvalSample (joins the vendored topic record by `extra_info.topic_id`)."""
-    from deepretrieval.data.tasks import judgements_from_ground_truth
+    from deepretrieval.data.tasks import judgements_from_ground_truth, row_task_input
 
     from deepretrieval.data.dataset import row_extra_info
 
@@ -148,7 +137,7 @@ def sample_from_row(row: Mapping[str, Any]) -> EvalSample:
     extra = row.get("extra_info") or {}
     gt = (row.get("reward_model") or {}).get("ground_truth") or {}
     topic_id = str(extra.get("topic_id", extra.get("index", "")))
-    need = task_input_from_prompt(row.get("prompt") or [])
+    need = row_task_input(row)
     sample = EvalSample(
         task=task,
         topic_id=topic_id,
@@ -215,6 +204,7 @@ class Generation:
     # whether the prompt opened <think> for the model (None: the row's extra_info says); an API
     # chat model gets no assistant prefix, so it writes its own <think>
     think_in_prompt: Optional[bool] = None
+    reasoning: Optional[bool] = None  # whether the prompt asked for <think> (None: the row's style says)
 
 
 def split_reasoning(text: str) -> str:
@@ -301,7 +291,7 @@ class LLMMethod(QueryMethod):
                 self._warned.add(sample.task)
                 logger.warning("%s: only %d few-shot examples with a reference query for task %s (wanted %d)",
                                self.name, len(examples), sample.task, self.shots)
-        reasoning = sample.extra_info.get("prompt_style") != "no_reason"
+        reasoning = style_reasons(sample.extra_info)
         return baselines.build_llm_messages(sample, self.mode, examples, reasoning=reasoning)
 
     def generate(self, samples: Sequence[EvalSample]) -> List[List[Generation]]:
@@ -507,7 +497,7 @@ def score_generation(
         think_in_prompt = gen.think_in_prompt
         if think_in_prompt is None:
             think_in_prompt = bool(sample.extra_info.get("think_in_prompt"))
-        reasoning = sample.extra_info.get("prompt_style") != "no_reason"
+        reasoning = gen.reasoning if gen.reasoning is not None else style_reasons(sample.extra_info)
         rec["response"] = gen.text
         rec["reasoning"] = split_reasoning(gen.text)
         rec["format_ok"] = check_format(gen.text, think_in_prompt=think_in_prompt, reasoning=reasoning)[0]
@@ -664,6 +654,12 @@ class ModelMethod(QueryMethod):
     """A (trained) query writer: a HF model folder or trainer checkpoint, prompted with the task's
     own prompt (chat template + assistant prefix, exactly as in training: data.dataset.RLHFDataset).
 
+    The prompt is the one the model was trained with: its `prompt.json` (written by the trainer,
+    trainer.checkpoint) names the prompt style and the data settings that shape the input, and each
+    sample's row is re-rendered in that style (data.tasks.restyle_row). `prompt_style` asks for a
+    style explicitly; one that differs from the stored style is refused unless `force_prompt_style`
+    (trainer.checkpoint.choose_prompt_style). Without either, the rows are used as prepared.
+
     Backends: `hf` generates with the trainer's rollout (workers.rollout.HFRollout) in batches on
     CPU or GPU; `vllm` uses vllm.LLM when the package is importable; `auto` picks vllm when
     importable and a GPU is present, else hf. Greedy (n=1, temperature 0) by default; n > 1 samples
@@ -684,8 +680,17 @@ class ModelMethod(QueryMethod):
         device: Optional[str] = None,
         dtype: str = "auto",
         seed: int = 0,
+        prompt_style: Optional[str] = None,
+        force_prompt_style: bool = False,
     ):
+        from deepretrieval.trainer.checkpoint import choose_prompt_style, read_prompt_settings
+
         self.model_dir = resolve_model_dir(model_path)
+        self.prompt_settings = read_prompt_settings(self.model_dir) or {}
+        self.prompt_style = choose_prompt_style(self.prompt_settings, prompt_style, force_prompt_style,
+                                                model=str(model_path))
+        if self.prompt_style is not None:
+            get_style(self.prompt_style)  # an unknown style fails here, not at the first chunk
         self.name = name or _slug(Path(model_path).name)
         self.n = max(1, int(n))
         self.temperature = float(temperature) if self.n > 1 else 0.0
@@ -710,6 +715,7 @@ class ModelMethod(QueryMethod):
             "name": self.name, "kind": "model", "path": str(self.model_dir.resolve()), "weights": stamp,
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+            **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
         }
 
     # -- loading ---------------------------------------------------------------------------
@@ -735,16 +741,26 @@ class ModelMethod(QueryMethod):
 
         from deepretrieval.data.dataset import RLHFDataset
 
+        from deepretrieval.data.tasks import restyle_row
+
+        rows = [s.row if self.prompt_style is None else restyle_row(s.row, self.prompt_style) for s in samples]
+        # the chat-template switch and prefix override the model was trained with (prompt.json)
+        trained = {k: self.prompt_settings[k] for k in ("apply_chat_template", "assistant_prefix")
+                   if self.prompt_settings.get(k) is not None}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "rows.parquet"
-            pd.DataFrame([s.row for s in samples]).to_parquet(path, index=False)
+            pd.DataFrame(rows).to_parquet(path, index=False)
             return RLHFDataset(str(path), tokenizer, {"max_prompt_length": self.max_prompt_length,
-                                                      "truncation": "left"})
+                                                      "truncation": "left", **trained})
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, samples: Sequence[EvalSample]) -> List[List[Generation]]:
         texts = self._generate_vllm(samples) if self.backend == "vllm" else self._generate_hf(samples)
-        return [[Generation(text=t) for t in texts[i * self.n : (i + 1) * self.n]] for i in range(len(samples))]
+        style: Dict[str, Any] = {}
+        if self.prompt_style is not None:  # the format check follows the style the model was prompted in
+            s = get_style(self.prompt_style)
+            style = {"think_in_prompt": s.think_in_prompt, "reasoning": s.reasoning}
+        return [[Generation(text=t, **style) for t in texts[i * self.n : (i + 1) * self.n]] for i in range(len(samples))]
 
     def _generate_hf(self, samples: Sequence[EvalSample]) -> List[str]:
         import torch

@@ -406,8 +406,11 @@ def prepare_sample(
     config: RewardConfig,
 ) -> PreparedSample:
     source = config.source(data_source)
-    # reasoning unless the source says otherwise or the row was prepared with the no_reason style
-    reasoning_default = not (extra_info and extra_info.get("prompt_style") == "no_reason")
+    # reasoning unless the source says otherwise or the row's prompt style asks for the answer only
+    # (imported here, not at the top: data.prompts imports rewards.parsing, and so this package)
+    from deepretrieval.data.prompts import style_reasons
+
+    reasoning_default = style_reasons(extra_info)
     reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
     think_in_prompt = _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
     parsed = parse_answer_strict(solution_str) if source.strict_json else parse_answer(solution_str)

@@ -19,6 +19,9 @@ The format check (`check_format`) wants each tag exactly once and in order
 `<think> < </think> < <answer> < </answer>`; when the prompt itself opened `<think>`
 (`think_in_prompt`), that tag is counted as if the response had written it, so a response that
 writes a second `<think>` fails. Without reasoning (`reasoning=False`) only the answer tags count.
+
+`format_answer` writes the format this module reads; every writer (the prompts' examples, the
+warm-up targets, the few-shot turns) calls it, so the format is spelled once.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ class ParsedAnswer:
     error: str
     answer_text: Optional[str] = None
     detail: str = ""
+
+
+def format_answer(query: str, thinking: Optional[str] = None, lines: bool = False,
+                  indent: Optional[int] = None) -> str:
+    """A response in the answer format `parse_answer` reads: `<answer>{"query": "..."}</answer>`.
+
+    `thinking`: text of a `<think>` block written before the answer (None: no block). `lines`: each
+    tag on a line of its own (`<answer>\\n{...}\\n</answer>`). `indent`: the JSON object's indent
+    (as `json.dumps`; None: on one line). Non-ASCII characters are written as they are.
+    """
+    body = json.dumps({"query": query}, ensure_ascii=False, indent=indent)
+    nl = "\n" if lines else ""
+    think = "" if thinking is None else f"{THINK_OPEN}{nl}{thinking}{nl}{THINK_CLOSE}{nl}"
+    return f"{think}{ANSWER_OPEN}{nl}{body}{nl}{ANSWER_CLOSE}"
 
 
 def extract_answer_block(text: str) -> Optional[str]:

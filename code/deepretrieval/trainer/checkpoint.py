@@ -8,6 +8,8 @@ Layout of `trainer.default_local_dir` (verl's names):
                           model and `lora_adapter/` the adapter in peft's format
         critic/           same for the value model
         trainer_state.pt  global step, dataloader position, KL-controller state, driver RNG state
+        prompt.json       how the policy was prompted (style, data sources, chat template, prefix,
+                          prompt length): also in `actor/huggingface/`; evaluation prompts that way
         COMPLETE.json     the completion marker, written last: size and CRC-32 of every other file
     latest_checkpointed_iteration.txt   the step number of the newest complete checkpoint
 
@@ -297,3 +299,92 @@ def save_trainer_state(folder: Path, state: Dict[str, Any]) -> None:
 def load_trainer_state(folder: Path) -> Dict[str, Any]:
     # weights_only=False: the state holds numpy RNG tuples and plain python objects we wrote ourselves
     return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------- how the policy was prompted
+
+# Written into every checkpoint (`global_step_N/`) and its HF export (`actor/huggingface/`) by the
+# trainer; evaluation (deepretrieval.eval) renders prompts the way it says.
+PROMPT_FILE = "prompt.json"
+HF_EXPORT_DIR = "actor/huggingface"  # the actor's Hugging Face folder inside a checkpoint
+PROMPT_FILE_VERSION = 1
+# the data settings that change the text or the tokens of a prompt (deepretrieval.data.dataset)
+PROMPT_DATA_KEYS = ("prompt_key", "apply_chat_template", "assistant_prefix", "max_prompt_length", "truncation")
+
+
+def prompt_settings(rows: Sequence[Dict[str, Any]], data_config: Dict[str, Any]) -> Dict[str, Any]:
+    """What a policy's input depended on during training, from the training rows (each row's
+    `extra_info` as the dataset completes it) and the dataset's data settings: the prompt style
+    (`prompt_style`: the one style of every row, None when they mix styles or have none;
+    `prompt_styles`: every style seen), the data sources, and the settings of `PROMPT_DATA_KEYS` (`assistant_prefix`:
+    the override of every row's own prefix, None when the rows' own were used)."""
+    from deepretrieval.data.dataset import row_extra_info
+
+    styles, sources = set(), set()
+    for row in rows:
+        styles.add(row_extra_info(row).get("prompt_style"))
+        sources.add(str(row.get("data_source")))
+    return {
+        "version": PROMPT_FILE_VERSION,
+        "prompt_style": next(iter(styles)) if len(styles) == 1 else None,
+        "prompt_styles": sorted(str(style) for style in styles if style),
+        "data_sources": sorted(sources),
+        **{key: data_config.get(key) for key in PROMPT_DATA_KEYS},
+    }
+
+
+def write_prompt_settings(folder: os.PathLike, settings: Dict[str, Any]) -> Path:
+    """`settings` as `<folder>/prompt.json` (atomically); returns the path."""
+    path = Path(folder) / PROMPT_FILE
+    _write_atomic(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_prompt_settings(folder: os.PathLike) -> Optional[Dict[str, Any]]:
+    """The prompt settings stored in a model folder or checkpoint (`prompt.json`); None when it has
+    none (a model not trained here, or a checkpoint of an older version). An unreadable file is an
+    error (IncompleteCheckpoint), not a silent fallback to other prompts."""
+    path = Path(folder) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IncompleteCheckpoint(f"unreadable {path} ({exc})") from None
+    if not isinstance(settings, dict):
+        raise IncompleteCheckpoint(f"{path} does not hold a JSON object")
+    return settings
+
+
+def save_prompt_settings(folder: os.PathLike, dataset: Any) -> Dict[str, Any]:
+    """Write the prompt settings of a training `dataset` (an RLHFDataset: its `rows` and `config`)
+    into the checkpoint `folder` and into its HF export (`actor/huggingface/`) when there is one,
+    so the exported model carries them too; returns them."""
+    settings = prompt_settings(getattr(dataset, "rows", None) or [], dict(getattr(dataset, "config", None) or {}))
+    folder = Path(folder)
+    write_prompt_settings(folder, settings)
+    if (folder / HF_EXPORT_DIR).is_dir():
+        write_prompt_settings(folder / HF_EXPORT_DIR, settings)
+    return settings
+
+
+def choose_prompt_style(settings: Optional[Dict[str, Any]], requested: Optional[str] = None, force: bool = False,
+                        model: str = "the model") -> Optional[str]:
+    """The prompt style to evaluate a model with, given its stored `settings` (`read_prompt_settings`)
+    and an explicitly `requested` style: the requested one if the model has no settings or was
+    trained with it (or `force`), else the stored one; None when neither says (the evaluation rows
+    are used as prepared). Raises ValueError for a requested style the model was not trained with
+    (unless `force`), and for a model trained on several styles when none is requested."""
+    trained = (settings or {}).get("prompt_style")
+    known = list((settings or {}).get("prompt_styles") or ([trained] if trained else []))
+    if requested is not None:
+        if known and requested not in known and not force:
+            raise ValueError(
+                f"{model} was trained with prompt style {' and '.join(map(repr, known))} ({PROMPT_FILE}), not "
+                f"{requested!r}: leave the prompt style unset to prompt it as it was trained, or force "
+                f"{requested!r} (--force-prompt-style) to evaluate it with prompts it never saw")
+        return requested
+    if trained is None and len(known) > 1:
+        raise ValueError(f"{model} was trained on prompts of several styles ({', '.join(known)}; {PROMPT_FILE}): "
+                         "choose one (--prompt-style)")
+    return trained

@@ -48,6 +48,7 @@ from deepretrieval.trainer.checkpoint import (
     CheckpointManager,
     get_rng_state,
     load_trainer_state,
+    save_prompt_settings,
     save_trainer_state,
     set_rng_state,
 )
@@ -327,6 +328,7 @@ class PPOTrainer:
             self.actor_wg.save_checkpoint(str(tmp / "actor"), save_hf=bool(self.config.trainer.save_hf_model))
             if self.critic_wg is not None:
                 self.critic_wg.save_checkpoint(str(tmp / "critic"))
+            save_prompt_settings(tmp, self.train_dataset)
             save_trainer_state(tmp, {
                 "global_step": self.global_step,
                 "loader": self.loader.state_dict(),

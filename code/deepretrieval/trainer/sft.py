@@ -3,7 +3,8 @@
 A small instruct model asked for `<answer>{"query": "..."}</answer>` usually answers with
 something else (prose, invented records), so every rollout scores the format penalty and RL has
 no signal to follow. A few optimiser steps of supervised fine-tuning on (prompt, answer) pairs
-teach the tags; RL then learns which query finds the studies.
+teach the tags; RL then learns which query finds the studies. Targets in the answer format are
+written with `deepretrieval.rewards.parsing.format_answer`.
 
 Loss (the usual causal-LM SFT objective, prompt tokens masked):
 
@@ -40,11 +41,6 @@ class SFTExample:
 
     prompt: str
     target: str
-
-
-def answer_text(query: str) -> str:
-    """The answer block the literature reward parses: `<answer>{"query": "..."}</answer>`."""
-    return "<answer>" + json.dumps({"query": query}, ensure_ascii=False) + "</answer>"
 
 
 def tokenize_example(tokenizer: Any, example: SFTExample, max_length: int) -> Tuple[List[int], List[int]]:

@@ -8,8 +8,10 @@
 # TASK   pubmed_mini (default) | trials_sigir | pubmed | ctgov  (pubmed/ctgov search the live APIs, K=3000)
 # OUT    output folder (default outputs/eval/<TASK>/<model folder name>)
 #
-# Environment knobs: DATA=path/to/test.parquet (instead of the task's own split; must be prepared
-# with the same prompt style the model was trained on), N=queries per topic (default 1 = greedy),
+# The model is prompted as it was trained: the trainer's checkpoint (and its HF export) holds
+# prompt.json with the prompt style, and the task's rows are rendered in that style.
+#
+# Environment knobs: DATA=path/to/test.parquet (instead of the task's own split), N=queries per topic (default 1 = greedy),
 # TEMPERATURE (when N>1), BACKEND=auto|hf|vllm, BATCH_SIZE, MAX_NEW_TOKENS, K (cut-off),
 # BASELINES="all" (or "" to skip them), EXTRA="more deepretrieval eval flags".
 # Re-running the same command resumes an interrupted evaluation.

