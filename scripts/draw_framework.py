@@ -1,6 +1,6 @@
 """Draw images/framework.png: the training loop and its parts, read from the code itself.
 
-The phases of one step are the `_timer("...")` sections of the trainer's step, in source order;
+The phases of one step are the `marked_timer("...")` sections of `ppo_step`, in source order;
 the engines come from `deepretrieval.search.ENGINES` and the advantage estimators from the
 algorithms registry, so the picture changes when the code does.
 
@@ -27,7 +27,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 from deepretrieval.algorithms import ADV_ESTIMATORS  # noqa: E402
 from deepretrieval.search import ENGINES  # noqa: E402
 
-TRAINER = ROOT / "code" / "deepretrieval" / "trainer" / "ppo_trainer.py"
+STEP = ROOT / "code" / "deepretrieval" / "trainer" / "step.py"
 
 # Which worker group owns each phase (the driver owns the rest).
 OWNER = {
@@ -60,9 +60,9 @@ COLOURS = {
 }
 
 
-def step_phases(source: Path = TRAINER) -> List[str]:
-    """Names of the `_timer("name", ...)` blocks in the trainer, in source order, without the
-    outer "step" timer and the periodic ones (testing, checkpoint)."""
+def step_phases(source: Path = STEP) -> List[str]:
+    """Names of the `marked_timer("name", ...)` blocks of the step, in source order, without the
+    outer "step" timer."""
     tree = ast.parse(source.read_text())
     names = []
     for node in ast.walk(tree):
@@ -71,7 +71,7 @@ def step_phases(source: Path = TRAINER) -> List[str]:
                 call = item.context_expr
                 if (
                     isinstance(call, ast.Call)
-                    and getattr(call.func, "id", None) == "_timer"
+                    and getattr(call.func, "id", None) == "marked_timer"
                     and call.args
                     and isinstance(call.args[0], ast.Constant)
                 ):

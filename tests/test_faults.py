@@ -203,20 +203,20 @@ def _search_down_run(assets, tmp_path, monkeypatch, server, plan, **extra):
     """An in-process run whose rollout answers with a query of the question's words and whose
     pubmed_mini source searches the flaky fake; `plan(step)` sets the server up before each step."""
     from deepretrieval.models.tiny import load_tiny_tokenizer
-    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+    from deepretrieval.trainer import ppo_trainer
     from deepretrieval.workers.rollout import hf
 
     def answer(question):
         return [f'p</think>\n<answer>{{"query": "{words_query(question)}"}}</answer>']
 
     monkeypatch.setattr(hf.HFRollout, "generate_sequences", scripted_rollout(load_tiny_tokenizer(), answer))
-    original = PPOTrainer._step
+    original = ppo_trainer.ppo_step
 
-    def step(self, batch):
-        plan(self.global_step + 1)
-        return original(self, batch)
+    def step(batch, done, *args):
+        plan(done + 1)
+        return original(batch, done, *args)
 
-    monkeypatch.setattr(PPOTrainer, "_step", step)
+    monkeypatch.setattr(ppo_trainer, "ppo_step", step)
     out = tmp_path / "run"
     args = overrides(assets, out, **{
         "trainer.use_ray": False, "trainer.n_gpus_per_node": 1, "trainer.val_before_train": False,

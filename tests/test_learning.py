@@ -1,4 +1,5 @@
-"""The single-process PPO loop learns on CPU (tiny random Qwen2, automatic reward).
+"""The production PPO step (`trainer.step.ppo_step`, the one the Ray trainer runs) learns on CPU,
+driven over in-process workers (`trainer.single_process`; tiny random Qwen2, automatic reward).
 
 Task: "write capitalised words". Reward = fraction of the response's tokens whose first visible
 character is an upper-case letter. The class holds ~7% of the tiny vocabulary, so a random policy
@@ -90,7 +91,8 @@ def test_loop_argument_checks():
 
 
 def test_loop_accepts_iterables_dict_rewards_and_stops_early():
-    """Prompts as a list of Batches (cycled), a RewardManager-style dict reward, on_step early stop."""
+    """Prompts as a list of Batches (cycled), a RewardManager-style dict reward (its search_unavailable
+    flags reach the step), on_step early stop."""
     actor, rollout, prompts, _, _, _ = _setup("grpo")
     actor.config["use_kl_loss"] = False
     halves = [prompts[:4], prompts[4:]]
@@ -100,10 +102,11 @@ def test_loop_accepts_iterables_dict_rewards_and_stops_early():
         seen_lengths.append(len(batch))
         tensor = torch.zeros_like(batch.batch["responses"], dtype=torch.float32)
         tensor[:, 0] = 1.0
-        return {"reward_tensor": tensor, "reward_extra_info": {}}
+        return {"reward_tensor": tensor, "reward_extra_info": {"search_unavailable": [i == 0 for i in range(len(batch))]}}
 
     history = run_ppo_steps(actor, rollout, halves, reward, num_steps=10, adv_estimator="grpo",
                             on_step=lambda step, metrics: step == 2)
     assert len(history) == 3 and seen_lengths == [16, 16, 16]  # 4 prompts x n=4, stopped after step 2
     assert all(h["critic/score/mean"] == 1.0 for h in history)
     assert all(h["critic/advantages/max"] == 0.0 for h in history)  # equal scores in a group: no signal
+    assert all(h["train/search_unavailable_samples"] == 1.0 for h in history)  # left out, as in production

@@ -144,16 +144,14 @@ def test_trainer_balance_batch_reorders_samples_with_their_fields():
     import numpy as np
 
     from deepretrieval.protocol import Batch
-    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+    from deepretrieval.trainer.step import balance_batch
 
     mask = torch.zeros(4, 10, dtype=torch.long)
     for i, n in enumerate([10, 9, 2, 1]):
         mask[i, :n] = 1
     batch = Batch.from_dict({"attention_mask": mask, "x": torch.arange(4)},
                             non_tensors={"uid": np.array(list("abcd"), dtype=object)})
-    trainer = PPOTrainer.__new__(PPOTrainer)  # only world_size is used
-    trainer.world_size = 2
-    metrics = trainer._balance_batch(batch)
+    metrics = balance_batch(batch, 2)
     assert metrics["train/dp_token_imbalance_before"] == pytest.approx(19 / 11)
     assert metrics["train/dp_token_imbalance"] == pytest.approx(1.0)
     assert list(batch.non_tensor_batch["uid"]) == ["abcd"[int(i)] for i in batch.batch["x"]]

@@ -37,7 +37,7 @@ def test_to_scalars_averages_tensors_and_drops_text():
 def test_console_line_shows_headline_metrics():
     line = ConsoleBackend(write=lambda s: None).format(
         {"critic/score/mean": 1.23456, "actor/pg_loss": 1e-7, "val/pubmed_mini/recall_mean": 0.5,
-         "val/pubmed_mini/format_error_ratio": 0.1, "timing/step": 2.0}, step=7)
+         "val/pubmed_mini/format_error_ratio": 0.1, "timing_s/step": 2.0}, step=7)
     assert line == "step 7 | score 1.235 | pg_loss 1.000e-07 | step_s 2 | val/pubmed_mini/recall_mean 0.5"
 
 

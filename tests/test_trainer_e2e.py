@@ -3,7 +3,6 @@ local pubmed_mini engine as reward), validation, checkpoints, resume, HF export;
 the `search_unavailable` exclusion."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ def test_ray_fsdp2_train_validate_checkpoint_resume_export(assets, tmp_path):
     # validation before training (step 0) and at steps 2 and 4, per data source
     val_steps = [r["step"] for r in rows_a if "val/pubmed_mini/recall_mean" in r]
     assert val_steps == [0, 2, 4]
-    for key in ("timing/gen", "timing/reward", "timing/update_actor", "timing/update_critic", "perf/throughput",
+    for key in ("timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/update_critic", "perf/throughput",
                 "perf/max_memory_rss_gb", "critic/score/mean", "actor/pg_loss", "critic/vf_loss",
                 "actor/reward_kl_penalty", "reward/pubmed_mini/recall_mean"):
         assert key in steps_a[4], key
@@ -118,18 +117,17 @@ def test_search_unavailable_samples_are_left_out_of_the_update():
     from omegaconf import OmegaConf
 
     from deepretrieval.protocol import Batch
-    from deepretrieval.trainer import ppo_core
-    from deepretrieval.trainer.ppo_trainer import PPOTrainer
+    from deepretrieval.trainer.step import compute_advantage_leaving_out, place_outcome_reward
 
     cfg = OmegaConf.create({"algorithm": {"adv_estimator": "grpo", "gamma": 1.0, "lam": 1.0,
                                           "norm_adv_by_std_in_grpo": True}})
     mask = torch.ones(6, 3, dtype=torch.long)
     scores = torch.tensor([1.0, 3.0, 5.0, 0.0, 2.0, 4.0])
     batch = Batch.from_dict({"response_mask": mask.clone(),
-                             "token_level_rewards": ppo_core.place_outcome_reward(scores, mask)},
+                             "token_level_rewards": place_outcome_reward(scores, mask)},
                             {"uid": np.array(["a", "a", "a", "b", "b", "b"], dtype=object)})
     unavailable = torch.tensor([False, False, False, True, False, False])
-    out = PPOTrainer._advantages(SimpleNamespace(config=cfg), batch, unavailable)
+    out = compute_advantage_leaving_out(batch, unavailable, cfg.algorithm)
     adv = out.batch["advantages"][:, 0]
     # group a: scores 1,3,5 -> mean 3, std 2 ; group b without the flagged sample: 2,4 -> mean 3, std sqrt(2)
     expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, -1 / 2 ** 0.5, 1 / 2 ** 0.5])

@@ -4,7 +4,7 @@ Every function is a pure tensor function (no module state, no I/O). Shapes: ``B`
 ``R`` response tokens. ``response_mask`` is 1 on tokens the policy generated and is trained on
 (through EOS inclusive) and 0 on right padding and on masked-out tokens inside a response (e.g.
 text returned by a tool). Outcome rewards sit on the last valid response token
-(:func:`deepretrieval.trainer.ppo_core.place_outcome_reward`).
+(:func:`deepretrieval.trainer.step.place_outcome_reward`).
 
 Notation used in the docstrings: r_t token reward, V_t value, m_t response mask,
 \gamma discount, \lambda GAE parameter, s = sum_t r_t the sequence score, g(i) the group

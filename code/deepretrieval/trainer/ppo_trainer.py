@@ -1,13 +1,8 @@
 """The PPO fit loop on a single controller (this process) driving worker groups.
 
-One step (verl's order):
-    generate (n samples per prompt) -> reward (search + recall) -> old log-probs -> reference
-    log-probs -> values -> KL penalty + advantages (here, pure functions) -> critic update ->
-    actor update -> the rollout engine sees the new weights (HF rollout shares the actor's module)
-Samples whose search was unavailable (`search_unavailable`, the service's fault, not the model's)
-are left out of the update: advantages are computed without them and their response mask is
-zeroed, so they add nothing to any loss while the batch keeps the shape the batch arithmetic
-promised every worker.
+Each training step is `deepretrieval.trainer.step.ppo_step` (the order of one step, and how samples
+whose search was unavailable are left out of the update, are described there), driving this
+trainer's worker groups: on Ray (`trainer.use_ray`) or in this process.
 
 Validation (greedy by default, `rollout.val_kwargs`) runs before training (`val_before_train`),
 every `test_freq` steps and after the last step, and reports the reward metrics per data source as
@@ -34,7 +29,6 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -43,7 +37,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deepretrieval.protocol import Batch
-from deepretrieval.trainer import ppo_core
 from deepretrieval.trainer.checkpoint import (
     CheckpointManager,
     get_rng_state,
@@ -54,16 +47,11 @@ from deepretrieval.trainer.checkpoint import (
 )
 from deepretrieval.trainer.config import ConfigError, resolve_device, to_plain, uses_critic, uses_reference, world_size
 from deepretrieval.trainer.faults import RunFailed, is_restartable, skipped_steps_error
+from deepretrieval.trainer.metrics import marked_timer
+from deepretrieval.trainer.step import ppo_step
 from deepretrieval.trainer.tracking import Tracking
-from deepretrieval.workers.rollout.mismatch import batch_mismatch_metrics
 
 logger = logging.getLogger(__name__)
-
-# batch keys each worker call needs (only these travel to the workers)
-LOG_PROB_KEYS = ["responses", "input_ids", "attention_mask", "position_ids"]
-ACTOR_UPDATE_KEYS = LOG_PROB_KEYS + ["response_mask", "old_log_probs", "advantages"]
-CRITIC_UPDATE_KEYS = LOG_PROB_KEYS + ["response_mask", "values", "returns"]
-
 
 # ------------------------------------------------------------------------------------------------
 # data order
@@ -131,12 +119,6 @@ def load_custom_reward_fn(path: Optional[str], name: str = "compute_score") -> O
     if not hasattr(module, name):
         raise AttributeError(f"custom_reward_function.name {name!r} not found in {path}")
     return getattr(module, name)
-
-
-@contextmanager
-def _timer(name: str, timings: Dict[str, float]) -> Iterator[None]:
-    with ppo_core.marked_timer(name, timings):
-        yield
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,115 +396,6 @@ class PPOTrainer:
             logger.info("[val sample] score=%.3f %r", score, text[:300])
         return metrics
 
-    # ---------------------------------------------------------------------------- one step
-    def _step(self, batch: Batch) -> Dict[str, float]:
-        cfg = self.config
-        metrics: Dict[str, float] = {}
-        timings: Dict[str, float] = {}
-        n = int(cfg.actor_rollout_ref.rollout.n)
-        with _timer("step", timings):
-            batch.non_tensor_batch["uid"] = np.array([f"s{self.global_step}_{i}" for i in range(len(batch))], dtype=object)
-            batch.meta_info.update({"seed": int(cfg.trainer.seed) * 1_000_003 + self.global_step, "validate": False})
-            with _timer("gen", timings):
-                batch = self.actor_wg.generate_sequences(batch)
-            batch.meta_info.pop("timing_gen_worker_s", None)
-            if cfg.trainer.balance_batch and self.world_size > 1:
-                metrics.update(self._balance_batch(batch))
-            batch.meta_info["global_token_num"] = batch.batch["attention_mask"].sum(-1).tolist()
-
-            with _timer("reward", timings):
-                reward = self.reward_fn(batch, return_dict=True)
-            batch.batch["token_level_scores"] = reward["reward_tensor"].to(torch.float32)
-            metrics.update(reward.get("metrics", {}))
-            flags = reward.get("reward_extra_info", {}).get("search_unavailable") or [False] * len(batch)
-            unavailable = torch.tensor([bool(f) for f in flags], dtype=torch.bool)
-            metrics["train/search_unavailable_samples"] = float(unavailable.sum())
-
-            meta = {"temperature": batch.meta_info.get("temperature", 1.0)}
-            with _timer("old_log_prob", timings):
-                lp = self.actor_wg.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
-            batch = batch.union(lp)
-            metrics.update(batch_mismatch_metrics(batch))  # vLLM rollout: engine vs actor log-probs
-            if "entropys" in batch.tensor_keys:
-                ent = batch.batch["entropys"]
-                mask = batch.batch["response_mask"].float()
-                metrics["actor/entropy_rollout"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
-            if self.use_reference:
-                with _timer("ref", timings):
-                    ref = self.actor_wg.compute_ref_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
-                batch = batch.union(ref)
-            if self.use_critic:
-                with _timer("values", timings):
-                    values = self.critic_wg.compute_values(batch.select(batch_keys=LOG_PROB_KEYS + ["response_mask"]))
-                batch = batch.union(values)
-
-            with _timer("adv", timings):
-                if cfg.algorithm.use_kl_in_reward:
-                    batch, kl_metrics = ppo_core.apply_kl_penalty(batch, self.kl_ctrl, kl_penalty=cfg.algorithm.kl_penalty)
-                    metrics.update(kl_metrics)
-                else:
-                    batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
-                batch = self._advantages(batch, unavailable)
-
-            trainable = bool((~unavailable).any())
-            metrics["train/step_skipped"] = 0.0 if trainable else 1.0
-            if not trainable:
-                logger.warning("step %d: every search was unavailable; no update this step (skipped)", self.global_step + 1)
-            if self.use_critic and trainable:
-                with _timer("update_critic", timings):
-                    metrics.update(self.critic_wg.update_critic(batch.select(batch_keys=CRITIC_UPDATE_KEYS)))
-            if trainable and self.global_step >= int(cfg.trainer.critic_warmup):
-                keys = ACTOR_UPDATE_KEYS + (["ref_log_prob"] if cfg.actor_rollout_ref.actor.use_kl_loss else [])
-                with _timer("update_actor", timings):
-                    metrics.update(self.actor_wg.update_actor(batch.select(batch_keys=keys, meta_info_keys=list(meta))))
-        metrics.update(ppo_core.compute_data_metrics(batch, use_critic=self.use_critic))
-        metrics.update({f"timing/{k}": v for k, v in timings.items()})
-        metrics.update(ppo_core.compute_timing_metrics(batch, timings))
-        metrics.update(ppo_core.compute_throughput_metrics(batch, timings, n_gpus=self.world_size))
-        metrics["train/rollout_n"] = float(n)
-        return metrics
-
-    def _balance_batch(self, batch: Batch) -> Dict[str, float]:
-        """Reorder `batch` in place so each data-parallel worker's contiguous share holds about the
-        same number of valid tokens (verl's `_balance_batch`); uids travel with their samples, so
-        group-based advantages are unaffected."""
-        from deepretrieval.workers.seqbalance import dp_balanced_order
-
-        lens = batch.batch["attention_mask"].sum(-1)
-
-        def spread(x: torch.Tensor) -> float:
-            loads = x.view(self.world_size, -1).sum(-1).float()
-            return float(loads.max() / loads.mean().clamp(min=1))
-
-        before = spread(lens)
-        order = dp_balanced_order(lens.tolist(), self.world_size)
-        batch.reorder(order)
-        return {"train/dp_token_imbalance_before": before,
-                "train/dp_token_imbalance": spread(batch.batch["attention_mask"].sum(-1))}
-
-    def _advantages(self, batch: Batch, unavailable: torch.Tensor) -> Batch:
-        """Advantages over the samples whose search answered; the others get zero advantage and a
-        zero response mask (left out of every loss)."""
-        alg = self.config.algorithm
-        kwargs = dict(adv_estimator=alg.adv_estimator, gamma=float(alg.gamma), lam=float(alg.lam),
-                      norm_adv_by_std_in_grpo=bool(alg.norm_adv_by_std_in_grpo))
-        if not bool(unavailable.any()):
-            return ppo_core.compute_advantage(batch, **kwargs)
-        keep = torch.nonzero(~unavailable).squeeze(-1)
-        mask = batch.batch["response_mask"].clone()
-        adv = torch.zeros_like(batch.batch["token_level_rewards"], dtype=torch.float32)
-        ret = torch.zeros_like(adv)
-        if keep.numel():
-            sub = batch[keep.tolist()]
-            sub = ppo_core.compute_advantage(sub, **kwargs)
-            adv[keep] = sub.batch["advantages"].to(adv.dtype)
-            ret[keep] = sub.batch["returns"].to(ret.dtype)
-        mask[unavailable] = 0
-        batch.batch["advantages"] = adv
-        batch.batch["returns"] = ret
-        batch.batch["response_mask"] = mask
-        return batch
-
     # ---------------------------------------------------------------------------- fit
     def fit(self) -> Dict[str, float]:
         """Train until `total_training_steps`; returns the metrics of the last step. Worker failures
@@ -606,7 +479,8 @@ class PPOTrainer:
                 epoch = self.loader.epoch if self.loader.batch_in_epoch < len(self.loader) else self.loader.epoch + 1
                 batch = Batch.from_single_dict(self.loader.next_batch())
                 self._running_step, self._phase = self.global_step + 1, "training"
-                metrics = self._step(batch)
+                metrics = ppo_step(batch, self.global_step, self.actor_wg, self.critic_wg, self.reward_fn,
+                                   self.config, self.kl_ctrl)
                 self.global_step += 1
                 last_step = self.global_step >= self.total_training_steps
                 metrics["train/epoch"] = float(epoch)
@@ -618,14 +492,14 @@ class PPOTrainer:
                 metrics["train/worker_restarts"] = float(restarts)
                 if self.val_dataset is not None and (last_step or (t.test_freq > 0 and self.global_step % t.test_freq == 0)):
                     self._phase = "validation"
-                    with _timer("testing", timings := {}):
+                    with marked_timer("testing", timings := {}):
                         metrics.update(self.validate())
-                    metrics["timing/testing"] = timings["testing"]
+                    metrics["timing_s/testing"] = timings["testing"]
                 if t.save_freq != 0 and (last_step or (t.save_freq > 0 and self.global_step % t.save_freq == 0)):
                     self._phase = "checkpoint save"
                     start = time.perf_counter()
                     self.save_checkpoint()
-                    metrics["timing/save_checkpoint"] = time.perf_counter() - start
+                    metrics["timing_s/save_checkpoint"] = time.perf_counter() - start
                 self.tracker.log(metrics, step=self.global_step)
                 bar.update(1)
                 last = metrics

@@ -95,7 +95,7 @@ class ConsoleBackend:
         ("critic/vf_loss", "vf_loss"),
         ("response_length/mean", "resp_len"),
         ("perf/throughput", "tok/s"),
-        ("timing/step", "step_s"),
+        ("timing_s/step", "step_s"),
     )
 
     VAL_HEADLINE = ("/recall_mean", "/score_mean")
