@@ -105,7 +105,7 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 
 def compact_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Task rows with the quickstart prompt (answer block only) instead of the full prompt."""
-    from deepretrieval.eval.runner import task_input_from_prompt
+    from deepretrieval.data.prompts import task_input_from_prompt
 
     out = []
     for row in rows:
@@ -177,7 +177,7 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
     import pandas as pd
 
     from deepretrieval.data.dataset import RLHFDataset
-    from deepretrieval.eval.runner import task_input_from_prompt
+    from deepretrieval.data.prompts import task_input_from_prompt
     from deepretrieval.models.tokenizer import load_tokenizer
     from deepretrieval.trainer.sft import SFTExample, answer_text, run_sft
 
@@ -202,7 +202,10 @@ def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optiona
                     max_new_tokens: int, progress: bool = True) -> Dict[str, Any]:
     """recall@100 on the test topics for each method: name -> model folder (None = `original`)."""
     from deepretrieval.eval.report import summarize
-    from deepretrieval.eval.runner import BaselineMethod, ModelMethod, Searcher, evaluate, load_samples
+    from deepretrieval.eval.methods import BaselineMethod, ModelMethod
+    from deepretrieval.eval.runner import evaluate
+    from deepretrieval.eval.samples import load_samples
+    from deepretrieval.eval.searcher import Searcher
 
     samples = load_samples(task=TASK, parquet=test_parquet)
     eval_dir = Path(out_dir) / "eval"

@@ -21,7 +21,7 @@ Styles:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 Message = Dict[str, str]
 
@@ -229,3 +229,13 @@ def is_raw_frame(row: Dict[str, object]) -> bool:
     if isinstance(extra, dict) and extra.get("prompt_style") in RAW_FRAME_STYLES:
         return True
     return row.get("ability") == ORIGINAL_ABILITY
+
+
+def task_input_from_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """The information need inside a task prompt: the text after the task's input introduction."""
+    content = next((m["content"] for m in reversed(list(messages)) if m.get("role") == "user"), "")
+    for text in TASK_TEXT.values():
+        marker = text["input_intro"] + "\n"
+        if marker in content:
+            return content.rsplit(marker, 1)[1].strip()
+    return content.strip()
