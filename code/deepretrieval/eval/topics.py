@@ -249,8 +249,10 @@ def _row_builder(corpus: str) -> Callable[..., Optional[Dict[str, Any]]]:
 def load_topic_samples(
     path: "str | Path", corpus: Optional[str] = None, limit: Optional[int] = None, style: str = "reasoning"
 ) -> Tuple[List[Any], TopicsCheck]:
-    """(samples, check) of a topics file: one EvalSample per usable topic, in file order, labelled
-    `<corpus>:<file stem>` so their records and table column stay apart from the vendored topics'."""
+    """(samples, check) of a topics file: one EvalSample per usable topic, labelled `<corpus>:<file
+    stem>` so their records and table column stay apart from the vendored topics'. Topics come in
+    `topic_id` order, as a task's own split does (`--limit` keeps the first N; the bootstrap
+    intervals then match the task's for the same topics)."""
     from deepretrieval.eval.samples import sample_from_row
 
     check = read_topics_file(path, corpus)
@@ -258,7 +260,8 @@ def load_topic_samples(
         logger.info("%s", line) if not (check.errors or check.unknown_ids) else logger.warning("%s", line)
     build = _row_builder(str(check.corpus))
     suite = f"{check.corpus}:{Path(path).stem}"
-    topics = check.topics if limit is None else check.topics[:limit]
+    ordered = sorted(check.topics, key=lambda t: t["topic_id"])
+    topics = ordered if limit is None else ordered[:limit]
     samples = []
     for index, topic in enumerate(topics):
         row = build(topic, "test", index, style)
