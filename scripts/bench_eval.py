@@ -39,7 +39,10 @@ def main() -> int:
     from deepretrieval.data.paths import ensure_local_index
     from deepretrieval.eval.fake_openai import FakeOpenAIServer
     from deepretrieval.eval.llm_client import ChatClient
-    from deepretrieval.eval.runner import BaselineMethod, Searcher, evaluate, load_samples
+    from deepretrieval.eval.methods import BaselineMethod
+    from deepretrieval.eval.runner import evaluate
+    from deepretrieval.eval.samples import load_samples
+    from deepretrieval.eval.searcher import Searcher
 
     ensure_local_index("trials_sigir")
     samples = load_samples("trials_sigir", split="all", limit=args.topics)

@@ -6,7 +6,10 @@ import pytest
 
 from deepretrieval.data.paths import data_root
 from deepretrieval.eval import baselines, report
-from deepretrieval.eval.runner import BaselineMethod, Searcher, evaluate, load_samples
+from deepretrieval.eval.methods import BaselineMethod
+from deepretrieval.eval.runner import evaluate
+from deepretrieval.eval.samples import load_samples
+from deepretrieval.eval.searcher import Searcher
 from deepretrieval.search.local import LocalSearchEngine, build_index
 
 PM_TOPICS = ["clef2017-CD008760", "clef2017-CD010633", "cohen2006-Estrogens"]

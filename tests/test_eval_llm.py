@@ -177,8 +177,10 @@ import json  # noqa: E402
 from deepretrieval.data.paths import data_root  # noqa: E402
 from deepretrieval.data.prompts import legacy_task_input_from_prompt  # noqa: E402
 from deepretrieval.eval import baselines, report  # noqa: E402
-from deepretrieval.eval.runner import (  # noqa: E402
-    BaselineMethod, LLMMethod, Searcher, evaluate, load_samples)
+from deepretrieval.eval.methods import BaselineMethod, LLMMethod  # noqa: E402
+from deepretrieval.eval.runner import evaluate  # noqa: E402
+from deepretrieval.eval.samples import load_samples  # noqa: E402
+from deepretrieval.eval.searcher import Searcher  # noqa: E402
 from deepretrieval.rewards.parsing import format_answer  # noqa: E402
 from deepretrieval.search.local import LocalSearchEngine, build_index  # noqa: E402
 

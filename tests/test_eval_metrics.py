@@ -3,14 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from deepretrieval.eval.metrics import (
-    aggregate_samples,
-    bootstrap_ci,
-    ndcg_at_k,
-    precision_at_k,
-    query_metrics,
-    recall_at_k,
-)
+from deepretrieval.eval.metrics import aggregate_samples, bootstrap_ci
+from deepretrieval.search.metrics import ndcg_at_k, precision_at_k, query_metrics, recall_at_k
 
 
 def test_recall_precision_by_hand():

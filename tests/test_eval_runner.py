@@ -6,17 +6,10 @@ import pytest
 
 from deepretrieval.eval import report
 from deepretrieval.eval.metrics import bootstrap_ci
-from deepretrieval.eval.runner import (
-    Generation,
-    QueryMethod,
-    RecordStore,
-    Searcher,
-    evaluate,
-    load_samples,
-    resolve_model_dir,
-    sample_from_row,
-    split_reasoning,
-)
+from deepretrieval.eval.methods import Generation, QueryMethod, resolve_model_dir, split_reasoning
+from deepretrieval.eval.runner import RecordStore, evaluate
+from deepretrieval.eval.samples import load_samples, sample_from_row
+from deepretrieval.eval.searcher import Searcher
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
 
 
@@ -210,7 +203,7 @@ def test_live_task_uses_fake_pubmed_and_pub_date(tmp_path):
     with FakePubMedServer() as server:
         cfg = {"sources": {"pubmed": {"engine": "pubmed", "base_url": server.url, "cache": False}}}
         searcher = Searcher(reward_config=cfg, cache=False)
-        from deepretrieval.eval.runner import BaselineMethod
+        from deepretrieval.eval.methods import BaselineMethod
 
         recs = evaluate([sample], BaselineMethod("original"), tmp_path, searcher=searcher, progress=False)
     assert recs[0]["query"] == "(adults asthma) OR (inhaled steroids) OR (placebo) OR (exacerbations)"
@@ -221,7 +214,7 @@ def test_live_task_uses_fake_pubmed_and_pub_date(tmp_path):
 
 
 def test_model_method_tiny_model_and_checkpoint(tmp_path):
-    from deepretrieval.eval.runner import ModelMethod
+    from deepretrieval.eval.methods import ModelMethod
     from deepretrieval.models.tiny import save_tiny_model
 
     hf = tmp_path / "ckpt" / "global_step_2" / "actor" / "huggingface"
@@ -253,7 +246,7 @@ def test_vllm_backend_plumbing_with_a_stand_in_module(tmp_path, monkeypatch):
     import sys
     import types
 
-    from deepretrieval.eval.runner import ModelMethod
+    from deepretrieval.eval.methods import ModelMethod
     from deepretrieval.models.tiny import save_tiny_model
 
     seen = {}
@@ -319,7 +312,7 @@ def test_parquet_samples_match_the_task_split(tmp_path):
 
 
 def test_first_run_interrupted_before_the_index_existed_resumes(tmp_path, monkeypatch):
-    from deepretrieval.eval.runner import BaselineMethod
+    from deepretrieval.eval.methods import BaselineMethod
 
     monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))  # no index built yet
     samples = load_samples("trials_sigir", split="all")[:3]

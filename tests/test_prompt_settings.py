@@ -12,7 +12,10 @@ import pytest
 from deepretrieval.data.dataset import DEFAULTS
 from deepretrieval.data.prompts import COMPACT_INSTRUCTION, ENGINE_SYNTAX
 from deepretrieval.data.tasks import build_splits
-from deepretrieval.eval.runner import ModelMethod, Searcher, evaluate, load_samples, sample_from_row
+from deepretrieval.eval.methods import ModelMethod
+from deepretrieval.eval.runner import evaluate
+from deepretrieval.eval.samples import load_samples, sample_from_row
+from deepretrieval.eval.searcher import Searcher
 from deepretrieval.rewards.parsing import format_answer
 from deepretrieval.search.base import SearchEngine, SearchResult
 from deepretrieval.trainer.checkpoint import (

@@ -13,7 +13,7 @@ from deepretrieval.quickstart import report as rp
 
 def test_compact_prompt_keeps_question_and_reward_fields():
     from deepretrieval.data.tasks import build_splits
-    from deepretrieval.eval.runner import sample_from_row
+    from deepretrieval.eval.samples import sample_from_row
 
     rows = build_splits("pubmed_mini", style="no_reason")["test"]
     compact = build_splits("pubmed_mini", style=qs.PROMPT_STYLE)["test"]

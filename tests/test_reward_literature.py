@@ -6,9 +6,10 @@ import threading
 import pytest
 
 from deepretrieval.rewards import literature
-from deepretrieval.rewards.literature import RewardConfig, compute_score, recall_at_k, tier_reward
+from deepretrieval.rewards.literature import RewardConfig, compute_score, tier_reward
 from deepretrieval.rewards.parsing import check_format, parse_answer
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable
+from deepretrieval.search.metrics import recall_at_k
 
 
 class FakeEngine(SearchEngine):
@@ -166,7 +167,14 @@ def test_recall_against_hand_counted_fixture():
     assert recall_at_k(retrieved, targets, k=1) == 0.0
     assert recall_at_k(retrieved + ["22", "22"], targets) == 3 / 4  # duplicates count once
     assert recall_at_k([11, 22], targets) == 2 / 4  # ids compared as strings
-    assert recall_at_k(retrieved, []) == 0.0
+    assert recall_at_k(retrieved, []) is None  # undefined: the evaluation leaves it out of means
+
+
+def test_sample_without_targets_scores_recall_zero(engine):
+    # the reward gives an undefined recall (no targets) the score of recall 0: below every tier
+    result = compute_score("pubmed_mini", answer('{"query": "good"}'), {"target": []}, THINK_INFO, engine=engine)
+    assert result["error"] == "none" and result["recall"] == 0.0 and result["tier"] == 0.0
+    assert result["score"] == 1.0 + -3.5
 
 
 # ---------------------------------------------------------------- compute_score

@@ -21,11 +21,15 @@ from typing import Any, Dict, List
 _EXPORTS: Dict[str, List[str]] = {
     "baselines": ["BASELINES", "PROMPT_MODES", "TASK_BASELINES", "baseline_query"],
     "llm_client": ["ChatClient", "ChatResult"],
-    "metrics": ["Interval", "aggregate_samples", "bootstrap_ci", "ndcg_at_k", "precision_at_k", "query_metrics",
-                "recall_at_k"],
+    "metrics": ["Interval", "aggregate_samples", "bootstrap_ci"],
+    "methods": ["BaselineMethod", "Generation", "LLMMethod", "ModelMethod", "QueryMethod", "resolve_model_dir"],
     "report": ["markdown_table", "plot_summaries", "summarize", "write_report"],
-    "runner": ["BaselineMethod", "EvalSample", "Generation", "LLMMethod", "ModelMethod", "QueryMethod", "Searcher",
-               "evaluate", "load_samples", "resolve_model_dir", "sample_from_row"],
+    "runner": ["evaluate"],
+    "samples": ["EvalSample", "load_samples", "sample_from_row"],
+    "searcher": ["Searcher"],
+    "topics": ["TopicsFileError", "read_topics_file"],
+    # the per-query metrics are the search package's (shared with the reward)
+    "deepretrieval.search.metrics": ["ndcg_at_k", "precision_at_k", "query_metrics", "recall_at_k"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -36,7 +40,8 @@ def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    path = module if module.startswith("deepretrieval.") else f"{__name__}.{module}"
+    value = getattr(importlib.import_module(path), name)
     globals()[name] = value  # later look-ups skip __getattr__
     return value
 

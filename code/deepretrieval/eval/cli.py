@@ -7,6 +7,8 @@ One command, methods chosen by flags (any mix, each becomes a row of the table):
     # a trained model (HF folder or trainer checkpoint) on a prepared test split
     deepretrieval prepare --task trials_sigir --out data_out/trials_sigir   # the training/test parquet
     deepretrieval eval --data data_out/trials_sigir/test.parquet --model checkpoints/run/global_step_200 --out outputs/eval/run
+    # your own topics (vendored format) against the vendored pubmed_mini corpus
+    deepretrieval eval --topics my_topics.jsonl --corpus pubmed_mini --baseline all --model checkpoints/run --out outputs/eval/mine
     # an LLM behind an OpenAI-compatible endpoint, all four prompting modes
     OPENAI_API_KEY=... deepretrieval eval --task trials_sigir --llm gpt-4o --llm-mode all --out outputs/eval/gpt4o
     # re-make the table from every record file under an output folder
@@ -35,6 +37,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--split", default="test", choices=["train", "test", "val", "all"],
                       help="split of --task (all = train+test: every topic; default test)")
     data.add_argument("--data", action="append", default=[], help="test parquet file(s) instead of --task")
+    data.add_argument("--topics", action="append", default=[], metavar="FILE",
+                      help="your own topics (JSON Lines in the vendored topics' format, docs/evaluation.md) "
+                      "against a vendored corpus; repeatable; each file is a column of the table")
+    data.add_argument("--corpus", "--index", dest="corpus", default=None, choices=["pubmed_mini", "trials_sigir"],
+                      help="the vendored corpus (and its local index) that --topics are searched in "
+                      "(default: from the records: `title` -> pubmed_mini, `patient` -> trials_sigir)")
     data.add_argument("--limit", type=int, default=None, help="first N topics per task only")
     data.add_argument("--seed", type=int, default=42, help="seed of the task split (as in `prepare`), of "
                       "sampled generation and of the few-shot example choice")
@@ -131,7 +139,7 @@ def _records_under(out: Path) -> List[Dict[str, Any]]:
 
 def build_methods(args: argparse.Namespace, tasks: List[str], pool: List[Any]) -> List[Any]:
     from deepretrieval.eval import baselines
-    from deepretrieval.eval.runner import BaselineMethod, LLMMethod, ModelMethod
+    from deepretrieval.eval.methods import BaselineMethod, LLMMethod, ModelMethod
 
     methods: List[Any] = []
     # baseline -> the tasks it runs on (None: every task); `all` picks, per task, the baselines that
@@ -177,9 +185,25 @@ def build_methods(args: argparse.Namespace, tasks: List[str], pool: List[Any]) -
     return methods
 
 
+def _topic_samples(args: argparse.Namespace, out: Path) -> List[Any]:
+    """The samples of every --topics file; each file's check goes to <out>/topics/<stem>.check.json."""
+    from deepretrieval.eval.topics import load_topic_samples
+
+    samples: List[Any] = []
+    for path in args.topics:
+        found, check = load_topic_samples(path, corpus=args.corpus, limit=args.limit)
+        target = out / "topics" / f"{Path(path).stem}.check.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(check.to_dict(), indent=2) + "\n")
+        samples.extend(found)
+    return samples
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from deepretrieval.eval.report import summarize, write_report
-    from deepretrieval.eval.runner import Searcher, evaluate, load_samples
+    from deepretrieval.eval.runner import evaluate
+    from deepretrieval.eval.samples import load_samples
+    from deepretrieval.eval.searcher import Searcher
 
     out = Path(args.out)
     if args.report_only:
@@ -197,12 +221,13 @@ def run_eval(args: argparse.Namespace) -> int:
             for task in (args.task or [None]):
                 samples.extend(load_samples(task=task, parquet=args.data, limit=args.limit))
         else:
-            if not args.task:
-                logger.error("give --task or --data")
+            if not args.task and not args.topics:
+                logger.error("give --task, --data or --topics")
                 return 2
             for task in args.task:
                 samples.extend(load_samples(task=task, split=args.split, limit=args.limit, seed=args.seed))
-    except (OSError, ValueError, KeyError) as exc:
+        samples.extend(_topic_samples(args, out))
+    except (OSError, ValueError, KeyError) as exc:  # a TopicsFileError is a ValueError
         logger.error("cannot load the samples: %s", exc)
         return 1
     if not samples:

@@ -188,7 +188,10 @@ def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optiona
                     max_new_tokens: int, progress: bool = True) -> Dict[str, Any]:
     """recall@100 on the test topics for each method: name -> model folder (None = `original`)."""
     from deepretrieval.eval.report import summarize
-    from deepretrieval.eval.runner import BaselineMethod, ModelMethod, Searcher, evaluate, load_samples
+    from deepretrieval.eval.methods import BaselineMethod, ModelMethod
+    from deepretrieval.eval.runner import evaluate
+    from deepretrieval.eval.samples import load_samples
+    from deepretrieval.eval.searcher import Searcher
 
     samples = load_samples(task=TASK, parquet=test_parquet)
     eval_dir = Path(out_dir) / "eval"

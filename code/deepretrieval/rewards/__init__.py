@@ -14,7 +14,7 @@ from typing import Any
 
 _HOME = {
     "RewardConfig": "literature", "compute_score": "literature", "configure": "literature",
-    "recall_at_k": "literature", "tier_reward": "literature",
+    "tier_reward": "literature",
     "RewardManager": "manager", "compute_reward_metrics": "manager",
     "check_format": "parsing", "format_answer": "parsing", "parse_answer": "parsing",
 }

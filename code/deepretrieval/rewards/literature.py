@@ -6,6 +6,7 @@
                  = format_penalty (-4)      otherwise, or a response over parsing.MAX_RESPONSE_CHARS
                                             (error "too_long"); then there is no search and answer_part = 0
     answer_part  = tier(recall@K)           recall@K = |top-K retrieved ∩ targets| / |targets|
+                                            (search.metrics.recall_at_k; 0 without targets)
                  = answer_error_penalty (-4)   no JSON object / no "query" string / blank query
                  = query_syntax_penalty (-4)   the engine rejected the query, or it is longer than
                                                parsing.MAX_QUERY_CHARS (the model's fault)
@@ -90,6 +91,7 @@ from deepretrieval.search.base import (
     SearchUnavailable,
     make_engine,
 )
+from deepretrieval.search.metrics import recall_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -329,15 +331,6 @@ class RewardConfig:
 # ---------------------------------------------------------------- pure scoring functions
 
 
-def recall_at_k(retrieved: Sequence[str], targets: Sequence[str], k: Optional[int] = None) -> float:
-    """|top-k retrieved ∩ targets| / |targets| (ids compared as strings; 0.0 without targets)."""
-    target_set = {str(t) for t in targets}
-    if not target_set:
-        return 0.0
-    top = retrieved if k is None else retrieved[:k]
-    return len({str(d) for d in top} & target_set) / len(target_set)
-
-
 def tier_reward(
     recall: float, tiers: Sequence[Tuple[float, float]] = DEFAULT_TIERS, below: float = -3.5
 ) -> Tuple[float, float]:
@@ -369,6 +362,27 @@ def _flag(extra_info: Optional[Mapping[str, Any]], key: str, configured: Optiona
     return default
 
 
+def format_flags(source: SourceConfig, extra_info: Optional[Mapping[str, Any]]) -> Tuple[bool, bool]:
+    """(reasoning, think_in_prompt) of the format check for a row: the source's setting when it has
+    one, else the row's (reasoning unless its `prompt_style` answers only: data.prompts.style_reasons;
+    `think_in_prompt`, default False)."""
+    # reasoning unless the source says otherwise or the row's prompt style asks for the answer only
+    # (imported here, not at the top: data.prompts imports rewards.parsing, and so this package)
+    from deepretrieval.data.prompts import style_reasons
+
+    reasoning_default = style_reasons(extra_info)
+    reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
+    return reasoning, _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
+
+
+def search_filters(source: SourceConfig, extra_info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The engine filters of a row's searches: `max_date` = the row's `pub_date` where the source
+    restricts searches to records published up to it (`use_pub_date`), else none."""
+    if source.use_pub_date and extra_info and extra_info.get("pub_date"):
+        return {"max_date": str(extra_info["pub_date"])}
+    return {}
+
+
 @dataclass
 class PreparedSample:
     """A response after parsing, before searching: what to search (if anything) and with what."""
@@ -397,6 +411,24 @@ class PreparedSample:
             json.dumps(self.filters, sort_keys=True, default=str),
         )
 
+    def cache_key(self, engine_id: str) -> str:
+        """The persistent search cache's key (deepretrieval.search.cache) for this sample's search
+        on the engine identified by `engine_id`."""
+        from deepretrieval.search.cache import cache_key
+
+        return cache_key(engine_id, "", self.query or "", self.source.k, self.filters)
+
+
+def query_sample(
+    data_source: str, query: str, targets: Any, extra_info: Optional[Mapping[str, Any]], source: SourceConfig
+) -> PreparedSample:
+    """A query given as it is (no response to parse or format to check), ready for `run_search`:
+    the same source settings and filters as a parsed response of that row would get."""
+    return PreparedSample(
+        data_source=data_source, format_ok=True, query=query, error=ERROR_NONE, detail="",
+        targets=_targets_of(targets), source=source, filters=search_filters(source, extra_info),
+    )
+
 
 def prepare_sample(
     data_source: str,
@@ -406,21 +438,12 @@ def prepare_sample(
     config: RewardConfig,
 ) -> PreparedSample:
     source = config.source(data_source)
-    # reasoning unless the source says otherwise or the row's prompt style asks for the answer only
-    # (imported here, not at the top: data.prompts imports rewards.parsing, and so this package)
-    from deepretrieval.data.prompts import style_reasons
-
-    reasoning_default = style_reasons(extra_info)
-    reasoning = bool(source.reasoning) if source.reasoning is not None else reasoning_default
-    think_in_prompt = _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
+    reasoning, think_in_prompt = format_flags(source, extra_info)
     parsed = parse_answer_strict(solution_str) if source.strict_json else parse_answer(solution_str)
     if parsed.error == ERROR_TOO_LONG:  # over the length budget: not checked further, scored as bad format
         format_ok, format_detail = False, parsed.detail
     else:
         format_ok, format_detail = check_format(solution_str, think_in_prompt=think_in_prompt, reasoning=reasoning)
-    filters: Dict[str, Any] = {}
-    if source.use_pub_date and extra_info and extra_info.get("pub_date"):
-        filters["max_date"] = str(extra_info["pub_date"])
     if not format_ok:
         # the original never searched a badly formatted response; the parsed query is still logged
         error, detail = (ERROR_TOO_LONG if parsed.error == ERROR_TOO_LONG else ERROR_FORMAT), format_detail
@@ -434,7 +457,7 @@ def prepare_sample(
         detail=detail,
         targets=_targets_of(ground_truth),
         source=source,
-        filters=filters,
+        filters=search_filters(source, extra_info),
     )
 
 
@@ -503,10 +526,11 @@ def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> D
         else:
             retrieved = outcome.ids[: sample.source.k]
             recall = recall_at_k(retrieved, sample.targets)
+            if recall is None:  # no targets: recall is undefined; a training sample scores it as 0
+                logger.warning("%s: sample without targets; recall set to 0", sample.data_source)
+                recall = 0.0
             answer, tier = tier_reward(recall, scoring.tiers, scoring.below_tiers_score)
             result.update(recall=recall, n_retrieved=len(retrieved), tier=tier, answer_score=answer)
-            if not sample.targets:
-                logger.warning("%s: sample without targets; recall set to 0", sample.data_source)
     result["score"] = float(result["format_score"] + result["answer_score"])
     return result
 

@@ -1,0 +1,148 @@
+"""`deepretrieval eval --topics FILE`: checking a user topics file, and recall on the vendored index
+checked against a direct query of the index (set arithmetic by hand)."""
+
+import argparse
+import json
+
+import pytest
+
+from deepretrieval.eval.methods import BaselineMethod, Generation, QueryMethod
+from deepretrieval.eval.runner import evaluate
+from deepretrieval.eval.samples import load_samples
+from deepretrieval.eval.searcher import Searcher
+from deepretrieval.eval.topics import TopicsFileError, load_topic_samples, read_topics_file
+from deepretrieval.search.local import LocalSearchEngine
+
+UNKNOWN = "99999999999"  # no PMID of the vendored corpus
+
+
+class FixedQuery(QueryMethod):
+    """Writes the same query for every topic (what is searched is then known to the test)."""
+
+    name = "fixed"
+
+    def __init__(self, query):
+        self.query = query
+
+    def spec(self):
+        return {"name": self.name, "query": self.query}
+
+    def generate(self, samples):
+        return [[Generation(query=self.query)] for _ in samples]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_check_classifies_every_bad_line(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [
+        {"topic_id": "a", "title": "statins and muscle pain", "relevant": ["1", 2]},  # 1: ok (ids as strings)
+        "{not json",                                                              # 2: json
+        "",                                                                       # blank: not a record
+        {"topic_id": "b", "relevant": ["1"]},                                     # 4: missing_field title
+        {"topic_id": "c", "title": "x", "relevant": "1"},                         # 5: bad_field
+        {"topic_id": "a", "title": "again", "relevant": ["3"]},                   # 6: duplicate_topic
+        {"topic_id": "d", "title": "nothing relevant", "relevant": []},           # 7: no_relevant
+        [1, 2],                                                                   # 8: not_object
+        {"topic_id": "e", "patient": "A 60-year-old man", "relevant": ["1"]},    # 9: missing_field (hint)
+        {"topic_id": "f", "title": "kept", "relevant": ["4", UNKNOWN, "5"]},     # 10: ok, one unknown id
+    ])
+    check = read_topics_file(path, known_ids={"1", "2", "3", "4", "5"})
+    assert check.corpus == "pubmed_mini" and check.lines == 9
+    assert [t["topic_id"] for t in check.topics] == ["a", "f"]
+    assert check.topics[0]["relevant"] == ["1", "2"]
+    assert check.errors == {"json": 1, "missing_field": 2, "bad_field": 1, "duplicate_topic": 1,
+                            "no_relevant": 1, "not_object": 1}
+    lines = [m.split(": ")[0].rsplit(":", 1)[1] for m in check.messages]
+    assert lines == ["2", "4", "5", "6", "7", "8", "9"]
+    assert "looks like a trials_sigir topic" in check.messages[-1]
+    assert (check.relevant_ids, check.unknown_ids, check.unknown_by_topic) == (5, 1, {"f": 1})
+    assert any("1 of 5 relevant ids are not in the pubmed_mini corpus" in line for line in check.summary())
+
+
+def test_trials_format_judgements_or_relevant_and_whole_file_errors(tmp_path):
+    path = write_lines(tmp_path / "cases.jsonl", [
+        {"topic_id": 1, "patient": "case one", "judgements": {"N1": 2, "N2": 0, "N3": 1}},
+        {"topic_id": "2", "patient": "case two", "relevant": ["N4"]},
+        {"topic_id": "3", "patient": "case three", "judgements": {"N1": "high"}},
+    ])
+    check = read_topics_file(path, known_ids={"N1", "N2", "N3"})
+    assert check.corpus == "trials_sigir"
+    assert [(t["topic_id"], t["relevant"]) for t in check.topics] == [("1", ["N1", "N3"]), ("2", ["N4"])]
+    assert check.topics[1]["judgements"] == {"N4": 1}
+    assert check.errors == {"bad_field": 1} and check.unknown_ids == 1
+    with pytest.raises(TopicsFileError, match="no usable topic"):
+        read_topics_file(write_lines(tmp_path / "bad.jsonl", ["{", {"topic_id": "x"}]), known_ids=set())
+    with pytest.raises(TopicsFileError, match="cannot read"):
+        read_topics_file(tmp_path / "missing.jsonl", known_ids=set())
+    with pytest.raises(TopicsFileError, match="unknown corpus"):
+        read_topics_file(path, corpus="pubmed", known_ids=set())
+
+
+def test_recall_on_pubmed_mini_matches_a_direct_index_query(tmp_path, pubmed_mini_index):
+    engine = LocalSearchEngine(pubmed_mini_index)
+    ranked = engine.search("cholesterol", k=200).ids
+    assert len(ranked) == 200
+    # by hand: 3 of the top 100 found, one relevant id at rank 151 missed, one not in the corpus
+    relevant = [ranked[0], ranked[4], ranked[60], ranked[150], UNKNOWN]
+    path = write_lines(tmp_path / "mine.jsonl", [
+        {"topic_id": "q1", "title": "Statins for primary prevention", "relevant": relevant},
+        {"topic_id": "q2", "title": "Statins again", "relevant": [ranked[150]]},
+    ])
+    samples, check = load_topic_samples(path, corpus="pubmed_mini")
+    assert check.unknown_ids == 1 and check.unknown_by_topic == {"q1": 1}
+    assert [s.label for s in samples] == ["pubmed_mini:mine"] * 2 and samples[0].task == "pubmed_mini"
+    searcher = Searcher(cache=False, engines={"pubmed_mini": engine})
+    recs = evaluate(samples, FixedQuery("cholesterol"), tmp_path / "out", searcher=searcher, progress=False)
+    assert [r["task"] for r in recs] == ["pubmed_mini:mine"] * 2
+    assert recs[0]["ids"] == ranked[:100]
+    assert recs[0]["metrics"]["recall@100"] == 3 / 5 and recs[0]["metrics"]["recall@10"] == 2 / 5
+    assert recs[0]["metrics"]["precision@10"] == 2 / 10
+    assert recs[1]["recall"] == 0.0
+    # the `original` baseline writes its query from the topic's title; the index answers it directly
+    recs = evaluate(samples[:1], BaselineMethod("original"), tmp_path / "out", searcher=searcher, progress=False)
+    direct = engine.search(recs[0]["query"], k=100).ids
+    assert recs[0]["ids"] == direct
+    assert recs[0]["recall"] == len(set(direct) & set(relevant)) / len(relevant)
+
+
+def test_vendored_topics_file_gives_the_vendored_split_numbers(tmp_path, data_dir, trials_sigir_index):
+    engine = LocalSearchEngine(trials_sigir_index)
+    searcher = Searcher(cache=False, engines={"trials_sigir": engine})
+    own, _ = load_topic_samples(data_dir / "trials_sigir" / "topics.jsonl")
+    vendored = load_samples("trials_sigir", split="all")
+    a = evaluate(own, BaselineMethod("clinicians"), tmp_path / "a", searcher=searcher, progress=False)
+    b = evaluate(vendored, BaselineMethod("clinicians"), tmp_path / "b", searcher=searcher, progress=False)
+    assert len(a) == len(b) == 4 * 48
+    assert {r["key"]: r["metrics"] for r in a} == {r["key"]: r["metrics"] for r in b}
+
+
+def test_cli_topics_for_a_baseline(tmp_path, pubmed_mini_index, capsys):
+    from deepretrieval.eval.cli import register
+
+    engine = LocalSearchEngine(pubmed_mini_index)
+    ranked = engine.search("cholesterol", k=100).ids
+    path = write_lines(tmp_path / "mine.jsonl", [
+        {"topic_id": "q1", "title": "cholesterol", "relevant": ranked[:2] + [UNKNOWN]},
+        "{broken",
+    ])
+    config = tmp_path / "reward.json"
+    config.write_text(json.dumps({"pubmed_mini": {"index_dir": str(pubmed_mini_index)}}))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["eval", "--topics", str(path), "--index", "pubmed_mini", "--baseline", "original",
+                              "--reward-config", str(config), "--search-cache", "none", "--out", str(out),
+                              "--bootstrap", "100", "--no-plot"])
+    assert args.func(args) == 0
+    rec = json.loads((out / "samples" / "pubmed_mini_mine" / "original.jsonl").read_text().splitlines()[0])
+    direct = engine.search(rec["query"], k=100).ids
+    assert rec["recall"] == len(set(direct) & set(ranked[:2] + [UNKNOWN])) / 3 == 2 / 3
+    check = json.loads((out / "topics" / "mine.check.json").read_text())
+    assert check["errors"] == {"json": 1} and check["unknown_ids"] == 1 and check["topics"] == 1
+    assert "pubmed_mini:mine" in capsys.readouterr().out
+    bad = parser.parse_args(["eval", "--topics", str(tmp_path / "none.jsonl"), "--baseline", "original",
+                             "--out", str(out)])
+    assert bad.func(bad) == 1
