@@ -6,9 +6,9 @@ import re
 import pytest
 
 from deepretrieval.search.base import QuerySyntaxError
-from deepretrieval.search.query import (ABSTRACT, ALL_FIELDS, TEXT_WORD_FIELDS, TITLE, Absent, And, DateRange,
-                                        Heading, Limit, Near, Not, Or, Ref, Text, detect_dialect, parse,
-                                        referenced_lines, to_string)
+from deepretrieval.search.query import detect_dialect, parse
+from deepretrieval.search.query_tree import (ABSTRACT, ALL_FIELDS, TEXT_WORD_FIELDS, TITLE, Absent, And, DateRange,
+                                             Heading, Limit, Near, Not, Or, Ref, Text, referenced_lines, to_string)
 
 
 def words(node):
@@ -243,7 +243,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from deepretrieval.search import query as query_module  # noqa: E402
-from deepretrieval.search.query import MAX_QUERY_CHARS, MAX_QUERY_DEPTH, expanded_depth  # noqa: E402
+from deepretrieval.search.query import MAX_QUERY_CHARS, MAX_QUERY_DEPTH  # noqa: E402
+from deepretrieval.search.query_tree import expanded_depth  # noqa: E402
 
 
 def test_query_length_budget():
