@@ -13,7 +13,6 @@ from deepretrieval.eval.runner import (
     Searcher,
     evaluate,
     load_samples,
-    resolve_model_dir,
     sample_from_row,
     split_reasoning,
 )
@@ -182,21 +181,6 @@ def test_best_of_n(tmp_path):
 def test_split_reasoning():
     assert split_reasoning("<think>abc</think><answer>x</answer>") == "abc"
     assert split_reasoning("plain") == ""
-
-
-def test_resolve_model_dir(tmp_path):
-    hf = tmp_path / "ckpt" / "global_step_7" / "actor" / "huggingface"
-    hf.mkdir(parents=True)
-    (hf / "config.json").write_text("{}")
-    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface").mkdir(parents=True)
-    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface" / "config.json").write_text("{}")
-    assert resolve_model_dir(tmp_path / "ckpt") == hf
-    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
-    assert resolve_model_dir(tmp_path / "ckpt").parts[-3] == "global_step_3"
-    assert resolve_model_dir(hf.parent.parent) == hf
-    assert resolve_model_dir(hf) == hf
-    with pytest.raises(FileNotFoundError):
-        resolve_model_dir(tmp_path / "missing")
 
 
 def test_live_task_uses_fake_pubmed_and_pub_date(tmp_path):
