@@ -70,7 +70,7 @@ _OVID_SUFFIX = re.compile(r"\.((?:[a-z]{2})(?:\s*,\s*[a-z]{2})*)(\.?)(?=$|[\s)\[
 # Regular expressions here are written so that no two unbounded repeats can match the same
 # characters (no `^\s*` under re.M, which re-scans a run of blank lines from every line start;
 # no `(.+?)\s*$`): each runs in time linear in its input (tests/test_fuzz_query.py).
-_OVID_MARKERS = [
+OVID_MARKERS = [
     re.compile(r"^[^\S\n]*(and|or)\s*/\s*\d", re.I | re.M),
     re.compile(r"\.(mp|tw|ti|ab|sh|ot|nm|rn|au|ed|kw|kf|hw|pt|fs|yr)(,[a-z]{2})*\.?(?=$|[\s)\[])", re.I | re.M),
     re.compile(r"/\s*($|\))|/\s+(or|and|not)\b", re.I | re.M),
@@ -83,7 +83,7 @@ _OVID_MARKERS = [
 
 def detect_dialect(text: str) -> str:
     """"ovid" when the text carries Ovid MEDLINE markers, else "pubmed"."""
-    return "ovid" if any(p.search(text) for p in _OVID_MARKERS) else "pubmed"
+    return "ovid" if any(p.search(text) for p in OVID_MARKERS) else "pubmed"
 
 
 @dataclass
@@ -533,9 +533,9 @@ def _merge_text_specs(specs: List[FieldSpec]) -> List[FieldSpec]:
 
 _LABEL = re.compile(r"^\s*(#?)(\d+)([.):]?)\s+(?=\S)")
 # (groups 2 take trailing whitespace with them: callers strip it)
-_OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+)$", re.I)
-_OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+)$", re.I)
-_YR = re.compile(r'^yr\s*=\s*"?\s*(\d{4})(?:\s*-\s*(\d{4}|current)?)?\s*"?$', re.I)
+OVID_COMBINE = re.compile(r"^\s*(and|or)\s*/\s*([\d\s,\-]+)$", re.I)
+OVID_LIMIT = re.compile(r"^\s*limit\s+(\d+)\s+to\s+(.+)$", re.I)
+OVID_YEAR_LIMIT = re.compile(r'^yr\s*=\s*"?\s*(\d{4})(?:\s*-\s*(\d{4}|current)?)?\s*"?$', re.I)
 
 
 def _split_lines(text: str) -> List[Tuple[int, str]]:
@@ -594,7 +594,7 @@ def parse(query: str, dialect: Optional[str] = None) -> Query:
 def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
                 known: Collection[int], warnings: List[str]) -> Node:
     if dialect == "ovid":
-        m = _OVID_COMBINE.match(body)
+        m = OVID_COMBINE.match(body)
         if m:
             refs: List[Node] = []
             for part in re.split(r"\s*,\s*", m.group(2).strip()):
@@ -612,7 +612,7 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
                         raise QuerySyntaxError(f"line reference {n} does not refer to an earlier line", pos, query)
                     refs.append(Ref(pos, n))
             return (And if m.group(1).lower() == "and" else Or)(offset, tuple(refs)) if len(refs) > 1 else refs[0]
-        m = _OVID_LIMIT.match(body)
+        m = OVID_LIMIT.match(body)
         if m:
             n = _number(m.group(1))
             pos = offset + m.start(1)
@@ -621,7 +621,7 @@ def _parse_line(body: str, offset: int, query: str, dialect: str, number: int,
             if n >= number or n not in known:
                 raise QuerySyntaxError(f"limit refers to line {n}, which is not an earlier line", pos, query)
             what = m.group(2).strip()
-            yr = _YR.match(what)
+            yr = OVID_YEAR_LIMIT.match(what)
             date = None
             if yr:
                 lo = int(yr.group(1)) * 10000 + 101
