@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import pickle
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
-from deepretrieval.algorithms import core_algos as ca  # noqa: E402
-from deepretrieval.protocol import Batch  # noqa: E402
+from deepretrieval.algorithms import core_algos as ca
+from deepretrieval.protocol import Batch
 
 
 def best_of(fn, repeats: int) -> float:

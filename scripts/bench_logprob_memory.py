@@ -21,9 +21,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -32,7 +29,6 @@ def worker(args: argparse.Namespace) -> dict:
     import psutil
     import torch
 
-    sys.path.insert(0, str(ROOT / "code"))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from deepretrieval.workers.logprob import naive_response_log_probs, response_log_probs
@@ -108,7 +104,6 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    sys.path.insert(0, str(ROOT / "code"))
     from deepretrieval.workers.logprob import auto_chunk_size
 
     T = args.prompt_len + args.response_len

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
-from deepretrieval.search.fakes import FakeAnswer, FakePubMedServer, synthetic_ids  # noqa: E402
-from deepretrieval.search.pubmed import PubMedSearchEngine  # noqa: E402
+from deepretrieval.search.fakes import FakeAnswer, FakePubMedServer, synthetic_ids
+from deepretrieval.search.pubmed import PubMedSearchEngine
 
 OPTIONS = [
     ("--queries", dict(type=int, default=64, help="distinct queries (default 64)")),

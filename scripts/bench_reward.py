@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
 
 STOP = {
     "a", "an", "and", "are", "as", "at", "by", "for", "from", "in", "is", "of", "on", "or", "the", "to",
@@ -172,7 +170,6 @@ def main(argv=None) -> int:
     pre.add_argument("--engine", choices=["local", "pubmed-fake"], default="local")
     known, rest = pre.parse_known_args(argv)
     if known.engine == "pubmed-fake":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         try:
             import bench_pubmed_fake  # written with the live engines; not reimplemented here
         except ImportError as exc:

@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
 
 TOPICS = ["metformin and cardiovascular outcomes in type 2 diabetes", "statins for primary prevention in older adults",
           "exercise therapy for chronic low back pain", "vitamin D supplementation and fracture risk",

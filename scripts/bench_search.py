@@ -29,11 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from deepretrieval.search.local import LocalSearchEngine, build_index, index_size_bytes, make_analyzer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
-
-from deepretrieval.search.local import LocalSearchEngine, build_index, index_size_bytes, make_analyzer  # noqa: E402
-
 DATA = ROOT / "data" / "pubmed_mini"
 
 # Boolean / field / truncation queries of the kind the policy writes (PubMed syntax).

@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def slope(ys: List[float]) -> float:
     """Least-squares slope of `ys` against 0..n-1 (per step)."""
@@ -43,7 +41,6 @@ def main() -> int:
     ap.add_argument("--max-growth-mb", type=float, default=50.0)
     ap.add_argument("--out", type=Path, default=None, help="write the per-step series as JSON")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "code"))
     import psutil
 
     from deepretrieval.data.tasks import prepare_task

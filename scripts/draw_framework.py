@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
+import importlib.util
 from pathlib import Path
 from typing import List
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,7 +24,9 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 from deepretrieval.algorithms import ADV_ESTIMATORS  # noqa: E402
 from deepretrieval.search import ENGINES  # noqa: E402
 
-STEP = ROOT / "code" / "deepretrieval" / "trainer" / "step.py"
+ROOT = Path(__file__).resolve().parents[1]
+# the trainer step of the package this script imports (not necessarily this checkout's code/)
+STEP = Path(importlib.util.find_spec("deepretrieval.trainer.step").origin)
 
 # Which worker group owns each phase (the driver owns the rest).
 OWNER = {

@@ -18,6 +18,7 @@ from deepretrieval.trainer.checkpoint import (
     IncompleteCheckpoint,
     get_rng_state,
     load_trainer_state,
+    resolve_model_dir,
     save_trainer_state,
     set_rng_state,
 )
@@ -314,3 +315,25 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
         assert torch.allclose(value, expected[key], atol=1e-5), key
         moved += not torch.equal(value, initial[key])
     assert moved > 10  # the step changed the weights, identically in both set-ups
+
+
+def test_resolve_model_dir(tmp_path):
+    hf = tmp_path / "ckpt" / "global_step_7" / "actor" / "huggingface"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface").mkdir(parents=True)
+    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface" / "config.json").write_text("{}")
+    assert resolve_model_dir(tmp_path / "ckpt") == hf
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
+    assert resolve_model_dir(tmp_path / "ckpt").parts[-3] == "global_step_3"
+    assert resolve_model_dir(hf.parent.parent) == hf
+    assert resolve_model_dir(hf) == hf
+    with pytest.raises(FileNotFoundError):
+        resolve_model_dir(tmp_path / "missing")
+    other = tmp_path / "exported" / "actor" / "hf"  # a folder exported by another tool
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    assert resolve_model_dir(tmp_path / "exported") == other
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        resolve_model_dir(tmp_path / "empty")

@@ -1,5 +1,7 @@
 """Critic: value-head alignment (causal, state before each response token), masking, learning toward
-returns, save/load round trip, initialisation from the actor or a folder, skip on non-finite gradients."""
+returns, save/load round trip, initialisation from a folder, skip on non-finite gradients."""
+
+import copy
 
 import pytest
 import torch
@@ -40,16 +42,20 @@ def _cfg(**kw):
     return cfg
 
 
-def test_from_actor_copies_backbone(actor_model):
-    vm = ValueModel.from_actor(actor_model)
-    for (n1, p1), (n2, p2) in zip(actor_model.get_decoder().named_parameters(), vm.backbone.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+def value_model(actor_model):
+    """A value model on a copy of the actor's decoder (a critic initialised from the actor)."""
+    return ValueModel(copy.deepcopy(actor_model.get_decoder()))
+
+
+def test_value_head_initialisation(actor_model):
+    vm = value_model(actor_model)
     assert vm.value_head.weight.shape == (1, 64) and torch.all(vm.value_head.bias == 0)
+    assert 0 < vm.value_head.weight.std() < 3 / 65  # std 1 / (hidden + 1): values start near 0
 
 
 def test_values_are_causal_and_masked(batch, actor_model):
     """values[:, t] = head(h at the position before response token t), computed from the prefix alone."""
-    vm = ValueModel.from_actor(actor_model)
+    vm = value_model(actor_model)
     critic = Critic(vm, _cfg())
     values = critic.compute_values(batch)
     assert values.shape == (4, 5) and values.dtype == torch.float32
@@ -66,7 +72,7 @@ def test_values_are_causal_and_masked(batch, actor_model):
 
 
 def test_update_critic_fits_returns(batch, actor_model):
-    vm = ValueModel.from_actor(actor_model)
+    vm = value_model(actor_model)
     critic = Critic(vm, _cfg(ppo_epochs=2))
     data = batch.clone()
     data.batch["returns"] = torch.linspace(-1, 1, 20).view(4, 5) * data.batch["response_mask"]
@@ -86,7 +92,7 @@ def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
     (9 + eps_v)^2 < 100, not clipped. Row 1 has 3 live tokens, the others 5: clipfrac = 8/18 and
     vf_loss = 0.5 * (8 * (11 - eps_v)^2 + 10 * 100) / 18 (token-mean), measured before the one optimiser step."""
     eps = 1e-4
-    vm = ValueModel.from_actor(actor_model)  # lr 0: both critics below see the same (randomly initialised) head
+    vm = value_model(actor_model)  # lr 0: both critics below see the same (randomly initialised) head
     critic = Critic(vm,
                     _cfg(cliprange_value=eps, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0}))
     data = batch.clone()
@@ -106,7 +112,7 @@ def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
 
 
 def test_non_finite_returns_skip_step(batch, actor_model):
-    vm = ValueModel.from_actor(actor_model)
+    vm = value_model(actor_model)
     before = [p.detach().clone() for p in vm.parameters()]
     critic = Critic(vm, _cfg(ppo_micro_batch_size_per_gpu=4))
     data = batch.clone()
@@ -119,7 +125,7 @@ def test_non_finite_returns_skip_step(batch, actor_model):
 
 
 def test_save_and_load_round_trip(tmp_path, batch, actor_model, tok):
-    vm = ValueModel.from_actor(actor_model)
+    vm = value_model(actor_model)
     torch.nn.init.normal_(vm.value_head.weight, std=0.5)
     vm.save_pretrained(tmp_path / "critic")
     assert (tmp_path / "critic" / VALUE_HEAD_FILE).is_file()
@@ -141,4 +147,4 @@ def test_save_and_load_round_trip(tmp_path, batch, actor_model, tok):
 
 def test_missing_keys(batch, actor_model):
     with pytest.raises(KeyError, match="returns"):
-        Critic(ValueModel.from_actor(actor_model), _cfg()).update_critic(batch)
+        Critic(value_model(actor_model), _cfg()).update_critic(batch)

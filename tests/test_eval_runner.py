@@ -6,7 +6,7 @@ import pytest
 
 from deepretrieval.eval import report
 from deepretrieval.eval.metrics import bootstrap_ci
-from deepretrieval.eval.methods import Generation, QueryMethod, resolve_model_dir, split_reasoning
+from deepretrieval.eval.methods import Generation, QueryMethod, split_reasoning
 from deepretrieval.eval.runner import RecordStore, evaluate
 from deepretrieval.eval.samples import load_samples, sample_from_row
 from deepretrieval.eval.searcher import Searcher
@@ -175,21 +175,6 @@ def test_best_of_n(tmp_path):
 def test_split_reasoning():
     assert split_reasoning("<think>abc</think><answer>x</answer>") == "abc"
     assert split_reasoning("plain") == ""
-
-
-def test_resolve_model_dir(tmp_path):
-    hf = tmp_path / "ckpt" / "global_step_7" / "actor" / "huggingface"
-    hf.mkdir(parents=True)
-    (hf / "config.json").write_text("{}")
-    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface").mkdir(parents=True)
-    (tmp_path / "ckpt" / "global_step_3" / "actor" / "huggingface" / "config.json").write_text("{}")
-    assert resolve_model_dir(tmp_path / "ckpt") == hf
-    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
-    assert resolve_model_dir(tmp_path / "ckpt").parts[-3] == "global_step_3"
-    assert resolve_model_dir(hf.parent.parent) == hf
-    assert resolve_model_dir(hf) == hf
-    with pytest.raises(FileNotFoundError):
-        resolve_model_dir(tmp_path / "missing")
 
 
 def test_live_task_uses_fake_pubmed_and_pub_date(tmp_path):

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deepretrieval.search import query as Q
+from deepretrieval.search import query_tree
 from deepretrieval.search.base import QuerySyntaxError
 from test_fuzz_reward import QUERIES  # the same query alphabet as the reward fuzz
 from fuzz_helpers import SECONDS_PER_INPUT, fuzz_settings, runs, small_engine
@@ -52,11 +53,11 @@ def check_query(engine, query):
     if parsed is not None:
         depths = {}
         for n, node in parsed.lines.items():
-            depths[n] = Q.expanded_depth(node, depths)
+            depths[n] = query_tree.expanded_depth(node, depths)
             assert depths[n] <= Q.MAX_QUERY_DEPTH
-        assert parsed.root.depth <= Q.expanded_depth(parsed.root, depths) <= Q.MAX_QUERY_DEPTH
+        assert parsed.root.depth <= query_tree.expanded_depth(parsed.root, depths) <= Q.MAX_QUERY_DEPTH
         assert isinstance(str(parsed), str)
-        Q.referenced_lines(parsed)
+        query_tree.referenced_lines(parsed)
     try:
         res = engine.search(query, k=10)
         assert parsed is not None, "the engine accepted a query the parser rejects"

@@ -8,6 +8,7 @@ on 2 cores (GRPO with a KL loss to a frozen reference; GAE with a critic and a K
 reward), so they are ordinary (not slow) tests.
 """
 
+import copy
 import time
 
 import pytest
@@ -56,8 +57,9 @@ def _setup(estimator):
         actor_cfg.update(use_kl_loss=True, kl_loss_coef=0.001, kl_loss_type="low_var_kl")
     else:
         torch.manual_seed(0)  # the value head's random initialisation, the same in every process
-        critic = Critic(ValueModel.from_actor(model), {"ppo_mini_batch_size": 8, "rollout_n": 4, "ppo_micro_batch_size_per_gpu": 16,
-                                                       "cliprange_value": 0.5, "optim": {"lr": 1e-2, "weight_decay": 0.0}})
+        critic = Critic(ValueModel(copy.deepcopy(model.get_decoder())),
+                        {"ppo_mini_batch_size": 8, "rollout_n": 4, "ppo_micro_batch_size_per_gpu": 16, "cliprange_value": 0.5,
+                         "optim": {"lr": 1e-2, "weight_decay": 0.0}})
     return Actor(model, actor_cfg), rollout, prompts, reward, critic, reference
 
 

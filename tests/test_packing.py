@@ -64,7 +64,7 @@ def test_transformers_builds_block_diagonal_mask_from_position_ids(tok):
 def test_pack_inputs_layout(batch):
     ids, mask, pos = _inputs(batch)
     packed = pack_inputs(ids, mask, pos, RESP)
-    assert packed.num_tokens == int(mask.sum())
+    assert packed.input_ids.shape == (1, int(mask.sum()))
     assert torch.equal(packed.input_ids[0], ids[mask.bool()])
     lens = mask.sum(-1)
     assert torch.equal(sequence_segments(packed.position_ids[0]),

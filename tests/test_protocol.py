@@ -158,15 +158,13 @@ def test_reorder_in_place_and_shuffle():
         assert s1.non_tensor_batch["uid"][i] == f"u{int(s1.batch['score'][i])}"
 
 
-def test_to_rename_clone():
+def test_to_clone():
     b = make_batch()
     assert b.to("cpu") is b and b.batch.device.type == "cpu"
-    b.rename("score", "token_level_scores")
-    assert "token_level_scores" in b.tensor_keys and "score" not in b.tensor_keys
     c = b.clone()
-    c.batch["token_level_scores"][0] = 99
+    c.batch["score"][0] = 99
     c.non_tensor_batch["gt"][0].append(5)
-    assert b.batch["token_level_scores"][0] == 0 and b.non_tensor_batch["gt"][0] == [0, 1]
+    assert b.batch["score"][0] == 0 and b.non_tensor_batch["gt"][0] == [0, 1]
 
 
 def test_to_object_array_is_one_dimensional():

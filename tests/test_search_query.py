@@ -6,9 +6,9 @@ import re
 import pytest
 
 from deepretrieval.search.base import QuerySyntaxError
-from deepretrieval.search.query import (ABSTRACT, ALL_FIELDS, TEXT_WORD_FIELDS, TITLE, Absent, And, DateRange,
-                                        Heading, Limit, Near, Not, Or, Ref, Text, detect_dialect, parse,
-                                        referenced_lines, to_string)
+from deepretrieval.search.query import detect_dialect, parse
+from deepretrieval.search.query_tree import (ABSTRACT, ALL_FIELDS, TEXT_WORD_FIELDS, TITLE, Absent, And, DateRange,
+                                             Heading, Limit, Near, Not, Or, Ref, Text, referenced_lines, to_string)
 
 
 def words(node):
@@ -243,7 +243,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from deepretrieval.search import query as query_module  # noqa: E402
-from deepretrieval.search.query import MAX_QUERY_CHARS, MAX_QUERY_DEPTH, expanded_depth  # noqa: E402
+from deepretrieval.search.query import (MAX_QUERY_CHARS, MAX_QUERY_DEPTH, OVID_COMBINE, OVID_LIMIT,  # noqa: E402
+                                        OVID_MARKERS, OVID_YEAR_LIMIT)
+from deepretrieval.search.query_tree import expanded_depth  # noqa: E402
 
 
 def test_query_length_budget():
@@ -403,17 +405,17 @@ _REGEX_PIECES = st.sampled_from([" ", "\n", "\t", "or", "and", "/", "1", "2005",
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_REGEX_PIECES, max_size=14).map("".join))
 def test_rewritten_regexes_match_the_former_ones(text):
-    new_markers = [query_module._OVID_MARKERS[i] for i in (0, 5, 6)]
+    new_markers = [OVID_MARKERS[i] for i in (0, 5, 6)]
     for old, new in zip(_OLD_MARKERS, new_markers):
         assert bool(old.search(text)) == bool(new.search(text))
     line = text.replace("\n", " ")
-    for old, new in ((_OLD_COMBINE, query_module._OVID_COMBINE), (_OLD_LIMIT, query_module._OVID_LIMIT)):
+    for old, new in ((_OLD_COMBINE, OVID_COMBINE), (_OLD_LIMIT, OVID_LIMIT)):
         a, b = old.match(line), new.match(line)
         assert (a is None) == (b is None)
         if a:
             assert a.group(1) == b.group(1) and a.group(2).strip() == b.group(2).strip()
             assert a.start(2) == b.start(2)
-    a, b = _OLD_YR.match(line), query_module._YR.match(line)
+    a, b = _OLD_YR.match(line), OVID_YEAR_LIMIT.match(line)
     assert (a is None) == (b is None) and (a is None or a.groups() == b.groups())
 
 

@@ -318,16 +318,6 @@ class Batch:
         meta = {k: self.meta_info.pop(k) for k in meta_info_keys}
         return Batch(td, non_tensor, meta)
 
-    def rename(self, old_keys: str | Sequence[str], new_keys: str | Sequence[str]) -> Batch:
-        """Rename tensor keys in place; returns ``self``."""
-        old = [old_keys] if isinstance(old_keys, str) else list(old_keys)
-        new = [new_keys] if isinstance(new_keys, str) else list(new_keys)
-        if len(old) != len(new):
-            raise ValueError("old_keys and new_keys must have the same length")
-        for o, n in zip(old, new, strict=True):
-            self.batch.rename_key_(o, n)
-        return self
-
     def union(self, other: Batch) -> Batch:
         """Merge ``other`` into ``self`` in place and return ``self``.
 

@@ -34,8 +34,7 @@ ROLLOUT_TP_SIZE=${ROLLOUT_TP_SIZE:-2}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-pubmed_search_qwen2.5_3b_instruct}
 PYTHON=${PYTHON:-python3}
 
-CODE_DIR=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# the package comes from the Python environment: bash install.sh installs it (editable)
 
 exec "$PYTHON" -m deepretrieval.trainer.main_ppo \
     data.train_files="$DATA_DIR/train.parquet" \

@@ -18,9 +18,8 @@ OUT_DIR=${OUT_DIR:-checkpoints/literature_search_cpu}
 N_WORKERS=${N_WORKERS:-2}
 PYTHON=${PYTHON:-python3}
 
-CODE_DIR=$(cd "$(dirname "$0")/.." && pwd)
-ROOT_DIR=$(cd "$CODE_DIR/.." && pwd)
-export PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# the package comes from the Python environment: bash install.sh installs it (editable)
+ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
 export WANDB_MODE=${WANDB_MODE:-offline}
 
 if [ ! -f "$DATA_DIR/train.parquet" ]; then

@@ -35,8 +35,7 @@ TOTAL_EPOCHS=${TOTAL_EPOCHS:-15}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-literature_search_3b_original}
 PYTHON=${PYTHON:-python3}
 
-CODE_DIR=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# the package comes from the Python environment: bash install.sh installs it (editable)
 
 exec "$PYTHON" -m deepretrieval.trainer.main_ppo \
     data.train_files="$DATA_DIR/$TRAIN_FILE" \

@@ -15,6 +15,5 @@ if ! "$PY" -c 'import deepretrieval' 2>/dev/null; then
   PYTHON="$PY" bash "$ROOT_DIR/install.sh"
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
-export PYTHONPATH="$ROOT_DIR/code${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT_DIR"
 exec "$PY" -m deepretrieval quickstart "$@"

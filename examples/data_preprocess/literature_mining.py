@@ -17,12 +17,8 @@ test file in its original order (`--val-from first --val-size 101`). docs/origin
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-# runnable from a checkout without installing the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "code"))
-
-from deepretrieval.data.cli import add_prepare_arguments, run_prepare  # noqa: E402
+from deepretrieval.data.cli import add_prepare_arguments, run_prepare
 
 # --reproduce original: the settings of the original DeepRetrieval preprocessing
 ORIGINAL_SETTINGS = {"style": "original", "val_from": "first", "val_size": 101}

@@ -9,7 +9,6 @@ from deepretrieval.controller.ray_utils import (
     WorkerFailed,
     WorkerTimeout,
     init_ray,
-    ray_available,
     shutdown_ray,
 )
 from deepretrieval.controller.resource_pool import ResourcePool
@@ -17,6 +16,6 @@ from deepretrieval.controller.worker_group import LocalWorkerGroup, RayWorkerGro
 
 __all__ = [
     "ControllerError", "Dispatch", "InsufficientResources", "LocalWorkerGroup", "RayWorkerGroup",
-    "ResourcePool", "Worker", "WorkerDied", "WorkerFailed", "WorkerTimeout", "init_ray", "ray_available", "register",
+    "ResourcePool", "Worker", "WorkerDied", "WorkerFailed", "WorkerTimeout", "init_ray", "register",
     "shutdown_ray",
 ]

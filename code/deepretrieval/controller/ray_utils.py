@@ -35,14 +35,6 @@ class WorkerDied(WorkerFailed):
         self.rank, self.pid, self.node_id = rank, pid, node_id
 
 
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # the address of a Ray instance this process starts itself (see init_ray)
 LOCAL_NODE_IP = "127.0.0.1"
 

@@ -22,7 +22,7 @@ _EXPORTS: Dict[str, List[str]] = {
     "baselines": ["BASELINES", "PROMPT_MODES", "TASK_BASELINES", "baseline_query"],
     "llm_client": ["ChatClient", "ChatResult"],
     "metrics": ["Interval", "aggregate_samples", "bootstrap_ci"],
-    "methods": ["BaselineMethod", "Generation", "LLMMethod", "ModelMethod", "QueryMethod", "resolve_model_dir"],
+    "methods": ["BaselineMethod", "Generation", "LLMMethod", "ModelMethod", "QueryMethod"],
     "report": ["markdown_table", "plot_summaries", "summarize", "write_report"],
     "runner": ["evaluate"],
     "samples": ["EvalSample", "load_samples", "sample_from_row"],
@@ -30,6 +30,7 @@ _EXPORTS: Dict[str, List[str]] = {
     "topics": ["TopicsFileError", "read_topics_file"],
     # the per-query metrics are the search package's (shared with the reward)
     "deepretrieval.search.metrics": ["ndcg_at_k", "precision_at_k", "query_metrics", "recall_at_k"],
+    "deepretrieval.trainer.checkpoint": ["resolve_model_dir"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

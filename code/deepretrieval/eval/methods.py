@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.samples import EvalSample
+from deepretrieval.trainer.checkpoint import resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -144,30 +145,6 @@ def slug(text: str) -> str:
 
 
 # ------------------------------------------------------------------------- trained models
-
-
-def resolve_model_dir(path: "str | os.PathLike[str]") -> Path:
-    """A Hugging Face model folder from `path`: the folder itself (it has config.json), or a trainer
-    checkpoint holding one (`global_step_N/actor/huggingface`, `.../hf`), or a checkpoint root
-    (the step named in latest_checkpointed_iteration.txt, else the highest global_step_N)."""
-    root = Path(path)
-    if (root / "config.json").exists():
-        return root
-    if not root.is_dir():
-        raise FileNotFoundError(f"no model at {root}")
-    latest = root / "latest_checkpointed_iteration.txt"
-    steps = sorted(
-        (p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"global_step_\d+", p.name)),
-        key=lambda p: int(p.name.rsplit("_", 1)[1]),
-    )
-    if latest.exists() and (root / f"global_step_{latest.read_text().strip()}").is_dir():
-        return resolve_model_dir(root / f"global_step_{latest.read_text().strip()}")
-    if steps:
-        return resolve_model_dir(steps[-1])
-    for sub in ("actor/huggingface", "actor/hf", "huggingface", "hf", "actor"):
-        if (root / sub / "config.json").exists():
-            return root / sub
-    raise FileNotFoundError(f"{root} is neither a Hugging Face model folder nor a checkpoint holding one")
 
 
 def vllm_available() -> bool:

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _HOME = {
-    "RewardConfig": "literature", "compute_score": "literature", "configure": "literature",
+    "RewardConfig": "literature", "compute_score": "literature",
     "tier_reward": "literature",
     "RewardManager": "manager", "compute_reward_metrics": "manager",
     "check_format": "parsing", "format_answer": "parsing", "parse_answer": "parsing",

@@ -660,22 +660,19 @@ def run_searches(samples: Sequence[PreparedSample], engine: Any) -> List[SearchO
 
 # ---------------------------------------------------------------- verl entry point
 
-_DEFAULT_CONFIG: Optional[RewardConfig] = None
-
-
-def configure(config: Any = None) -> RewardConfig:
-    """Set this process's reward configuration (used when compute_score gets no `config`)."""
-    global _DEFAULT_CONFIG
-    _DEFAULT_CONFIG = config if isinstance(config, RewardConfig) else RewardConfig.from_config(config)
-    return _DEFAULT_CONFIG
+@functools.lru_cache(maxsize=1)
+def _default_config() -> RewardConfig:
+    """The default reward configuration, built once per process."""
+    return RewardConfig.from_config(None)
 
 
 def resolve_config(config: Any = None) -> RewardConfig:
+    """`config` as a RewardConfig (a mapping or section is parsed; None: the defaults)."""
     if isinstance(config, RewardConfig):
         return config
     if config is not None:
         return RewardConfig.from_config(config)
-    return _DEFAULT_CONFIG or configure(None)
+    return _default_config()
 
 
 def compute_score(

@@ -13,7 +13,6 @@ from deepretrieval.search.base import (
     SearchResult,
     SearchUnavailable,
     make_engine,
-    register_engine,
 )
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "SearchResult",
     "SearchUnavailable",
     "make_engine",
-    "register_engine",
 ]

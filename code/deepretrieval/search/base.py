@@ -3,8 +3,8 @@
 An engine answers `search(query, k, **filters) -> SearchResult` and *raises* a classified
 `SearchEngineError` when it cannot: `QuerySyntaxError` is the query writer's fault (the reward
 penalises it), `SearchUnavailable` is the service's fault (the trainer leaves the sample out).
-`try_search` turns those errors into a `SearchResult` whose `error` is filled, for callers such
-as the CLI that want one JSON shape for success and failure.
+`try_search` turns those errors into a `SearchResult` whose `error` is filled: `batch_search`
+(pyserini-style, many queries) returns one result per query, successes and failures alike.
 
 Filters shared by the engines (each engine documents which it honours):
 `min_date` / `max_date` ("YYYY/MM/DD", "YYYY/MM" or "YYYY"; publication date for PubMed
@@ -18,7 +18,7 @@ import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 class SearchEngineError(Exception):
@@ -164,11 +164,6 @@ ENGINES: Dict[str, str] = {
     "pubmed": "deepretrieval.search.pubmed:PubMedSearchEngine",
     "ctgov": "deepretrieval.search.ctgov:CTGovSearchEngine",
 }
-
-
-def register_engine(name: str, target: "str | Callable[..., SearchEngine]") -> None:
-    """Register an engine under `name`: a "module:attribute" path or a factory callable."""
-    ENGINES[name] = target  # type: ignore[assignment]
 
 
 def make_engine(name: str, **options: Any) -> SearchEngine:

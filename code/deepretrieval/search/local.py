@@ -50,10 +50,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import tantivy
 
 from deepretrieval.data.paths import INDEX_META_FILE
-from deepretrieval.search import query as Q
+from deepretrieval.search import query_tree as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
                                          parse_date)
+from deepretrieval.search.query import parse
 
 logger = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ class _Compiler:
             fields = node.spec.fields if node.spec is not None else Q.ALL_FIELDS
             return tuple(f for f in fields if f in self.e.text_fields)
         fields: List[str] = []
-        for child in Q._children(node):
+        for child in Q.children(node):
             fields += [f for f in self.near_fields(child) if f not in fields]
         return tuple(fields)
 
@@ -748,7 +749,7 @@ class LocalSearchEngine(SearchEngine):
 
         Every failure is a QuerySyntaxError: the parser's budgets, the expanded size, the cost
         budget, and (defensively) tantivy rejecting a query it was given or a recursion limit."""
-        parsed = Q.parse(query)
+        parsed = parse(query)
         size = Q.expanded_size(parsed)
         if size > MAX_EXPANDED_NODES:
             raise QuerySyntaxError(

@@ -1,17 +1,25 @@
 """Checkpoint folders: atomic writes, a `latest` pointer, keep-last-N, resume resolution, RNG state.
 
-Layout of `trainer.default_local_dir` (verl's names):
-    global_step_<N>/
-        actor/            model + optimiser shards (torch.distributed.checkpoint), scheduler and RNG
-                          state per rank, and `huggingface/` (the actor as a Hugging Face folder);
-                          with LoRA the shards hold the adapter only, `huggingface/` is the merged
-                          model and `lora_adapter/` the adapter in peft's format
-        critic/           same for the value model
-        trainer_state.pt  global step, dataloader position, KL-controller state, driver RNG state
-        prompt.json       how the policy was prompted (style, data sources, chat template, prefix,
-                          prompt length): also in `actor/huggingface/`; evaluation prompts that way
-        COMPLETE.json     the completion marker, written last: size and CRC-32 of every other file
-    latest_checkpointed_iteration.txt   the step number of the newest complete checkpoint
+Layout of `trainer.default_local_dir` (verl's names; each spelled once, below, and imported by
+every module that reads or writes it):
+    global_step_<N>/      STEP_PREFIX, `step_dir_name`, `step_of`
+        actor/            ACTOR_DIR: model + optimiser shards (torch.distributed.checkpoint), scheduler
+                          and RNG state per rank, and `huggingface/` (HF_DIR: the actor as a Hugging
+                          Face folder); with LoRA the shards hold the adapter only, `huggingface/` is
+                          the merged model and `lora_adapter/` (LORA_ADAPTER_DIR) the adapter in
+                          peft's format
+        critic/           CRITIC_DIR: same for the value model
+        trainer_state.pt  TRAINER_STATE: global step, dataloader position, KL-controller state,
+                          driver RNG state
+        prompt.json       PROMPT_FILE: how the policy was prompted (style, data sources, chat
+                          template, prefix, prompt length): also in `actor/huggingface/`; evaluation
+                          prompts that way
+        COMPLETE.json     MARKER: the completion marker, written last: size and CRC-32 of every
+                          other file
+    latest_checkpointed_iteration.txt   LATEST_FILE: the step number of the newest complete checkpoint
+
+`resolve_model_dir` finds the Hugging Face folder in a checkpoint (or a checkpoint root) for
+evaluation.
 
 A checkpoint is written into a hidden temporary folder next to its final place. When every part is
 there, each file is fsynced, the marker (sizes and checksums) is written and fsynced, the folder is
@@ -43,8 +51,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-STEP_DIR = re.compile(r"^global_step_(\d+)$")
-TMP_PREFIX = ".tmp_global_step_"
+STEP_PREFIX = "global_step_"
+STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+TMP_PREFIX = f".tmp_{STEP_PREFIX}"
+TRASH_PREFIX = f".trash_{STEP_PREFIX}"
+ACTOR_DIR = "actor"
+CRITIC_DIR = "critic"
+HF_DIR = "huggingface"  # inside ACTOR_DIR: the actor exported as a Hugging Face folder
+LORA_ADAPTER_DIR = "lora_adapter"  # inside ACTOR_DIR with LoRA: the adapter in peft's format
 TRAINER_STATE = "trainer_state.pt"
 MARKER = "COMPLETE.json"
 MARKER_VERSION = 1
@@ -176,7 +190,13 @@ def verify(folder: Path, required: Sequence[str] = (TRAINER_STATE,), checksums: 
             raise IncompleteCheckpoint(f"{folder.name}: {rel} does not match its checksum (damaged)")
 
 
+def step_dir_name(step: "int | str") -> str:
+    """The folder name of the checkpoint of `step` (`global_step_<step>`)."""
+    return f"{STEP_PREFIX}{step}"
+
+
 def step_of(path: os.PathLike) -> Optional[int]:
+    """The step of a `global_step_<N>` folder (by its name), else None."""
     m = STEP_DIR.match(Path(path).name)
     return int(m.group(1)) if m else None
 
@@ -205,9 +225,9 @@ class CheckpointManager:
         if missing:
             raise IncompleteCheckpoint(f"refusing to commit step {step}: {', '.join(missing)} not written")
         write_marker(tmp, step, build_manifest(tmp))
-        final = self.root / f"global_step_{step}"
+        final = self.root / step_dir_name(step)
         if final.exists():  # a re-run of the same step replaces the old folder
-            trash = self.root / f".trash_global_step_{step}_{os.getpid()}"
+            trash = self.root / f"{TRASH_PREFIX}{step}_{os.getpid()}"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -227,10 +247,10 @@ class CheckpointManager:
         pushes a complete one out."""
         if not self.max_to_keep:
             return []
-        steps = [s for s in self.list_steps() if (self.root / f"global_step_{s}" / MARKER).is_file()]
+        steps = [s for s in self.list_steps() if (self.root / step_dir_name(s) / MARKER).is_file()]
         removed = []
         for step in steps[: max(0, len(steps) - self.max_to_keep)]:
-            path = self.root / f"global_step_{step}"
+            path = self.root / step_dir_name(step)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         return removed
@@ -240,7 +260,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for child in self.root.iterdir():
-            if child.name.startswith((TMP_PREFIX, ".trash_global_step_")):
+            if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
                 shutil.rmtree(child, ignore_errors=True)
 
     # ---- reading
@@ -260,7 +280,7 @@ class CheckpointManager:
             except ValueError:
                 logger.warning("ignoring unreadable %s", pointer)
         for step in reversed(self.list_steps()):
-            path = self.root / f"global_step_{step}"
+            path = self.root / step_dir_name(step)
             try:
                 verify(path, self.required, checksums=checksums)
             except IncompleteCheckpoint as exc:
@@ -281,7 +301,7 @@ class CheckpointManager:
         if step_of(path) is None and (path / LATEST_FILE).is_file():
             path = CheckpointManager(path, required=self.required).latest() or path  # a run folder: its latest
         if step_of(path) is None or not path.is_dir():
-            raise FileNotFoundError(f"resume checkpoint {str(path)!r} is not a global_step_<N> folder")
+            raise FileNotFoundError(f"resume checkpoint {str(path)!r} is not a {STEP_PREFIX}<N> folder")
         try:
             verify(path, self.required)
         except IncompleteCheckpoint as exc:
@@ -306,7 +326,7 @@ def load_trainer_state(folder: Path) -> Dict[str, Any]:
 # Written into every checkpoint (`global_step_N/`) and its HF export (`actor/huggingface/`) by the
 # trainer; evaluation (deepretrieval.eval) renders prompts the way it says.
 PROMPT_FILE = "prompt.json"
-HF_EXPORT_DIR = "actor/huggingface"  # the actor's Hugging Face folder inside a checkpoint
+HF_EXPORT_DIR = f"{ACTOR_DIR}/{HF_DIR}"  # the actor's Hugging Face folder inside a checkpoint
 PROMPT_FILE_VERSION = 1
 # the data settings that change the text or the tokens of a prompt (deepretrieval.data.dataset)
 PROMPT_DATA_KEYS = ("prompt_key", "apply_chat_template", "assistant_prefix", "max_prompt_length", "truncation")
@@ -388,3 +408,28 @@ def choose_prompt_style(settings: Optional[Dict[str, Any]], requested: Optional[
         raise ValueError(f"{model} was trained on prompts of several styles ({', '.join(known)}; {PROMPT_FILE}): "
                          "choose one (--prompt-style)")
     return trained
+
+
+def resolve_model_dir(path: "str | os.PathLike[str]") -> Path:
+    """A Hugging Face model folder from `path`: the folder itself (it has config.json), or a trainer
+    checkpoint holding one (`global_step_N/actor/huggingface`, `.../hf`), or a checkpoint root
+    (the step named in latest_checkpointed_iteration.txt, else the highest global_step_N)."""
+    root = Path(path)
+    if (root / "config.json").exists():
+        return root
+    if not root.is_dir():
+        raise FileNotFoundError(f"no model at {root}")
+    latest = root / LATEST_FILE
+    steps = sorted(
+        (p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{STEP_PREFIX}\d+", p.name)),
+        key=lambda p: int(p.name.rsplit("_", 1)[1]),
+    )
+    if latest.exists() and (root / step_dir_name(latest.read_text().strip())).is_dir():
+        return resolve_model_dir(root / step_dir_name(latest.read_text().strip()))
+    if steps:
+        return resolve_model_dir(steps[-1])
+    # `hf` is accepted for folders exported by other tools
+    for sub in (f"{ACTOR_DIR}/{HF_DIR}", f"{ACTOR_DIR}/hf", HF_DIR, "hf", ACTOR_DIR):
+        if (root / sub / "config.json").exists():
+            return root / sub
+    raise FileNotFoundError(f"{root} is neither a Hugging Face model folder nor a checkpoint holding one")

@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepretrieval.protocol import Batch
 from deepretrieval.trainer.checkpoint import (
+    ACTOR_DIR,
+    CRITIC_DIR,
     CheckpointManager,
     get_rng_state,
     load_trainer_state,
@@ -307,9 +309,9 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         tmp = self.ckpt.begin(self.global_step)
         try:
-            self.actor_wg.save_checkpoint(str(tmp / "actor"), save_hf=bool(self.config.trainer.save_hf_model))
+            self.actor_wg.save_checkpoint(str(tmp / ACTOR_DIR), save_hf=bool(self.config.trainer.save_hf_model))
             if self.critic_wg is not None:
-                self.critic_wg.save_checkpoint(str(tmp / "critic"))
+                self.critic_wg.save_checkpoint(str(tmp / CRITIC_DIR))
             save_prompt_settings(tmp, self.train_dataset)
             save_trainer_state(tmp, {
                 "global_step": self.global_step,
@@ -335,11 +337,11 @@ class PPOTrainer:
             return None
         self._resumed_from = path
         logger.info("resuming from %s", path)
-        self.actor_wg.load_checkpoint(str(path / "actor"))
+        self.actor_wg.load_checkpoint(str(path / ACTOR_DIR))
         if self.critic_wg is not None:
-            if not (path / "critic").is_dir():
+            if not (path / CRITIC_DIR).is_dir():
                 raise FileNotFoundError(f"{path} holds no critic state but this run trains a critic")
-            self.critic_wg.load_checkpoint(str(path / "critic"))
+            self.critic_wg.load_checkpoint(str(path / CRITIC_DIR))
         state = load_trainer_state(path)
         self.global_step = int(state["global_step"])
         self.loader.load_state_dict(state["loader"])

@@ -249,7 +249,7 @@ class Actor(LazyOptimizerMixin):
                     )
                     loss = pg_loss
                     if entropy is not None:
-                        entropy_loss = core_algos.agg_loss(entropy, mask, agg_mode)
+                        entropy_loss = core_algos.compute_entropy_loss(entropy, mask, agg_mode)
                         loss = loss - entropy_coeff * entropy_loss
                         record("actor/entropy", entropy_loss)
                     if use_kl_loss:

@@ -10,7 +10,6 @@ Mini-/micro-batch arithmetic, gradient clipping and the skip on non-finite gradi
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 import os
@@ -84,19 +83,6 @@ class ValueModel(nn.Module):
         if enable_gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
-
-    @classmethod
-    def from_actor(cls, actor_model: nn.Module) -> "ValueModel":
-        """A value model whose backbone is a copy of the actor's decoder (LoRA adapters merged in)."""
-        model = actor_model
-        if hasattr(model, "merge_and_unload"):  # peft: copy, then fold the adapter into the copy
-            model = copy.deepcopy(model).merge_and_unload()
-            backbone = model.get_decoder()
-        else:
-            backbone = copy.deepcopy(model.get_decoder())
-        for p in backbone.parameters():
-            p.requires_grad_(True)
-        return cls(backbone)
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Backbone as a HF folder plus ``value_head.safetensors`` (what :meth:`from_pretrained` reads)."""

@@ -186,16 +186,6 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(True))
 
 
-def load_full_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load full tensors (e.g. a Hugging Face checkpoint) into a possibly sharded model."""
-    if not is_fsdp2(model):
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-
 def _dcp_options(trainable_only: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -29,13 +29,14 @@ import torch
 from deepretrieval.controller.dispatch import Dispatch, register
 from deepretrieval.controller.worker_group import Worker
 from deepretrieval.protocol import Batch
-from deepretrieval.trainer.checkpoint import get_rng_state, set_rng_state
+from deepretrieval.trainer.checkpoint import HF_DIR, LORA_ADAPTER_DIR, get_rng_state, set_rng_state
 from deepretrieval.trainer.config import per_rank_batch_config
 from deepretrieval.workers import fsdp as fsdp_utils
 
 logger = logging.getLogger(__name__)
 
 EXTRA_STATE = "extra_state_rank{rank}.pt"
+SHARDS_DIR = "model_optim"  # model and optimiser shards (torch.distributed.checkpoint)
 
 
 def _sub(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -302,13 +303,13 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         re-read from `model.path` on resume); `huggingface/` is the merged model and `lora_adapter/`
         the adapter in peft's format."""
         folder_p = Path(folder)
-        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer, trainable_only=self.lora)
+        fsdp_utils.save_sharded(folder_p / SHARDS_DIR, self.model, self.optimizer, trainable_only=self.lora)
         self._save_extra(folder_p, {"lr_scheduler": self.lr_scheduler.state_dict(),
                                     "update_calls": self.actor._update_calls, "lora": self.lora})
         hf = None
         if save_hf:
-            hf = fsdp_utils.export_hf(self.model, folder_p / "huggingface", self.tokenizer, dtype=self.export_dtype,
-                                      adapter_dir=folder_p / "lora_adapter" if self.lora else None)
+            hf = fsdp_utils.export_hf(self.model, folder_p / HF_DIR, self.tokenizer, dtype=self.export_dtype,
+                                      adapter_dir=folder_p / LORA_ADAPTER_DIR if self.lora else None)
         return hf
 
     @register(Dispatch.ONE_TO_ALL)
@@ -319,7 +320,7 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         if saved_lora is not None and bool(saved_lora) != self.lora:
             raise ValueError(f"checkpoint {folder} was written with{'' if saved_lora else 'out'} LoRA but this run has "
                              f"actor_rollout_ref.model.lora_rank={self.arr['model'].get('lora_rank')}")
-        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer, trainable_only=self.lora)
+        fsdp_utils.load_sharded(folder_p / SHARDS_DIR, self.model, self.optimizer, trainable_only=self.lora)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.actor._update_calls = int(extra.get("update_calls", 0))
 
@@ -383,14 +384,14 @@ class CriticWorker(_FSDPWorkerBase):
     @register(Dispatch.RANK_ZERO)
     def save_checkpoint(self, folder: str, save_hf: bool = False) -> None:
         folder_p = Path(folder)
-        fsdp_utils.save_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        fsdp_utils.save_sharded(folder_p / SHARDS_DIR, self.model, self.optimizer)
         self._save_extra(folder_p, {"lr_scheduler": self.lr_scheduler.state_dict(),
                                     "update_calls": self.critic._update_calls})
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, folder: str) -> None:
         folder_p = Path(folder)
-        fsdp_utils.load_sharded(folder_p / "model_optim", self.model, self.optimizer)
+        fsdp_utils.load_sharded(folder_p / SHARDS_DIR, self.model, self.optimizer)
         extra = self._load_extra(folder_p)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.critic._update_calls = int(extra.get("update_calls", 0))

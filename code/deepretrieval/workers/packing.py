@@ -64,10 +64,6 @@ class PackedInputs:
     prev_index: torch.Tensor     # [M] packed index of the hidden state that predicts it
     shape: Tuple[int, int]       # (B, R)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[-1])
-
 
 def sequence_segments(position_ids: torch.Tensor) -> torch.Tensor:
     """Segment index of each token of a packed row ``[N]``: a new segment starts where the position is

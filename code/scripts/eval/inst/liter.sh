@@ -34,7 +34,6 @@ for b in ${BASELINES-all}; do args+=(--baseline "$b"); done
 # shellcheck disable=SC2206
 [[ -n "${EXTRA:-}" ]] && args+=(${EXTRA})
 
-# paths stay relative to where the script is called from; the package is found without installing
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
-export PYTHONPATH="$ROOT/code${PYTHONPATH:+:$PYTHONPATH}"
+# paths stay relative to where the script is called from
+# the package comes from the Python environment: bash install.sh installs it (editable)
 python -m deepretrieval "${args[@]}"
