@@ -22,7 +22,8 @@ tantivy's own query parser):
   (yyyymmdd). Records without a date match searches without date conditions and are
   excluded by any date condition.
 - Ranking: BM25 (tantivy's) over the documents the Boolean query matches; a term searched in
-  several fields scores the sum of its per-field BM25; `total` counts every match.
+  several fields scores the sum of its per-field BM25; ties keep tantivy's order (segment,
+  document). `total` counts every match when the caller asks (`count=True`), else it is None.
 - Cost budget: while the tantivy query is built, the postings it will read are estimated from
   the index's document frequencies (`COST_*`: a positional posting of a phrase or proximity
   search costs more than a plain one, and every expanded term has a fixed cost); a query over
@@ -39,6 +40,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -47,7 +49,7 @@ import tantivy
 from deepretrieval.search import query as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
 from deepretrieval.search.ingest import parse_date
-from deepretrieval.search.local_index import TEXT_FIELDS, make_analyzer, read_index_meta
+from deepretrieval.search.local_index import TEXT_FIELDS, make_analyzer, read_index_meta, shard_paths
 
 logger = logging.getLogger(__name__)
 
@@ -387,23 +389,39 @@ class LocalSearchEngine(SearchEngine):
     """Search a tantivy index built by `build_index` with PubMed query syntax.
 
     Cheap to construct (opens the index, reads the metadata) and safe to share between
-    threads: searches use one immutable searcher; the truncation-expansion cache is locked.
+    threads: searches use immutable searchers; the truncation-expansion cache is locked.
     Filters: `min_date` / `max_date` ("YYYY[/MM[/DD]]"): records without a date are excluded
-    when either is given."""
+    when either is given.
+
+    A sharded index (`build_index(..., shards=N)`) opens transparently: the query is compiled
+    once against the shards' combined term statistics (document frequencies summed, truncations
+    expanded over the union of the shards' terms, so the Boolean match set is the single index's)
+    and run on every shard concurrently (`search_threads`, default one per shard; tantivy releases
+    the GIL while it searches); the shards' top k are merged by score, ties by (shard, segment,
+    document), the order tantivy itself uses within one index. BM25 uses each shard's own
+    statistics (tantivy-py has no hook for global ones), so ranked scores differ slightly from the
+    single index's; docs/benchmarks.md "Sharded search" measures the effect on recall."""
 
     name = "local"
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
-                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST, **_ignored: Any):
+                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST,
+                 search_threads: Optional[int] = None, **_ignored: Any):
         self.index_dir = Path(index_dir)
         self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
-        try:
-            self.index = tantivy.Index.open(str(self.index_dir))
-        except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes
-            raise SearchUnavailable(f"cannot open index {self.index_dir}: {exc}") from exc
-        self.schema = self.index.schema
+        self.searchers = []
+        for path in shard_paths(self.index_dir, self.meta):
+            try:
+                index = tantivy.Index.open(str(path))
+            except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes
+                raise SearchUnavailable(f"cannot open index {path}: {exc}") from exc
+            if not self.searchers:
+                self.schema = index.schema
+            self.searchers.append(index.searcher())
+        self.searcher = self.searchers[0]
         self.text_fields = frozenset(self.meta.get("text_fields", TEXT_FIELDS))
-        self.searcher = self.index.searcher()
+        self.search_threads = len(self.searchers) if search_threads is None else max(1, int(search_threads))
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
         self.max_query_cost = int(max_query_cost)
@@ -422,7 +440,17 @@ class LocalSearchEngine(SearchEngine):
 
     @property
     def num_docs(self) -> int:
-        return self.searcher.num_docs
+        return sum(searcher.num_docs for searcher in self.searchers)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.searchers)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _cached(self, key: Tuple[str, str, Optional[str]], compute: Any) -> Any:
         with self._lock:
@@ -441,7 +469,9 @@ class LocalSearchEngine(SearchEngine):
         whether the cap cut some, and the postings of the kept terms (sum of document frequencies)."""
 
         def compute() -> Tuple[List[str], bool, int]:
-            if pattern is None:
+            if len(self.searchers) > 1:
+                found = [(t, c) for t, c in self._shard_terms(field, prefix) if pattern is None or pattern.match(t)]
+            elif pattern is None:
                 found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
             else:
                 found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
@@ -455,13 +485,22 @@ class LocalSearchEngine(SearchEngine):
         regex phrase query reads them all."""
 
         def compute() -> int:
-            return sum(int(c) for t, c in self.searcher.terms_with_prefix(field, prefix)
+            return sum(int(c) for searcher in self.searchers for t, c in searcher.terms_with_prefix(field, prefix)
                        if pattern is None or pattern.match(t))
 
         return self._cached(("postings:" + field, prefix, pattern.pattern if pattern is not None else None), compute)
 
+    def _shard_terms(self, field: str, prefix: str) -> List[Tuple[str, int]]:
+        """Every term of `field` with `prefix` over all shards, with its summed document frequency,
+        most frequent first (ties: term order, as tantivy lists the terms of one index)."""
+        counts: Dict[str, int] = {}
+        for searcher in self.searchers:
+            for term, count in searcher.terms_with_prefix(field, prefix):
+                counts[term] = counts.get(term, 0) + int(count)
+        return sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
+
     def _doc_freq(self, field: str, term: str) -> int:
-        return int(self.searcher.doc_freq(field, term))
+        return sum(int(searcher.doc_freq(field, term)) for searcher in self.searchers)
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
         return tantivy.Query.range_query(self.schema, "pub_date", tantivy.FieldType.Integer, lo, hi)
@@ -494,7 +533,11 @@ class LocalSearchEngine(SearchEngine):
         return tq, parsed, warnings
 
     def search(self, query: str, k: int = 100, min_date: Optional[str] = None, max_date: Optional[str] = None,
-               **filters: Any) -> SearchResult:
+               count: bool = False, **filters: Any) -> SearchResult:
+        """The top `k` matches, best first. `count=True` also counts every match into `total`
+        (tantivy then visits every matching posting); otherwise `total` is None ("not counted")
+        and tantivy may skip postings that cannot reach the top k (block-max WAND). The ids and
+        scores are the same either way."""
         start = time.perf_counter()
         tq, parsed, warnings = self.compile(query)
         if filters:
@@ -507,16 +550,36 @@ class LocalSearchEngine(SearchEngine):
             tq = tantivy.Query.boolean_query([(tantivy.Occur.Must, tq), (tantivy.Occur.Must, self._date_query(lo, hi))])
         k = check_k(k)
         try:
-            res = self.searcher.search(tq, limit=max(k, 1), count=True)
+            hits, total = self._top(tq, max(k, 1), bool(count))
         except ValueError as exc:  # e.g. a regex phrase with too many expansions
             raise QuerySyntaxError(f"query too broad for the local index ({exc})", 0, query) from exc
-        hits = res.hits[:k]
-        ids = [self.searcher.doc(addr)["id"][0] for _, addr in hits]
-        scores = [float(s) for s, _ in hits]
+        hits = hits[:k]
+        ids = [self.searchers[shard].doc(addr)["id"][0] for _, shard, addr in hits]
+        scores = [score for score, _, _ in hits]
         return SearchResult(
-            ids=ids, total=int(res.count), scores=scores, query=query, engine=self.name, k=k,
+            ids=ids, total=total, scores=scores, query=query, engine=self.name, k=k,
             warnings=warnings, query_translation=str(parsed), elapsed_s=time.perf_counter() - start,
         )
 
+    def _top(self, tq: tantivy.Query, limit: int, count: bool) -> Tuple[List[Tuple[float, int, Any]], Optional[int]]:
+        """The best `limit` hits as (score, shard, address), best first, and the match count (None
+        unless `count`). Shards are searched concurrently and their hits merged by score, ties by
+        (shard, segment, document)."""
+        if len(self.searchers) == 1:
+            res = self.searcher.search(tq, limit=limit, count=count)
+            return [(float(s), 0, addr) for s, addr in res.hits], (int(res.count) if count else None)
+        pool = self._shard_pool()
+        results = list(pool.map(lambda searcher: searcher.search(tq, limit=limit, count=count), self.searchers))
+        hits = sorted(((float(s), shard, addr) for shard, res in enumerate(results) for s, addr in res.hits),
+                      key=lambda h: (-h[0], h[1], h[2].segment_ord, h[2].doc))
+        return hits[:limit], (sum(int(res.count) for res in results) if count else None)
+
+    def _shard_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.search_threads, thread_name_prefix="shard-search")
+            return self._pool
+
     def count(self, query: str, **filters: Any) -> int:
-        return self.search(query, k=0, **filters).total
+        """The number of documents `query` matches."""
+        return self.search(query, k=0, count=True, **filters).total

@@ -20,8 +20,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,6 +46,9 @@ INDEX_META_FILE = "deepretrieval_index.json"  # written last by build_index: its
 INDEX_FORMAT_VERSION = 1
 TEXT_FIELDS = Q.ALL_FIELDS
 KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
+MAX_SHARDS = 256
+SHARD_HASH = "crc32(utf-8 id) mod shards"  # recorded in a sharded index's metadata (see shard_of)
+MIN_HEAP_PER_THREAD = 15_000_000  # tantivy refuses an indexing thread less memory than this
 
 
 def build_schema() -> tantivy.Schema:
@@ -118,6 +123,30 @@ def _remove_stale_partials(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def shard_of(record_id: str, shards: int) -> int:
+    """The shard (0 .. shards-1) of a record id: CRC-32 of its UTF-8 bytes modulo `shards` (stable
+    across processes and Python versions, unlike `hash`); every version of an id lands in one
+    shard, so revisions and deletions stay within it."""
+    return zlib.crc32(record_id.encode("utf-8", "surrogatepass")) % shards
+
+
+def shard_dir_name(i: int) -> str:
+    return f"shard-{i:03d}"
+
+
+def _open_writer(index: Any, heap_size: int, num_threads: int, shards: int) -> Any:
+    """One shard's writer: its share of the heap and threads (0 threads: tantivy's choice for a
+    single index, one thread per shard otherwise), at least tantivy's minimum heap per thread."""
+    if shards == 1:
+        return index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
+    threads = max(1, num_threads // shards)
+    return index.writer(max(heap_size // shards, MIN_HEAP_PER_THREAD * threads), threads)
+
+
+def _write_meta(index_dir: Path, meta: Dict[str, Any]) -> None:
+    (index_dir / INDEX_META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def build_index(
     corpus_path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
     out_dir: Union[str, os.PathLike],
@@ -129,6 +158,7 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     limit: Optional[int] = None,
+    shards: int = 1,
 ) -> Dict[str, Any]:
     """Index the corpus file(s) at `corpus_path` into `out_dir`; returns the index metadata.
 
@@ -141,9 +171,18 @@ def build_index(
     with no readable record raises CorpusFormatError and writes nothing. `out_dir` may be
     absent, empty or an earlier index (replaced only when the build succeeds); any other
     non-empty directory needs `overwrite=True`. `limit` stops after that many indexed records
-    (benchmarks)."""
+    (benchmarks).
+
+    `shards` > 1 splits the documents by `shard_of(id, shards)` into that many tantivy indexes,
+    `out_dir/shard-000` ..., each with its own metadata (a complete index by itself), under one
+    top-level metadata file that lists them (`shards`); `LocalSearchEngine` searches them in
+    parallel. `heap_size` and `num_threads` are the totals, shared evenly by the shards' writers
+    (each gets at least one thread and tantivy's minimum of `MIN_HEAP_PER_THREAD` per thread)."""
     from tqdm import tqdm
 
+    shards = int(shards)
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be between 1 and {MAX_SHARDS}, got {shards}")
     out = Path(out_dir).resolve()
     _prepare_target(out, overwrite)
     paths = expand_paths(corpus_path)
@@ -158,10 +197,14 @@ def build_index(
     stats = {"added": 0, "deleted": 0, "with_date": 0, "with_mesh": 0, "with_major": 0, "with_qualifiers": 0,
              "with_pt": 0}
     skips = SkipLog()
-    writer = index = None
+    writers: List[Any] = []
+    indexes: List[Any] = []
+    shard_dirs = [tmp] if shards == 1 else [tmp / shard_dir_name(i) for i in range(shards)]
     try:
-        index = tantivy.Index(build_schema(), path=str(tmp))
-        writer = index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
+        for path in shard_dirs:
+            path.mkdir(exist_ok=True)
+            indexes.append(tantivy.Index(build_schema(), path=str(path)))
+            writers.append(_open_writer(indexes[-1], heap_size, num_threads, shards))
         bar = tqdm(total=None, unit="doc", desc="indexing", disable=not progress, mininterval=1.0)
         since_commit = 0
         present: set = set()
@@ -171,6 +214,7 @@ def build_index(
                 try:
                     doc = None if rec.deleted else _document(rec)
                     # the id's earlier version (if any) goes: revisions, duplicates, deletions
+                    writer = writers[shard_of(rec.id, shards) if shards > 1 else 0]
                     writer.delete_documents_by_term("id", rec.id)
                     if doc is not None:
                         writer.add_document(doc)
@@ -192,7 +236,8 @@ def build_index(
                 since_commit += 1
                 bar.update(1)
                 if since_commit >= batch_size:
-                    writer.commit()
+                    for writer in writers:
+                        writer.commit()
                     since_commit = 0
                 if limit is not None and stats["added"] >= limit:
                     break
@@ -203,10 +248,13 @@ def build_index(
             raise CorpusFormatError(
                 f"no record could be indexed: {skips.total} skipped ({_reasons(skips.counts)}); "
                 f"first: {skips.examples[0]}")
-        writer.commit()
-        writer.wait_merging_threads()
-        index.reload()
-        num_docs = index.searcher().num_docs
+        shard_docs = []
+        for writer, index in zip(writers, indexes):
+            writer.commit()
+            writer.wait_merging_threads()
+            index.reload()
+            shard_docs.append(index.searcher().num_docs)
+        num_docs = sum(shard_docs)
         removed = stats["added"] - num_docs
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
@@ -229,7 +277,11 @@ def build_index(
             "build_seconds": round(time.perf_counter() - start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / INDEX_META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        if shards > 1:
+            for i, (path, n) in enumerate(zip(shard_dirs, shard_docs)):
+                _write_meta(path, {**meta, "num_docs": n, "shard": i, "num_shards": shards})
+            meta.update(shards=[p.name for p in shard_dirs], shard_docs=shard_docs, shard_hash=SHARD_HASH)
+        _write_meta(tmp, meta)  # last: marks the whole index finished
         # swap into place: the old index (if any) moves aside first, then is removed
         old = None
         if out.exists():
@@ -240,12 +292,13 @@ def build_index(
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         # release tantivy's writer (lock file, merge threads) before removing the partial index
-        try:
-            writer.rollback()
-            writer.wait_merging_threads()
-        except Exception:  # the writer may be in any state; removal below is what matters
-            pass
-        writer = index = None  # noqa: F841
+        for writer in writers:
+            try:
+                writer.rollback()
+                writer.wait_merging_threads()
+            except Exception:  # the writer may be in any state; removal below is what matters
+                pass
+        writers = indexes = []  # noqa: F841
         import gc
 
         gc.collect()
@@ -280,7 +333,7 @@ def build_summary(meta: Dict[str, Any]) -> List[str]:
 # metadata key -> the JSON types it may have; anything else means a damaged or foreign file
 _META_TYPES: Dict[str, Tuple[type, ...]] = {
     "format_version": (int,), "num_docs": (int,), "formats": (list,), "text_fields": (list,), "sources": (list,),
-    "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,),
+    "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,), "shards": (list,),
 }
 
 
@@ -306,7 +359,26 @@ def read_index_meta(index_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     fields = meta.get("text_fields", [])
     if not all(isinstance(f, str) for f in fields):
         raise SearchUnavailable(f"index metadata {path}: 'text_fields' must list field names; {rebuild}")
+    shards = meta.get("shards", [])
+    if not all(isinstance(d, str) and re.fullmatch(r"shard-\d{3}", d) for d in shards):
+        raise SearchUnavailable(f"index metadata {path}: 'shards' must list shard folder names; {rebuild}")
     return meta
+
+
+def shard_paths(index_dir: Union[str, os.PathLike], meta: Dict[str, Any]) -> List[Path]:
+    """The tantivy index folders of an index: its shards' (in shard order), or the folder itself
+    for an unsharded index. A listed shard that is missing or has no complete metadata of its own
+    is a SearchUnavailable naming it."""
+    if not meta.get("shards"):
+        return [Path(index_dir)]
+    out = []
+    for name in meta["shards"]:
+        path = Path(index_dir) / name
+        if not (path / INDEX_META_FILE).is_file():
+            raise SearchUnavailable(f"shard {name} of index {index_dir} is missing or incomplete (no {path / INDEX_META_FILE}); "
+                                    "rebuild it with `deepretrieval index build`")
+        out.append(path)
+    return out
 
 
 def index_size_bytes(index_dir: Union[str, os.PathLike]) -> int:
