@@ -567,10 +567,10 @@ class LocalSearchEngine(SearchEngine):
 
     def search(self, query: str, k: int = 100, min_date: Optional[str] = None, max_date: Optional[str] = None,
                count: bool = False, **filters: Any) -> SearchResult:
-        """The top `k` matches, best first. `count=True` also counts every match into `total`
-        (tantivy then visits every matching posting); otherwise `total` is None ("not counted")
-        and tantivy may skip postings that cannot reach the top k (block-max WAND). The ids and
-        scores are the same either way."""
+        """The top `k` matches, best first. `count=True` also counts every match into `total`;
+        otherwise `total` is None ("not counted"). The ids and scores are the same either way.
+        (tantivy-py 0.27 scores every match in both cases: it collects through a MultiCollector,
+        which never prunes, so not counting saves only the counter; see docs/benchmarks.md.)"""
         start = time.perf_counter()
         if len(self.searchers) > 1 and self.global_idf:
             compiled = [self.compile(query, shard) for shard in range(len(self.searchers))]
