@@ -246,3 +246,27 @@ def test_foreign_shard_list_is_a_classified_error(small_sharded, shards):
     (small_sharded / INDEX_META_FILE).write_text(json.dumps(meta))
     with pytest.raises(SearchUnavailable, match="'shards'"):
         LocalSearchEngine(small_sharded)
+
+
+def test_sharded_engine_searches_in_a_forked_child(small_sharded):
+    """A fork copies the shard pool without its threads: the child makes its own (with the
+    inherited pool, whose threads all exist, the child's search waited forever)."""
+    import multiprocessing
+
+    engine = _FORKED["engine"] = LocalSearchEngine(small_sharded)
+    try:
+        expected = engine.search("aspirin", k=10).ids
+        engine.batch_search(["aspirin"] * 30, k=10, threads=4)  # every pool thread now exists in the parent
+        assert len(engine._pool._threads) == engine.num_shards == 3
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_search_in_child, ("aspirin",)).get(timeout=30)
+    finally:
+        _FORKED.clear()
+    assert got == expected and set(got) == {"d1", "d2", "d3", "d7"}  # by hand from the fixture
+
+
+_FORKED = {}  # the engine a forked child inherits
+
+
+def _search_in_child(query):
+    return _FORKED["engine"].search(query, k=10).ids

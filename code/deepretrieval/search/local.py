@@ -442,6 +442,7 @@ class LocalSearchEngine(SearchEngine):
         self.search_threads = len(self.searchers) if search_threads is None else max(1, int(search_threads))
         self.global_idf = bool(global_idf)
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_pid = 0
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
         self.max_query_cost = int(max_query_cost)
@@ -615,9 +616,12 @@ class LocalSearchEngine(SearchEngine):
         return hits[:limit], (sum(int(res.count) for res in results) if count else None)
 
     def _shard_pool(self) -> ThreadPoolExecutor:
+        """The shard-search threads, made on first use and again in a forked child (a fork copies
+        the pool but not its threads, so the inherited one would never run a task)."""
         with self._lock:
-            if self._pool is None:
+            if self._pool is None or self._pool_pid != os.getpid():
                 self._pool = ThreadPoolExecutor(max_workers=self.search_threads, thread_name_prefix="shard-search")
+                self._pool_pid = os.getpid()
             return self._pool
 
     def count(self, query: str, **filters: Any) -> int:
