@@ -27,13 +27,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench_search import BOOLEAN_QUERIES  # scripts/ (this script's folder is on sys.path)
+from deepretrieval.search.base import make_engine
+from deepretrieval.search.local_index import build_index
 
-from bench_search import BOOLEAN_QUERIES  # noqa: E402
-from deepretrieval.search.base import make_engine  # noqa: E402
-from deepretrieval.search.local import build_index  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "data" / "pubmed_mini"
 

@@ -10,7 +10,8 @@ from deepretrieval.eval.methods import BaselineMethod
 from deepretrieval.eval.runner import evaluate
 from deepretrieval.eval.samples import load_samples
 from deepretrieval.eval.searcher import Searcher
-from deepretrieval.search.local import LocalSearchEngine, build_index
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import build_index
 
 PM_TOPICS = ["clef2017-CD008760", "clef2017-CD010633", "cohen2006-Estrogens"]
 

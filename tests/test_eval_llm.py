@@ -182,7 +182,8 @@ from deepretrieval.eval.runner import evaluate  # noqa: E402
 from deepretrieval.eval.samples import load_samples  # noqa: E402
 from deepretrieval.eval.searcher import Searcher  # noqa: E402
 from deepretrieval.rewards.parsing import format_answer  # noqa: E402
-from deepretrieval.search.local import LocalSearchEngine, build_index  # noqa: E402
+from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
+from deepretrieval.search.local_index import build_index  # noqa: E402
 
 
 @pytest.fixture(scope="module")

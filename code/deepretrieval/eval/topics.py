@@ -194,7 +194,7 @@ def check_topic(record: Any, corpus: str, seen: Set[str]) -> Tuple[Optional[Dict
 
 def corpus_ids(corpus: str) -> Set[str]:
     """The document ids of a vendored corpus, normalised as the index normalises them."""
-    from deepretrieval.data.paths import corpus_path
+    from deepretrieval.search.local_index import corpus_path
     from deepretrieval.search.ingest import iter_records
 
     return {rec.id for rec in iter_records(corpus_path(corpus))}

@@ -100,7 +100,7 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 
 def prepare_data(out_dir: Path) -> Dict[str, Any]:
     """Write `<out>/data/{train,test}.parquet` (`compact` prompt style); build the index."""
-    from deepretrieval.data.paths import ensure_local_index
+    from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
     splits = build_splits(TASK, style=PROMPT_STYLE)

@@ -52,7 +52,7 @@ set the pubmed source), and a source key that is neither reserved nor a paramete
 constructor. Data source `literature` (parquet files of the original DeepRetrieval preprocessing)
 is routed to the `pubmed` source (`SOURCE_ALIASES`), with the format check of the original prompt
 (which opens `<think>`) unless the source sets `think_in_prompt`. A local source without `index_dir` uses the vendored corpus
-named by `index` (default: the data source name), built on first use (deepretrieval.data.paths).
+named by `index` (default: the data source name), built on first use (deepretrieval.search.local_index).
 Engines are created lazily, once per process, keyed by their options, so the function-style
 `compute_score` works inside Ray workers. With `use_search_service` (the trainer's
 `reward_model.search_service`) the sources of the served engine kinds search through Ray actors
@@ -468,7 +468,7 @@ class SearchOutcome:
     ids: List[str]
     error: str = ERROR_NONE
     detail: str = ""
-    total: int = 0
+    total: Optional[int] = None  # the match count when the engine counted it (the reward needs only the ids)
     elapsed_s: float = 0.0
     cached: bool = False
 
@@ -555,7 +555,7 @@ def open_engine(source: SourceConfig) -> SearchEngine:
     named by `index`, built on first use)."""
     options = dict(source.engine_options)
     if source.engine == "local" and "index_dir" not in options:
-        from deepretrieval.data.paths import ensure_local_index
+        from deepretrieval.search.local_index import ensure_local_index
 
         options["index_dir"] = str(ensure_local_index(source.index or source.name))
     return make_engine(source.engine, **options)
@@ -642,7 +642,7 @@ def outcome_of(result: SearchResult, elapsed_s: float) -> SearchOutcome:
         kind = result.error.get("type")
         error = ERROR_QUERY_SYNTAX if kind == ERROR_QUERY_SYNTAX else ERROR_SEARCH_UNAVAILABLE
         return SearchOutcome([], error, result.error.get("message", ""), elapsed_s=elapsed_s)
-    return SearchOutcome(ids=[str(i) for i in result.ids], total=int(result.total), elapsed_s=elapsed_s,
+    return SearchOutcome(ids=[str(i) for i in result.ids], total=result.total, elapsed_s=elapsed_s,
                          cached=bool(result.cached))
 
 
