@@ -73,14 +73,17 @@ def service(ray_up, source):
 def test_answers_equal_the_in_process_engine(service, source, in_process):
     client = service.client(source.engine_key(), functools.partial(open_engine, source))
     assert client.name == in_process.name == "local"
-    requests = [(q, k, {}) for q in QUERIES for k in (0, 5, 100)] + [("cancer", 50, {"max_date": "1980/12/31"}),
+    # counted at k=100 only (the engine counts only when asked: total None otherwise)
+    requests = [(q, k, {"count": True} if k == 100 else {}) for q in QUERIES for k in (0, 5, 100)] + [("cancer", 50, {"max_date": "1980/12/31"}),
                                                                       ("cancer", 50, {"min_date": "1990"})]
     served = client.search_requests(requests)
     assert len(served) == len(requests)
     for (query, k, filters), result in zip(requests, served):
         expected = in_process.search(query, k=k, **filters)
         assert without_time(result) == without_time(expected), query
-    assert any(r.total > 100 for r in served) and any(r.total == 0 for r in served)  # the queries are not all alike
+    counted = [r.total for (_, k, _), r in zip(requests, served) if k == 100]
+    assert any(t > 100 for t in counted) and any(t == 0 for t in counted)  # the queries are not all alike
+    assert all(r.total is None for (_, k, _), r in zip(requests, served) if k != 100)
     assert [without_time(r) for r in client.batch_search(QUERIES, k=20)] == \
         [without_time(in_process.search(q, k=20)) for q in QUERIES]
     # classified errors cross the service as themselves, with their position
