@@ -11,6 +11,7 @@ Checked against the actor's own HF module, never against the engine itself:
 - n samples, per-call seeds, stop tokens and response masks of the post-rollout batch.
 """
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from deepretrieval.models.tiny import make_prompt_batch
+from deepretrieval.workers.config import HFRolloutConfig, RolloutConfig, from_dict
 
 pytestmark = [pytest.mark.vllm_cpu,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -72,7 +74,7 @@ def group(tok, tmp_path_factory):
 def _hf_greedy(worker, tok, prompts):
     from deepretrieval.workers.rollout.hf import HFRollout
 
-    hf = HFRollout(worker.model, tok, dict(worker.rollout_cfg, hf={}))
+    hf = HFRollout(worker.model, tok, dataclasses.replace(worker.rollout_cfg, hf=HFRolloutConfig()))
     return hf.generate_sequences(prompts)
 
 
@@ -268,8 +270,8 @@ def smollm2_greedy_check(out_json: str) -> None:
     cfg = {"response_length": 24, "prompt_length": 96, "n": 1, "kv_cache_memory_gb": 0.25, "hf": {}}
     prompts = make_prompt_batch(tok, ["Write a PubMed search query about " + t for t in TEXTS],
                                 meta_info={"validate": True})
-    vr = VLLMRollout(model, tok, cfg, model_path=path)
-    hf = HFRollout(model, tok, cfg)
+    vr = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), model_path=path)
+    hf = HFRollout(model, tok, from_dict(RolloutConfig, cfg))
     result = {}
     for phase in ("before", "after"):
         with torch.no_grad():
