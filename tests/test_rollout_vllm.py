@@ -450,7 +450,7 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
     generation loads the actor's *current* weights (after an update they differ)."""
     from deepretrieval.controller.worker_group import LocalWorkerGroup
     from deepretrieval.models.tiny import save_tiny_model
-    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.trainer.config import build_worker_config, compose_config
     from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
 
     path = save_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2)
@@ -464,7 +464,7 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
                          validate=False)
     created = []
     fake_vllm.LLM = lambda **kw: created.append(FakeLLM(eos=tok.eos_token_id, **kw)) or created[-1]
-    group = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    group = LocalWorkerGroup(ActorRolloutRefWorker, args=(build_worker_config(cfg), False), device="cpu")
     group.init_model()
     (llm,) = created
     assert llm.kwargs["model"] == str(path) and llm.kwargs["gpu_memory_utilization"] == 0.3

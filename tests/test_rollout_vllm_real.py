@@ -34,7 +34,7 @@ def group(tok, tmp_path_factory):
     """A LocalWorkerGroup with one ActorRolloutRefWorker whose rollout is a real vLLM engine."""
     from deepretrieval.controller.worker_group import LocalWorkerGroup
     from deepretrieval.models.tiny import make_tiny_qwen2
-    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.trainer.config import build_worker_config, compose_config
     from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
 
     path = tmp_path_factory.mktemp("vllm_real") / "m"
@@ -54,7 +54,7 @@ def group(tok, tmp_path_factory):
                           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6",
                           "actor_rollout_ref.actor.optim.lr=0.02",
                           "actor_rollout_ref.rollout.kv_cache_memory_gb=0.125"], validate=False)
-    g = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    g = LocalWorkerGroup(ActorRolloutRefWorker, args=(build_worker_config(cfg), False), device="cpu")
     g.init_model()
     yield g
     g.shutdown()

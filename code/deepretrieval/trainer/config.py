@@ -486,6 +486,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     _check_fault_keys(cfg)
+    build_worker_config(cfg)  # the workers' typed sections build (ConfigError naming the key otherwise)
 
 
 def _check_fault_keys(cfg: DictConfig) -> None:
