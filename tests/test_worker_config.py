@@ -25,12 +25,8 @@ from deepretrieval.workers.config import (
     yaml_fields,
 )
 
-REQUIRED = ["data.train_files=train.parquet", "actor_rollout_ref.model.path=some/model"]
-SMALL = REQUIRED + [
-    "trainer.n_gpus_per_node=2", "data.train_batch_size=8", "actor_rollout_ref.rollout.n=2",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-    "critic.ppo_micro_batch_size_per_gpu=2",
-]
+from test_trainer_config import SMALL  # noqa: E402  (the overrides of a valid 2-worker run)
+
 
 
 def _plain(value):

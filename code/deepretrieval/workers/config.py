@@ -91,8 +91,8 @@ class PolicyLossConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """`actor_rollout_ref.model`: the policy's HF model, gradient checkpointing, packing and LoRA."""
+class HFModelConfig:
+    """The keys both model sections have: the HF folder, its loading and how it runs."""
 
     path: Optional[str] = None
     external_lib: Optional[str] = None
@@ -100,6 +100,12 @@ class ModelConfig:
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = False
     trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig(HFModelConfig):
+    """`actor_rollout_ref.model`: the policy's HF model, gradient checkpointing, packing and LoRA."""
+
     lora_rank: int = 0
     lora_alpha: float = 16
     target_modules: Union[str, Tuple[str, ...]] = "all-linear"
@@ -217,16 +223,10 @@ class ActorRolloutRefConfig:
 
 
 @dataclass(frozen=True)
-class CriticModelConfig:
+class CriticModelConfig(HFModelConfig):
     """`critic.model`: the value model's backbone."""
 
-    path: Optional[str] = None
     tokenizer_path: Optional[str] = None
-    override_config: Dict[str, Any] = field(default_factory=dict)
-    enable_gradient_checkpointing: bool = False
-    use_remove_padding: bool = False
-    trust_remote_code: bool = False
-    external_lib: Optional[str] = None
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
