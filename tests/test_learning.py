@@ -7,6 +7,7 @@ on 2 cores (GRPO with a KL loss to a frozen reference; GAE with a critic and a K
 reward), so they are ordinary (not slow) tests.
 """
 
+import dataclasses
 import time
 
 import pytest
@@ -93,7 +94,7 @@ def test_loop_argument_checks():
 def test_loop_accepts_iterables_dict_rewards_and_stops_early():
     """Prompts as a list of Batches (cycled), a RewardManager-style dict reward, on_step early stop."""
     actor, rollout, prompts, _, _, _ = _setup("grpo")
-    actor.config["use_kl_loss"] = False
+    actor.config = dataclasses.replace(actor.config, use_kl_loss=False)
     halves = [prompts[:4], prompts[4:]]
     seen_lengths = []
 
