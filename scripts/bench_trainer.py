@@ -167,7 +167,7 @@ def bench_phases(args) -> int:
         ref = Reference(frozen_copy(actor_model), from_dict(RefConfig, {"log_prob_micro_batch_size_per_gpu": mb, "use_remove_padding": rmpad}))
         critic = Critic(ValueModel(make_shape(args.shape, dtype, device).get_decoder()),
                         from_dict(CriticConfig, {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
-                         "use_remove_padding": rmpad, "grad_clip": 1.0, "optim": {"lr": 1e-6}}))
+                         "model": {"use_remove_padding": rmpad}, "grad_clip": 1.0, "optim": {"lr": 1e-6}}))
         lp, _ = timed(f"old_log_prob/{tag}", lambda: actor.compute_log_prob(batch), valid)  # noqa: B023, F821 (called at once)
         batch.batch["old_log_probs"] = lp
         timed(f"ref/{tag}", lambda: ref.compute_ref_log_prob(batch), valid)  # noqa: B023, F821 (called at once)
