@@ -105,6 +105,7 @@ def main() -> int:
 
     from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch
     from deepretrieval.protocol import Batch
+    from deepretrieval.workers.config import RolloutConfig, from_dict
     from deepretrieval.workers.rollout import HFRollout
     from deepretrieval.workers.rollout.base import response_mask_from_eos
 
@@ -134,7 +135,7 @@ def main() -> int:
 
     def rollout_method(eos, hf):
         cfg = {"response_length": R, "n": n, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "hf": hf}
-        rollout = HFRollout(model, tok, cfg)
+        rollout = HFRollout(model, tok, from_dict(RolloutConfig, cfg))
         rollout.eos_ids = eos
         calls = iter(range(10 ** 6))
 

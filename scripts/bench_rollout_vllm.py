@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     from deepretrieval.models.pretrained import prepare_smollm2
     from deepretrieval.models.tokenizer import load_tokenizer
     from deepretrieval.models.tiny import make_prompt_batch
+    from deepretrieval.workers.config import RolloutConfig, from_dict
     from deepretrieval.workers.rollout.hf import HFRollout
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
@@ -140,13 +141,13 @@ def main(argv=None) -> int:
     common = {"prompts": args.prompts, "n": args.n, "response_length": args.response_length, "dtype": args.dtype,
               "threads": torch.get_num_threads(), "model": Path(path).name}
     with torch.no_grad():
-        hf = HFRollout(model, tok, cfg)
+        hf = HFRollout(model, tok, from_dict(RolloutConfig, cfg))
         sec, toks, times = timed(hf, prompts, args.repeats)
         results["hf"] = dict(common, method="hf", seconds=sec, tokens=toks, tokens_per_s=toks / sec, times=times)
         print(json.dumps(results["hf"]), flush=True)
 
         start = time.perf_counter()
-        vr = VLLMRollout(model, tok, cfg, model_path=path, seed=0)
+        vr = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), model_path=path, seed=0)
         startup = time.perf_counter() - start
         sec, toks, times = timed(vr, prompts, args.repeats)
         results["vllm"] = dict(common, method="vllm", seconds=sec, tokens=toks, tokens_per_s=toks / sec, times=times,

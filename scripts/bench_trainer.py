@@ -115,6 +115,7 @@ def bench_phases(args) -> int:
     import torch
 
     from deepretrieval.workers.actor import Actor, enable_gradient_checkpointing
+    from deepretrieval.workers.config import ActorConfig, CriticConfig, RefConfig, RolloutConfig, from_dict
     from deepretrieval.workers.critic import Critic, ValueModel
     from deepretrieval.workers.reference import Reference, frozen_copy
     from deepretrieval.workers.rollout.hf import HFRollout
@@ -127,7 +128,7 @@ def bench_phases(args) -> int:
     vocab = model.config.vocab_size
     tok = type("Tok", (), {"eos_token_id": 1, "pad_token_id": 0})()
     prompts = random_prompts(args.batch, args.prompt_length, vocab).to(device)
-    rollout = HFRollout(model, tok, {"response_length": args.response_length, "n": 1, "temperature": 1.0})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": args.response_length, "n": 1, "temperature": 1.0}))
     timings, tokens = {}, {}
 
     def timed(name, fn, n_tokens, repeats=None):
@@ -159,13 +160,13 @@ def bench_phases(args) -> int:
         actor_model = make_shape(args.shape, dtype, device)
         if args.grad_ckpt:
             enable_gradient_checkpointing(actor_model)
-        actor = Actor(actor_model, {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
+        actor = Actor(actor_model, from_dict(ActorConfig, {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
                                     "log_prob_micro_batch_size_per_gpu": mb, "use_remove_padding": rmpad,
-                                    "grad_clip": 1.0, "optim": {"lr": 1e-6}})
-        ref = Reference(frozen_copy(actor_model), {"log_prob_micro_batch_size_per_gpu": mb, "use_remove_padding": rmpad})
+                                    "grad_clip": 1.0, "optim": {"lr": 1e-6}}))
+        ref = Reference(frozen_copy(actor_model), from_dict(RefConfig, {"log_prob_micro_batch_size_per_gpu": mb, "use_remove_padding": rmpad}))
         critic = Critic(ValueModel(make_shape(args.shape, dtype, device).get_decoder()),
-                        {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
-                         "use_remove_padding": rmpad, "grad_clip": 1.0, "optim": {"lr": 1e-6}})
+                        from_dict(CriticConfig, {"ppo_mini_batch_size": args.batch, "ppo_micro_batch_size_per_gpu": mb,
+                         "model": {"use_remove_padding": rmpad}, "grad_clip": 1.0, "optim": {"lr": 1e-6}}))
         lp, _ = timed(f"old_log_prob/{tag}", lambda: actor.compute_log_prob(batch), valid)  # noqa: B023, F821 (called at once)
         batch.batch["old_log_probs"] = lp
         timed(f"ref/{tag}", lambda: ref.compute_ref_log_prob(batch), valid)  # noqa: B023, F821 (called at once)

@@ -11,6 +11,7 @@ from deepretrieval.workers.logprob import naive_response_log_probs
 from deepretrieval.workers.optim import build_lr_scheduler, lr_multiplier
 from deepretrieval.workers.reference import Reference, frozen_copy
 from deepretrieval.workers.rollout import HFRollout
+from deepretrieval.workers.config import ActorConfig, ModelConfig, OptimConfig, RolloutConfig, from_dict
 
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -23,7 +24,7 @@ def rollout_batch(tok):
     """4 prompts x 2 samples of 5 tokens from a fixed model, with per-sample advantages set later."""
     model = make_tiny_qwen2(tok, hidden_size=64, seed=4)
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 0})
-    return HFRollout(model, tok, {"response_length": 5, "n": 2}).generate_sequences(prompts)
+    return HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 5, "n": 2})).generate_sequences(prompts)
 
 
 def _train_batch(actor, batch, advantages):
@@ -44,7 +45,7 @@ def _cfg(**kw):
 
 def test_compute_log_prob_micro_batches_match_naive(tok, rollout_batch):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
-    actor = Actor(model, _cfg(log_prob_micro_batch_size_per_gpu=3, logprob_chunk_size=7))
+    actor = Actor(model, from_dict(ActorConfig, _cfg(log_prob_micro_batch_size_per_gpu=3, logprob_chunk_size=7)))
     lp, ent = actor.compute_log_prob(rollout_batch, calculate_entropy=True)
     b = rollout_batch.batch
     with torch.no_grad():
@@ -63,7 +64,7 @@ def test_compute_log_prob_micro_batches_match_naive(tok, rollout_batch):
 
 def test_update_moves_log_probs_with_advantage_sign(tok, rollout_batch):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
-    actor = Actor(model, _cfg(optim={"lr": 1e-3}))
+    actor = Actor(model, from_dict(ActorConfig, _cfg(optim={"lr": 1e-3})))
     adv = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 5).contiguous()
     batch = _train_batch(actor, rollout_batch, adv)
     metrics = actor.update_policy(batch)
@@ -83,7 +84,7 @@ def test_gradient_accumulation_equals_full_batch(tok, rollout_batch):
     for micro in (8, 3, 1):
         model = make_tiny_qwen2(tok, hidden_size=64, seed=6)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        actor = Actor(model, _cfg(ppo_micro_batch_size_per_gpu=micro, grad_clip=0), optimizer=opt)
+        actor = Actor(model, from_dict(ActorConfig, _cfg(ppo_micro_batch_size_per_gpu=micro, grad_clip=0)), optimizer=opt)
         batch = _train_batch(actor, rollout_batch, torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
         batch.batch["response_mask"] = torch.ones_like(batch.batch["response_mask"])
         actor.update_policy(batch)
@@ -95,7 +96,7 @@ def test_gradient_accumulation_equals_full_batch(tok, rollout_batch):
 def test_non_finite_gradient_skips_step(tok, rollout_batch):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
     before = [p.detach().clone() for p in model.parameters()]
-    actor = Actor(model, _cfg())
+    actor = Actor(model, from_dict(ActorConfig, _cfg()))
     adv = torch.ones(8, 5)
     adv[0, 0] = float("nan")
     metrics = actor.update_policy(_train_batch(actor, rollout_batch, adv))
@@ -105,8 +106,8 @@ def test_non_finite_gradient_skips_step(tok, rollout_batch):
 
 
 def test_mini_batches_epochs_and_rollout_n(tok, rollout_batch):
-    actor = Actor(make_tiny_qwen2(tok, hidden_size=64, seed=5), _cfg(ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2,
-                                                                    ppo_epochs=2, shuffle=True))
+    actor = Actor(make_tiny_qwen2(tok, hidden_size=64, seed=5), from_dict(ActorConfig, _cfg(ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2,
+                                                                    ppo_epochs=2, shuffle=True)))
     batch = _train_batch(actor, rollout_batch, torch.zeros(8, 5))
     batch.meta_info["rollout_n"] = 2  # 2 prompts x 2 samples = 4 samples per mini-batch
     assert actor.update_policy(batch)["actor/optimizer_steps"] == 4.0  # 2 mini-batches x 2 epochs
@@ -115,7 +116,7 @@ def test_mini_batches_epochs_and_rollout_n(tok, rollout_batch):
 
 
 def test_lr_warmup_schedule(tok, rollout_batch):
-    actor = Actor(make_tiny_qwen2(tok, hidden_size=64, seed=5), _cfg(optim={"lr": 0.1, "lr_warmup_steps": 4}))
+    actor = Actor(make_tiny_qwen2(tok, hidden_size=64, seed=5), from_dict(ActorConfig, _cfg(optim={"lr": 0.1, "lr_warmup_steps": 4})))
     batch = _train_batch(actor, rollout_batch, torch.zeros(8, 5))
     lrs = [actor.update_policy(batch)["actor/lr"] for _ in range(5)]
     assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
@@ -123,7 +124,7 @@ def test_lr_warmup_schedule(tok, rollout_batch):
 
 def test_lr_schedule_ratio_and_cosine():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_lr_scheduler(opt, {"lr_warmup_steps_ratio": 0.2, "warmup_style": "cosine", "min_lr_ratio": 0.1}, total_steps=10)
+    sched = build_lr_scheduler(opt, from_dict(OptimConfig, {"lr_warmup_steps_ratio": 0.2, "warmup_style": "cosine", "min_lr_ratio": 0.1}), total_steps=10)
     seen = []
     for _ in range(10):
         seen.append(opt.param_groups[0]["lr"])
@@ -133,13 +134,13 @@ def test_lr_schedule_ratio_and_cosine():
     assert seen[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
     assert lr_multiplier(100, 2, 10, "cosine", 0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_style"):
-        build_lr_scheduler(opt, {"warmup_style": "linearish"})
+        build_lr_scheduler(opt, from_dict(OptimConfig, {"warmup_style": "linearish"}))
 
 
 def test_kl_loss_and_entropy_terms(tok, rollout_batch):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
     ref = Reference(frozen_copy(model))
-    actor = Actor(model, _cfg(use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="low_var_kl", entropy_coeff=0.01))
+    actor = Actor(model, from_dict(ActorConfig, _cfg(use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="low_var_kl", entropy_coeff=0.01)))
     batch = _train_batch(actor, rollout_batch, torch.zeros(8, 5))
     with pytest.raises(KeyError, match="ref_log_prob"):
         actor.update_policy(batch)
@@ -158,7 +159,7 @@ def test_entropy_bonus_raises_entropy(tok, rollout_batch):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # a peaked (low-entropy) policy, far from the uniform maximum
-    actor = Actor(model, _cfg(entropy_coeff=1.0), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    actor = Actor(model, from_dict(ActorConfig, _cfg(entropy_coeff=1.0)), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
     batch = _train_batch(actor, rollout_batch, torch.zeros(8, 5))
     _, ent0 = actor.compute_log_prob(batch, calculate_entropy=True)
     for _ in range(3):
@@ -170,15 +171,15 @@ def test_entropy_bonus_raises_entropy(tok, rollout_batch):
 
 def test_lora_actor_and_adapter_disabled_reference(tok, rollout_batch, tmp_path):
     path = save_tiny_model(tmp_path / "tiny", tokenizer=tok, hidden_size=64, seed=5)
-    base = load_actor_model({"path": path})
-    model = load_actor_model({"path": path, "lora_rank": 4, "lora_alpha": 8, "target_modules": "q_proj,v_proj",
-                              "enable_gradient_checkpointing": True})
+    base = load_actor_model(from_dict(ModelConfig, {"path": path}))
+    model = load_actor_model(from_dict(ModelConfig, {"path": path, "lora_rank": 4, "lora_alpha": 8, "target_modules": "q_proj,v_proj",
+                              "enable_gradient_checkpointing": True}))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    actor = Actor(model, _cfg(optim={"lr": 5e-2}))
+    actor = Actor(model, from_dict(ActorConfig, _cfg(optim={"lr": 5e-2})))
     ref = Reference(actor)  # shares the model, adapter disabled
     with pytest.raises(ValueError):
-        Reference(Actor(base, _cfg()))  # a fully trained actor cannot be its own reference
+        Reference(Actor(base, from_dict(ActorConfig, _cfg())))  # a fully trained actor cannot be its own reference
     batch = _train_batch(actor, rollout_batch, torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 5).contiguous())
     b = batch.batch
     with torch.no_grad():
@@ -195,8 +196,8 @@ def test_gradient_checkpointing_same_update(tok, rollout_batch, tmp_path):
     path = save_tiny_model(tmp_path / "tiny", tokenizer=tok, hidden_size=64, seed=5)
     params = []
     for ckpt in (False, True):
-        model = load_actor_model({"path": path, "enable_gradient_checkpointing": ckpt})
-        actor = Actor(model, _cfg(ppo_micro_batch_size_per_gpu=4), optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+        model = load_actor_model(from_dict(ModelConfig, {"path": path, "enable_gradient_checkpointing": ckpt}))
+        actor = Actor(model, from_dict(ActorConfig, _cfg(ppo_micro_batch_size_per_gpu=4)), optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
         actor.update_policy(_train_batch(actor, rollout_batch, torch.randn(8, 5, generator=torch.Generator().manual_seed(1))))
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)

@@ -9,6 +9,7 @@ import torch
 from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2, save_tiny_model
 from deepretrieval.workers.critic import VALUE_HEAD_FILE, Critic, ValueModel
 from deepretrieval.workers.rollout import HFRollout
+from deepretrieval.workers.config import CriticConfig, RolloutConfig, from_dict
 
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,7 +31,7 @@ def actor_model(tok):
 @pytest.fixture(scope="module")
 def batch(tok, actor_model):
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 0})
-    out = HFRollout(actor_model, tok, {"response_length": 5, "n": 1}).generate_sequences(prompts)
+    out = HFRollout(actor_model, tok, from_dict(RolloutConfig, {"response_length": 5, "n": 1})).generate_sequences(prompts)
     out.batch["response_mask"][1, 3:] = 0  # as if sample 1 had stopped at its 3rd token
     return out
 
@@ -56,7 +57,7 @@ def test_value_head_initialisation(actor_model):
 def test_values_are_causal_and_masked(batch, actor_model):
     """values[:, t] = head(h at the position before response token t), computed from the prefix alone."""
     vm = value_model(actor_model)
-    critic = Critic(vm, _cfg())
+    critic = Critic(vm, from_dict(CriticConfig, _cfg()))
     values = critic.compute_values(batch)
     assert values.shape == (4, 5) and values.dtype == torch.float32
     assert torch.all(values[1, 3:] == 0)
@@ -73,7 +74,7 @@ def test_values_are_causal_and_masked(batch, actor_model):
 
 def test_update_critic_fits_returns(batch, actor_model):
     vm = value_model(actor_model)
-    critic = Critic(vm, _cfg(ppo_epochs=2))
+    critic = Critic(vm, from_dict(CriticConfig, _cfg(ppo_epochs=2)))
     data = batch.clone()
     data.batch["returns"] = torch.linspace(-1, 1, 20).view(4, 5) * data.batch["response_mask"]
     losses = []
@@ -94,7 +95,7 @@ def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
     eps = 1e-4
     vm = value_model(actor_model)  # lr 0: both critics below see the same (randomly initialised) head
     critic = Critic(vm,
-                    _cfg(cliprange_value=eps, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0}))
+                    from_dict(CriticConfig, _cfg(cliprange_value=eps, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0})))
     data = batch.clone()
     mask = data.batch["response_mask"].float()
     current = critic.compute_values(data)
@@ -106,7 +107,7 @@ def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
     assert m["critic/vf_loss"] == pytest.approx(0.5 * (8 * (11 - eps) ** 2 + 10 * 100) / 18, rel=1e-4)
 
     # no clipping range: the plain squared error, nothing counted as clipped
-    critic = Critic(vm, _cfg(cliprange_value=None, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0}))
+    critic = Critic(vm, from_dict(CriticConfig, _cfg(cliprange_value=None, ppo_micro_batch_size_per_gpu=4, optim={"lr": 0.0})))
     m = critic.update_critic(data)
     assert m["critic/vf_clipfrac"] == 0.0 and m["critic/vf_loss"] == pytest.approx(0.5 * 100, rel=1e-4)
 
@@ -114,7 +115,7 @@ def test_value_clipping_fraction_and_loss_by_hand(batch, actor_model):
 def test_non_finite_returns_skip_step(batch, actor_model):
     vm = value_model(actor_model)
     before = [p.detach().clone() for p in vm.parameters()]
-    critic = Critic(vm, _cfg(ppo_micro_batch_size_per_gpu=4))
+    critic = Critic(vm, from_dict(CriticConfig, _cfg(ppo_micro_batch_size_per_gpu=4)))
     data = batch.clone()
     data.batch["values"] = torch.zeros(4, 5)
     data.batch["returns"] = torch.zeros(4, 5)
@@ -130,15 +131,15 @@ def test_save_and_load_round_trip(tmp_path, batch, actor_model, tok):
     vm.save_pretrained(tmp_path / "critic")
     assert (tmp_path / "critic" / VALUE_HEAD_FILE).is_file()
     loaded = ValueModel.from_pretrained(tmp_path / "critic")
-    a = Critic(vm, _cfg()).compute_values(batch)
-    b = Critic(loaded, _cfg()).compute_values(batch)
+    a = Critic(vm, from_dict(CriticConfig, _cfg())).compute_values(batch)
+    b = Critic(loaded, from_dict(CriticConfig, _cfg())).compute_values(batch)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     # a plain causal-LM folder: the LM head is dropped, the value head is new
     path = save_tiny_model(tmp_path / "lm", tokenizer=tok, hidden_size=64, seed=7)
     fresh = ValueModel.from_pretrained(path, enable_gradient_checkpointing=True)
     for p1, p2 in zip(actor_model.get_decoder().parameters(), fresh.backbone.parameters()):
         assert torch.equal(p1, p2)
-    critic = Critic(fresh, _cfg())
+    critic = Critic(fresh, from_dict(CriticConfig, _cfg()))
     data = batch.clone()
     data.batch["values"] = critic.compute_values(data)
     data.batch["returns"] = torch.ones(4, 5)
@@ -147,4 +148,4 @@ def test_save_and_load_round_trip(tmp_path, batch, actor_model, tok):
 
 def test_missing_keys(batch, actor_model):
     with pytest.raises(KeyError, match="returns"):
-        Critic(value_model(actor_model), _cfg()).update_critic(batch)
+        Critic(value_model(actor_model), from_dict(CriticConfig, _cfg())).update_critic(batch)

@@ -9,6 +9,7 @@ reward), so they are ordinary (not slow) tests.
 """
 
 import copy
+import dataclasses
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from deepretrieval.workers.actor import Actor
 from deepretrieval.workers.critic import Critic, ValueModel
 from deepretrieval.workers.reference import Reference, frozen_copy
 from deepretrieval.workers.rollout import HFRollout
+from deepretrieval.workers.config import ActorConfig, CriticConfig, RefConfig, RolloutConfig, from_dict
 
 PROMPTS = ["Write capitalised words.", "Name some places.", "List drugs for diabetes.", "Say something.",
            "Find trials on asthma.", "Titles, please.", "Which hospitals?", "Go on."]
@@ -47,20 +49,19 @@ def _setup(estimator):
         return (target[resp].float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
     prompts = make_prompt_batch(tok, PROMPTS)
-    rollout = HFRollout(model, tok, {"response_length": 8, "n": 4, "temperature": 1.0, "do_sample": True})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 8, "n": 4, "temperature": 1.0, "do_sample": True}))
     # ppo_mini_batch_size counts prompts; rollout_n turns it into samples (8 x 4 = one step per update)
     actor_cfg = {"ppo_mini_batch_size": 8, "rollout_n": 4, "ppo_micro_batch_size_per_gpu": 16, "ppo_epochs": 1, "clip_ratio": 0.2,
                  "grad_clip": 1.0, "optim": {"lr": 1e-2, "weight_decay": 0.0, "lr_warmup_steps": 3}}
-    reference = Reference(frozen_copy(model), {"log_prob_micro_batch_size_per_gpu": 16})
+    reference = Reference(frozen_copy(model), from_dict(RefConfig, {"log_prob_micro_batch_size_per_gpu": 16}))
     critic = None
     if estimator == "grpo":
         actor_cfg.update(use_kl_loss=True, kl_loss_coef=0.001, kl_loss_type="low_var_kl")
     else:
         torch.manual_seed(0)  # the value head's random initialisation, the same in every process
-        critic = Critic(ValueModel(copy.deepcopy(model.get_decoder())),
-                        {"ppo_mini_batch_size": 8, "rollout_n": 4, "ppo_micro_batch_size_per_gpu": 16, "cliprange_value": 0.5,
-                         "optim": {"lr": 1e-2, "weight_decay": 0.0}})
-    return Actor(model, actor_cfg), rollout, prompts, reward, critic, reference
+        critic = Critic(ValueModel(copy.deepcopy(model.get_decoder())), from_dict(CriticConfig, {"ppo_mini_batch_size": 8, "rollout_n": 4, "ppo_micro_batch_size_per_gpu": 16,
+                                                       "cliprange_value": 0.5, "optim": {"lr": 1e-2, "weight_decay": 0.0}}))
+    return Actor(model, from_dict(ActorConfig, actor_cfg)), rollout, prompts, reward, critic, reference
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])
@@ -96,7 +97,7 @@ def test_loop_accepts_iterables_dict_rewards_and_stops_early():
     """Prompts as a list of Batches (cycled), a RewardManager-style dict reward (its search_unavailable
     flags reach the step), on_step early stop."""
     actor, rollout, prompts, _, _, _ = _setup("grpo")
-    actor.config["use_kl_loss"] = False
+    actor.config = dataclasses.replace(actor.config, use_kl_loss=False)
     halves = [prompts[:4], prompts[4:]]
     seen_lengths = []
 

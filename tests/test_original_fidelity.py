@@ -25,6 +25,7 @@ from deepretrieval.data.dataset import RLHFDataset, row_extra_info
 from deepretrieval.rewards import literature
 from deepretrieval.rewards.literature import RewardConfig, RewardConfigError, compute_score
 from deepretrieval.search.base import SearchEngine, SearchResult
+from deepretrieval.workers.config import ActorConfig, RolloutConfig, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "original"
@@ -438,15 +439,15 @@ def test_actor_reads_null_clip_ratio_c_as_off(tok, monkeypatch):
         seen.append(kwargs.get("clip_ratio_c"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(actor_module.core_algos, "compute_policy_loss", spy)
+    monkeypatch.setitem(core_algos.POLICY_LOSSES, "vanilla", spy)  # the actor takes its loss from the registry
     model = make_tiny_qwen2(tok, hidden_size=32, seed=4)
-    batch = HFRollout(model, tok, {"response_length": 3, "n": 1}).generate_sequences(
+    batch = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 3, "n": 1})).generate_sequences(
         make_prompt_batch(tok, ["asthma", "stroke"], meta_info={"seed": 0}))
     for value, expected in ((None, None), (5, 5.0), ("absent", 3.0)):
         cfg = {"ppo_mini_batch_size": 2, "ppo_micro_batch_size_per_gpu": 2, "optim": {"lr": 1e-4}}
         if value != "absent":
             cfg["clip_ratio_c"] = value
-        actor = actor_module.Actor(model, cfg)
+        actor = actor_module.Actor(model, from_dict(ActorConfig, cfg))
         b = batch.clone()
         b.batch["old_log_probs"], _ = actor.compute_log_prob(b)
         b.batch["advantages"] = -torch.ones_like(b.batch["old_log_probs"])

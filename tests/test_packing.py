@@ -12,6 +12,7 @@ from deepretrieval.workers.packing import (pack_inputs, packed_response_log_prob
                                            sequence_segments)
 from deepretrieval.workers.reference import Reference, frozen_copy
 from deepretrieval.workers.rollout import HFRollout
+from deepretrieval.workers.config import ActorConfig, CriticConfig, RefConfig, RolloutConfig, from_dict
 
 TEXTS = ["diabetes trials", "heart failure", "screening for colorectal cancer in adults over fifty", "asthma"]
 RESP = 6
@@ -35,7 +36,7 @@ def batch(tok):
     """Prompts of different lengths (left padding) and responses of lengths 6, 2, 6, 4, 1, 6, 6, 3."""
     model = make_tiny_qwen2(tok, hidden_size=64, seed=4)
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 0})
-    out = HFRollout(model, tok, {"response_length": RESP, "n": 2}).generate_sequences(prompts)
+    out = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": RESP, "n": 2})).generate_sequences(prompts)
     pad = tok.pad_token_id
     for row, keep in ((1, 2), (3, 4), (4, 1), (7, 3)):
         _truncate(out, row, keep, pad)
@@ -149,9 +150,9 @@ def test_actor_and_reference_with_remove_padding_match_padded(tok, batch):
     params, logps = {}, {}
     for rmpad in (False, True):
         model = make_tiny_qwen2(tok, hidden_size=64, seed=5)
-        actor = Actor(model, _cfg(use_remove_padding=rmpad), optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+        actor = Actor(model, from_dict(ActorConfig, _cfg(use_remove_padding=rmpad)), optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
         lp, _ = actor.compute_log_prob(b)
-        ref = Reference(frozen_copy(model), {"use_remove_padding": rmpad, "log_prob_micro_batch_size_per_gpu": 5})
+        ref = Reference(frozen_copy(model), from_dict(RefConfig, {"use_remove_padding": rmpad, "log_prob_micro_batch_size_per_gpu": 5}))
         torch.testing.assert_close(ref.compute_ref_log_prob(b) * rmask, lp * rmask, atol=1e-6, rtol=0)
         data = b.clone()
         data.batch["old_log_probs"] = lp
@@ -173,8 +174,8 @@ def test_critic_with_remove_padding_matches_padded(tok, batch):
     for rmpad in (False, True):
         torch.manual_seed(0)
         vm = ValueModel(make_tiny_qwen2(tok, hidden_size=64, seed=3).get_decoder())
-        critic = Critic(vm, {"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_gpu": 3, "grad_clip": 0,
-                             "model": {"use_remove_padding": rmpad}, "optim": {"lr": 1e-2}},
+        critic = Critic(vm, from_dict(CriticConfig, {"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_gpu": 3, "grad_clip": 0,
+                             "model": {"use_remove_padding": rmpad}, "optim": {"lr": 1e-2}}),
                         optimizer=torch.optim.SGD(vm.parameters(), lr=0.5))
         v = critic.compute_values(b)
         data = b.clone()

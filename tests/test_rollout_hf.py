@@ -9,6 +9,7 @@ from deepretrieval.protocol import Batch
 from deepretrieval.workers.rollout import HFRollout, build_rollout_batch, pad_responses, response_mask_from_eos
 from deepretrieval.workers.rollout.base import resolve_sampling
 from deepretrieval.workers.rollout.hf import filter_logits
+from deepretrieval.workers.config import RolloutConfig, from_dict
 
 # one intra-op thread for tiny models (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,7 +41,7 @@ def _greedy_reference(model, ids, length):
 
 
 def test_greedy_left_padded_matches_unpadded_reference(tok, model):
-    rollout = HFRollout(model, tok, {"response_length": 7, "n": 4})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 7, "n": 4}))
     out = rollout.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"validate": True}))
     assert len(out) == len(TEXTS)  # greedy validation: no repetition
     for i, text in enumerate(TEXTS):
@@ -64,11 +65,11 @@ def test_masks_positions_and_pad_after_eos(tok, model):
     EOS, pad after it); rows that never emit it run to the full length. Seeded sampling makes the two
     runs draw the same tokens up to the stop."""
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 11, "n": 1, "temperature": 1.0})
-    free = HFRollout(model, tok, {"response_length": 8}).generate_sequences(prompts)
+    free = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 8})).generate_sequences(prompts)
     row, step = _first_new_token(free.batch["responses"])
     eos = int(free.batch["responses"][row, step])
     pad = tok.pad_token_id
-    rollout = HFRollout(model, _Tok(eos, pad), {"response_length": 8})
+    rollout = HFRollout(model, _Tok(eos, pad), from_dict(RolloutConfig, {"response_length": 8}))
     rollout.eos_ids = [eos]  # drop the model config's own eos id (never produced here anyway)
     out = rollout.generate_sequences(prompts)
     resp, mask = out.batch["responses"], out.batch["response_mask"]
@@ -120,7 +121,7 @@ def test_build_rollout_batch_from_engine_lists():
 def test_n_samples_interleaved_with_non_tensors(tok, model):
     prompts = make_prompt_batch(tok, TEXTS[:2])
     prompts.non_tensor_batch["uid"] = np.array(["p0", "p1"], dtype=object)
-    rollout = HFRollout(model, tok, {"response_length": 5, "n": 3, "temperature": 1.0, "do_sample": True})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 5, "n": 3, "temperature": 1.0, "do_sample": True}))
     out = rollout.generate_sequences(prompts)
     assert len(out) == 6
     assert list(out.non_tensor_batch["uid"]) == ["p0"] * 3 + ["p1"] * 3
@@ -133,13 +134,13 @@ def test_n_samples_interleaved_with_non_tensors(tok, model):
 
 def test_micro_batches_give_the_same_greedy_rollout(tok, model):
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"validate": True})
-    whole = HFRollout(model, tok, {"response_length": 6}).generate_sequences(prompts)
-    parts = HFRollout(model, tok, {"response_length": 6, "micro_batch_size": 1}).generate_sequences(prompts)
+    whole = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 6})).generate_sequences(prompts)
+    parts = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 6, "micro_batch_size": 1})).generate_sequences(prompts)
     assert torch.equal(whole.batch["responses"], parts.batch["responses"])
 
 
 def test_seeded_sampling_reproducible_and_validation_greedy(tok, model):
-    rollout = HFRollout(model, tok, {"response_length": 5, "n": 2, "val_kwargs": {"temperature": 0.0}})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 5, "n": 2, "val_kwargs": {"temperature": 0.0}}))
     a = rollout.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": 7}))
     b = rollout.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"seed": 7}))
     assert torch.equal(a.batch["responses"], b.batch["responses"])
@@ -151,7 +152,7 @@ def test_seeded_sampling_reproducible_and_validation_greedy(tok, model):
 def test_greedy_tokens_are_argmax_of_scoring_forward(tok, model):
     """KV-cached decoding and the actor's full forward (same position ids / masks) agree."""
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"validate": True})
-    out = HFRollout(model, tok, {"response_length": 6}).generate_sequences(prompts)
+    out = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 6})).generate_sequences(prompts)
     with torch.no_grad():
         logits = model(input_ids=out.batch["input_ids"], attention_mask=out.batch["attention_mask"],
                        position_ids=out.batch["position_ids"]).logits[:, -7:-1]
@@ -173,20 +174,20 @@ def test_filter_logits_hand_example():
 
 def test_resolve_sampling():
     cfg = {"temperature": 0.9, "n": 4, "top_p": 0.95, "val_kwargs": {"temperature": 0.0, "n": 3, "do_sample": False}}
-    train = resolve_sampling(cfg, {})
+    train = resolve_sampling(from_dict(RolloutConfig, cfg), {})
     assert (train.temperature, train.n, train.top_p, train.greedy) == (0.9, 4, 0.95, False)
-    val = resolve_sampling(cfg, {"validate": True})
+    val = resolve_sampling(from_dict(RolloutConfig, cfg), {"validate": True})
     assert val.greedy and val.n == 1
-    assert resolve_sampling(cfg, {"temperature": 0.5}).temperature == 0.5
+    assert resolve_sampling(from_dict(RolloutConfig, cfg), {"temperature": 0.5}).temperature == 0.5
 
 
 def test_missing_prompt_keys_rejected(tok, model):
-    rollout = HFRollout(model, tok, {"response_length": 2})
+    rollout = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 2}))
     with pytest.raises(KeyError, match="position_ids"):
         rollout.generate_sequences(Batch.from_dict({"input_ids": torch.ones(1, 2, dtype=torch.long),
                                                     "attention_mask": torch.ones(1, 2, dtype=torch.long)}))
     with pytest.raises(ValueError, match="response_length"):
-        HFRollout(model, tok, {})
+        HFRollout(model, tok, RolloutConfig(response_length=0))
 
 
 def test_sampling_matches_distribution():

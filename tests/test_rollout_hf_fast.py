@@ -16,6 +16,7 @@ from deepretrieval.workers.rollout import HFRollout
 from deepretrieval.workers.rollout import hf as hf_module
 from deepretrieval.workers.rollout.base import build_rollout_batch, resolve_sampling
 from deepretrieval.workers.rollout.hf import sample_next_token
+from deepretrieval.workers.config import RolloutConfig, from_dict
 
 
 def chi2_ppf(q: float, df: int) -> float:
@@ -61,7 +62,7 @@ class _Tok:
 
 
 def _rollout(model, eos_ids, hf=None, **cfg):
-    rollout = HFRollout(model, _Tok(eos_ids[0], PAD), dict({"response_length": R, "hf": hf or {}}, **cfg))
+    rollout = HFRollout(model, _Tok(eos_ids[0], PAD), from_dict(RolloutConfig, dict({"response_length": R, "hf": hf or {}}, **cfg)))
     rollout.eos_ids = list(eos_ids)  # only these end a response (not the model config's own eos)
     rollout.static_min_rows = 1  # let the static cache compact these 6-9 row batches (default floor: 16)
     return rollout
@@ -70,7 +71,7 @@ def _rollout(model, eos_ids, hf=None, **cfg):
 @torch.no_grad()
 def _plain_loop(model, prompts, eos_ids, config):
     """Reference: the loop before `rollout.hf` (n prompt copies prefilled, every row decoded to the end)."""
-    params = resolve_sampling(config, prompts.meta_info)
+    params = resolve_sampling(from_dict(RolloutConfig, config), prompts.meta_info)
     if params.n > 1:
         prompts = prompts.repeat(params.n, interleave=True)
     gen = None
@@ -158,7 +159,7 @@ def test_static_buckets_reuse_one_buffer(tok, model, staggered_eos):
     rollout.generate_sequences(prompts)
     assert rollout._static_pool is pool and pool.caches[9].layers[0].keys.data_ptr() == ptr
     # the default floor (16 rows) keeps a 9-row batch whole: no more compiled shapes for tiny batches
-    rollout = HFRollout(model, _Tok(staggered_eos[0], PAD), {"response_length": R, "hf": {"cache": "static"}})
+    rollout = HFRollout(model, _Tok(staggered_eos[0], PAD), from_dict(RolloutConfig, {"response_length": R, "hf": {"cache": "static"}}))
     rollout.eos_ids = staggered_eos
     _assert_same_batch(rollout.generate_sequences(prompts), _plain_loop(model, prompts, staggered_eos, {}))
     assert rollout.compact_every == 4 and sorted(rollout._static_pool.caches) == [9]
@@ -247,7 +248,7 @@ def test_shared_prefill_samples_follow_the_model(tiny_vocab_model, opts):
         {"input_ids": torch.cat([torch.full((1, 2), PAD), prompt], -1),  # left padding too
          "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 1]]),
          "position_ids": torch.tensor([[0, 0, 0, 1, 2, 3, 4]])}, meta_info={"seed": 0, "n": n})
-    rollout = HFRollout(model, _Tok(eos, PAD), {"response_length": 2, "temperature": temperature, "hf": opts})
+    rollout = HFRollout(model, _Tok(eos, PAD), from_dict(RolloutConfig, {"response_length": 2, "temperature": temperature, "hf": opts}))
     rollout.eos_ids = [eos]
     resp = rollout.generate_sequences(prompts).batch["responses"]
     if opts["cache"] == "static":
@@ -336,7 +337,7 @@ def test_trainer_config_validates_hf_keys():
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "critic.ppo_micro_batch_size_per_gpu=2"]
     hf = compose_config(base).actor_rollout_ref.rollout.hf
     assert (hf.shared_prefill, hf.compact_every, hf.cache, hf.compile) == (True, 4, "dynamic", False)
-    rollout = HFRollout(make_tiny_qwen2(hidden_size=32), load_tiny_tokenizer(), {"response_length": 2})
+    rollout = HFRollout(make_tiny_qwen2(hidden_size=32), load_tiny_tokenizer(), from_dict(RolloutConfig, {"response_length": 2}))
     assert (rollout.shared_prefill, rollout.compact_every, rollout.cache_impl, rollout._compiled_step) == \
         (True, 4, "dynamic", None)  # the code's defaults (no `hf` section, e.g. the eval runner) are the yaml's
     compose_config(base + ["actor_rollout_ref.rollout.hf.cache=static",

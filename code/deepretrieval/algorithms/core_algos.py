@@ -419,32 +419,22 @@ class AdaptiveKLController:
         self.horizon = float(state.get("horizon", self.horizon))
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        try:
-            return cfg.get(key, default)
-        except Exception:  # omegaconf raises on missing keys in struct mode
-            return default
-    return getattr(cfg, key, default)
-
-
-def get_kl_controller(cfg: Any) -> FixedKLController | AdaptiveKLController:
-    """Build a controller from the ``algorithm.kl_ctrl`` section (or the ``algorithm`` section).
+def get_kl_controller(cfg: Mapping[str, Any]) -> FixedKLController | AdaptiveKLController:
+    """Build a controller from the ``algorithm.kl_ctrl`` section (or the ``algorithm`` section): a
+    mapping or DictConfig (whose ``get`` gives the default for a missing key, struct mode included).
 
     Keys: type ("fixed" | "adaptive"), kl_coef, target_kl, horizon.
     """
-    inner = _cfg_get(cfg, "kl_ctrl")
+    inner = cfg.get("kl_ctrl")
     if inner is not None:
         cfg = inner
-    ctrl_type = _cfg_get(cfg, "type", "fixed")
-    kl_coef = float(_cfg_get(cfg, "kl_coef", 0.001))
+    ctrl_type = cfg.get("type", "fixed")
+    kl_coef = float(cfg.get("kl_coef", 0.001))
     if ctrl_type == "fixed":
         return FixedKLController(kl_coef)
     if ctrl_type == "adaptive":
-        target_kl = _cfg_get(cfg, "target_kl")
-        horizon = _cfg_get(cfg, "horizon")
+        target_kl = cfg.get("target_kl")
+        horizon = cfg.get("horizon")
         if target_kl is None or horizon is None:
             raise ValueError("adaptive KL controller needs kl_ctrl.target_kl and kl_ctrl.horizon")
         return AdaptiveKLController(kl_coef, float(target_kl), float(horizon))

@@ -271,6 +271,7 @@ class ModelMethod(QueryMethod):
 
         from deepretrieval.data.dataset import collate_fn
         from deepretrieval.protocol import Batch
+        from deepretrieval.workers.config import RolloutConfig, from_dict
         from deepretrieval.workers.rollout import HFRollout
 
         if self._model is None:
@@ -282,7 +283,7 @@ class ModelMethod(QueryMethod):
             "do_sample": not greedy,
             "val_kwargs": {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "n": 1, "do_sample": False},
         }
-        rollout = HFRollout(self._model, self._tokenizer, config)
+        rollout = HFRollout(self._model, self._tokenizer, from_dict(RolloutConfig, config))
         dataset = self._dataset(samples, self._tokenizer)
         device = next(self._model.parameters()).device
         texts: List[str] = []

@@ -5,7 +5,13 @@ the run configuration from `key=value` overrides the way `python -m deepretrieva
 does; `validate_config(cfg)` rejects, before anything expensive starts, every key that is not in the
 defaults (with a "did you mean") and every setting that cannot work: batch arithmetic that does not
 divide, unknown estimator names, a vLLM rollout without vLLM installed, and so on. Each problem is a
-`ConfigError` that names the key and says why.
+`ConfigError` that names the key and says why. `build_worker_config(cfg)` then turns the validated
+config into the typed objects the workers receive (`deepretrieval.workers.config`).
+
+Algorithm names are the registries' (`deepretrieval.algorithms.core_algos`): `algorithm.adv_estimator`
+is any registered advantage estimator, `actor.policy_loss.loss_mode` any registered policy loss,
+`algorithm.kl_penalty` / `actor.kl_loss_type` any KL estimator (optionally with the straight-through
+`+`), so an estimator registered with `register_adv_est` is accepted without touching this file.
 
 No key is silently ignored: the keys of every section are the keys of ppo_trainer.yaml (so a key
 added there is accepted everywhere at once); the open `reward` section is checked key by key by
@@ -32,6 +38,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from deepretrieval.algorithms import core_algos
+from deepretrieval.workers.config import ActorRolloutRefConfig, ConfigError, CriticConfig, WorkerConfig, from_dict
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
@@ -44,9 +53,6 @@ OPEN_SECTIONS = (
     "reward",
 )
 
-ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
-KL_PENALTIES = ("kl", "abs", "mse", "k2", "low_var_kl", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
 ROLLOUT_NAMES = ("hf", "vllm")
 HF_ROLLOUT_CACHES = ("dynamic", "static")
@@ -67,15 +73,6 @@ COMPAT_KEYS: Dict[str, tuple] = {
         (["model", "optimizer", "extra"], ["model", "optimizer", "extra", "hf_model"]),
         "checkpoints always hold model, optimizer and extra state"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration problem; `key` is the dotted key at fault."""
-
-    def __init__(self, key: str, reason: str):
-        self.key = key
-        self.reason = reason
-        super().__init__(f"config key '{key}': {reason}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +228,13 @@ def _check_lora(cfg: DictConfig, model: str) -> None:
                           f"q_proj,v_proj) with lora_rank > 0, got {targets!r}")
     if importlib.util.find_spec("peft") is None:
         raise ConfigError(f"{model}.lora_rank", "LoRA needs the peft package (pip install peft)")
+
+
+def kl_penalty_names() -> List[str]:
+    """The KL estimator names `core_algos.kl_penalty` accepts: each registered one, and each with the
+    straight-through `+` suffix."""
+    names = list(core_algos.KL_ESTIMATORS)
+    return names + [n + "+" for n in names]
 
 
 def _one_of(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
@@ -422,8 +426,9 @@ def validate_config(cfg: DictConfig) -> None:
     clip_c = _get(cfg, f"{actor}.clip_ratio_c")
     if clip_c is not None and (isinstance(clip_c, bool) or not isinstance(clip_c, (int, float)) or clip_c <= 1.0):
         raise ConfigError(f"{actor}.clip_ratio_c", f"must be a number > 1 (dual clip) or null (no dual clip), got {clip_c!r}")
-    _one_of(cfg, f"{actor}.loss_agg_mode", LOSS_AGG_MODES)
-    _one_of(cfg, f"{actor}.kl_loss_type", KL_PENALTIES)
+    _one_of(cfg, f"{actor}.loss_agg_mode", core_algos.LOSS_AGG_MODES)
+    _one_of(cfg, f"{actor}.kl_loss_type", kl_penalty_names())
+    _one_of(cfg, f"{actor}.policy_loss.loss_mode", list(core_algos.POLICY_LOSSES))
     for fsdp_key in (f"{actor}.fsdp_config", "critic.model.fsdp_config"):
         _one_of(cfg, f"{fsdp_key}.mixed_precision", ("auto", "bf16", "fp32"))
     for section in (actor, "critic"):
@@ -435,8 +440,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.default_hdfs_dir", "HDFS is not supported; use trainer.default_local_dir")
 
     algo = "algorithm"
-    _one_of(cfg, f"{algo}.adv_estimator", ADV_ESTIMATORS)
-    _one_of(cfg, f"{algo}.kl_penalty", KL_PENALTIES)
+    _one_of(cfg, f"{algo}.adv_estimator", list(core_algos.ADV_ESTIMATORS))
+    _one_of(cfg, f"{algo}.kl_penalty", kl_penalty_names())
     _one_of(cfg, f"{algo}.kl_ctrl.type", ("fixed", "adaptive"))
     if uses_critic(cfg):
         critic_micro = _check_ppo_batches(cfg, "critic", world, n, train_batch)
@@ -444,7 +449,7 @@ def validate_config(cfg: DictConfig) -> None:
             _check_token_budget(cfg, "critic.forward_max_token_len_per_gpu")
         else:
             micro_batch_per_gpu(cfg, "critic", "forward_micro_batch_size", world, fallback=critic_micro)
-        _one_of(cfg, "critic.loss_agg_mode", LOSS_AGG_MODES)
+        _one_of(cfg, "critic.loss_agg_mode", core_algos.LOSS_AGG_MODES)
         if not _get(cfg, "critic.model.path"):
             raise ConfigError("critic.model.path", "is required with adv_estimator=gae")
     elif n < 2 and _get(cfg, f"{algo}.adv_estimator") in ("grpo", "rloo", "reinforce_plus_plus_baseline"):
@@ -482,6 +487,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     _check_fault_keys(cfg)
     _check_search_service(cfg)
+    build_worker_config(cfg)  # the workers' typed sections build (ConfigError naming the key otherwise)
 
 
 def _check_search_service(cfg: DictConfig) -> None:
@@ -518,19 +524,20 @@ def _check_fault_keys(cfg: DictConfig) -> None:
 # per-worker views
 
 
-def per_rank_batch_config(section_cfg: Any, rollout_n: int, world: int) -> Dict[str, Any]:
-    """The actor or critic section with verl's per-rank normalisation applied: `ppo_mini_batch_size`
-    becomes samples per worker (prompts * n / world) and the deprecated global micro-batch keys are
-    turned into `*_per_gpu`. The result is a plain dict the workers' Actor/Critic read."""
-    sec = OmegaConf.to_container(section_cfg, resolve=True) if isinstance(section_cfg, DictConfig) else copy.deepcopy(dict(section_cfg))
-    sec["ppo_mini_batch_size"] = int(sec["ppo_mini_batch_size"]) * rollout_n // world
-    for name in ("ppo_micro_batch_size", "forward_micro_batch_size", "log_prob_micro_batch_size"):
-        glob = sec.get(name)
-        if glob is not None:
-            if sec.get(f"{name}_per_gpu") is None:
-                sec[f"{name}_per_gpu"] = int(glob) // world
-            sec[name] = None
-    return sec
+def build_worker_config(cfg: DictConfig, total_training_steps: Optional[int] = None) -> WorkerConfig:
+    """The typed configuration the workers receive, from a validated run config. With
+    `total_training_steps` both roles' `optim.total_training_steps` are set to it (the trainer knows
+    the number of steps only once the data is loaded). The actor_rollout_ref and critic sections are
+    read whole (unknown keys were rejected by validate_config; a ConfigError here names the key)."""
+    arr = to_plain(cfg.actor_rollout_ref)
+    critic = to_plain(cfg.critic)
+    if total_training_steps is not None:
+        for section in (arr["actor"], critic):
+            section["optim"]["total_training_steps"] = int(total_training_steps)
+    return WorkerConfig(
+        actor_rollout_ref=from_dict(ActorRolloutRefConfig, arr, "actor_rollout_ref"),
+        critic=from_dict(CriticConfig, critic, "critic"),
+        seed=int(cfg.trainer.seed), deterministic=bool(cfg.trainer.deterministic), tokenizer=cfg.data.tokenizer)
 
 
 def to_plain(cfg: Any) -> Any:

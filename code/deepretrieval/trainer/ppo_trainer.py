@@ -47,7 +47,8 @@ from deepretrieval.trainer.checkpoint import (
     save_trainer_state,
     set_rng_state,
 )
-from deepretrieval.trainer.config import ConfigError, resolve_device, to_plain, uses_critic, uses_reference, world_size
+from deepretrieval.trainer.config import (ConfigError, build_worker_config, resolve_device, to_plain, uses_critic,
+                                          uses_reference, world_size)
 from deepretrieval.trainer.faults import RunFailed, is_restartable, skipped_steps_error
 from deepretrieval.trainer.metrics import marked_timer
 from deepretrieval.trainer.step import ppo_step
@@ -203,16 +204,10 @@ class PPOTrainer:
         self.tracker: Optional[Tracking] = None
 
     # ---------------------------------------------------------------------------- workers
-    def _worker_config(self) -> Dict[str, Any]:
-        cfg = to_plain(self.config)
-        for section in (cfg["actor_rollout_ref"]["actor"], cfg["critic"]):
-            section["optim"]["total_training_steps"] = self.total_training_steps
-        return cfg
-
     def init_workers(self) -> None:
         from deepretrieval.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
 
-        cfg = self._worker_config()
+        cfg = build_worker_config(self.config, self.total_training_steps)
         t = self.config.trainer
         start_timeout = float(t.ray_init.timeout_s)
         if not self.use_ray:

@@ -5,8 +5,8 @@ by the trainer) and reads the ``actor_rollout_ref.actor`` config section (verl k
 
 Batch arithmetic of :meth:`Actor.update_policy`: a mini-batch (one optimiser step) holds
 ``ppo_mini_batch_size * rollout_n`` samples, where ``rollout_n`` comes from ``meta_info['rollout_n']`` or
-the config key ``rollout_n`` and defaults to 1 — so a config already normalised to samples per worker
-(``trainer.config.per_rank_batch_config``) is used as is. Each mini-batch is processed in micro-batches of
+the config field ``rollout_n`` (default 1) — so a config already normalised to samples per worker
+(``workers.config.per_rank_batch_config``) is used as is. Each mini-batch is processed in micro-batches of
 ``ppo_micro_batch_size_per_gpu`` samples whose losses are scaled by ``len(micro) / len(mini)``, so the
 accumulated gradient equals that of the whole mini-batch. Gradients are clipped to ``grad_clip``; a step
 whose gradient norm is not finite is skipped (``actor/skipped_steps``). The LR scheduler advances once
@@ -24,7 +24,8 @@ import torch
 from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.logprob import DEFAULT_CHUNK_SIZE, response_log_probs
-from deepretrieval.workers.optim import LazyOptimizerMixin, _get, _get_or_null, clip_grad_and_step
+from deepretrieval.workers.config import ActorConfig, ModelConfig
+from deepretrieval.workers.optim import LazyOptimizerMixin, clip_grad_and_step
 from deepretrieval.workers.packing import packed_response_log_probs
 from deepretrieval.workers.seqbalance import inverse_permutation, token_budget_micro_batches
 
@@ -115,13 +116,12 @@ def micro_batch_indices(batch: Batch, micro_batch_size: Optional[int], max_token
     return [slice(start, min(start + micro, n)) for start in range(0, n, micro)], None
 
 
-def token_budget(config: Any, flag: str, *budget_keys: str) -> Optional[int]:
-    """The dynamic-batch token budget of a config section: the first set ``budget_keys`` when ``flag`` is
-    true (``use_dynamic_bsz`` / ``log_prob_use_dynamic_bsz``), else None (fixed-size micro-batches)."""
-    if not _get(config, flag, False):
+def token_budget(dynamic: bool, *budgets: Optional[int]) -> Optional[int]:
+    """The dynamic-batch token budget: with ``dynamic`` (``use_dynamic_bsz`` / ``log_prob_use_dynamic_bsz``)
+    the first set of ``budgets``, else None (fixed-size micro-batches)."""
+    if not dynamic:
         return None
-    for key in budget_keys:
-        value = _get(config, key)
+    for value in budgets:
         if value:
             return int(value)
     return None
@@ -140,17 +140,18 @@ class Actor(LazyOptimizerMixin):
 
     Args:
         model: a causal LM exposing ``get_output_embeddings()`` (HF / peft / FSDP2-wrapped HF).
-        config: the actor section (mapping or DictConfig): ``ppo_mini_batch_size``,
+        config: the actor section (:class:`~deepretrieval.workers.config.ActorConfig`): ``ppo_mini_batch_size``,
             ``ppo_micro_batch_size_per_gpu``, ``ppo_epochs``, ``shuffle``, ``clip_ratio(_low/_high/_c)``,
             ``loss_agg_mode``, ``entropy_coeff``, ``use_kl_loss``, ``kl_loss_coef``, ``kl_loss_type``,
-            ``grad_clip``, ``logprob_chunk_size``, ``log_prob_micro_batch_size_per_gpu``, ``optim``; and for the
+            ``policy_loss.loss_mode`` (a registered policy loss), ``grad_clip``, ``logprob_chunk_size``,
+            ``log_prob_micro_batch_size_per_gpu``, ``optim``; and for the
             fast path ``use_remove_padding`` (packed forwards), ``use_dynamic_bsz`` +
             ``ppo_max_token_len_per_gpu`` (update micro-batches by token budget), ``log_prob_use_dynamic_bsz``
             + ``log_prob_max_token_len_per_gpu`` (the same for :meth:`compute_log_prob`).
         optimizer / lr_scheduler: built from ``config.optim`` on first use when not given.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Any, optimizer: Optional[torch.optim.Optimizer] = None,
+    def __init__(self, model: torch.nn.Module, config: ActorConfig, optimizer: Optional[torch.optim.Optimizer] = None,
                  lr_scheduler: Optional[Any] = None):
         self.model = model
         self.config = config
@@ -161,7 +162,7 @@ class Actor(LazyOptimizerMixin):
     @property
     def chunk_size(self) -> int:
         """Tokens per log-prob chunk; 0 = sized from the vocabulary (logprob.auto_chunk_size)."""
-        return max(0, int(_get(self.config, "logprob_chunk_size", 0) or 0))
+        return max(0, int(self.config.logprob_chunk_size or 0))
 
     # -- log-probs ---------------------------------------------------------------------------------
     def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -172,28 +173,28 @@ class Actor(LazyOptimizerMixin):
         ``meta_info['temperature']`` (default 1.0), matching the sampling distribution.
         """
         micro = (batch.meta_info.get("micro_batch_size")
-                 or _get(self.config, "log_prob_micro_batch_size_per_gpu")
-                 or _get(self.config, "ppo_micro_batch_size_per_gpu"))
+                 or self.config.log_prob_micro_batch_size_per_gpu
+                 or self.config.ppo_micro_batch_size_per_gpu)
         temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
-        max_tokens = token_budget(self.config, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu")
+        max_tokens = token_budget(self.config.log_prob_use_dynamic_bsz, self.config.log_prob_max_token_len_per_gpu)
         return batched_response_log_probs(self.model, batch, micro, temperature, self.chunk_size, calculate_entropy,
                                           use_remove_padding=self.use_remove_padding, max_token_len=max_tokens)
 
     @property
     def use_remove_padding(self) -> bool:
         """Pack each micro-batch's valid tokens into one row (:mod:`deepretrieval.workers.packing`)."""
-        return bool(_get(self.config, "use_remove_padding", False))
+        return bool(self.config.use_remove_padding)
 
     # -- policy update -----------------------------------------------------------------------------
     def _mini_batch_size(self, batch: Batch) -> int:
-        n = int(batch.meta_info.get("rollout_n") or _get(self.config, "rollout_n", 1))
-        mini = int(_get(self.config, "ppo_mini_batch_size", len(batch))) * n
+        n = int(batch.meta_info.get("rollout_n") or self.config.rollout_n)
+        mini = int(self.config.ppo_mini_batch_size) * n
         return max(1, min(mini, len(batch)))
 
     def update_policy(self, batch: Batch) -> Dict[str, float]:
         """PPO epochs over ``batch``; returns mean metrics (``actor/pg_loss``, ``actor/grad_norm``, ...)."""
         cfg = self.config
-        use_kl_loss = bool(_get(cfg, "use_kl_loss", False))
+        use_kl_loss = bool(cfg.use_kl_loss)
         keys = ["responses", "input_ids", "attention_mask", "position_ids", "response_mask", "old_log_probs", "advantages"]
         if use_kl_loss:
             keys.append("ref_log_prob")
@@ -202,19 +203,19 @@ class Actor(LazyOptimizerMixin):
             raise KeyError(f"update_policy needs batch keys {missing}")
         data = batch.select(batch_keys=keys)
         temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
-        entropy_coeff = float(_get(cfg, "entropy_coeff", 0.0))
-        clip_ratio = float(_get(cfg, "clip_ratio", 0.2))
-        clip_low, clip_high = _get(cfg, "clip_ratio_low"), _get(cfg, "clip_ratio_high")
-        clip_c = _get_or_null(cfg, "clip_ratio_c", 3.0)  # null disables the dual clip
-        clip_c = None if clip_c is None else float(clip_c)
-        agg_mode = str(_get(cfg, "loss_agg_mode", "token-mean"))
-        kl_coef = float(_get(cfg, "kl_loss_coef", 0.001))
-        kl_type = str(_get(cfg, "kl_loss_type", "low_var_kl"))
-        grad_clip = _get(cfg, "grad_clip", 1.0)
-        epochs = int(_get(cfg, "ppo_epochs", 1))
-        shuffle = bool(_get(cfg, "shuffle", False))
+        entropy_coeff = float(cfg.entropy_coeff)
+        clip_ratio = float(cfg.clip_ratio)
+        clip_low, clip_high = cfg.clip_ratio_low, cfg.clip_ratio_high
+        clip_c = None if cfg.clip_ratio_c is None else float(cfg.clip_ratio_c)  # null disables the dual clip
+        agg_mode = str(cfg.loss_agg_mode)
+        kl_coef = float(cfg.kl_loss_coef)
+        kl_type = str(cfg.kl_loss_type)
+        policy_loss = core_algos.get_policy_loss_fn(cfg.policy_loss.loss_mode)
+        grad_clip = cfg.grad_clip
+        epochs = int(cfg.ppo_epochs)
+        shuffle = bool(cfg.shuffle)
         mini_size = self._mini_batch_size(batch)
-        micro_size = int(_get(cfg, "ppo_micro_batch_size_per_gpu", 0) or mini_size)
+        micro_size = int(cfg.ppo_micro_batch_size_per_gpu or mini_size)
         device = model_device(self.model)
         resp_len = data.batch["responses"].shape[-1]
         optimizer = self.optimizer
@@ -222,7 +223,7 @@ class Actor(LazyOptimizerMixin):
         lr = float(optimizer.param_groups[0]["lr"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         forward = packed_response_log_probs if self.use_remove_padding else response_log_probs
-        max_tokens = token_budget(self.config, "use_dynamic_bsz", "ppo_max_token_len_per_gpu")
+        max_tokens = token_budget(cfg.use_dynamic_bsz, cfg.ppo_max_token_len_per_gpu)
 
         metrics: Dict[str, List[float]] = {}
 
@@ -242,7 +243,7 @@ class Actor(LazyOptimizerMixin):
                         self.model, t["input_ids"], t["attention_mask"], t["position_ids"], resp_len,
                         temperature=temperature, chunk_size=self.chunk_size, calculate_entropy=entropy_coeff != 0,
                     )
-                    pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = core_algos.compute_policy_loss(
+                    pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = policy_loss(
                         old_log_prob=t["old_log_probs"], log_prob=log_prob, advantages=t["advantages"],
                         response_mask=mask, cliprange=clip_ratio, cliprange_low=clip_low, cliprange_high=clip_high,
                         clip_ratio_c=clip_c, loss_agg_mode=agg_mode,
@@ -309,7 +310,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_actor_model(model_cfg: Any, dtype: Optional[torch.dtype] = None, device: Optional[Any] = None):
+def load_actor_model(model_cfg: ModelConfig, dtype: Optional[torch.dtype] = None, device: Optional[Any] = None):
     """Causal LM from ``model_cfg.path`` with ``override_config``, gradient checkpointing and LoRA applied.
 
     ``model_cfg`` is the ``actor_rollout_ref.model`` section. Loads offline (no hub access is attempted
@@ -317,10 +318,10 @@ def load_actor_model(model_cfg: Any, dtype: Optional[torch.dtype] = None, device
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = str(_get(model_cfg, "path"))
-    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    path = str(model_cfg.path)
+    trust = bool(model_cfg.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    for key, value in dict(_get(model_cfg, "override_config", {}) or {}).items():
+    for key, value in dict(model_cfg.override_config or {}).items():
         setattr(hf_config, key, value)
     kwargs: Dict[str, Any] = {"config": hf_config, "trust_remote_code": trust}
     if dtype is not None:
@@ -328,9 +329,9 @@ def load_actor_model(model_cfg: Any, dtype: Optional[torch.dtype] = None, device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device is not None:
         model = model.to(device)
-    if bool(_get(model_cfg, "enable_gradient_checkpointing", False)):
+    if model_cfg.enable_gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    rank = int(_get(model_cfg, "lora_rank", 0) or 0)
+    rank = int(model_cfg.lora_rank or 0)
     if rank > 0:
-        model = apply_lora(model, rank, _get(model_cfg, "lora_alpha", 16), _get(model_cfg, "target_modules", "all-linear"))
+        model = apply_lora(model, rank, model_cfg.lora_alpha, model_cfg.target_modules)
     return model

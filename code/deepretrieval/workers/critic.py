@@ -23,7 +23,8 @@ from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import (_mean, enable_gradient_checkpointing, micro_batch_indices, model_device,
                                          split_micro_batches, token_budget)
-from deepretrieval.workers.optim import LazyOptimizerMixin, _get, _get_or_null, clip_grad_and_step
+from deepretrieval.workers.config import CriticConfig
+from deepretrieval.workers.optim import LazyOptimizerMixin, clip_grad_and_step
 from deepretrieval.workers.packing import packed_values
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,12 @@ class ValueModel(nn.Module):
 
 
 class Critic(LazyOptimizerMixin):
-    """PPO value worker. ``config`` is the ``critic`` section (``ppo_mini_batch_size``,
+    """PPO value worker. ``config`` is the ``critic`` section
+    (:class:`~deepretrieval.workers.config.CriticConfig`: ``ppo_mini_batch_size``,
     ``ppo_micro_batch_size_per_gpu``, ``forward_micro_batch_size_per_gpu``, ``ppo_epochs``, ``shuffle``,
-    ``cliprange_value``, ``loss_agg_mode``, ``grad_clip``, ``optim``)."""
+    ``cliprange_value``, ``loss_agg_mode``, ``grad_clip``, ``optim``, ``model.use_remove_padding``)."""
 
-    def __init__(self, model: nn.Module, config: Any, optimizer: Optional[torch.optim.Optimizer] = None,
+    def __init__(self, model: nn.Module, config: CriticConfig, optimizer: Optional[torch.optim.Optimizer] = None,
                  lr_scheduler: Optional[Any] = None):
         self.model = model
         self.config = config
@@ -109,9 +111,8 @@ class Critic(LazyOptimizerMixin):
 
     @property
     def use_remove_padding(self) -> bool:
-        """Pack each micro-batch's valid tokens into one row (``use_remove_padding``, or ``model.use_remove_padding``)."""
-        return bool(_get(self.config, "use_remove_padding", False)
-                    or _get(_get(self.config, "model", {}) or {}, "use_remove_padding", False))
+        """Pack each micro-batch's valid tokens into one row (``model.use_remove_padding``)."""
+        return bool(self.config.model.use_remove_padding)
 
     def _values(self, input_ids, attention_mask, position_ids, resp_len: int) -> torch.Tensor:
         if self.use_remove_padding:
@@ -122,14 +123,15 @@ class Critic(LazyOptimizerMixin):
     def compute_values(self, batch: Batch) -> torch.Tensor:
         """Values ``[B, R]`` of the response positions (no grad), zero where ``response_mask`` is 0."""
         micro = (batch.meta_info.get("micro_batch_size")
-                 or _get(self.config, "forward_micro_batch_size_per_gpu")
-                 or _get(self.config, "ppo_micro_batch_size_per_gpu") or len(batch))
+                 or self.config.forward_micro_batch_size_per_gpu
+                 or self.config.ppo_micro_batch_size_per_gpu or len(batch))
         device = model_device(self.model)
         out_device = batch.batch["input_ids"].device
         resp_len = batch.batch["responses"].shape[-1]
         mask = batch.batch["response_mask"] if "response_mask" in batch.tensor_keys else batch.batch["attention_mask"][:, -resp_len:]
         chunks = []
-        max_tokens = token_budget(self.config, "use_dynamic_bsz", "forward_max_token_len_per_gpu", "ppo_max_token_len_per_gpu")
+        max_tokens = token_budget(self.config.use_dynamic_bsz, self.config.forward_max_token_len_per_gpu,
+                                  self.config.ppo_max_token_len_per_gpu)
         groups, restore = micro_batch_indices(batch, int(micro), max_tokens)
         was_training = self.model.training
         self.model.eval()
@@ -154,20 +156,20 @@ class Critic(LazyOptimizerMixin):
         if missing:
             raise KeyError(f"update_critic needs batch keys {missing}")
         data = batch.select(batch_keys=keys)
-        n = int(batch.meta_info.get("rollout_n") or _get(cfg, "rollout_n", 1))
-        mini_size = max(1, min(int(_get(cfg, "ppo_mini_batch_size", len(data))) * n, len(data)))
-        micro_size = int(_get(cfg, "ppo_micro_batch_size_per_gpu", 0) or mini_size)
-        cliprange_value = _get_or_null(cfg, "cliprange_value", 0.5)  # null: no value clipping
-        agg_mode = str(_get(cfg, "loss_agg_mode", "token-mean"))
-        epochs = int(_get(cfg, "ppo_epochs", 1))
-        shuffle = bool(_get(cfg, "shuffle", False))
+        n = int(batch.meta_info.get("rollout_n") or cfg.rollout_n)
+        mini_size = max(1, min(int(cfg.ppo_mini_batch_size) * n, len(data)))
+        micro_size = int(cfg.ppo_micro_batch_size_per_gpu or mini_size)
+        cliprange_value = cfg.cliprange_value  # null: no value clipping
+        agg_mode = str(cfg.loss_agg_mode)
+        epochs = int(cfg.ppo_epochs)
+        shuffle = bool(cfg.shuffle)
         device = model_device(self.model)
         resp_len = data.batch["responses"].shape[-1]
         optimizer = self.optimizer
         lr_scheduler = self.lr_scheduler  # created before the first optimiser step (LambdaLR counts steps)
         lr = float(optimizer.param_groups[0]["lr"])
         params = [p for p in self.model.parameters() if p.requires_grad]
-        max_tokens = token_budget(cfg, "use_dynamic_bsz", "ppo_max_token_len_per_gpu")
+        max_tokens = token_budget(cfg.use_dynamic_bsz, cfg.ppo_max_token_len_per_gpu)
         metrics: Dict[str, List[float]] = {}
         skipped = steps = 0
         self.model.train()
@@ -187,7 +189,7 @@ class Critic(LazyOptimizerMixin):
                     metrics.setdefault("critic/vf_loss", []).append(float(vf_loss.detach()))
                     metrics.setdefault("critic/vf_clipfrac", []).append(float(vf_clipfrac.detach()))
                     metrics.setdefault("critic/vpred_mean", []).append(float(core_algos.masked_mean(vpreds.detach(), mask)))
-                grad_norm, stepped = clip_grad_and_step(params, optimizer, _get(cfg, "grad_clip", 1.0))
+                grad_norm, stepped = clip_grad_and_step(params, optimizer, cfg.grad_clip)
                 steps += 1
                 if stepped:
                     metrics.setdefault("critic/grad_norm", []).append(grad_norm)

@@ -30,22 +30,14 @@ from deepretrieval.controller.dispatch import Dispatch, register
 from deepretrieval.controller.worker_group import Worker
 from deepretrieval.protocol import Batch
 from deepretrieval.trainer.checkpoint import HF_DIR, LORA_ADAPTER_DIR, get_rng_state, set_rng_state
-from deepretrieval.trainer.config import per_rank_batch_config
 from deepretrieval.workers import fsdp as fsdp_utils
+from deepretrieval.workers.config import (FSDPConfig, RolloutConfig, WorkerConfig, actor_view, per_rank_batch_config,
+                                          ref_fsdp_config, ref_view)
 
 logger = logging.getLogger(__name__)
 
 EXTRA_STATE = "extra_state_rank{rank}.pt"
 SHARDS_DIR = "model_optim"  # model and optimiser shards (torch.distributed.checkpoint)
-
-
-def _sub(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def peak_memory_metrics(device_type: str) -> Dict[str, float]:
@@ -63,12 +55,12 @@ def _own(batch: Batch, device: torch.device) -> Batch:
     return Batch(tensors, dict(batch.non_tensor_batch), dict(batch.meta_info))
 
 
-def rollout_seed_rank(rollout_cfg: Dict[str, Any], rank: int) -> int:
+def rollout_seed_rank(rollout_cfg: RolloutConfig, rank: int) -> int:
     """The rank that offsets this worker's rollout seeds (engine seed and per-call seed): its own rank,
     except for a vLLM rollout with tensor parallelism t > 1, whose ranks [g*t, ..., g*t+t-1] run one
     engine and must sample identically: the group leader's rank g*t (groups still differ)."""
-    tp = int(rollout_cfg.get("tensor_model_parallel_size", 1) or 1)
-    if str(rollout_cfg.get("name", "hf")) == "vllm" and tp > 1:
+    tp = int(rollout_cfg.tensor_model_parallel_size or 1)
+    if str(rollout_cfg.name) == "vllm" and tp > 1:
         from deepretrieval.workers.rollout.vllm import tp_leader_rank
 
         return tp_leader_rank(rank, tp)
@@ -78,33 +70,32 @@ def rollout_seed_rank(rollout_cfg: Dict[str, Any], rank: int) -> int:
 class _FSDPWorkerBase(Worker):
     """Shared set-up: seeding, threads, process group, FSDP2 decisions, checkpoint extras."""
 
-    def __init__(self, config: Dict[str, Any]):
+    def __init__(self, config: WorkerConfig):
         super().__init__()
         self.config = config
-        self.seed = int(_sub(config, "trainer.seed", 1))
-        if _sub(config, "trainer.deterministic", False):
+        self.seed = int(config.seed)
+        if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        for key in ("actor_rollout_ref.model.external_lib", "critic.model.external_lib"):
-            lib = _sub(config, key)
+        for lib in (config.actor_rollout_ref.model.external_lib, config.critic.model.external_lib):
             if lib:
                 importlib.import_module(lib)
 
-    def _use_fsdp(self, fsdp_cfg: Dict[str, Any]) -> bool:
+    def _use_fsdp(self, fsdp_cfg: FSDPConfig) -> bool:
         # on GPU always: FSDP2's policy gives bf16 compute over fp32 master weights, even on one device
-        return self.world_size > 1 or self.device_type == "cuda" or bool(fsdp_cfg.get("force", False))
+        return self.world_size > 1 or self.device_type == "cuda" or bool(fsdp_cfg.force)
 
-    def _wrap(self, model: torch.nn.Module, fsdp_cfg: Dict[str, Any]) -> torch.nn.Module:
+    def _wrap(self, model: torch.nn.Module, fsdp_cfg: FSDPConfig) -> torch.nn.Module:
         """FSDP2-shard (when `_use_fsdp`) and place the model: on its device, or on CPU when its
         parameters are offloaded between calls (param_offload, GPU only)."""
         if self._use_fsdp(fsdp_cfg):
             self.ensure_process_group()
             fsdp_utils.apply_fsdp2(model, device_type=self.device_type,
-                                   mixed_precision=str(fsdp_cfg.get("mixed_precision", "auto")),
-                                   reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
+                                   mixed_precision=str(fsdp_cfg.mixed_precision),
+                                   reshard_after_forward=bool(fsdp_cfg.reshard_after_forward))
         return model.to("cpu" if self._offloaded(fsdp_cfg) else self.device)
 
-    def _offloaded(self, fsdp_cfg: Dict[str, Any], key: str = "param_offload") -> bool:
-        return self.device_type == "cuda" and bool(fsdp_cfg.get(key, False))
+    def _offloaded(self, fsdp_cfg: FSDPConfig, key: str = "param_offload") -> bool:
+        return self.device_type == "cuda" and bool(getattr(fsdp_cfg, key))
 
     def _model_ctx(self, update: bool = False):
         """The model on its device for one call (a no-op unless parameters / optimiser states are offloaded)."""
@@ -131,36 +122,26 @@ class _FSDPWorkerBase(Worker):
 
 
 class ActorRolloutRefWorker(_FSDPWorkerBase):
-    """Actor + HF rollout + reference in one process. `config` is the whole resolved trainer config
-    (plain dict); `use_reference` builds the frozen reference (KL in reward or KL loss): a frozen copy
+    """Actor + HF rollout + reference in one process. `config` is the typed worker config
+    (`deepretrieval.workers.config.WorkerConfig`); `use_reference` builds the frozen reference (KL in reward or KL loss): a frozen copy
     of the initial model, or with LoRA the actor's own model with the adapter disabled
     (`ref_in_actor`, `ref_model` stays None)."""
 
-    def __init__(self, config: Dict[str, Any], use_reference: bool = True):
+    def __init__(self, config: WorkerConfig, use_reference: bool = True):
         super().__init__(config)
         self.use_reference = use_reference
-        self.arr = config["actor_rollout_ref"]
-        n = int(self.arr["rollout"]["n"])
-        self.actor_cfg = per_rank_batch_config(self.arr["actor"], n, self.world_size)
-        self.rollout_cfg = dict(self.arr["rollout"])
-        self.ref_cfg = dict(self.arr["ref"])
+        self.arr = config.actor_rollout_ref
+        self.actor_cfg = actor_view(self.arr, self.world_size)
+        self.rollout_cfg = self.arr.rollout
+        self.ref_cfg = ref_view(self.arr, self.world_size)
         self.model = self.ref_model = self.tokenizer = None
-        self.fsdp_cfg: Dict[str, Any] = {}
-        self.ref_fsdp_cfg: Dict[str, Any] = {}
+        self.fsdp_cfg = self.actor_cfg.fsdp_config
+        self.ref_fsdp_cfg = ref_fsdp_config(self.arr)
         self.actor = self.rollout = self.reference = None
         self.optimizer = self.lr_scheduler = None
         self.export_dtype: Optional[torch.dtype] = None
-        self.lora = int(self.arr["model"].get("lora_rank") or 0) > 0
+        self.lora = int(self.arr.model.lora_rank or 0) > 0
         self.ref_in_actor = self.lora and use_reference
-
-    def _log_prob_micro(self, section: Dict[str, Any]) -> Optional[int]:
-        per = section.get("log_prob_micro_batch_size_per_gpu")
-        glob = section.get("log_prob_micro_batch_size")
-        if per:
-            return int(per)
-        if glob:
-            return max(1, int(glob) // self.world_size)
-        return self.actor_cfg.get("ppo_micro_batch_size_per_gpu")
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> Dict[str, Any]:
@@ -172,11 +153,11 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         from deepretrieval.workers.reference import Reference, frozen_copy
 
         torch.manual_seed(self.seed)
-        model_cfg = self.arr["model"]
-        path = str(model_cfg["path"])
-        tok_path = _sub(self.config, "data.tokenizer") or path
-        self.tokenizer = load_tokenizer(tok_path, padding_side="left", trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        model_cfg = self.arr.model
+        path = str(model_cfg.path)
+        tok_path = self.config.tokenizer or path
+        self.tokenizer = load_tokenizer(tok_path, padding_side="left", trust_remote_code=model_cfg.trust_remote_code)
+        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         # the checkpoint's precision (`dtype` in transformers >= 4.56, `torch_dtype` before)
         stored = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
         if isinstance(stored, str):
@@ -186,34 +167,19 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         model = load_actor_model(model_cfg, dtype=torch.float32)  # peft-wrapped (base frozen) with lora_rank > 0
         # with LoRA the reference is the actor's own model with its adapter disabled: no copy
         ref_model = frozen_copy(model) if self.use_reference and not self.ref_in_actor else None
-        fsdp_cfg = dict(self.actor_cfg.get("fsdp_config") or {})
-        self.fsdp_cfg = fsdp_cfg
-        self.model = self._wrap(model, fsdp_cfg)
+        self.model = self._wrap(model, self.fsdp_cfg)
         if ref_model is not None:
-            ref_fsdp = dict(fsdp_cfg)
-            ref_fsdp.update(self.ref_cfg.get("fsdp_config") or {})
-            self.ref_fsdp_cfg = ref_fsdp
-            self.ref_model = self._wrap(ref_model, ref_fsdp)
-        optim_cfg = dict(self.actor_cfg.get("optim") or {})
+            self.ref_model = self._wrap(ref_model, self.ref_fsdp_cfg)
+        optim_cfg = self.actor_cfg.optim
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim_cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg)
-        actor_cfg = dict(self.actor_cfg)
-        actor_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.rollout_cfg)
-        actor_cfg["rollout_n"] = 1  # mini-batch sizes above are already samples per worker
-        actor_cfg["use_remove_padding"] = bool(model_cfg.get("use_remove_padding", False))
-        for key in ("log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"):
-            actor_cfg[key] = self.rollout_cfg.get(key)
-        self.actor = Actor(self.model, actor_cfg, self.optimizer, self.lr_scheduler)
-        self.rollout = self._build_rollout(path, bool(model_cfg.get("trust_remote_code")))
+        self.actor = Actor(self.model, self.actor_cfg, self.optimizer, self.lr_scheduler)
+        self.rollout = self._build_rollout(path, model_cfg.trust_remote_code)
         if self.use_reference:
-            ref_cfg = dict(self.ref_cfg)
-            ref_cfg["log_prob_micro_batch_size_per_gpu"] = self._log_prob_micro(self.ref_cfg)
-            ref_cfg["logprob_chunk_size"] = self.actor_cfg.get("logprob_chunk_size", 0)
-            ref_cfg["use_remove_padding"] = bool(model_cfg.get("use_remove_padding", False))
             if self.ref_in_actor:
-                self.reference = Reference(self.model, ref_cfg, disable_adapter=True)
+                self.reference = Reference(self.model, self.ref_cfg, disable_adapter=True)
             else:
-                self.reference = Reference(self.ref_model, ref_cfg)
+                self.reference = Reference(self.ref_model, self.ref_cfg)
         self._seed_for_rank()
         n_params = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -228,7 +194,7 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         receives the actor's weights before each generation; needs the vllm package)."""
         from deepretrieval.workers.rollout.hf import HFRollout
 
-        name = str(self.rollout_cfg.get("name", "hf"))
+        name = str(self.rollout_cfg.name)
         if name == "hf":
             return HFRollout(self.model, self.tokenizer, self.rollout_cfg)
         if name == "vllm":
@@ -256,7 +222,7 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         start = time.perf_counter()
         # the HF rollout decodes with the actor's module (parameters gathered once for the whole call);
         # the vLLM rollout only reads the parameters, gathering them one at a time into the engine
-        gather = (fsdp_utils.unsharded_for_generation(self.model) if self.rollout_cfg.get("name", "hf") == "hf"
+        gather = (fsdp_utils.unsharded_for_generation(self.model) if self.rollout_cfg.name == "hf"
                   else contextlib.nullcontext())
         with self._model_ctx(), gather:
             out = self.rollout.generate_sequences(prompts)
@@ -319,7 +285,7 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
         saved_lora = extra.get("lora")  # None: written before the flag existed
         if saved_lora is not None and bool(saved_lora) != self.lora:
             raise ValueError(f"checkpoint {folder} was written with{'' if saved_lora else 'out'} LoRA but this run has "
-                             f"actor_rollout_ref.model.lora_rank={self.arr['model'].get('lora_rank')}")
+                             f"actor_rollout_ref.model.lora_rank={self.arr.model.lora_rank}")
         fsdp_utils.load_sharded(folder_p / SHARDS_DIR, self.model, self.optimizer, trainable_only=self.lora)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.actor._update_calls = int(extra.get("update_calls", 0))
@@ -332,14 +298,14 @@ class ActorRolloutRefWorker(_FSDPWorkerBase):
 
 
 class CriticWorker(_FSDPWorkerBase):
-    """The value model for GAE. `config` is the whole resolved trainer config (plain dict)."""
+    """The value model for GAE. `config` is the typed worker config (`WorkerConfig`)."""
 
-    def __init__(self, config: Dict[str, Any]):
+    def __init__(self, config: WorkerConfig):
         super().__init__(config)
-        n = int(_sub(config, "actor_rollout_ref.rollout.n", 1))
-        self.critic_cfg = per_rank_batch_config(config["critic"], n, self.world_size)
+        n = int(config.actor_rollout_ref.rollout.n)
+        self.critic_cfg = per_rank_batch_config(config.critic, n, self.world_size)
         self.model = self.critic = self.optimizer = self.lr_scheduler = None
-        self.fsdp_cfg: Dict[str, Any] = {}
+        self.fsdp_cfg = self.critic_cfg.model.fsdp_config
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> Dict[str, Any]:
@@ -347,20 +313,16 @@ class CriticWorker(_FSDPWorkerBase):
         from deepretrieval.workers.optim import build_lr_scheduler, build_optimizer
 
         torch.manual_seed(self.seed)  # the value head's initialisation is identical on every rank
-        model_cfg = self.critic_cfg["model"]
+        model_cfg = self.critic_cfg.model
         model = ValueModel.from_pretrained(
-            model_cfg["path"], dtype=torch.float32, override_config=model_cfg.get("override_config") or {},
-            trust_remote_code=bool(model_cfg.get("trust_remote_code")),
-            enable_gradient_checkpointing=bool(model_cfg.get("enable_gradient_checkpointing")))
-        fsdp_cfg = dict(model_cfg.get("fsdp_config") or {})
-        self.fsdp_cfg = fsdp_cfg
-        self.model = self._wrap(model, fsdp_cfg)
-        optim_cfg = dict(self.critic_cfg.get("optim") or {})
+            model_cfg.path, dtype=torch.float32, override_config=model_cfg.override_config or {},
+            trust_remote_code=model_cfg.trust_remote_code,
+            enable_gradient_checkpointing=model_cfg.enable_gradient_checkpointing)
+        self.model = self._wrap(model, self.fsdp_cfg)
+        optim_cfg = self.critic_cfg.optim
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim_cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg)
-        cfg = dict(self.critic_cfg)
-        cfg["rollout_n"] = 1
-        self.critic = Critic(self.model, cfg, self.optimizer, self.lr_scheduler)
+        self.critic = Critic(self.model, self.critic_cfg, self.optimizer, self.lr_scheduler)
         self._seed_for_rank()
         return {"rank": self.rank, "local_params": sum(p.numel() for p in self.model.parameters())}
 

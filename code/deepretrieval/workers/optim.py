@@ -13,44 +13,28 @@ where ``m = min_lr_ratio``. ``w = lr_warmup_steps`` when it is >= 0, else ``int(
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional
+from typing import Iterable, Optional
 
 import torch
 
-
-def _get_or_null(cfg: Any, key: str, default: Any = None) -> Any:
-    """`cfg[key]` (a mapping or an object's attribute), `default` when absent; a key set to null stays None
-    (for options where null means "off")."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+from deepretrieval.workers.config import OptimConfig
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Like ``_get_or_null``, but null also gives `default`."""
-    value = _get_or_null(cfg, key, default)
-    return default if value is None else value
-
-
-def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any) -> torch.optim.Optimizer:
-    """AdamW with `lr`, `betas`, `weight_decay`, `eps` from `optim_cfg` (only trainable parameters)."""
+def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with `lr`, `betas`, `weight_decay` from `optim_cfg` and eps 1e-8 (only trainable parameters)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
-    lr = float(_get(optim_cfg, "lr", 1e-6))
-    betas = tuple(float(b) for b in _get(optim_cfg, "betas", (0.9, 0.999)))
-    weight_decay = float(_get(optim_cfg, "weight_decay", 0.01))
-    eps = float(_get(optim_cfg, "eps", 1e-8))
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    betas = tuple(float(b) for b in optim_cfg.betas)
+    return torch.optim.AdamW(params, lr=float(optim_cfg.lr), betas=betas, weight_decay=float(optim_cfg.weight_decay),
+                             eps=1e-8)
 
 
-def num_warmup_steps(optim_cfg: Any, total_steps: Optional[int]) -> int:
-    steps = _get(optim_cfg, "lr_warmup_steps", -1)
+def num_warmup_steps(optim_cfg: OptimConfig, total_steps: Optional[int]) -> int:
+    steps = optim_cfg.lr_warmup_steps
     if steps is not None and int(steps) >= 0:
         return int(steps)
-    ratio = float(_get(optim_cfg, "lr_warmup_steps_ratio", 0.0))
+    ratio = float(optim_cfg.lr_warmup_steps_ratio)
     if ratio > 0 and (total_steps is None or total_steps <= 0):
         raise ValueError("lr_warmup_steps_ratio needs total_training_steps > 0")
     return int(ratio * total_steps) if ratio > 0 else 0
@@ -71,7 +55,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: Optional[int], styl
     raise ValueError(f"unknown warmup_style {style!r} (constant | cosine)")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any,
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig,
                        total_steps: Optional[int] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR implementing the warm-up + constant/cosine schedule above.
 
@@ -79,11 +63,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any,
     constant style with `lr_warmup_steps`).
     """
     if total_steps is None:
-        total_steps = int(_get(optim_cfg, "total_training_steps", -1))
+        total_steps = int(optim_cfg.total_training_steps)
     total = total_steps if total_steps and total_steps > 0 else None
     warmup = num_warmup_steps(optim_cfg, total)
-    style = str(_get(optim_cfg, "warmup_style", "constant"))
-    min_lr_ratio = float(_get(optim_cfg, "min_lr_ratio", 0.0))
+    style = str(optim_cfg.warmup_style)
+    min_lr_ratio = float(optim_cfg.min_lr_ratio)
     lr_multiplier(0, warmup, total, style, min_lr_ratio)  # validates `style` now, not at the first step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, warmup, total, style, min_lr_ratio)
@@ -117,11 +101,11 @@ class LazyOptimizerMixin:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
-            self._optimizer = build_optimizer(self.model.parameters(), _get(self.config, "optim", {}))
+            self._optimizer = build_optimizer(self.model.parameters(), self.config.optim)
         return self._optimizer
 
     @property
     def lr_scheduler(self):
         if self._lr_scheduler is None:
-            self._lr_scheduler = build_lr_scheduler(self.optimizer, _get(self.config, "optim", {}))
+            self._lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim)
         return self._lr_scheduler

@@ -13,7 +13,7 @@ from torch import nn
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import Actor, batched_response_log_probs, token_budget
 from deepretrieval.workers.lora import is_peft_model  # noqa: F401  (re-exported)
-from deepretrieval.workers.optim import _get
+from deepretrieval.workers.config import RefConfig
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -32,10 +32,11 @@ class Reference:
       disabled, i.e. under the base weights. ``disable_adapter=None`` detects peft models.
     An :class:`Actor` without LoRA is rejected: its weights move, so it cannot be the reference.
 
-    ``config`` is the ``ref`` section (``log_prob_micro_batch_size_per_gpu``, ``logprob_chunk_size``).
+    ``config`` is the ``ref`` section (:class:`~deepretrieval.workers.config.RefConfig`:
+    ``log_prob_micro_batch_size_per_gpu``, dynamic batching, ``logprob_chunk_size``, ``use_remove_padding``).
     """
 
-    def __init__(self, model: Any, config: Any = None, disable_adapter: Optional[bool] = None):
+    def __init__(self, model: Any, config: Optional[RefConfig] = None, disable_adapter: Optional[bool] = None):
         shared = isinstance(model, Actor)
         if shared:
             model = model.model
@@ -48,17 +49,17 @@ class Reference:
             for p in model.parameters():
                 p.requires_grad_(False)
         self.model = model
-        self.config = config if config is not None else {}
+        self.config = config if config is not None else RefConfig()
 
     def compute_ref_log_prob(self, batch: Batch) -> torch.Tensor:
         """Reference log-probs ``[B, R]`` (float32, no grad) of ``batch['responses']``."""
-        micro = batch.meta_info.get("micro_batch_size") or _get(self.config, "log_prob_micro_batch_size_per_gpu")
+        micro = batch.meta_info.get("micro_batch_size") or self.config.log_prob_micro_batch_size_per_gpu
         temperature = float(batch.meta_info.get("temperature", 1.0) or 1.0)
-        chunk = max(0, int(_get(self.config, "logprob_chunk_size", 0) or 0))
+        chunk = max(0, int(self.config.logprob_chunk_size or 0))
         ctx = self.model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         with ctx:
-            max_tokens = token_budget(self.config, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu")
+            max_tokens = token_budget(self.config.log_prob_use_dynamic_bsz, self.config.log_prob_max_token_len_per_gpu)
             log_probs, _ = batched_response_log_probs(
                 self.model, batch, micro, temperature, chunk,
-                use_remove_padding=bool(_get(self.config, "use_remove_padding", False)), max_token_len=max_tokens)
+                use_remove_padding=bool(self.config.use_remove_padding), max_token_len=max_tokens)
         return log_probs

@@ -25,7 +25,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 import torch
 
 from deepretrieval.protocol import Batch
-from deepretrieval.workers.optim import _get
+from deepretrieval.workers.config import RolloutConfig
 
 
 @dataclass
@@ -51,24 +51,19 @@ def check_prompt_keys(prompts: Batch) -> None:
         raise KeyError(f"generate_sequences needs prompt keys {missing}")
 
 
-def resolve_sampling(config: Any, meta_info: dict) -> SamplingParams:
+def resolve_sampling(config: RolloutConfig, meta_info: dict) -> SamplingParams:
     """Sampling settings for one `generate_sequences` call (see the module docstring)."""
     if meta_info.get("validate", False):
-        val = _get(config, "val_kwargs", {}) or {}
-        params = SamplingParams(
-            temperature=float(_get(val, "temperature", 0.0)),
-            top_p=float(_get(val, "top_p", 1.0)),
-            top_k=int(_get(val, "top_k", -1)),
-            n=int(_get(val, "n", 1)),
-            do_sample=bool(_get(val, "do_sample", False)),
-        )
+        val = config.val_kwargs
+        params = SamplingParams(temperature=float(val.temperature), top_p=float(val.top_p), top_k=int(val.top_k),
+                                n=int(val.n), do_sample=bool(val.do_sample))
     else:
         params = SamplingParams(
-            temperature=float(meta_info.get("temperature", _get(config, "temperature", 1.0))),
-            top_p=float(meta_info.get("top_p", _get(config, "top_p", 1.0))),
-            top_k=int(meta_info.get("top_k", _get(config, "top_k", -1))),
-            n=int(meta_info.get("n", _get(config, "n", 1))),
-            do_sample=bool(meta_info.get("do_sample", _get(config, "do_sample", True))),
+            temperature=float(meta_info.get("temperature", config.temperature)),
+            top_p=float(meta_info.get("top_p", config.top_p)),
+            top_k=int(meta_info.get("top_k", config.top_k)),
+            n=int(meta_info.get("n", config.n)),
+            do_sample=bool(meta_info.get("do_sample", config.do_sample)),
         )
     if params.greedy:
         params.n = 1  # n greedy copies would be identical
@@ -143,12 +138,12 @@ def build_rollout_batch(prompts: Batch, responses: torch.Tensor, eos_ids: Sequen
 class BaseRollout(ABC):
     """A generation engine for the rollout role (HF in-process, or a colocated vLLM engine)."""
 
-    def _init_common(self, model: Any, tokenizer: Any, config: Any) -> None:
+    def _init_common(self, model: Any, tokenizer: Any, config: RolloutConfig) -> None:
         """What every engine keeps: the policy, tokenizer, rollout config, response length, EOS and pad ids."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.response_length = int(_get(config, "response_length", 0))
+        self.response_length = int(config.response_length or 0)
         if self.response_length <= 0:
             raise ValueError("rollout config needs response_length > 0")
         self.eos_ids = eos_token_ids(tokenizer, model)

@@ -30,7 +30,7 @@ import torch
 
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.actor import model_device
-from deepretrieval.workers.optim import _get
+from deepretrieval.workers.config import RolloutConfig
 from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, check_prompt_keys,
                                                 resolve_sampling)
 
@@ -229,22 +229,21 @@ class HFRollout(BaseRollout):
     ``micro_batch_size`` = prompts per decoding loop (times n samples), null = all at once, and the speed
     options of ``hf``: ``shared_prefill``, ``compact_every``, ``cache``, ``compile``)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Any):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: RolloutConfig):
         self._init_common(model, tokenizer, config)
         params = _base_forward_params(model)
         # transformers 5 renamed past_key_values -> cache (the old name still works with a warning)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-        hf = _get(config, "hf", {}) or {}
-        self.shared_prefill = bool(_get(hf, "shared_prefill", True))
-        # defaults = ppo_trainer.yaml's (docs/benchmarks.md has the measurements behind them)
-        self.compact_every = int(_get(hf, "compact_every", 4))
-        self.cache_impl = str(_get(hf, "cache", "dynamic"))
+        hf = config.hf  # docs/benchmarks.md has the measurements behind the defaults
+        self.shared_prefill = bool(hf.shared_prefill)
+        self.compact_every = int(hf.compact_every)
+        self.cache_impl = str(hf.cache)
         if self.cache_impl not in ("dynamic", "static"):
             raise ValueError(f"rollout.hf.cache must be dynamic or static, got {self.cache_impl!r}")
         if self.compact_every < 0:
             raise ValueError(f"rollout.hf.compact_every must be >= 0, got {self.compact_every}")
-        mode = _compile_mode(_get(hf, "compile", False), model_device(model))
+        mode = _compile_mode(hf.compile, model_device(model))
         if mode is not None and self.cache_impl != "static":
             # a dynamic cache changes shape every step: the compiled step would recompile every step
             raise ValueError("rollout.hf.compile needs rollout.hf.cache=static")
@@ -322,7 +321,7 @@ class HFRollout(BaseRollout):
             generator = torch.Generator(device=device)
             generator.manual_seed(int(seed))
         # `micro_batch_size` counts prompts; each brings its n samples into the same decoding loop
-        micro = int(_get(self.config, "micro_batch_size", 0) or 0) or len(prompts)
+        micro = int(self.config.micro_batch_size or 0) or len(prompts)
         was_training = self.model.training
         self.model.eval()
         chunks: List[torch.Tensor] = []

