@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""PubMed at scale: the local engine on >= 5M synthetic PubMed-like records.
+
+Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
+1. the synthetic generator (`deepretrieval.search.synthetic`, drawn from pubmed_mini's word,
+   length and MeSH distributions): records/s;
+2. the PubMed XML reader (`ingest.read_pubmed_xml`) and the full mirror ingest
+   (`mirror.ingest_pubmed`: parse + presence check + index + commit) on a synthetic baseline
+   file of `--xml-records` records: records/s;
+3. index build of `--records` records streamed from the generator through the mirror writer
+   (`mirror.MirrorWriter`, commits every `--commit-every`): docs/s (generation time excluded),
+   bytes/record;
+4. query latency p50/p95 (k = 100) for bag-of-words ORs (the 28 pubmed_mini topic titles) and
+   Boolean/field/truncation queries (`bench_search.BOOLEAN_QUERIES`), with and without the exact
+   total count;
+5. a reward batch end to end: `scripts/bench_reward.py --engine local --index-dir IDX` (512
+   GRPO-like answers, deduplicated, `--reward-threads` search threads), in a subprocess.
+
+The load average is printed at each step: on a shared machine it says how pessimistic the
+times are. Usage:
+
+    python scripts/bench_search_scale.py --records 5000000 --workdir /tmp/scale --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "code"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_search import BOOLEAN_QUERIES, bow_query, pct  # noqa: E402
+
+from deepretrieval.search.ingest import read_pubmed_xml  # noqa: E402
+from deepretrieval.search.local import LocalSearchEngine, index_size_bytes, make_analyzer  # noqa: E402
+from deepretrieval.search.mirror import Counts, MirrorWriter, ingest_pubmed  # noqa: E402
+from deepretrieval.search.synthetic import CorpusProfile, generate, pubmed_xml  # noqa: E402
+
+DATA = ROOT / "data" / "pubmed_mini"
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load()}] {msg}", flush=True)
+
+
+def profile(workdir: Path) -> CorpusProfile:
+    cached = workdir / "profile.pkl"
+    if cached.exists():
+        return pickle.loads(cached.read_bytes())
+    prof = CorpusProfile.from_corpus(DATA / "corpus.jsonl.gz")
+    cached.write_bytes(pickle.dumps(prof))
+    return prof
+
+
+def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: int) -> Dict[str, Any]:
+    """Reader and full-ingest throughput on one synthetic baseline file of n records."""
+    import gzip
+
+    records = [r for chunk in generate(n, prof, seed=1) for r in chunk]
+    path = workdir / "pubmed99n0001.xml.gz"
+    path.write_bytes(gzip.compress(pubmed_xml(records).encode(), compresslevel=6))
+    t0 = time.perf_counter()
+    parsed = sum(1 for _ in read_pubmed_xml(path))
+    parse_s = time.perf_counter() - t0
+    mirror = workdir / "xml_mirror"
+    shutil.rmtree(mirror, ignore_errors=True)
+    summary = ingest_pubmed(mirror, [path], heap_size=heap, num_threads=threads, progress=False)
+    out = {"records": n, "file_bytes": path.stat().st_size, "parse_records_per_s": parsed / parse_s,
+           "ingest_records_per_s": n / summary["seconds"], "ingest_s": summary["seconds"],
+           "load": load()}
+    shutil.rmtree(mirror, ignore_errors=True)
+    path.unlink()
+    return out
+
+
+def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int) -> Dict[str, Any]:
+    """Stream n generated records into a new mirror index; generation and indexing timed apart."""
+    shutil.rmtree(out, ignore_errors=True)
+    writer = MirrorWriter(out, heap_size=heap, num_threads=threads)
+    counts = Counts()
+    gen_s = index_s = 0.0
+    since = 0
+    t_all = time.perf_counter()
+    stream = generate(n, prof, seed=0)
+    while True:
+        t0 = time.perf_counter()
+        chunk = next(stream, None)
+        gen_s += time.perf_counter() - t0
+        if chunk is None:
+            break
+        t0 = time.perf_counter()
+        writer.apply(chunk, counts)
+        since += len(chunk)
+        if since >= commit_every:
+            writer.commit(None, counts)
+            counts = Counts()
+            since = 0
+            log(f"committed {writer.searcher.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
+        index_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.commit(None, counts)
+    writer.close()
+    index_s += time.perf_counter() - t0
+    size = index_size_bytes(out)
+    return {"records": n, "generate_s": gen_s, "generate_records_per_s": n / gen_s, "index_s": index_s,
+            "docs_per_s": n / index_s, "wall_s": time.perf_counter() - t_all, "index_bytes": size,
+            "bytes_per_record": size / n, "threads": threads, "heap_mb": heap // 1_000_000, "load": load()}
+
+
+def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict[str, float]:
+    for q in queries:  # warm-up: truncation cache, OS page cache
+        fn(q)
+    times: List[float] = []
+    for _ in range(repeat):
+        for q in queries:
+            t0 = time.perf_counter()
+            fn(q)
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": statistics.median(times), "p95_ms": pct(times, 0.95), "max_ms": max(times), "n": len(times)}
+
+
+def searcher_fn(engine: LocalSearchEngine, count: bool) -> Callable[[str], Any]:
+    """One search with k = 100: the engine's own path with the exact count, or the same compiled
+    query run without counting (top-k only)."""
+    if count:
+        return lambda q: engine.search(q, k=100)
+
+    def top_k(q: str) -> Any:
+        tq, _, _ = engine.compile(q)
+        res = engine.searcher.search(tq, limit=100, count=False)
+        return [engine.searcher.doc(addr)["id"][0] for _, addr in res.hits]
+
+    return top_k
+
+
+def bench_queries(index: Path, repeat: int) -> Dict[str, Any]:
+    topics = [json.loads(line) for line in (DATA / "topics.jsonl").open()]
+    analyzer = make_analyzer()
+    bow = [bow_query(t["title"], analyzer) for t in topics]
+    engine = LocalSearchEngine(index)
+    out: Dict[str, Any] = {"num_docs": engine.num_docs}
+    for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
+        for count in (True, False):
+            key = f"{name}_{'count' if count else 'topk'}"
+            out[key] = {**timed(searcher_fn(engine, count), queries, repeat), "load": load()}
+            log(f"{key}: {json.dumps(out[key])}")
+    out["bow_total_median"] = statistics.median(engine.search(q, k=1).total for q in bow)
+    out["boolean_total_median"] = statistics.median(engine.search(q, k=1).total for q in BOOLEAN_QUERIES)
+    return out
+
+
+def bench_reward(index: Path, threads: int, repeats: int) -> Dict[str, Any]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_reward.py"), "--engine", "local", "--index-dir", str(index),
+           "--threads", str(threads), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "code")})
+    text = proc.stdout
+    try:
+        report = json.loads(text[text.index("{"):])
+    except ValueError:
+        return {"error": (proc.stderr or text)[-2000:], "returncode": proc.returncode}
+    report["load"] = load()
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=5_000_000)
+    ap.add_argument("--workdir", default="/tmp/bench_search_scale")
+    ap.add_argument("--threads", type=int, default=2, help="tantivy indexing threads")
+    ap.add_argument("--heap-mb", type=int, default=1000, help="indexing memory budget (all threads)")
+    ap.add_argument("--commit-every", type=int, default=1_000_000)
+    ap.add_argument("--xml-records", type=int, default=20_000, help="records in the synthetic baseline file (0: skip)")
+    ap.add_argument("--reuse-index", action="store_true", help="query an index built by an earlier run")
+    ap.add_argument("--repeat", type=int, default=2, help="timed passes over each query set")
+    ap.add_argument("--reward-threads", type=int, default=2)
+    ap.add_argument("--reward-repeats", type=int, default=1)
+    ap.add_argument("--skip-reward", action="store_true")
+    ap.add_argument("--json", help="write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    heap = args.heap_mb * 1_000_000
+    out: Dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                         time.gmtime())}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+    log(f"cpus {out['cpus']}; profile")
+    t0 = time.perf_counter()
+    prof = profile(work)
+    out["profile_s"] = time.perf_counter() - t0
+    if args.xml_records:
+        out["xml"] = bench_xml(prof, args.xml_records, work, args.threads, heap)
+        log(f"xml: {json.dumps(out['xml'])}")
+        save()
+    index = work / f"index_{args.records}"
+    if not (args.reuse_index and index.exists()):
+        out["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every)
+        log(f"build: {json.dumps(out['build'])}")
+        save()
+    out["queries"] = bench_queries(index, args.repeat)
+    save()
+    if not args.skip_reward:
+        log("reward batch")
+        out["reward"] = bench_reward(index, args.reward_threads, args.reward_repeats)
+        log(f"reward: {json.dumps(out['reward'])}")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
