@@ -110,8 +110,9 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
             writer.commit(None, counts)
             counts = Counts()
             since = 0
-            log(f"committed {writer.searcher.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
         index_s += time.perf_counter() - t0
+        if since == 0:
+            log(f"committed {writer.searcher.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
     t0 = time.perf_counter()
     writer.commit(None, counts)
     writer.close()
