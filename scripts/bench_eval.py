@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.05)
     args = parser.parse_args()
 
-    from deepretrieval.data.paths import ensure_local_index
+    from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.eval.fake_openai import FakeOpenAIServer
     from deepretrieval.eval.llm_client import ChatClient
     from deepretrieval.eval.runner import BaselineMethod, Searcher, evaluate, load_samples

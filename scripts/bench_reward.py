@@ -99,7 +99,7 @@ def make_answers(rows: List[dict], n: int, repeat_prob: float, error_prob: float
 
 def bench_local(args: argparse.Namespace) -> int:
     from deepretrieval.data import tasks
-    from deepretrieval.data.paths import ensure_local_index
+    from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.rewards import literature
     from deepretrieval.rewards.manager import RewardManager
     from deepretrieval.search.local import LocalSearchEngine

@@ -112,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     index_dir = args.index
     if index_dir is None:
-        from deepretrieval.data.paths import ensure_local_index
+        from deepretrieval.search.local_index import ensure_local_index
 
         index_dir = str(ensure_local_index("pubmed_mini"))
     rows = []

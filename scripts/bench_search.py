@@ -32,7 +32,8 @@ from typing import Dict, List, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "code"))
 
-from deepretrieval.search.local import LocalSearchEngine, build_index, index_size_bytes, make_analyzer  # noqa: E402
+from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
+from deepretrieval.search.local_index import build_index, index_size_bytes, make_analyzer  # noqa: E402
 
 DATA = ROOT / "data" / "pubmed_mini"
 

@@ -215,7 +215,7 @@ def main() -> int:
 
     from deepretrieval.data.tasks import prepare_task
     from deepretrieval.models.tiny import save_tiny_model
-    from deepretrieval.search.local import build_index
+    from deepretrieval.search.local_index import build_index
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     paths = prepare_task("pubmed_mini", tmp / "data", seed=42, val_size=4)

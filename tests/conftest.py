@@ -66,7 +66,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def pubmed_mini_index(tmp_path_factory, data_dir) -> Path:
-    from deepretrieval.search.local import build_index
+    from deepretrieval.search.local_index import build_index
 
     out = tmp_path_factory.mktemp("search_indexes") / "pubmed_mini"
     build_index(data_dir / "pubmed_mini" / "corpus.jsonl.gz", out, progress=False)
@@ -75,7 +75,7 @@ def pubmed_mini_index(tmp_path_factory, data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def trials_sigir_index(tmp_path_factory, data_dir) -> Path:
-    from deepretrieval.search.local import build_index
+    from deepretrieval.search.local_index import build_index
 
     out = tmp_path_factory.mktemp("search_indexes") / "trials_sigir"
     build_index(data_dir / "trials_sigir" / "corpus.jsonl.gz", out, progress=False)

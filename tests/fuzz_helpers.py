@@ -5,7 +5,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-from deepretrieval.search.local import LocalSearchEngine, build_index
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import build_index
 
 SECONDS_PER_INPUT = 3.0  # CPU seconds (not wall-clock: the machine is shared); inputs take milliseconds
 SMALL = Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl"

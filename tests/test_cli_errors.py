@@ -12,7 +12,8 @@ from deepretrieval.cli import main
 from deepretrieval.search import base
 from deepretrieval.search.base import SearchEngine, SearchUnavailable
 from deepretrieval.search.cli import MAX_K, MAX_QUERY_FILE_BYTES
-from deepretrieval.search.local import META_FILE, LocalSearchEngine, build_index
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import INDEX_META_FILE, build_index
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 SMALL = FIXTURES / "small_corpus.jsonl"
@@ -211,7 +212,7 @@ def test_damaged_index_metadata_is_unavailable(index, tmp_path, capsys, content,
 
     copy = tmp_path / "idx"
     shutil.copytree(index, copy)
-    (copy / META_FILE).write_bytes(content)
+    (copy / INDEX_META_FILE).write_bytes(content)
     with pytest.raises(SearchUnavailable, match="rebuild it"):
         LocalSearchEngine(copy)
     code, out, err = run(capsys, "search", "--index", copy, "--json", "aspirin")
@@ -220,12 +221,12 @@ def test_damaged_index_metadata_is_unavailable(index, tmp_path, capsys, content,
 
 
 def test_damaged_vendored_index_is_rebuilt(tmp_path, monkeypatch, capsys):
-    from deepretrieval.data import paths
+    from deepretrieval.search import local_index as paths
 
     monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setitem(paths.LOCAL_CORPORA, "tiny_fixture", str(SMALL))
     built = paths.ensure_local_index("tiny_fixture")
-    (built / META_FILE).write_text("[]")
+    (built / INDEX_META_FILE).write_text("[]")
     assert not paths.index_ready(built)
     assert paths.ensure_local_index("tiny_fixture") == built and paths.index_ready(built)
     assert LocalSearchEngine(built).num_docs == 8

@@ -32,7 +32,7 @@ def run_into_closed_pipe(argv, tmp_path, stderr_too=False):
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    from deepretrieval.search.local import build_index
+    from deepretrieval.search.local_index import build_index
 
     out = tmp_path_factory.mktemp("cli_pipe") / "idx"
     build_index(SMALL, out, progress=False)

@@ -7,7 +7,8 @@ import pytest
 from deepretrieval.data.paths import data_root
 from deepretrieval.eval import baselines, report
 from deepretrieval.eval.runner import BaselineMethod, Searcher, evaluate, load_samples
-from deepretrieval.search.local import LocalSearchEngine, build_index
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import build_index
 
 PM_TOPICS = ["clef2017-CD008760", "clef2017-CD010633", "cohen2006-Estrogens"]
 

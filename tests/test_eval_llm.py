@@ -178,7 +178,8 @@ from deepretrieval.data.paths import data_root  # noqa: E402
 from deepretrieval.eval import baselines, report  # noqa: E402
 from deepretrieval.eval.runner import (  # noqa: E402
     BaselineMethod, LLMMethod, Searcher, evaluate, load_samples, task_input_from_prompt)
-from deepretrieval.search.local import LocalSearchEngine, build_index  # noqa: E402
+from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
+from deepretrieval.search.local_index import build_index  # noqa: E402
 
 
 @pytest.fixture(scope="module")

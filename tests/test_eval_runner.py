@@ -288,7 +288,7 @@ def test_cli_reward_config_points_at_an_index(tmp_path, monkeypatch):
 
     from deepretrieval.data.paths import data_root
     from deepretrieval.eval.cli import register
-    from deepretrieval.search.local import build_index
+    from deepretrieval.search.local_index import build_index
 
     idx = tmp_path / "my_index"
     build_index(str(data_root() / "trials_sigir" / "corpus.jsonl.gz"), str(idx), progress=False)

@@ -220,7 +220,8 @@ def test_local_cost_budget_is_configurable_per_source_and_penalised(tmp_path):
     from pathlib import Path
 
     from deepretrieval.rewards import literature
-    from deepretrieval.search.local import COST_TERM, build_index
+    from deepretrieval.search.local import COST_TERM
+    from deepretrieval.search.local_index import build_index
 
     build_index(Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl", tmp_path / "idx", progress=False)
     one_term = COST_TERM + 4  # "aspirin" is in 4 titles of the fixture corpus

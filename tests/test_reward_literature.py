@@ -405,7 +405,7 @@ def tasks_topics(path):
 
 
 def test_default_local_index_is_built_on_first_use(tmp_path, monkeypatch):
-    from deepretrieval.data import paths
+    from deepretrieval.search import local_index as paths
 
     monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path))
     literature.clear_engines()

@@ -371,7 +371,8 @@ def test_too_deep_queries_are_penalised_not_dropped_with_the_local_engine(tmp_pa
     service's fault, sample dropped); now they are the model's fault: query_syntax."""
     from pathlib import Path
 
-    from deepretrieval.search.local import LocalSearchEngine, build_index
+    from deepretrieval.search.local import LocalSearchEngine
+    from deepretrieval.search.local_index import build_index
 
     build_index(Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl", tmp_path / "idx", progress=False)
     literature.set_engine("pubmed_mini", LocalSearchEngine(tmp_path / "idx"))

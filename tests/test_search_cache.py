@@ -72,7 +72,7 @@ def test_resolve_cache(tmp_path, monkeypatch):
 
 
 def test_one_cache_root_for_everything(tmp_path, monkeypatch):
-    from deepretrieval.data.paths import default_index_dir
+    from deepretrieval.search.local_index import default_index_dir
     from deepretrieval.models.pretrained import default_model_cache
     from deepretrieval.search.ratelimit import default_state_dir
 

@@ -10,7 +10,8 @@ import pytest
 from deepretrieval.search import ingest
 from deepretrieval.search.ingest import (CorpusFormatError, SkipLog, check_date_filter, detect_format, iter_records,
                                          parse_date, read_ctgov, read_pubmed_xml)
-from deepretrieval.search.local import LocalSearchEngine, build_index, build_summary
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import build_index, build_summary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 XML = FIXTURES / "pubmed_sample.xml.gz"

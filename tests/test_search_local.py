@@ -12,7 +12,8 @@ import pytest
 
 from deepretrieval.search import ingest
 from deepretrieval.search.base import QuerySyntaxError, SearchUnavailable, make_engine
-from deepretrieval.search.local import META_FILE, LocalSearchEngine, build_index, make_analyzer
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import INDEX_META_FILE, build_index, make_analyzer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 SMALL = FIXTURES / "small_corpus.jsonl"
@@ -163,7 +164,7 @@ def test_interrupted_build_leaves_nothing_that_opens(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             yield rec
 
-    monkeypatch.setattr("deepretrieval.search.local.iter_records", broken)
+    monkeypatch.setattr("deepretrieval.search.local_index.iter_records", broken)
     out = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         build_index(SMALL, out, progress=False, batch_size=2)
@@ -195,7 +196,7 @@ def test_rebuild_replaces_index_and_refuses_foreign_dirs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert build_index(SMALL, empty, progress=False)["num_docs"] == 8
-    assert (empty / META_FILE).exists()
+    assert (empty / INDEX_META_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- pubmed_mini

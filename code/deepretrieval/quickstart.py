@@ -118,7 +118,7 @@ def compact_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def prepare_data(out_dir: Path) -> Dict[str, Any]:
     """Write `<out>/data/{train,test}.parquet` (no_reason style, compact prompt); build the index."""
-    from deepretrieval.data.paths import ensure_local_index
+    from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
     splits = build_splits(TASK, style="no_reason")

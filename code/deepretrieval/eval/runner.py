@@ -379,14 +379,16 @@ class Searcher:
                 if index_dir is None:
                     # built now rather than at the first search, so the identity (with the build
                     # time) is the same before and after an interrupted first run
-                    from deepretrieval.data.paths import default_index_dir, ensure_local_index
+                    from deepretrieval.search.local_index import default_index_dir, ensure_local_index
 
                     try:
                         index_dir = ensure_local_index(src.index or src.name)
                     except Exception as exc:  # no corpus: every search will report it, classified
                         logger.warning("local index %s unavailable: %s", src.index or src.name, exc)
                         index_dir = default_index_dir(src.index or src.name)
-        meta = Path(index_dir) / "deepretrieval_index.json" if index_dir else None
+        from deepretrieval.search.local_index import INDEX_META_FILE
+
+        meta = Path(index_dir) / INDEX_META_FILE if index_dir else None
         if meta is not None and meta.exists():
             ident += f"|built:{meta.stat().st_mtime_ns}"
         return ident

@@ -51,7 +51,7 @@ set the pubmed source), and a source key that is neither reserved nor a paramete
 constructor. Data source `literature` (parquet files of the original DeepRetrieval preprocessing)
 is routed to the `pubmed` source (`SOURCE_ALIASES`), with the format check of the original prompt
 (which opens `<think>`) unless the source sets `think_in_prompt`. A local source without `index_dir` uses the vendored corpus
-named by `index` (default: the data source name), built on first use (deepretrieval.data.paths).
+named by `index` (default: the data source name), built on first use (deepretrieval.search.local_index).
 Engines are created lazily, once per process, keyed by their options, so the function-style
 `compute_score` works inside Ray workers.
 """
@@ -532,7 +532,7 @@ def get_engine(source: SourceConfig) -> SearchEngine:
         if engine is None:
             options = dict(source.engine_options)
             if source.engine == "local" and "index_dir" not in options:
-                from deepretrieval.data.paths import ensure_local_index
+                from deepretrieval.search.local_index import ensure_local_index
 
                 options["index_dir"] = str(ensure_local_index(source.index or source.name))
             engine = make_engine(source.engine, **options)

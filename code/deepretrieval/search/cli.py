@@ -98,7 +98,7 @@ def _check_range(name: str, value: Optional[int], lo: int, hi: Optional[int] = N
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from deepretrieval.search.ingest import CorpusFormatError
-    from deepretrieval.search.local import build_index, build_summary, index_size_bytes
+    from deepretrieval.search.local_index import build_index, build_summary, index_size_bytes
 
     try:
         _check_range("--batch-size", args.batch_size, 1)
@@ -143,7 +143,7 @@ def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
 
 def _resolve_index(index: str) -> str:
     """An index folder, or the name of a vendored corpus (its index is built in the cache on first use)."""
-    from deepretrieval.data.paths import LOCAL_CORPORA, ensure_local_index
+    from deepretrieval.search.local_index import LOCAL_CORPORA, ensure_local_index
 
     if index not in LOCAL_CORPORA or Path(index).exists():
         return index

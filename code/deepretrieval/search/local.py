@@ -1,9 +1,6 @@
 """Local search engine: a tantivy index of PubMed-like records, searched with PubMed syntax.
 
-Building (`build_index`) streams `Record`s from `deepretrieval.search.ingest` into a tantivy
-index in a temporary directory next to the target, committing every `batch_size` documents,
-and moves it into place only when complete; `deepretrieval_index.json` (written last) marks a
-finished index, so an interrupted build never leaves something that opens as an index.
+Indexes are built by `deepretrieval.search.local_index`.
 
 Searching (`LocalSearchEngine.search`) parses the query with `deepretrieval.search.query`
 and builds the tantivy query from the syntax tree programmatically (user text never reaches
@@ -25,7 +22,8 @@ tantivy's own query parser):
   (yyyymmdd). Records without a date match searches without date conditions and are
   excluded by any date condition.
 - Ranking: BM25 (tantivy's) over the documents the Boolean query matches; a term searched in
-  several fields scores the sum of its per-field BM25; `total` counts every match.
+  several fields scores the sum of its per-field BM25; ties keep tantivy's order (segment,
+  document). `total` counts every match when the caller asks (`count=True`), else it is None.
 - Cost budget: while the tantivy query is built, the postings it will read are estimated from
   the index's document frequencies (`COST_*`: a positional posting of a phrase or proximity
   search costs more than a plain one, and every expanded term has a fixed cost); a query over
@@ -37,30 +35,24 @@ tantivy's own query parser):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import tantivy
 
-from deepretrieval.data.paths import INDEX_META_FILE
 from deepretrieval.search import query as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
-from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records,
-                                         parse_date)
+from deepretrieval.search.ingest import parse_date
+from deepretrieval.search.local_index import TEXT_FIELDS, make_analyzer, read_index_meta, shard_paths
 
 logger = logging.getLogger(__name__)
 
-META_FILE = INDEX_META_FILE  # written last: its presence marks a finished index
-INDEX_FORMAT_VERSION = 1
-TEXT_FIELDS = Q.ALL_FIELDS
-KEYWORD_FIELDS = ("mesh_kw", "majr_kw", "qual_kw", "sh_kw", "pt_kw")
 MAX_EXPANDED_NODES = 2_000  # tantivy copies a reused sub-query wherever it is referenced; CLEF max is 314
 DEFAULT_MAX_EXPANSIONS = 600  # PubMed's documented cap on variants of a truncated term
 MAX_PROXIMITY_VARIANTS = 2_000  # phrase variants one proximity (adjN) search may expand to
@@ -71,273 +63,6 @@ COST_POSTING = 1
 COST_POSITION_POSTING = 10
 COST_TERM = 400
 DEFAULT_MAX_QUERY_COST = 50_000_000
-
-
-def build_schema() -> tantivy.Schema:
-    sb = tantivy.SchemaBuilder()
-    sb.add_text_field("id", stored=True, tokenizer_name="raw", index_option="basic")
-    for name in TEXT_FIELDS:
-        sb.add_text_field(name, tokenizer_name="default", index_option="position")
-    for name in KEYWORD_FIELDS:  # lower-cased in Python, stored as one term per value
-        sb.add_text_field(name, tokenizer_name="raw", index_option="freq")
-    sb.add_integer_field("pub_date", indexed=True, fast=True)
-    return sb.build()
-
-
-def make_analyzer() -> tantivy.TextAnalyzer:
-    """The query-side twin of tantivy's "default" tokenizer used by the text fields."""
-    return (tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-            .filter(tantivy.Filter.remove_long(40)).filter(tantivy.Filter.lowercase()).build())
-
-
-# ----------------------------------------------------------------------------- building
-
-def _document(rec: Record) -> tantivy.Document:
-    doc = tantivy.Document()
-    doc.add_text("id", rec.id)
-    if rec.title:
-        doc.add_text("title", rec.title)
-    if rec.abstract:
-        doc.add_text("abstract", rec.abstract)
-    for m in rec.mesh:
-        doc.add_text("mesh", m)
-        doc.add_text("mesh_kw", m.lower())
-    for m in rec.mesh_major:
-        doc.add_text("majr_kw", m.lower())
-    for q in rec.qualifiers:
-        doc.add_text("qual_kw", q.lower())
-        doc.add_text("sh_kw", q.rpartition("/")[2].lower())
-    for p in rec.pt:
-        doc.add_text("pt_kw", p.lower())
-    for name in ("keywords", "conditions", "interventions"):
-        for value in getattr(rec, name):
-            doc.add_text(name, value)
-    if rec.eligibility:
-        doc.add_text("eligibility", rec.eligibility)
-    if rec.pub_date is not None:
-        doc.add_integer("pub_date", int(rec.pub_date))
-    return doc
-
-
-def _prepare_target(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        contents = list(out.iterdir())
-        if contents and not (overwrite or (out / META_FILE).exists()):
-            raise FileExistsError(f"{out} is not empty and holds no deepretrieval index; pass overwrite=True")
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Partial builds of `out` left by killed processes (SIGKILL skips our cleanup)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rpartition("-")[2]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-        if not alive:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def build_index(
-    corpus_path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-    out_dir: Union[str, os.PathLike],
-    format: Optional[str] = None,
-    *,
-    batch_size: int = 100_000,
-    heap_size: int = 256_000_000,
-    num_threads: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    limit: Optional[int] = None,
-) -> Dict[str, Any]:
-    """Index the corpus file(s) at `corpus_path` into `out_dir`; returns the index metadata.
-
-    `format`: "jsonl" | "pubmed-xml" | "ctgov" or None to detect per file. One document per id:
-    a record whose id was seen before replaces the earlier one in every format (PubMed/CT.gov
-    revisions, and duplicate lines in JSONL: the last one wins), and DeleteCitation removes it;
-    the metadata counts them (`replaced_or_deleted`, and `duplicates` when the corpus has no
-    deletions). A record that cannot be read or indexed is skipped and counted by reason
-    (`skipped`, `skipped_examples`); a damaged file (truncated gzip, malformed XML) or a corpus
-    with no readable record raises CorpusFormatError and writes nothing. `out_dir` may be
-    absent, empty or an earlier index (replaced only when the build succeeds); any other
-    non-empty directory needs `overwrite=True`. `limit` stops after that many indexed records
-    (benchmarks)."""
-    from tqdm import tqdm
-
-    out = Path(out_dir).resolve()
-    _prepare_target(out, overwrite)
-    paths = expand_paths(corpus_path)
-    formats = sorted({format or detect_format(p) for p in paths})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    start = time.perf_counter()
-    stats = {"added": 0, "deleted": 0, "with_date": 0, "with_mesh": 0, "with_major": 0, "with_qualifiers": 0,
-             "with_pt": 0}
-    skips = SkipLog()
-    writer = index = None
-    try:
-        index = tantivy.Index(build_schema(), path=str(tmp))
-        writer = index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
-        bar = tqdm(total=None, unit="doc", desc="indexing", disable=not progress, mininterval=1.0)
-        since_commit = 0
-        present: set = set()
-        for path in paths:
-            fmt = format or detect_format(path)
-            for rec in iter_records(path, fmt, skips=skips):
-                try:
-                    doc = None if rec.deleted else _document(rec)
-                    # the id's earlier version (if any) goes: revisions, duplicates, deletions
-                    writer.delete_documents_by_term("id", rec.id)
-                    if doc is not None:
-                        writer.add_document(doc)
-                except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate from a JSON escape
-                    skips.add("cannot be indexed", f"{path}: id {rec.id!r}", f"{type(exc).__name__}: {exc}")
-                    continue
-                if rec.deleted:
-                    stats["deleted"] += 1
-                    continue
-                stats["added"] += 1
-                stats["with_date"] += rec.pub_date is not None
-                stats["with_mesh"] += bool(rec.mesh)
-                stats["with_major"] += bool(rec.mesh_major)
-                stats["with_qualifiers"] += bool(rec.qualifiers)
-                stats["with_pt"] += bool(rec.pt)
-                for name in TEXT_FIELDS:
-                    if name not in present and getattr(rec, name):
-                        present.add(name)
-                since_commit += 1
-                bar.update(1)
-                if since_commit >= batch_size:
-                    writer.commit()
-                    since_commit = 0
-                if limit is not None and stats["added"] >= limit:
-                    break
-            if limit is not None and stats["added"] >= limit:
-                break
-        bar.close()
-        if stats["added"] == 0 and skips.total:
-            raise CorpusFormatError(
-                f"no record could be indexed: {skips.total} skipped ({_reasons(skips.counts)}); "
-                f"first: {skips.examples[0]}")
-        writer.commit()
-        writer.wait_merging_threads()
-        index.reload()
-        num_docs = index.searcher().num_docs
-        removed = stats["added"] - num_docs
-        meta = {
-            "format_version": INDEX_FORMAT_VERSION,
-            "num_docs": num_docs,
-            "sources": [str(p) for p in paths],
-            "formats": formats,
-            "has_dates": stats["with_date"] > 0,
-            "has_mesh": stats["with_mesh"] > 0,
-            "has_major": stats["with_major"] > 0,
-            "has_qualifiers": stats["with_qualifiers"] > 0,
-            "has_pt": stats["with_pt"] > 0,
-            "text_fields": [f for f in TEXT_FIELDS if f in present],
-            "records_read": stats["added"] + stats["deleted"] + skips.total,
-            "records_added": stats["added"],
-            "deletions": stats["deleted"],
-            "replaced_or_deleted": removed,
-            "duplicates": removed if stats["deleted"] == 0 else None,
-            "skipped": dict(sorted(skips.counts.items())),
-            "skipped_examples": skips.examples,
-            "build_seconds": round(time.perf_counter() - start, 3),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        # swap into place: the old index (if any) moves aside first, then is removed
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        # release tantivy's writer (lock file, merge threads) before removing the partial index
-        try:
-            writer.rollback()
-            writer.wait_merging_threads()
-        except Exception:  # the writer may be in any state; removal below is what matters
-            pass
-        writer = index = None  # noqa: F841
-        import gc
-
-        gc.collect()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("indexed %d documents into %s in %.1fs", meta["num_docs"], out, meta["build_seconds"])
-    if meta["skipped"] or meta["replaced_or_deleted"]:
-        logger.warning("index %s: %s", out, "; ".join(build_summary(meta)[1:3]))
-    return meta
-
-
-def _reasons(counts: Dict[str, int]) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def build_summary(meta: Dict[str, Any]) -> List[str]:
-    """Human-readable lines for a build's metadata: records read, indexed, replaced, skipped."""
-    lines = [f"records read {meta.get('records_read', meta.get('records_added', 0)):,}; "
-             f"documents in the index {meta.get('num_docs', 0):,}"]
-    if meta.get("deletions"):
-        lines.append(f"deletion records {meta['deletions']:,}; records replaced by a later one with the same id "
-                     f"or deleted {meta.get('replaced_or_deleted', 0):,}")
-    elif meta.get("duplicates"):
-        lines.append(f"duplicate ids {meta['duplicates']:,}: each id is indexed once, from its last record")
-    skipped = meta.get("skipped") or {}
-    if skipped:
-        lines.append(f"skipped {sum(skipped.values()):,} records ({_reasons(skipped)})")
-        lines += [f"  {example}" for example in meta.get("skipped_examples", [])[:5]]
-    return lines
-
-
-# metadata key -> the JSON types it may have; anything else means a damaged or foreign file
-_META_TYPES: Dict[str, Tuple[type, ...]] = {
-    "format_version": (int,), "num_docs": (int,), "formats": (list,), "text_fields": (list,), "sources": (list,),
-    "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,),
-}
-
-
-def read_index_meta(index_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The metadata `build_index` wrote last into `index_dir`; raises SearchUnavailable (with the
-    fix: rebuild) when it is missing, unreadable, not JSON, not an object or has fields of the
-    wrong type."""
-    path = Path(index_dir) / META_FILE
-    rebuild = "rebuild it with `deepretrieval index build`"
-    if not path.is_file():
-        raise SearchUnavailable(f"{index_dir} is not a complete deepretrieval index (no {META_FILE}); "
-                                "build one with `deepretrieval index build`")
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SearchUnavailable(f"index metadata {path} is unreadable ({type(exc).__name__}: {exc}); {rebuild}") \
-            from None
-    if not isinstance(meta, dict):
-        raise SearchUnavailable(f"index metadata {path} holds a JSON {type(meta).__name__}, not an object; {rebuild}")
-    for key, types in _META_TYPES.items():
-        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
-            raise SearchUnavailable(f"index metadata {path}: {key!r} is a {type(meta[key]).__name__}; {rebuild}")
-    fields = meta.get("text_fields", [])
-    if not all(isinstance(f, str) for f in fields):
-        raise SearchUnavailable(f"index metadata {path}: 'text_fields' must list field names; {rebuild}")
-    return meta
-
-
-def index_size_bytes(index_dir: Union[str, os.PathLike]) -> int:
-    return sum(f.stat().st_size for f in Path(index_dir).rglob("*") if f.is_file())
 
 
 # ----------------------------------------------------------------------------- query building
@@ -664,23 +389,39 @@ class LocalSearchEngine(SearchEngine):
     """Search a tantivy index built by `build_index` with PubMed query syntax.
 
     Cheap to construct (opens the index, reads the metadata) and safe to share between
-    threads: searches use one immutable searcher; the truncation-expansion cache is locked.
+    threads: searches use immutable searchers; the truncation-expansion cache is locked.
     Filters: `min_date` / `max_date` ("YYYY[/MM[/DD]]"): records without a date are excluded
-    when either is given."""
+    when either is given.
+
+    A sharded index (`build_index(..., shards=N)`) opens transparently: the query is compiled
+    once against the shards' combined term statistics (document frequencies summed, truncations
+    expanded over the union of the shards' terms, so the Boolean match set is the single index's)
+    and run on every shard concurrently (`search_threads`, default one per shard; tantivy releases
+    the GIL while it searches); the shards' top k are merged by score, ties by (shard, segment,
+    document), the order tantivy itself uses within one index. BM25 uses each shard's own
+    statistics (tantivy-py has no hook for global ones), so ranked scores differ slightly from the
+    single index's; docs/benchmarks.md "Sharded search" measures the effect on recall."""
 
     name = "local"
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
-                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST, **_ignored: Any):
+                 expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST,
+                 search_threads: Optional[int] = None, **_ignored: Any):
         self.index_dir = Path(index_dir)
         self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
-        try:
-            self.index = tantivy.Index.open(str(self.index_dir))
-        except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes
-            raise SearchUnavailable(f"cannot open index {self.index_dir}: {exc}") from exc
-        self.schema = self.index.schema
+        self.searchers = []
+        for path in shard_paths(self.index_dir, self.meta):
+            try:
+                index = tantivy.Index.open(str(path))
+            except Exception as exc:  # tantivy raises ValueError/OSError on damaged indexes
+                raise SearchUnavailable(f"cannot open index {path}: {exc}") from exc
+            if not self.searchers:
+                self.schema = index.schema
+            self.searchers.append(index.searcher())
+        self.searcher = self.searchers[0]
         self.text_fields = frozenset(self.meta.get("text_fields", TEXT_FIELDS))
-        self.searcher = self.index.searcher()
+        self.search_threads = len(self.searchers) if search_threads is None else max(1, int(search_threads))
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
         self.max_query_cost = int(max_query_cost)
@@ -699,7 +440,17 @@ class LocalSearchEngine(SearchEngine):
 
     @property
     def num_docs(self) -> int:
-        return self.searcher.num_docs
+        return sum(searcher.num_docs for searcher in self.searchers)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.searchers)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _cached(self, key: Tuple[str, str, Optional[str]], compute: Any) -> Any:
         with self._lock:
@@ -718,7 +469,9 @@ class LocalSearchEngine(SearchEngine):
         whether the cap cut some, and the postings of the kept terms (sum of document frequencies)."""
 
         def compute() -> Tuple[List[str], bool, int]:
-            if pattern is None:
+            if len(self.searchers) > 1:
+                found = [(t, c) for t, c in self._shard_terms(field, prefix) if pattern is None or pattern.match(t)]
+            elif pattern is None:
                 found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
             else:
                 found = [(t, c) for t, c in self.searcher.terms_with_prefix(field, prefix) if pattern.match(t)]
@@ -732,13 +485,22 @@ class LocalSearchEngine(SearchEngine):
         regex phrase query reads them all."""
 
         def compute() -> int:
-            return sum(int(c) for t, c in self.searcher.terms_with_prefix(field, prefix)
+            return sum(int(c) for searcher in self.searchers for t, c in searcher.terms_with_prefix(field, prefix)
                        if pattern is None or pattern.match(t))
 
         return self._cached(("postings:" + field, prefix, pattern.pattern if pattern is not None else None), compute)
 
+    def _shard_terms(self, field: str, prefix: str) -> List[Tuple[str, int]]:
+        """Every term of `field` with `prefix` over all shards, with its summed document frequency,
+        most frequent first (ties: term order, as tantivy lists the terms of one index)."""
+        counts: Dict[str, int] = {}
+        for searcher in self.searchers:
+            for term, count in searcher.terms_with_prefix(field, prefix):
+                counts[term] = counts.get(term, 0) + int(count)
+        return sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
+
     def _doc_freq(self, field: str, term: str) -> int:
-        return int(self.searcher.doc_freq(field, term))
+        return sum(int(searcher.doc_freq(field, term)) for searcher in self.searchers)
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
         return tantivy.Query.range_query(self.schema, "pub_date", tantivy.FieldType.Integer, lo, hi)
@@ -771,7 +533,11 @@ class LocalSearchEngine(SearchEngine):
         return tq, parsed, warnings
 
     def search(self, query: str, k: int = 100, min_date: Optional[str] = None, max_date: Optional[str] = None,
-               **filters: Any) -> SearchResult:
+               count: bool = False, **filters: Any) -> SearchResult:
+        """The top `k` matches, best first. `count=True` also counts every match into `total`
+        (tantivy then visits every matching posting); otherwise `total` is None ("not counted")
+        and tantivy may skip postings that cannot reach the top k (block-max WAND). The ids and
+        scores are the same either way."""
         start = time.perf_counter()
         tq, parsed, warnings = self.compile(query)
         if filters:
@@ -784,16 +550,36 @@ class LocalSearchEngine(SearchEngine):
             tq = tantivy.Query.boolean_query([(tantivy.Occur.Must, tq), (tantivy.Occur.Must, self._date_query(lo, hi))])
         k = check_k(k)
         try:
-            res = self.searcher.search(tq, limit=max(k, 1), count=True)
+            hits, total = self._top(tq, max(k, 1), bool(count))
         except ValueError as exc:  # e.g. a regex phrase with too many expansions
             raise QuerySyntaxError(f"query too broad for the local index ({exc})", 0, query) from exc
-        hits = res.hits[:k]
-        ids = [self.searcher.doc(addr)["id"][0] for _, addr in hits]
-        scores = [float(s) for s, _ in hits]
+        hits = hits[:k]
+        ids = [self.searchers[shard].doc(addr)["id"][0] for _, shard, addr in hits]
+        scores = [score for score, _, _ in hits]
         return SearchResult(
-            ids=ids, total=int(res.count), scores=scores, query=query, engine=self.name, k=k,
+            ids=ids, total=total, scores=scores, query=query, engine=self.name, k=k,
             warnings=warnings, query_translation=str(parsed), elapsed_s=time.perf_counter() - start,
         )
 
+    def _top(self, tq: tantivy.Query, limit: int, count: bool) -> Tuple[List[Tuple[float, int, Any]], Optional[int]]:
+        """The best `limit` hits as (score, shard, address), best first, and the match count (None
+        unless `count`). Shards are searched concurrently and their hits merged by score, ties by
+        (shard, segment, document)."""
+        if len(self.searchers) == 1:
+            res = self.searcher.search(tq, limit=limit, count=count)
+            return [(float(s), 0, addr) for s, addr in res.hits], (int(res.count) if count else None)
+        pool = self._shard_pool()
+        results = list(pool.map(lambda searcher: searcher.search(tq, limit=limit, count=count), self.searchers))
+        hits = sorted(((float(s), shard, addr) for shard, res in enumerate(results) for s, addr in res.hits),
+                      key=lambda h: (-h[0], h[1], h[2].segment_ord, h[2].doc))
+        return hits[:limit], (sum(int(res.count) for res in results) if count else None)
+
+    def _shard_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.search_threads, thread_name_prefix="shard-search")
+            return self._pool
+
     def count(self, query: str, **filters: Any) -> int:
-        return self.search(query, k=0, **filters).total
+        """The number of documents `query` matches."""
+        return self.search(query, k=0, count=True, **filters).total
