@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_search import BOOLEAN_QUERIES, bow_query, pct  # noqa: E402
 
 from deepretrieval.search.ingest import read_pubmed_xml  # noqa: E402
-from deepretrieval.search.local import LocalSearchEngine, index_size_bytes, make_analyzer  # noqa: E402
+from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
+from deepretrieval.search.local_index import index_size_bytes, make_analyzer  # noqa: E402
 from deepretrieval.search.mirror import Counts, MirrorWriter, ingest_pubmed  # noqa: E402
 from deepretrieval.search.synthetic import CorpusProfile, generate, pubmed_xml  # noqa: E402
 
@@ -74,13 +75,13 @@ def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: in
     records = [r for chunk in generate(n, prof, seed=1) for r in chunk]
     path = workdir / "pubmed99n0001.xml.gz"
     path.write_bytes(gzip.compress(pubmed_xml(records).encode(), compresslevel=6))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     parsed = sum(1 for _ in read_pubmed_xml(path))
-    parse_s = time.perf_counter() - t0
+    parse_s = time.process_time() - t0  # CPU time: the reader is single-threaded
     mirror = workdir / "xml_mirror"
     shutil.rmtree(mirror, ignore_errors=True)
     summary = ingest_pubmed(mirror, [path], heap_size=heap, num_threads=threads, progress=False)
-    out = {"records": n, "file_bytes": path.stat().st_size, "parse_records_per_s": parsed / parse_s,
+    out = {"records": n, "file_bytes": path.stat().st_size, "parse_records_per_cpu_s": parsed / parse_s,
            "ingest_records_per_s": n / summary["seconds"], "ingest_s": summary["seconds"],
            "load": load()}
     shutil.rmtree(mirror, ignore_errors=True)
@@ -88,19 +89,21 @@ def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: in
     return out
 
 
-def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int) -> Dict[str, Any]:
+def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int, shards: int) \
+        -> Dict[str, Any]:
     """Stream n generated records into a new mirror index; generation and indexing timed apart."""
     shutil.rmtree(out, ignore_errors=True)
-    writer = MirrorWriter(out, heap_size=heap, num_threads=threads)
+    writer = MirrorWriter(out, heap_size=heap, num_threads=threads, shards=shards)
     counts = Counts()
-    gen_s = index_s = 0.0
+    gen_s = index_s = gen_cpu = 0.0
     since = 0
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()  # process CPU: every thread, tantivy's too
     stream = generate(n, prof, seed=0)
     while True:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         chunk = next(stream, None)
         gen_s += time.perf_counter() - t0
+        gen_cpu += time.thread_time() - c0
         if chunk is None:
             break
         t0 = time.perf_counter()
@@ -112,15 +115,16 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
             since = 0
         index_s += time.perf_counter() - t0
         if since == 0:
-            log(f"committed {writer.searcher.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
+            log(f"committed {writer.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
     t0 = time.perf_counter()
     writer.commit(None, counts)
     writer.close()
     index_s += time.perf_counter() - t0
+    index_cpu = time.process_time() - cpu_all - gen_cpu
     size = index_size_bytes(out)
     return {"records": n, "generate_s": gen_s, "generate_records_per_s": n / gen_s, "index_s": index_s,
-            "docs_per_s": n / index_s, "wall_s": time.perf_counter() - t_all, "index_bytes": size,
-            "bytes_per_record": size / n, "threads": threads, "heap_mb": heap // 1_000_000, "load": load()}
+            "docs_per_s": n / index_s, "index_cpu_us_per_record": 1e6 * index_cpu / n, "wall_s": time.perf_counter() - t_all, "index_bytes": size,
+            "bytes_per_record": size / n, "shards": shards, "threads": threads, "heap_mb": heap // 1_000_000, "load": load()}
 
 
 def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict[str, float]:
@@ -135,33 +139,19 @@ def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict
     return {"p50_ms": statistics.median(times), "p95_ms": pct(times, 0.95), "max_ms": max(times), "n": len(times)}
 
 
-def searcher_fn(engine: LocalSearchEngine, count: bool) -> Callable[[str], Any]:
-    """One search with k = 100: the engine's own path with the exact count, or the same compiled
-    query run without counting (top-k only)."""
-    if count:
-        return lambda q: engine.search(q, k=100)
-
-    def top_k(q: str) -> Any:
-        tq, _, _ = engine.compile(q)
-        res = engine.searcher.search(tq, limit=100, count=False)
-        return [engine.searcher.doc(addr)["id"][0] for _, addr in res.hits]
-
-    return top_k
-
-
 def bench_queries(index: Path, repeat: int) -> Dict[str, Any]:
     topics = [json.loads(line) for line in (DATA / "topics.jsonl").open()]
     analyzer = make_analyzer()
     bow = [bow_query(t["title"], analyzer) for t in topics]
     engine = LocalSearchEngine(index)
-    out: Dict[str, Any] = {"num_docs": engine.num_docs}
+    out: Dict[str, Any] = {"num_docs": engine.num_docs, "shards": engine.num_shards}
     for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
         for count in (True, False):
             key = f"{name}_{'count' if count else 'topk'}"
-            out[key] = {**timed(searcher_fn(engine, count), queries, repeat), "load": load()}
+            out[key] = {**timed(lambda q, c=count: engine.search(q, k=100, count=c), queries, repeat), "load": load()}
             log(f"{key}: {json.dumps(out[key])}")
-    out["bow_total_median"] = statistics.median(engine.search(q, k=1).total for q in bow)
-    out["boolean_total_median"] = statistics.median(engine.search(q, k=1).total for q in BOOLEAN_QUERIES)
+    out["bow_total_median"] = statistics.median(engine.count(q) for q in bow)
+    out["boolean_total_median"] = statistics.median(engine.count(q) for q in BOOLEAN_QUERIES)
     return out
 
 
@@ -182,6 +172,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=5_000_000)
     ap.add_argument("--workdir", default="/tmp/bench_search_scale")
+    ap.add_argument("--shards", default="1", help="comma-separated shard counts: one index of --records each")
     ap.add_argument("--threads", type=int, default=2, help="tantivy indexing threads")
     ap.add_argument("--heap-mb", type=int, default=1000, help="indexing memory budget (all threads)")
     ap.add_argument("--commit-every", type=int, default=1_000_000)
@@ -211,18 +202,20 @@ def main(argv=None) -> int:
         out["xml"] = bench_xml(prof, args.xml_records, work, args.threads, heap)
         log(f"xml: {json.dumps(out['xml'])}")
         save()
-    index = work / f"index_{args.records}"
-    if not (args.reuse_index and index.exists()):
-        out["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every)
-        log(f"build: {json.dumps(out['build'])}")
+    for shards in [int(x) for x in args.shards.split(",")]:
+        index = work / (f"index_{args.records}" + (f"_{shards}shards" if shards > 1 else ""))
+        row: Dict[str, Any] = out.setdefault("by_shards", {}).setdefault(str(shards), {})
+        if not (args.reuse_index and index.exists()):
+            row["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every, shards)
+            log(f"build: {json.dumps(row['build'])}")
+            save()
+        row["queries"] = bench_queries(index, args.repeat)
         save()
-    out["queries"] = bench_queries(index, args.repeat)
-    save()
-    if not args.skip_reward:
-        log("reward batch")
-        out["reward"] = bench_reward(index, args.reward_threads, args.reward_repeats)
-        log(f"reward: {json.dumps(out['reward'])}")
-    save()
+        if not args.skip_reward:
+            log("reward batch")
+            row["reward"] = bench_reward(index, args.reward_threads, args.reward_repeats)
+            log(f"reward: {json.dumps(row['reward'])}")
+        save()
     return 0
 
 

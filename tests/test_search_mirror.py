@@ -14,6 +14,7 @@ import pytest
 from deepretrieval.cli import main
 from deepretrieval.search.ingest import CorpusFormatError
 from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import shard_dir_name, shard_of
 from deepretrieval.search import mirror
 from deepretrieval.search.mirror import MANIFEST_FILE, MirrorError, file_fingerprint, ingest_pubmed
 
@@ -92,6 +93,23 @@ def test_baseline_and_update_files_are_applied_in_order(files, tmp_path):
     again = ingest_pubmed(index, files, progress=False)
     assert again["files_applied"] == [] and again["files_already_done"] == [f.name for f in files]
     assert again["run"]["added"] == 0 and again["num_docs"] == 5
+
+
+def test_sharded_mirror(files, tmp_path):
+    index = tmp_path / "mirror"
+    summary = ingest_pubmed(index, files[:2], shards=3, progress=False)
+    assert summary["shards"] == 3 and summary["num_docs"] == 5
+    with pytest.raises(MirrorError, match="mirror of 3 shard"):
+        ingest_pubmed(index, files[2:], shards=2, progress=False)
+    summary = ingest_pubmed(index, files[2:], progress=False)  # the shard count it was created with
+    assert summary["run"] == {"added": 1, "replaced": 2, "deleted": 1, "delete_missing": 1, "skipped": {}}
+    engine = LocalSearchEngine(index)
+    assert engine.num_shards == 3
+    check_final_mirror(index)
+    for pmid in ("1", "2", "4", "5", "6"):  # each record in the shard its id hashes to, once
+        shard = shard_of(pmid, 3)
+        assert found(index / shard_dir_name(shard), f"{pmid}[pmid]") == {pmid}
+        assert all(found(index / shard_dir_name(i), f"{pmid}[pmid]") == set() for i in range(3) if i != shard)
 
 
 def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeypatch):

@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mirror.add_argument("--index", required=True, metavar="DIR", help="mirror index directory (new, empty or a mirror)")
     mirror.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
     mirror.add_argument("--heap-mb", type=int, default=512, help="indexing memory budget, shared by the threads")
+    mirror.add_argument("--shards", type=int, default=None,
+                        help="split a new mirror into N shards searched in parallel (default 1; fixed at creation)")
     mirror.add_argument("--allow-out-of-order", action="store_true",
                         help="apply a file that sorts before one already applied")
     mirror.add_argument("--no-progress", action="store_true")
@@ -130,11 +132,13 @@ def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
     try:
         _check_range("--threads", args.threads, 0, 1024)
         _check_range("--heap-mb", args.heap_mb, 15, 1_000_000)
+        _check_range("--shards", args.shards, 1, 256)
         summary = ingest_pubmed(args.index, args.files, heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
-                                progress=not args.no_progress, allow_out_of_order=args.allow_out_of_order)
+                                shards=args.shards, progress=not args.no_progress,
+                                allow_out_of_order=args.allow_out_of_order)
     except KeyboardInterrupt:
         return _fail("interrupted; finished files are committed, rerun to resume", EXIT_INTERRUPTED)
-    except (UsageError, MirrorError, CorpusFormatError, FileNotFoundError, OSError) as exc:
+    except (MirrorError, CorpusFormatError, FileNotFoundError, OSError, ValueError) as exc:  # UsageError too
         return _fail(str(exc), EXIT_USAGE)
     for line in ingest_summary(summary):
         print(line)

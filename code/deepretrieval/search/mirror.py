@@ -7,7 +7,7 @@ name order is processing order), one file at a time:
 - Each record is applied by id: its earlier version (if any) is deleted, then it is added, so
   a revised citation in an update file replaces the baseline one and ``DeleteCitation`` PMIDs
   are removed. Applying a file twice gives the same index (idempotent).
-- After each file the writer commits and the file (name, size, SHA-256, counts) is recorded in
+- After each file the writer commits (every shard) and the file (name, size, SHA-256, counts) is recorded in
   `MANIFEST_FILE` inside the index; the index metadata (`local.META_FILE`) is rewritten with
   the totals, so the mirror opens with `LocalSearchEngine` after every finished file.
 - A rerun skips files the manifest lists (after checking their size and checksum: a changed
@@ -23,7 +23,10 @@ Counts (per file and in total): records ``added`` (a new PMID), ``replaced`` (th
 the index), ``deleted`` (a deletion that removed a record), ``delete_missing`` (a deletion of
 a PMID not in the index), and records ``skipped`` by reason (`ingest.SkipLog`).
 Indexing uses tantivy's multi-threaded writer: `num_threads` (0: tantivy's choice) share
-`heap_size` bytes (at least `MIN_HEAP_PER_THREAD` each).
+`heap_size` bytes (at least `MIN_HEAP_PER_THREAD` each). A mirror created with `shards` > 1 is
+split like `build_index(shards=N)` (`local_index.shard_of`: every version of a PMID lands in
+the same shard), in `shard-NNN` folders under one metadata file, searched concurrently by
+`LocalSearchEngine`; the writers share the heap and threads as `build_index`'s do.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths,
                                          read_pubmed_xml)
+from deepretrieval.search.local_index import (INDEX_FORMAT_VERSION, INDEX_META_FILE, MAX_SHARDS, MIN_HEAP_PER_THREAD,
+                                              SHARD_HASH, TEXT_FIELDS, _document, _open_writer, build_schema,
+                                              shard_dir_name, shard_of)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "mirror_manifest.json"
 MANIFEST_VERSION = 1
-MIN_HEAP_PER_THREAD = 15_000_000  # tantivy refuses less than ~15 MB per indexing thread
 EXISTS_CHUNK = 4096  # records whose presence in the index is looked up with one query
 COUNT_KEYS = ("added", "replaced", "deleted", "delete_missing")
 FLAG_KEYS = ("with_date", "with_mesh", "with_major", "with_qualifiers", "with_pt")
@@ -96,42 +101,59 @@ class Counts:
 class MirrorWriter:
     """Applies records to a mirror index; one file (or any batch) per `apply` + `commit`.
 
-    Opens `index_dir` (creating an empty index there when it does not exist or is empty),
-    holds tantivy's writer lock until `close`, and answers "is this id in the index" from the
+    Opens `index_dir` (creating an empty mirror of `shards` shards there when it does not exist
+    or is empty; an existing mirror keeps the shard count it was created with), holds tantivy's
+    writer lock of every shard until `close`, and answers "is this id in the index" from the
     last commit plus the records applied since (`_present`)."""
 
-    def __init__(self, index_dir: PathLike, heap_size: int = 512_000_000, num_threads: int = 0):
+    def __init__(self, index_dir: PathLike, heap_size: int = 512_000_000, num_threads: int = 0,
+                 shards: Optional[int] = None):
         import tantivy
 
-        from deepretrieval.search.local import META_FILE, build_schema
-
         self.dir = Path(index_dir)
-        if num_threads < 0 or heap_size < MIN_HEAP_PER_THREAD * max(1, num_threads):
+        self._tantivy = tantivy
+        self.manifest = self._read_manifest()
+        if self.manifest is not None and shards is not None and shards != self.manifest.get("shards", 1):
+            raise MirrorError(f"{self.dir} is a mirror of {self.manifest.get('shards', 1)} shard(s), not {shards}; "
+                              "the shard count is fixed when a mirror is created")
+        self.num_shards = int(self.manifest.get("shards", 1) if self.manifest is not None else shards or 1)
+        if not 1 <= self.num_shards <= MAX_SHARDS:
+            raise MirrorError(f"shards must be between 1 and {MAX_SHARDS}, got {self.num_shards}")
+        threads_each = max(1, num_threads // self.num_shards) if self.num_shards > 1 else max(1, num_threads)
+        if num_threads < 0 or heap_size < MIN_HEAP_PER_THREAD * threads_each:
             raise MirrorError(f"heap_size {heap_size:,} is below {MIN_HEAP_PER_THREAD:,} bytes per indexing thread "
                               f"({num_threads} threads)")
-        self.manifest = self._read_manifest()
+        dirs = [self.dir] if self.num_shards == 1 else [self.dir / shard_dir_name(i) for i in range(self.num_shards)]
         if self.manifest is None:
             if self.dir.exists() and any(self.dir.iterdir()):
-                what = "an index built by `deepretrieval index build`" if (self.dir / META_FILE).exists() \
+                what = "an index built by `deepretrieval index build`" if (self.dir / INDEX_META_FILE).exists() \
                     else "files that are not a mirror"
                 raise MirrorError(f"{self.dir} holds {what}; a mirror needs its own (new or empty) directory")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.index = tantivy.Index(build_schema(), path=str(self.dir))
-            self.manifest = {"manifest_version": MANIFEST_VERSION, "files": [],
+            self.indexes = []
+            for path in dirs:
+                path.mkdir(parents=True, exist_ok=True)
+                self.indexes.append(tantivy.Index(build_schema(), path=str(path)))
+            self.manifest = {"manifest_version": MANIFEST_VERSION, "shards": self.num_shards, "files": [],
                              "totals": {**dict.fromkeys(COUNT_KEYS, 0), "skipped": {}},
                              "flags": dict.fromkeys(FLAG_KEYS, 0), "text_fields": []}
         else:
-            self.index = tantivy.Index.open(str(self.dir))
+            self.indexes = [tantivy.Index.open(str(path)) for path in dirs]
+        self.writers: List[Any] = []
         try:
-            self.writer = self.index.writer(heap_size, num_threads) if num_threads else self.index.writer(heap_size)
+            for index in self.indexes:
+                self.writers.append(_open_writer(index, heap_size, num_threads, self.num_shards))
         except ValueError as exc:
+            self.close()
             if "lock" in str(exc).lower():
                 raise MirrorError(f"{self.dir} is being updated by another process ({exc})") from None
             raise
-        self.schema = self.index.schema
-        self._tantivy = tantivy
-        self.searcher = self.index.searcher()
+        self.schema = self.indexes[0].schema
+        self.searchers = [index.searcher() for index in self.indexes]
         self._since_commit: Dict[str, bool] = {}  # id -> present, for ids applied since the last commit
+
+    @property
+    def num_docs(self) -> int:
+        return sum(int(searcher.num_docs) for searcher in self.searchers)
 
     # -- manifest
     def _read_manifest(self) -> Optional[Dict[str, Any]]:
@@ -142,7 +164,8 @@ class MirrorWriter:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise MirrorError(f"mirror manifest {path} is unreadable ({type(exc).__name__}: {exc})") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list) \
+                or not isinstance(manifest.get("shards", 1), int) or isinstance(manifest.get("shards"), bool):
             raise MirrorError(f"mirror manifest {path} is not a mirror manifest")
         return manifest
 
@@ -151,49 +174,56 @@ class MirrorWriter:
         """Files already applied, by name."""
         return {f["name"]: f for f in self.manifest["files"]}
 
+    def _shard(self, record_id: str) -> int:
+        return shard_of(record_id, self.num_shards) if self.num_shards > 1 else 0
+
     # -- applying
     def _present(self, ids: Sequence[str]) -> Dict[str, bool]:
         """Whether each id is in the index now: from the records applied since the last commit,
-        else from one term-set query over the committed index (deleted documents excluded)."""
+        else from one term-set query per shard over the committed index (deleted documents excluded)."""
         out = {i: self._since_commit[i] for i in ids if i in self._since_commit}
-        ask = list(dict.fromkeys(i for i in ids if i not in out))
-        out.update(dict.fromkeys(ask, False))
-        if ask and self.searcher.num_docs:
-            query = self._tantivy.Query.term_set_query(self.schema, "id", ask)
-            found = self.searcher.search(query, limit=1, count=True).count
+        ask: Dict[int, List[str]] = {}
+        for i in dict.fromkeys(i for i in ids if i not in out):
+            out[i] = False
+            ask.setdefault(self._shard(i), []).append(i)
+        for shard, shard_ids in ask.items():
+            searcher = self.searchers[shard]
+            if not searcher.num_docs:
+                continue
+            query = self._tantivy.Query.term_set_query(self.schema, "id", shard_ids)
+            found = searcher.search(query, limit=1, count=True).count
             if found:
-                for _, addr in self.searcher.search(query, limit=found).hits:
-                    out[self.searcher.doc(addr)["id"][0]] = True
+                for _, addr in searcher.search(query, limit=found).hits:
+                    out[searcher.doc(addr)["id"][0]] = True
         return out
 
     def apply(self, records: Iterable[Record], counts: Counts, on_record: Optional[Callable[[int], None]] = None) \
             -> Counts:
         """Apply records in order (delete the id's earlier version, then add unless a deletion),
         counting outcomes into `counts`; `on_record(n)` is called after each chunk of n records."""
-        from deepretrieval.search.local import TEXT_FIELDS, _document
-
         chunk: List[Record] = []
         for rec in records:
             chunk.append(rec)
             if len(chunk) >= EXISTS_CHUNK:
-                self._apply_chunk(chunk, counts, _document, TEXT_FIELDS)
+                self._apply_chunk(chunk, counts)
                 if on_record:
                     on_record(len(chunk))
                 chunk = []
         if chunk:
-            self._apply_chunk(chunk, counts, _document, TEXT_FIELDS)
+            self._apply_chunk(chunk, counts)
             if on_record:
                 on_record(len(chunk))
         return counts
 
-    def _apply_chunk(self, chunk: List[Record], counts: Counts, document: Callable, text_fields: Sequence[str]) -> None:
+    def _apply_chunk(self, chunk: List[Record], counts: Counts) -> None:
         present = self._present([r.id for r in chunk])
         for rec in chunk:
             try:
-                doc = None if rec.deleted else document(rec)
-                self.writer.delete_documents_by_term("id", rec.id)
+                doc = None if rec.deleted else _document(rec)
+                writer = self.writers[self._shard(rec.id)]
+                writer.delete_documents_by_term("id", rec.id)
                 if doc is not None:
-                    self.writer.add_document(doc)
+                    writer.add_document(doc)
             except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate in a field
                 counts.skips.add("cannot be indexed", f"id {rec.id!r}", f"{type(exc).__name__}: {exc}")
                 continue
@@ -214,14 +244,16 @@ class MirrorWriter:
             counts.flags["with_major"] += bool(rec.mesh_major)
             counts.flags["with_qualifiers"] += bool(rec.qualifiers)
             counts.flags["with_pt"] += bool(rec.pt)
-            counts.fields.update(f for f in text_fields if f not in counts.fields and getattr(rec, f))
+            counts.fields.update(f for f in TEXT_FIELDS if f not in counts.fields and getattr(rec, f))
 
     def commit(self, entry: Optional[Dict[str, Any]], counts: Counts, source: str = "") -> None:
-        """Commit the applied records, then record `entry` (a finished file; None for none) and
-        `counts` in the manifest and rewrite the index metadata."""
-        self.writer.commit()
-        self.index.reload()
-        self.searcher = self.index.searcher()
+        """Commit the applied records (every shard), then record `entry` (a finished file; None
+        for none) and `counts` in the manifest and rewrite the index metadata."""
+        for writer in self.writers:
+            writer.commit()
+        for index in self.indexes:
+            index.reload()
+        self.searchers = [index.searcher() for index in self.indexes]
         self._since_commit.clear()
         totals = self.manifest["totals"]
         for key in COUNT_KEYS:
@@ -239,16 +271,16 @@ class MirrorWriter:
 
     def rollback(self) -> None:
         """Drop the records applied since the last commit."""
-        self.writer.rollback()
+        for writer in self.writers:
+            writer.rollback()
         self._since_commit.clear()
 
     def _write_meta(self, source: str) -> None:
-        from deepretrieval.search.local import INDEX_FORMAT_VERSION, META_FILE, TEXT_FIELDS
-
+        """The metadata `LocalSearchEngine` reads: each shard's, then the top-level file."""
         t, flags = self.manifest["totals"], self.manifest["flags"]
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
-            "num_docs": int(self.searcher.num_docs),
+            "num_docs": self.num_docs,
             "sources": [f["name"] for f in self.manifest["files"]] or ([source] if source else []),
             "formats": ["pubmed-xml"],
             "has_dates": flags["with_date"] > 0, "has_mesh": flags["with_mesh"] > 0,
@@ -263,12 +295,20 @@ class MirrorWriter:
             "mirror": {"manifest": MANIFEST_FILE, "files": len(self.manifest["files"]), **t},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_json_atomic(self.dir / META_FILE, meta)
+        if self.num_shards > 1:
+            shard_docs = [int(searcher.num_docs) for searcher in self.searchers]
+            for i, n in enumerate(shard_docs):
+                _write_json_atomic(self.dir / shard_dir_name(i) / INDEX_META_FILE,
+                                   {**meta, "num_docs": n, "shard": i, "num_shards": self.num_shards})
+            meta.update(shards=[shard_dir_name(i) for i in range(self.num_shards)], shard_docs=shard_docs,
+                        shard_hash=SHARD_HASH)
+        _write_json_atomic(self.dir / INDEX_META_FILE, meta)
 
     def close(self) -> None:
-        """Wait for tantivy's background merges and release the writer lock."""
-        self.writer.wait_merging_threads()
-        self.writer = None
+        """Wait for tantivy's background merges and release the writer locks."""
+        for writer in self.writers:
+            writer.wait_merging_threads()
+        self.writers = []
 
 
 def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out_of_order: bool = False) \
@@ -301,7 +341,8 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
 
 
 def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]], *, heap_size: int = 512_000_000,
-                  num_threads: int = 0, progress: bool = True, allow_out_of_order: bool = False) -> Dict[str, Any]:
+                  num_threads: int = 0, shards: Optional[int] = None, progress: bool = True,
+                  allow_out_of_order: bool = False) -> Dict[str, Any]:
     """Apply PubMed baseline/update XML files to the mirror at `index_dir` (see the module
     docstring); returns the run's summary: files applied and already done, counts for this run
     and for the whole mirror, documents in the index, seconds and records per second.
@@ -315,7 +356,7 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
         fmt = detect_format(path)
         if fmt != "pubmed-xml":
             raise CorpusFormatError(f"{path}: {fmt}, not a PubMed baseline/update XML file")
-    mirror = MirrorWriter(index_dir, heap_size=heap_size, num_threads=num_threads)
+    mirror = MirrorWriter(index_dir, heap_size=heap_size, num_threads=num_threads, shards=shards)
     run = Counts()
     applied: List[str] = []
     try:
@@ -347,7 +388,7 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
     return {
         "index": str(index_dir), "files_applied": applied, "files_already_done": already,
         "run": run.as_dict(), "mirror": dict(mirror.manifest["totals"]),
-        "num_docs": int(mirror.searcher.num_docs), "seconds": round(seconds, 3),
+        "num_docs": mirror.num_docs, "shards": mirror.num_shards, "seconds": round(seconds, 3),
         "records_per_s": round(records / seconds, 1) if seconds > 0 else None,
     }
 
