@@ -13,8 +13,10 @@ Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
 4. query latency p50/p95 (k = 100) for bag-of-words ORs (the 28 pubmed_mini topic titles) and
    Boolean/field/truncation queries (`bench_search.BOOLEAN_QUERIES`), with and without the exact
    total count;
-5. a reward batch end to end: `scripts/bench_reward.py --engine local --index-dir IDX` (512
+5. a reward batch end to end: `scripts/bench_reward.py --engine local --index-dir IDX --k K` (512
    GRPO-like answers, deduplicated, `--reward-threads` search threads), in a subprocess.
+With `--shards 1,2` each shard count is its own index of the same records; a sharded index is
+queried with one search thread (the shards one after the other) and with one per shard.
 
 The load average is printed at each step: on a shared machine it says how pessimistic the
 times are. Usage:
@@ -139,12 +141,13 @@ def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict
     return {"p50_ms": statistics.median(times), "p95_ms": pct(times, 0.95), "max_ms": max(times), "n": len(times)}
 
 
-def bench_queries(index: Path, repeat: int) -> Dict[str, Any]:
+def bench_queries(index: Path, repeat: int, search_threads: int) -> Dict[str, Any]:
+    """p50/p95 at k = 100, with and without the exact count, shards searched by `search_threads`."""
     topics = [json.loads(line) for line in (DATA / "topics.jsonl").open()]
     analyzer = make_analyzer()
     bow = [bow_query(t["title"], analyzer) for t in topics]
-    engine = LocalSearchEngine(index)
-    out: Dict[str, Any] = {"num_docs": engine.num_docs, "shards": engine.num_shards}
+    engine = LocalSearchEngine(index, search_threads=search_threads)
+    out: Dict[str, Any] = {"num_docs": engine.num_docs, "shards": engine.num_shards, "search_threads": search_threads}
     for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
         for count in (True, False):
             key = f"{name}_{'count' if count else 'topk'}"
@@ -155,9 +158,9 @@ def bench_queries(index: Path, repeat: int) -> Dict[str, Any]:
     return out
 
 
-def bench_reward(index: Path, threads: int, repeats: int) -> Dict[str, Any]:
+def bench_reward(index: Path, threads: int, repeats: int, k: int) -> Dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_reward.py"), "--engine", "local", "--index-dir", str(index),
-           "--threads", str(threads), "--repeats", str(repeats)]
+           "--threads", str(threads), "--repeats", str(repeats), "--k", str(k)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "code")})
     text = proc.stdout
     try:
@@ -181,7 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed passes over each query set")
     ap.add_argument("--reward-threads", type=int, default=2)
     ap.add_argument("--reward-repeats", type=int, default=1)
+    ap.add_argument("--reward-k", default="100", help="comma-separated recall@k of the reward batch (PubMed task: 3000)")
     ap.add_argument("--skip-reward", action="store_true")
+    ap.add_argument("--skip-queries", action="store_true", help="build only")
     ap.add_argument("--json", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
@@ -209,13 +214,16 @@ def main(argv=None) -> int:
             row["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every, shards)
             log(f"build: {json.dumps(row['build'])}")
             save()
-        row["queries"] = bench_queries(index, args.repeat)
-        save()
-        if not args.skip_reward:
-            log("reward batch")
-            row["reward"] = bench_reward(index, args.reward_threads, args.reward_repeats)
-            log(f"reward: {json.dumps(row['reward'])}")
-        save()
+        if args.skip_queries:
+            continue
+        for threads in sorted({1, shards}, reverse=True):
+            row[f"queries_{threads}_threads"] = bench_queries(index, args.repeat, threads)
+            save()
+        for k in ([] if args.skip_reward else [int(x) for x in args.reward_k.split(",")]):
+            log(f"reward batch, k={k}")
+            row[f"reward_k{k}"] = bench_reward(index, args.reward_threads, args.reward_repeats, k)
+            log(f"reward: {json.dumps(row[f'reward_k{k}'])}")
+            save()
     return 0
 
 
