@@ -8,8 +8,9 @@ Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
    (`mirror.ingest_pubmed`: parse + presence check + index + commit) on a synthetic baseline
    file of `--xml-records` records: records/s;
 3. index build of `--records` records streamed from the generator through the mirror writer
-   (`mirror.MirrorWriter`, commits every `--commit-every`): docs/s (generation time excluded),
-   bytes/record;
+   (`mirror.MirrorWriter`, commits every `--commit-every`; a sharded index: one process per
+   shard): wall docs/s (generation included), CPU microseconds per record for generating and
+   for indexing (all threads), bytes/record;
 4. query latency p50/p95 (k = 100) for bag-of-words ORs (the 28 pubmed_mini topic titles) and
    Boolean/field/truncation queries (`bench_search.BOOLEAN_QUERIES`), with and without the exact
    total count;
@@ -46,7 +47,8 @@ from bench_search import BOOLEAN_QUERIES, bow_query, pct  # noqa: E402
 
 from deepretrieval.search.ingest import read_pubmed_xml  # noqa: E402
 from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
-from deepretrieval.search.local_index import index_size_bytes, make_analyzer  # noqa: E402
+from deepretrieval.search.local_index import (INDEX_META_FILE, SHARD_HASH, index_size_bytes, make_analyzer,  # noqa: E402
+                                              shard_dir_name, shard_of)
 from deepretrieval.search.mirror import Counts, MirrorWriter, ingest_pubmed  # noqa: E402
 from deepretrieval.search.synthetic import CorpusProfile, generate, pubmed_xml  # noqa: E402
 
@@ -91,25 +93,30 @@ def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: in
     return out
 
 
-def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int, shards: int) \
-        -> Dict[str, Any]:
-    """Stream n generated records into a new mirror index; generation and indexing timed apart."""
+def build_part(prof: CorpusProfile, ids: Sequence[int], out: Path, threads: int, heap: int, commit_every: int,
+               seed: int) -> Dict[str, Any]:
+    """Stream generated records with these ids into a new (unsharded) mirror index at `out`;
+    generation and indexing timed apart (wall and CPU)."""
     shutil.rmtree(out, ignore_errors=True)
-    writer = MirrorWriter(out, heap_size=heap, num_threads=threads, shards=shards)
+    writer = MirrorWriter(out, heap_size=heap, num_threads=threads)
     counts = Counts()
     gen_s = index_s = gen_cpu = 0.0
-    since = 0
+    since = done = 0
     t_all, cpu_all = time.perf_counter(), time.process_time()  # process CPU: every thread, tantivy's too
-    stream = generate(n, prof, seed=0)
+    stream = generate(len(ids), prof, seed=seed)
     while True:
         t0, c0 = time.perf_counter(), time.thread_time()
         chunk = next(stream, None)
+        if chunk is not None:
+            for rec, pmid in zip(chunk, ids[done:done + len(chunk)]):
+                rec.id = str(pmid)
         gen_s += time.perf_counter() - t0
         gen_cpu += time.thread_time() - c0
         if chunk is None:
             break
         t0 = time.perf_counter()
         writer.apply(chunk, counts)
+        done += len(chunk)
         since += len(chunk)
         if since >= commit_every:
             writer.commit(None, counts)
@@ -117,16 +124,60 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
             since = 0
         index_s += time.perf_counter() - t0
         if since == 0:
-            log(f"committed {writer.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
+            log(f"{out.name}: committed {writer.num_docs:,} docs; generate {gen_s:.0f}s, index {index_s:.0f}s")
     t0 = time.perf_counter()
     writer.commit(None, counts)
     writer.close()
     index_s += time.perf_counter() - t0
-    index_cpu = time.process_time() - cpu_all - gen_cpu
+    return {"records": len(ids), "generate_s": gen_s, "generate_cpu_s": gen_cpu, "index_s": index_s,
+            "index_cpu_s": time.process_time() - cpu_all - gen_cpu, "wall_s": time.perf_counter() - t_all,
+            "load": load()}
+
+
+def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int, shards: int) \
+        -> Dict[str, Any]:
+    """An index of records 1..n: one mirror, or `shards` shards (split by `local_index.shard_of`,
+    as `build_index` and sharded mirrors do) each built by its own process, under one metadata
+    file in `build_index`'s sharded layout."""
+    from multiprocessing import get_context
+
+    shutil.rmtree(out, ignore_errors=True)
+    if shards == 1:
+        parts = [build_part(prof, range(1, n + 1), out, threads, heap, commit_every, 0)]
+    else:
+        out.mkdir(parents=True)
+        ctx = get_context("fork")
+        procs = []
+        for i in range(shards):
+            ids = [pmid for pmid in range(1, n + 1) if shard_of(str(pmid), shards) == i]
+            result = out / f".part-{i}.json"
+            proc = ctx.Process(target=_build_child, args=(prof, ids, out / shard_dir_name(i), threads, heap,
+                                                          commit_every, i, result))
+            proc.start()
+            procs.append((proc, result))
+        parts = []
+        for proc, result in procs:
+            proc.join()
+            if proc.exitcode != 0:
+                raise RuntimeError(f"shard build failed (exit code {proc.exitcode})")
+            parts.append(json.loads(result.read_text()))
+            result.unlink()
+        metas = [json.loads((out / shard_dir_name(i) / INDEX_META_FILE).read_text()) for i in range(shards)]
+        top = {**metas[0], "num_docs": sum(m["num_docs"] for m in metas),
+               "shards": [shard_dir_name(i) for i in range(shards)], "shard_docs": [m["num_docs"] for m in metas],
+               "shard_hash": SHARD_HASH}
+        (out / INDEX_META_FILE).write_text(json.dumps(top, indent=1))
     size = index_size_bytes(out)
-    return {"records": n, "generate_s": gen_s, "generate_records_per_s": n / gen_s, "index_s": index_s,
-            "docs_per_s": n / index_s, "index_cpu_us_per_record": 1e6 * index_cpu / n, "wall_s": time.perf_counter() - t_all, "index_bytes": size,
-            "bytes_per_record": size / n, "shards": shards, "threads": threads, "heap_mb": heap // 1_000_000, "load": load()}
+    wall = max(p["wall_s"] for p in parts)
+    return {"records": n, "shards": shards, "processes": len(parts), "threads_per_process": threads,
+            "heap_mb": heap // 1_000_000, "wall_s": wall, "docs_per_s": n / wall,
+            "generate_cpu_us_per_record": 1e6 * sum(p["generate_cpu_s"] for p in parts) / n,
+            "index_cpu_us_per_record": 1e6 * sum(p["index_cpu_s"] for p in parts) / n,
+            "index_bytes": size, "bytes_per_record": size / n, "parts": parts, "load": load()}
+
+
+def _build_child(prof, ids, out, threads, heap, commit_every, seed, result) -> None:
+    result.write_text(json.dumps(build_part(prof, ids, out, threads, heap, commit_every, seed)))
 
 
 def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict[str, float]:
