@@ -10,8 +10,14 @@ Part 2, scale: synthetic PubMed-like corpora (titles, abstracts and MeSH lists d
   pubmed_mini's length distributions and word frequencies, random publication dates) at
   10k / 100k (and 1M with --full) records: index throughput (docs/s), bytes per document and
   query latency, to size a full PubMed mirror (~37M records).
+Part 3, at each scale point, in the same run (ratios): searches that count every match
+  (`count=True`, the CLI's --total) against top-k only (the reward's searches); a --shards N index
+  against the single one (build time, latency, top-100 overlap, identical Boolean match counts);
+  and whether tantivy releases the GIL while it searches (a pure-Python thread's progress during
+  searches, relative to its progress alone).
 
-Usage:  python scripts/bench_search.py [--scales 10000,100000] [--full] [--skip-bm25s] [--json out.json]
+Usage:  python scripts/bench_search.py [--scales 10000,100000] [--full] [--skip-bm25s] [--shards 4]
+                                       [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,14 +69,15 @@ def pct(values: Sequence[float], q: float) -> float:
     return values[idx]
 
 
-def latency(engine: LocalSearchEngine, queries: Sequence[str], k: int = 100, repeat: int = 3) -> Dict[str, float]:
+def latency(engine: LocalSearchEngine, queries: Sequence[str], k: int = 100, repeat: int = 3,
+            count: bool = False) -> Dict[str, float]:
     for q in queries:  # warm-up (expansion cache, OS page cache)
-        engine.search(q, k=k)
+        engine.search(q, k=k, count=count)
     times = []
     for _ in range(repeat):
         for q in queries:
             t0 = time.perf_counter()
-            engine.search(q, k=k)
+            engine.search(q, k=k, count=count)
             times.append((time.perf_counter() - t0) * 1000)
     return {"median_ms": statistics.median(times), "p95_ms": pct(times, 0.95), "n": len(times)}
 
@@ -110,7 +118,9 @@ def bench_pubmed_mini(args) -> Dict:
 
         bow = [bow_query(t["title"], analyzer) for t in topics]
         out["latency_bow"] = latency(engine, bow)
+        out["latency_bow_counted"] = latency(engine, bow, count=True)
         out["latency_boolean"] = latency(engine, BOOLEAN_QUERIES)
+        out["latency_boolean_counted"] = latency(engine, BOOLEAN_QUERIES, count=True)
         clef = [t for t in topics if t["boolean_query"]]
         out["latency_clef_expert"] = latency(engine, [strip_annotation(t["boolean_query"]) for t in clef], k=1000,
                                              repeat=1)
@@ -124,7 +134,7 @@ def bench_pubmed_mini(args) -> Dict:
             rec["title_bow"][1000].append(r1000)
             row = {"topic": t["topic_id"], "bow_r100": r100, "bow_r1000": r1000}
             if t["boolean_query"]:
-                res = engine.search(strip_annotation(t["boolean_query"]), k=1000)
+                res = engine.search(strip_annotation(t["boolean_query"]), k=1000, count=True)
                 row.update(bool_total=res.total, bool_r100=recall(res.ids, t["relevant"], 100),
                            bool_r1000=recall(res.ids, t["relevant"], 1000))
                 rec["expert_boolean"][100].append(row["bool_r100"])
@@ -242,7 +252,6 @@ def bench_scale(args, scales: List[int]) -> List[Dict]:
             build_index(corpus, tmp / "idx", progress=False, num_threads=args.threads)
             index_s = time.perf_counter() - t0
             size = index_size_bytes(tmp / "idx")
-            corpus.unlink()
             engine = LocalSearchEngine(tmp / "idx")
             row = {
                 "records": n, "generate_s": gen_s, "index_s": index_s, "docs_per_s": n / index_s,
@@ -250,11 +259,82 @@ def bench_scale(args, scales: List[int]) -> List[Dict]:
                 "bow": latency(engine, bow, repeat=1 if n >= 1_000_000 else 2),
                 "boolean": latency(engine, BOOLEAN_QUERIES, repeat=1 if n >= 1_000_000 else 3),
             }
+            if args.shards > 1:
+                row.update(compare_shards(args, engine, corpus, tmp, bow, index_s))
+            corpus.unlink()
             rows.append(row)
             print(f"  scale {n}: {json.dumps(row)}", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+def paired_latency(configs: Dict[str, tuple], queries: Sequence[str], k: int = 100,
+                   repeat: int = 3) -> Dict[str, Dict[str, float]]:
+    """Latency of each (engine, count) configuration, the configurations taking turns on every
+    query, so a change in the machine's load affects them alike and their ratios stay fair."""
+    times: Dict[str, List[float]] = {name: [] for name in configs}
+    for rep in range(repeat + 1):  # the first round warms up
+        for q in queries:
+            for name, (engine, count) in configs.items():
+                t0 = time.perf_counter()
+                engine.search(q, k=k, count=count)
+                if rep:
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: {"median_ms": statistics.median(t), "p95_ms": pct(t, 0.95), "n": len(t)} for name, t in times.items()}
+
+
+def gil_probe(search, seconds: float = 1.0) -> Dict[str, float]:
+    """How far a pure-Python counting thread gets while `search()` runs in a loop, relative to
+    alone: near 0 if searching holds the GIL, near 1 (or the share of a free core) if it is released."""
+    stop, counter = threading.Event(), [0]
+
+    def spin() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    c0, t0 = counter[0], time.perf_counter()
+    time.sleep(seconds)
+    alone = (counter[0] - c0) / (time.perf_counter() - t0)
+    c0, t0, n = counter[0], time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        search()
+        n += 1
+    during = (counter[0] - c0) / (time.perf_counter() - t0)
+    stop.set()
+    thread.join(timeout=5)
+    return {"spin_share_during_search": during / alone if alone else float("nan"), "searches": n}
+
+
+def compare_shards(args, engine: LocalSearchEngine, corpus: Path, tmp: Path, bow: Sequence[str],
+                   index_s: float) -> Dict:
+    """Count vs top-k only, and the single index vs a sharded one, on the same corpus."""
+    out: Dict = {}
+    t0 = time.perf_counter()
+    build_index(corpus, tmp / "sharded", progress=False, num_threads=args.threads, shards=args.shards)
+    out["sharded_index_s"] = time.perf_counter() - t0
+    out["sharded_build_ratio"] = out["sharded_index_s"] / index_s
+    sharded = LocalSearchEngine(tmp / "sharded")
+    configs = {"single": (engine, False), "counted": (engine, True), "sharded": (sharded, False),
+               "sharded_counted": (sharded, True)}
+    for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
+        for config, figures in paired_latency(configs, queries, repeat=3).items():
+            out[f"{name}_{config}"] = figures
+    out["boolean_totals_equal"] = all(engine.count(q) == sharded.count(q) for q in BOOLEAN_QUERIES)
+    out["bow_top100_overlap"] = statistics.mean(
+        len(set(engine.search(q, k=100).ids) & set(sharded.search(q, k=100).ids)) / 100 for q in bow)
+    heavy = max(bow, key=len)
+    out["gil_single"] = gil_probe(lambda: engine.search(heavy, k=100, count=True))
+    out["gil_sharded"] = gil_probe(lambda: sharded.search(heavy, k=100, count=True))
+    sharded.close()
+    return out
+
+
+def _ratio(a: Dict[str, float], b: Dict[str, float]) -> str:
+    return f"{a['median_ms'] / b['median_ms']:.2f}" if b["median_ms"] else "-"
 
 
 def to_markdown(mini: Dict, scale: List[Dict]) -> str:
@@ -298,6 +378,24 @@ def to_markdown(mini: Dict, scale: List[Dict]) -> str:
             lines.append(f"| {r['records']:,} | {r['index_s']:.1f} | {r['docs_per_s']:,.0f} | {r['index_bytes'] / 1e6:.1f} | "
                          f"{r['bytes_per_doc']:.0f} | {r['bow']['median_ms']:.2f} / {r['bow']['p95_ms']:.2f} | "
                          f"{r['boolean']['median_ms']:.2f} / {r['boolean']['p95_ms']:.2f} |")
+    sharded = [r for r in scale if "sharded_index_s" in r]
+    if sharded:
+        lines += ["", "### Count vs top-k only; single vs sharded index (median ms, same run)", "",
+                  "| records | queries | top-k | counted | counted/top-k | sharded top-k | sharded/single (top-k) "
+                  "| sharded counted | sharded/single (counted) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sharded:
+            for name in ("bow", "boolean"):
+                one, cnt, sh, shc = (r[f"{name}_{c}"] for c in ("single", "counted", "sharded", "sharded_counted"))
+                lines.append(f"| {r['records']:,} | {name} | {one['median_ms']:.2f} | {cnt['median_ms']:.2f} | "
+                             f"{_ratio(cnt, one)} | {sh['median_ms']:.2f} | {_ratio(sh, one)} | {shc['median_ms']:.2f} | "
+                             f"{_ratio(shc, cnt)} |")
+        lines += ["", "| records | sharded build (s) | sharded/single build | Boolean totals equal | BoW top-100 overlap "
+                  "| Python thread's progress during search: single / sharded |", "|---|---|---|---|---|---|"]
+        for r in sharded:
+            lines.append(f"| {r['records']:,} | {r['sharded_index_s']:.1f} | {r['sharded_build_ratio']:.2f} | "
+                         f"{r['boolean_totals_equal']} | {r['bow_top100_overlap']:.3f} | "
+                         f"{r['gil_single']['spin_share_during_search']:.2f} / "
+                         f"{r['gil_sharded']['spin_share_during_search']:.2f} |")
     return "\n".join(lines)
 
 
@@ -308,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-mini", action="store_true")
     ap.add_argument("--skip-bm25s", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
+    ap.add_argument("--shards", type=int, default=4, help="also build and search an N-shard index at each scale "
+                    "point (1: skip)")
     ap.add_argument("--json", help="write all figures to this JSON file")
     args = ap.parse_args(argv)
     print(f"cpus available: {len(os.sched_getaffinity(0))}", flush=True)

@@ -152,7 +152,7 @@ def test_k_bounds_are_accepted(index, capsys):
     # the fixture's documents that mention aspirin, counted from the file itself
     n = sum("aspirin" in line.lower() for line in SMALL.read_text().splitlines())
     for k, expected in ((0, 0), (MAX_K, n)):
-        code, out, _ = run(capsys, "search", "--index", index, "--json", "--k", k, "aspirin")
+        code, out, _ = run(capsys, "search", "--index", index, "--json", "--total", "--k", k, "aspirin")
         obj = json.loads(out)
         assert code == 0 and len(obj["ids"]) == expected and obj["total"] == n
 

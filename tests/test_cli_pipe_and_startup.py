@@ -65,7 +65,7 @@ def test_closed_stdout_and_stderr_exit_quietly(index, tmp_path):
 
 def test_head_reads_first_lines(index, tmp_path):
     """The issue's case through a real shell pipe: `deepretrieval search ... | head -1`."""
-    cmd = (f"{sys.executable} -m deepretrieval search --index {index} --k 100000 'aspirin OR stroke' | head -1; "
+    cmd = (f"{sys.executable} -m deepretrieval search --index {index} --k 100000 --total 'aspirin OR stroke' | head -1; "
            "echo rc=${PIPESTATUS[0]}")
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=300)
     lines = proc.stdout.splitlines()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from deepretrieval.cli import main
+from deepretrieval.search.local_index import INDEX_META_FILE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 SMALL = FIXTURES / "small_corpus.jsonl"
@@ -30,7 +31,7 @@ def run_json(capsys, *argv):
 
 def test_search_json_success(small_index, capsys):
     code, obj, err = run_json(capsys, "search", "--engine", "local", "--index", str(small_index), "--k", "100",
-                              "--json", "aspirin AND NOT stroke")
+                              "--json", "--total", "aspirin AND NOT stroke")
     assert code == 0 and obj["error"] is None
     assert set(obj["ids"]) == {"d2", "d7"} and obj["total"] == 2 and len(obj["scores"]) == 2
 
@@ -66,7 +67,10 @@ def test_readable_output_and_query_file(small_index, tmp_path, capsys):
     qfile.write_text("aspirin[ti]\n\nstroke[ti]\n\n#1 AND #2\n")
     assert main(["search", "--index", str(small_index), "--query-file", str(qfile)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "1 matching documents; top 1:" and "d1" in out.splitlines()[1]
+    assert out.splitlines()[0] == "top 1 (matching documents not counted; --total counts them):"
+    assert "d1" in out.splitlines()[1]
+    assert main(["search", "--index", str(small_index), "--k", "0", "--total", "aspirin[ti]"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["4 matching documents; top 0:"]  # d1, d2, d3, d7 by hand
 
 
 def test_build_errors_exit_2(tmp_path, capsys):
@@ -119,8 +123,8 @@ def test_search_index_by_corpus_name(tmp_path, monkeypatch, capsys, caplog, tria
     code, first, err = run_json(capsys, "search", "--index", "trials_sigir", "--k", "20", "--json", query)
     assert code == 0 and "building local index 'trials_sigir'" in caplog.text
     caplog.clear()
-    assert (tmp_path / "cache" / "indexes" / "trials_sigir" / "deepretrieval_index.json").is_file()
+    assert (tmp_path / "cache" / "indexes" / "trials_sigir" / INDEX_META_FILE).is_file()
     code, again, err = run_json(capsys, "search", "--index", "trials_sigir", "--k", "20", "--json", query)
     assert code == 0 and "building" not in caplog.text and again["ids"] == first["ids"]
     code, direct, _ = run_json(capsys, "search", "--index", str(trials_sigir_index), "--k", "20", "--json", query)
-    assert first["ids"] == direct["ids"] and first["total"] == direct["total"] > 0
+    assert first["ids"] == direct["ids"] and first["total"] is None and len(first["ids"]) > 0

@@ -27,7 +27,7 @@ def small_engine(tmp_path_factory):
 
 
 def ids(engine, query, k=100_000, **kw):
-    res = engine.search(query, k=k, **kw)
+    res = engine.search(query, k=k, count=True, **kw)
     assert res.total == len(res.ids), "total must count every match (k is larger than the corpus)"
     return set(res.ids)
 
@@ -95,11 +95,11 @@ def test_bm25_matches_independent_computation(small_engine):
 
 
 def test_result_shape_and_k(small_engine):
-    res = small_engine.search("aspirin", k=2)
+    res = small_engine.search("aspirin", k=2, count=True)
     assert len(res.ids) == 2 and res.total == 4 and res.engine == "local" and res.error is None
     assert res.scores[0] >= res.scores[1]
     assert small_engine.search("aspirin", k=0).ids == [] and small_engine.count("aspirin") == 4
-    assert make_engine("local", index_dir=small_engine.index_dir).search("aspirin", k=5).total == 4
+    assert make_engine("local", index_dir=small_engine.index_dir).search("aspirin", k=5, count=True).total == 4
 
 
 @pytest.mark.parametrize("k", [-1, 100_001, 10**12, 2**64, pytest.param(10**5000, id="5001-digits"), 2.5, "100", None, True])
@@ -121,7 +121,7 @@ def test_warnings_for_unavailable_fields(small_engine):
     res = small_engine.search("aspirin[majr]")
     assert set(res.ids) == {"d1", "d2", "d3", "d7"}  # no major-topic data: searched as [mh]
     assert any("[majr]" in w for w in res.warnings)
-    res = small_engine.search("aspirin AND smith[au]")
+    res = small_engine.search("aspirin AND smith[au]", count=True)
     assert res.total == 0 and any("[au]" in w for w in res.warnings)
 
 
@@ -140,9 +140,9 @@ def test_truncation_cap(tmp_path):
             fh.write(json.dumps({"id": f"x{i}", "text": f"term{i:03d} " * (i + 1)}) + "\n")
     build_index(corpus, tmp_path / "idx", progress=False)
     engine = LocalSearchEngine(tmp_path / "idx", max_expansions=10)
-    res = engine.search("term*[ab]", k=100)
+    res = engine.search("term*[ab]", k=100, count=True)
     assert res.total == 10 and any("more than 10 variants" in w for w in res.warnings)
-    assert LocalSearchEngine(tmp_path / "idx").search("term*[ab]").total == 30
+    assert LocalSearchEngine(tmp_path / "idx").count("term*[ab]") == 30
 
 
 def test_concurrent_searches_match_sequential(small_engine):
@@ -226,16 +226,16 @@ def test_pubmed_mini_boolean_algebra_against_corpus(pubmed_mini, corpus_tokens):
     assert len(corpus_tokens) == 41060 and pubmed_mini.num_docs == 41060
     assert ids(pubmed_mini, "aspirin[tiab] AND NOT warfarin[tiab]") == a - b
     assert ids(pubmed_mini, "aspirin[tiab] AND warfarin[tiab]") == a & b
-    assert pubmed_mini.search("aspirin[tiab] OR warfarin[tiab]", k=5).total == len(a | b)
+    assert pubmed_mini.count("aspirin[tiab] OR warfarin[tiab]") == len(a | b)
     prefix = {d for d, toks in corpus_tokens.items() if any(t.startswith("aspergill") for t in toks)}
-    assert pubmed_mini.search("aspergill*[tiab]", k=0).total == len(prefix) > 100
+    assert pubmed_mini.search("aspergill*[tiab]", k=0, count=True).total == len(prefix) > 100
 
 
 def test_every_topic_boolean_query_runs(pubmed_mini, data_dir):
     topics = [json.loads(l) for l in (data_dir / "pubmed_mini" / "topics.jsonl").open()]
     for t in topics:
         if t["boolean_query"]:
-            res = pubmed_mini.search(t["boolean_query"], k=10)
+            res = pubmed_mini.search(t["boolean_query"], k=10, count=True)
             assert res.error is None and res.total >= 0
     cd009185 = next(t for t in topics if t["topic_id"] == "clef2017-CD009185")
     res = pubmed_mini.search(cd009185["boolean_query"], k=2000)
@@ -247,9 +247,9 @@ def test_trials_index(trials_sigir_index):
     assert engine.num_docs == 3625
     res = engine.search("bipolar AND lithium", k=50)
     assert "NCT00000369" in res.ids
-    res = engine.search("bipolar disorder[mh]", k=5)
+    res = engine.search("bipolar disorder[mh]", k=5, count=True)
     assert res.total == 0 and any("no MeSH headings" in w for w in res.warnings)
-    res = engine.search("randomized controlled trial[pt]", k=5)
+    res = engine.search("randomized controlled trial[pt]", k=5, count=True)
     assert res.total == 0 and any("no publication types" in w for w in res.warnings)
 
 
@@ -257,7 +257,7 @@ def test_exponential_line_reuse_is_refused_quickly(small_engine):
     lines = ["aspirin"] + [f"#{i} AND #{i}" for i in range(1, 30)]
     with pytest.raises(QuerySyntaxError, match="too complex"):
         small_engine.search("\n".join(lines))
-    assert small_engine.search("\n".join(lines[:6])).total == 4  # 2^5 clauses is fine
+    assert small_engine.count("\n".join(lines[:6])) == 4  # 2^5 clauses is fine
 
 
 # ----------------------------------------------------------------------------- budgets (issue #19)
@@ -338,7 +338,7 @@ def test_cost_budget_is_exact_on_hand_computed_costs(small_engine):
         "(aspirin adj2 stroke).ti.": 2 * COST_TERM + COST_POSITION_POSTING * 2 * (aspirin + stroke),
     }
     for query, cost in cases.items():
-        assert LocalSearchEngine(small_engine.index_dir, max_query_cost=cost).search(query).total >= 0
+        assert LocalSearchEngine(small_engine.index_dir, max_query_cost=cost).count(query) >= 0
         with pytest.raises(QuerySyntaxError, match="too expensive"):
             LocalSearchEngine(small_engine.index_dir, max_query_cost=cost - 1).search(query)
 
@@ -356,4 +356,4 @@ def test_wildcard_phrases_from_the_issue_are_refused_quickly(pubmed_mini):
     with pytest.raises(QuerySyntaxError, match="too expensive"):
         pubmed_mini.search(" OR ".join(['"of the"'] * 999))
     # specific wildcard phrases stay fine
-    assert pubmed_mini.search('"aspirin* resist*" OR "warfarin* therap*"', k=5).total > 0
+    assert pubmed_mini.count('"aspirin* resist*" OR "warfarin* therap*"') > 0

@@ -438,7 +438,7 @@ class SearchOutcome:
     ids: List[str]
     error: str = ERROR_NONE
     detail: str = ""
-    total: int = 0
+    total: Optional[int] = None  # the match count when the engine counted it (the reward needs only the ids)
     elapsed_s: float = 0.0
     cached: bool = False
 
@@ -579,7 +579,7 @@ def run_search(sample: PreparedSample, engine: Optional[SearchEngine] = None) ->
         return SearchOutcome([], error, result.error.get("message", ""), elapsed_s=time.perf_counter() - start)
     return SearchOutcome(
         ids=[str(i) for i in result.ids],
-        total=int(result.total),
+        total=result.total,
         elapsed_s=time.perf_counter() - start,
         cached=bool(result.cached),
     )

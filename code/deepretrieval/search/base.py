@@ -60,10 +60,11 @@ class Hit:
 
 @dataclass
 class SearchResult:
-    """What an engine returns: ranked ids (at most k), their scores, and the total match count."""
+    """What an engine returns: ranked ids (at most k), their scores, and the total match count
+    (None when the engine did not count: the local engine counts only on request)."""
 
     ids: List[str]
-    total: int
+    total: Optional[int]
     scores: Optional[List[float]] = None
     query: str = ""
     engine: str = ""

@@ -78,7 +78,7 @@ class SearchCache(SQLiteStore):
         """Store a successful result; failed and self-contradicting ones are ignored."""
         if not self.enabled or result.error is not None:
             return
-        if result.total > 0 and not result.ids:
+        if (result.total or 0) > 0 and not result.ids:
             logger.warning("search cache: not storing %s result with total %d but no ids", result.engine, result.total)
             return
         data = result.to_dict()
@@ -89,7 +89,8 @@ class SearchCache(SQLiteStore):
 
 def _decode(data: Any) -> SearchResult:
     """A stored entry -> SearchResult; TypeError for anything not written by `put`."""
-    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or not isinstance(data.get("total"), int):
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) \
+            or not isinstance(data.get("total"), (int, type(None))):  # None: not counted
         raise TypeError("not a stored search result")
     result = SearchResult.from_dict(data)
     result.cached = True

@@ -44,8 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, metavar="DIR", help="index directory to create or replace")
     build.add_argument("--format", choices=["jsonl", "pubmed-xml", "ctgov"], default=None)
     build.add_argument("--batch-size", type=int, default=100_000, help="documents per commit")
-    build.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
-    build.add_argument("--heap-mb", type=int, default=256, help="indexing memory budget")
+    build.add_argument("--threads", type=int, default=0,
+                       help="indexing threads in all (0: tantivy's choice, or one per shard with --shards)")
+    build.add_argument("--heap-mb", type=int, default=256, help="indexing memory budget in all (shared by the shards)")
+    build.add_argument("--shards", type=int, default=1, metavar="N",
+                       help="split the index into N shards by record id, searched in parallel")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty, non-index --out")
     build.add_argument("--limit", type=int, default=None, help="stop after N indexed records")
     build.add_argument("--no-progress", action="store_true")
@@ -78,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "name (pubmed_mini, trials_sigir): its index is built in the cache on first use")
     search.add_argument("--k", type=int, default=100, help=f"number of ranked ids to return (0 to {MAX_K:,})")
     search.add_argument("--json", action="store_true", help="print one JSON object")
+    search.add_argument("--total", action="store_true", help="count every matching document (local engine: slower, "
+                        "as the search then visits every match; the live engines always report it)")
     search.add_argument("--min-date", metavar="YYYY/MM/DD")
     search.add_argument("--max-date", metavar="YYYY/MM/DD")
     search.add_argument("--base-url", metavar="URL", help="API base URL (live engines)")
@@ -100,25 +105,28 @@ def _check_range(name: str, value: Optional[int], lo: int, hi: Optional[int] = N
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from deepretrieval.search.ingest import CorpusFormatError
-    from deepretrieval.search.local_index import build_index, build_summary, index_size_bytes
+    from deepretrieval.search.local_index import MAX_SHARDS, build_index, build_summary, index_size_bytes
 
     try:
         _check_range("--batch-size", args.batch_size, 1)
         _check_range("--threads", args.threads, 0, 1024)
         _check_range("--heap-mb", args.heap_mb, 15, 1_000_000)
         _check_range("--limit", args.limit, 1)
+        _check_range("--shards", args.shards, 1, MAX_SHARDS)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
         meta = build_index(args.corpus, args.out, format=args.format, batch_size=args.batch_size,
                            heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
-                           overwrite=args.overwrite, progress=not args.no_progress, limit=args.limit)
+                           overwrite=args.overwrite, progress=not args.no_progress, limit=args.limit,
+                           shards=args.shards)
     except KeyboardInterrupt:
         return _fail("interrupted; no index was written", EXIT_INTERRUPTED)
     except (CorpusFormatError, FileNotFoundError, FileExistsError, OSError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     size = index_size_bytes(args.out)
-    print(f"indexed {meta['num_docs']} documents ({', '.join(meta['formats'])}) into {args.out} "
+    shards = f" in {len(meta['shards'])} shards" if meta.get("shards") else ""
+    print(f"indexed {meta['num_docs']} documents ({', '.join(meta['formats'])}) into {args.out}{shards} "
           f"in {meta['build_seconds']:.1f}s, {size / 1e6:.1f} MB")
     for line in build_summary(meta):
         print(f"  {line}")
@@ -218,7 +226,10 @@ def _emit(result: SearchResult, as_json: bool) -> None:
         return
     if result.error:
         return
-    print(f"{result.total} matching documents; top {len(result.ids)}:")
+    if result.total is None:
+        print(f"top {len(result.ids)} (matching documents not counted; --total counts them):")
+    else:
+        print(f"{result.total} matching documents; top {len(result.ids)}:")
     for hit in result.hits:
         print(f"{hit.rank:>5}  {hit.docid:<14} {hit.score:.4f}")
     for w in result.warnings:
@@ -248,7 +259,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         text = read_query(args)
         _check_range("--k", args.k, 0, MAX_K)
-        filters = date_filters(args)
+        filters: Dict[str, Any] = dict(date_filters(args))
+        if args.total and args.engine == "local":  # the live engines always count (and take no such option)
+            filters["count"] = True
         options = _engine_options(args)
     except (ValueError, FileNotFoundError) as exc:  # UsageError is a ValueError
         return _fail(str(exc), EXIT_USAGE)

@@ -36,6 +36,7 @@ tantivy's own query parser):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -67,6 +68,11 @@ DEFAULT_MAX_QUERY_COST = 50_000_000
 
 # ----------------------------------------------------------------------------- query building
 
+def _bm25_idf(doc_freq: int, num_docs: int) -> float:
+    """tantivy's BM25 IDF (tantivy::query::bm25): ln(1 + (N - n + 0.5) / (n + 0.5))."""
+    return math.log(1.0 + (num_docs - doc_freq + 0.5) / (doc_freq + 0.5))
+
+
 _SENTINELS = {"*": "qqzstarqqz", "$": "qqzstarqqz", "?": "qqzoptqqz", "#": "qqzoneqqz"}
 _SENTINEL_RE = re.compile(r"qqz(star|opt|one|lim(\d+))qqz")
 
@@ -74,8 +80,8 @@ _SENTINEL_RE = re.compile(r"qqz(star|opt|one|lim(\d+))qqz")
 class _Compiler:
     """Turns one parsed `Query` into a tantivy query for one engine (per call; not shared)."""
 
-    def __init__(self, engine: "LocalSearchEngine", parsed: Q.Query):
-        self.e, self.q = engine, parsed
+    def __init__(self, engine: "LocalSearchEngine", parsed: Q.Query, shard: Optional[int] = None):
+        self.e, self.q, self.shard = engine, parsed, shard
         self.ovid = parsed.dialect == "ovid"
         self.warnings: List[str] = []
         self.memo: Dict[Tuple[int, bool], Optional[tantivy.Query]] = {}
@@ -98,6 +104,19 @@ class _Compiler:
         prefix = tok.split("\x00", 1)[0]
         pattern = None if re.fullmatch(r"[^\x00]*\x00\*", tok) else re.compile(self.to_regex(tok) + r"\Z")
         return self.e._prefix_postings(field, prefix, pattern)
+
+    def term(self, field: str, value: str) -> tantivy.Query:
+        return self.scored(tantivy.Query.term_query(self.e.schema, field, value), field, [value])
+
+    def scored(self, query: tantivy.Query, field: str, terms: List[str]) -> tantivy.Query:
+        """`query` (a term or phrase of `terms`) as it scores on the whole index: compiled for one
+        shard of a sharded index, boosted by the ratio of the whole index's BM25 IDF (summed over
+        `terms`, as tantivy does for phrases) to the shard's own, so every shard weighs the term
+        alike; only the field-length normalisation stays the shard's."""
+        if self.shard is None:
+            return query
+        ratio = self.e._idf_ratio(self.shard, field, terms)
+        return query if ratio == 1.0 else tantivy.Query.boost_query(query, ratio)
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
@@ -167,20 +186,19 @@ class _Compiler:
             tok = toks[0]
             if not self.is_wild(tok):
                 self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, tok), pos)
-                return tantivy.Query.term_query(schema, field, tok)
+                return self.term(field, tok)
             terms = self.expand(field, tok, pos)
             if not terms:
                 return None
             if len(terms) == 1:
-                return tantivy.Query.term_query(schema, field, terms[0])
-            return tantivy.Query.boolean_query(
-                [(tantivy.Occur.Should, tantivy.Query.term_query(schema, field, t)) for t in terms])
+                return self.term(field, terms[0])
+            return tantivy.Query.boolean_query([(tantivy.Occur.Should, self.term(field, t)) for t in terms])
         self.charge(COST_TERM * len(toks), pos)
         for tok in toks:  # token by token: an expensive phrase stops at the first token over budget
             self.charge(COST_POSITION_POSTING * self.token_postings(field, tok), pos)
         if any(self.is_wild(t) for t in toks):
             return tantivy.Query.regex_phrase_query(schema, field, [self.to_regex(t) for t in toks], slop)
-        return tantivy.Query.phrase_query(schema, field, toks, slop)
+        return self.scored(tantivy.Query.phrase_query(schema, field, toks, slop), field, toks)
 
     def text(self, node: Q.Text) -> Optional[tantivy.Query]:
         fields = node.spec.fields if node.spec is not None else Q.ALL_FIELDS
@@ -210,10 +228,9 @@ class _Compiler:
                           f"the {self.e.max_expansions} most frequent were searched")
             if not terms:
                 return tantivy.Query.empty_query()
-            return tantivy.Query.boolean_query(
-                [(tantivy.Occur.Should, tantivy.Query.term_query(self.e.schema, field, t)) for t in terms])
+            return tantivy.Query.boolean_query([(tantivy.Occur.Should, self.term(field, t)) for t in terms])
         self.charge(COST_TERM + COST_POSTING * self.e._doc_freq(field, value), pos)
-        return tantivy.Query.term_query(self.e.schema, field, value)
+        return self.term(field, value)
 
     def heading(self, node: Q.Heading) -> tantivy.Query:
         meta = self.e.meta
@@ -244,8 +261,7 @@ class _Compiler:
         if not meta.get("has_qualifiers"):
             self.warn("this index has no MeSH subheadings: Heading/subheading searched as the heading")
             return base
-        quals = [tantivy.Query.term_query(self.e.schema, "qual_kw", f"{node.name.lower()}/{q}")
-                 for q in node.qualifiers]
+        quals = [self.term("qual_kw", f"{node.name.lower()}/{q}") for q in node.qualifiers]
         return quals[0] if len(quals) == 1 else tantivy.Query.boolean_query(
             [(tantivy.Occur.Should, q) for q in quals])
 
@@ -398,15 +414,18 @@ class LocalSearchEngine(SearchEngine):
     expanded over the union of the shards' terms, so the Boolean match set is the single index's)
     and run on every shard concurrently (`search_threads`, default one per shard; tantivy releases
     the GIL while it searches); the shards' top k are merged by score, ties by (shard, segment,
-    document), the order tantivy itself uses within one index. BM25 uses each shard's own
-    statistics (tantivy-py has no hook for global ones), so ranked scores differ slightly from the
-    single index's; docs/benchmarks.md "Sharded search" measures the effect on recall."""
+    document), the order tantivy itself uses within one index. BM25 statistics: tantivy-py has no
+    hook for global ones, so with `global_idf` (default) the query is compiled once per shard with
+    every term and phrase boosted by (whole-index IDF / shard IDF), which gives each shard the
+    whole index's IDF; the average field length stays the shard's (and regex phrases, i.e.
+    wildcards inside phrases or proximity searches, keep the shard's IDF), so ranked scores can
+    differ slightly from the single index's: docs/benchmarks.md "Sharded search" measures it."""
 
     name = "local"
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
                  expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST,
-                 search_threads: Optional[int] = None, **_ignored: Any):
+                 search_threads: Optional[int] = None, global_idf: bool = True, **_ignored: Any):
         self.index_dir = Path(index_dir)
         self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
         self.searchers = []
@@ -421,6 +440,7 @@ class LocalSearchEngine(SearchEngine):
         self.searcher = self.searchers[0]
         self.text_fields = frozenset(self.meta.get("text_fields", TEXT_FIELDS))
         self.search_threads = len(self.searchers) if search_threads is None else max(1, int(search_threads))
+        self.global_idf = bool(global_idf)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._local = threading.local()  # one analyser per thread (pyo3 objects may borrow mutably)
         self.max_expansions = int(max_expansions)
@@ -500,13 +520,26 @@ class LocalSearchEngine(SearchEngine):
         return sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
 
     def _doc_freq(self, field: str, term: str) -> int:
-        return sum(int(searcher.doc_freq(field, term)) for searcher in self.searchers)
+        if len(self.searchers) == 1:
+            return int(self.searcher.doc_freq(field, term))
+        return self._cached(("df:" + field, term, None),
+                            lambda: sum(int(searcher.doc_freq(field, term)) for searcher in self.searchers))
+
+    def _idf_ratio(self, shard: int, field: str, terms: List[str]) -> float:
+        """Whole-index BM25 IDF of `terms` (summed) over shard `shard`'s; tantivy's IDF is
+        ln(1 + (N - n + 0.5) / (n + 0.5)) for N documents, n of them with the term."""
+        searcher = self.searchers[shard]
+        whole = sum(_bm25_idf(self._doc_freq(field, t), self.num_docs) for t in terms)
+        own = sum(_bm25_idf(int(searcher.doc_freq(field, t)), searcher.num_docs) for t in terms)
+        return whole / own if own > 0 else 1.0
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
         return tantivy.Query.range_query(self.schema, "pub_date", tantivy.FieldType.Integer, lo, hi)
 
-    def compile(self, query: str) -> Tuple[tantivy.Query, Q.Query, List[str]]:
-        """Parse and build the tantivy query; returns (query, parsed tree, warnings).
+    def compile(self, query: str, shard: Optional[int] = None) -> Tuple[tantivy.Query, Q.Query, List[str]]:
+        """Parse and build the tantivy query; returns (query, parsed tree, warnings). `shard`: the
+        query for that shard of a sharded index, scored with the whole index's IDF (see
+        `_Compiler.scored`); None: scored with each index's own statistics.
 
         Every failure is a QuerySyntaxError: the parser's budgets, the expanded size, the cost
         budget, and (defensively) tantivy rejecting a query it was given or a recursion limit."""
@@ -516,7 +549,7 @@ class LocalSearchEngine(SearchEngine):
             raise QuerySyntaxError(
                 f"query too complex: its line references expand to {size} clauses (limit {MAX_EXPANDED_NODES})",
                 0, query)
-        comp = _Compiler(self, parsed)
+        comp = _Compiler(self, parsed, shard)
         try:
             tq = comp.compile(parsed.root)
         except RecursionError as exc:  # the parser bounds depth; this only guards against its own bugs
@@ -539,7 +572,12 @@ class LocalSearchEngine(SearchEngine):
         and tantivy may skip postings that cannot reach the top k (block-max WAND). The ids and
         scores are the same either way."""
         start = time.perf_counter()
-        tq, parsed, warnings = self.compile(query)
+        if len(self.searchers) > 1 and self.global_idf:
+            compiled = [self.compile(query, shard) for shard in range(len(self.searchers))]
+            queries, (_, parsed, warnings) = [c[0] for c in compiled], compiled[0]
+        else:
+            tq, parsed, warnings = self.compile(query)
+            queries = [tq] * len(self.searchers)
         if filters:
             warnings.append(f"filters not supported by the local engine were ignored: {', '.join(sorted(filters))}")
         if min_date or max_date:
@@ -547,10 +585,11 @@ class LocalSearchEngine(SearchEngine):
             hi = parse_date(max_date, end=True) if max_date else None
             if (min_date and lo is None) or (max_date and hi is None):
                 raise ValueError(f"invalid date filter min_date={min_date!r} max_date={max_date!r} (use YYYY/MM/DD)")
-            tq = tantivy.Query.boolean_query([(tantivy.Occur.Must, tq), (tantivy.Occur.Must, self._date_query(lo, hi))])
+            date = self._date_query(lo, hi)
+            queries = [tantivy.Query.boolean_query([(tantivy.Occur.Must, q), (tantivy.Occur.Must, date)]) for q in queries]
         k = check_k(k)
         try:
-            hits, total = self._top(tq, max(k, 1), bool(count))
+            hits, total = self._top(queries, max(k, 1), bool(count))
         except ValueError as exc:  # e.g. a regex phrase with too many expansions
             raise QuerySyntaxError(f"query too broad for the local index ({exc})", 0, query) from exc
         hits = hits[:k]
@@ -561,15 +600,16 @@ class LocalSearchEngine(SearchEngine):
             warnings=warnings, query_translation=str(parsed), elapsed_s=time.perf_counter() - start,
         )
 
-    def _top(self, tq: tantivy.Query, limit: int, count: bool) -> Tuple[List[Tuple[float, int, Any]], Optional[int]]:
-        """The best `limit` hits as (score, shard, address), best first, and the match count (None
-        unless `count`). Shards are searched concurrently and their hits merged by score, ties by
-        (shard, segment, document)."""
+    def _top(self, queries: List[tantivy.Query], limit: int,
+             count: bool) -> Tuple[List[Tuple[float, int, Any]], Optional[int]]:
+        """The best `limit` hits of `queries` (one per shard) as (score, shard, address), best
+        first, and the match count (None unless `count`). Shards are searched concurrently and their
+        hits merged by score, ties by (shard, segment, document)."""
         if len(self.searchers) == 1:
-            res = self.searcher.search(tq, limit=limit, count=count)
+            res = self.searcher.search(queries[0], limit=limit, count=count)
             return [(float(s), 0, addr) for s, addr in res.hits], (int(res.count) if count else None)
         pool = self._shard_pool()
-        results = list(pool.map(lambda searcher: searcher.search(tq, limit=limit, count=count), self.searchers))
+        results = list(pool.map(lambda sq: sq[0].search(sq[1], limit=limit, count=count), zip(self.searchers, queries)))
         hits = sorted(((float(s), shard, addr) for shard, res in enumerate(results) for s, addr in res.hits),
                       key=lambda h: (-h[0], h[1], h[2].segment_ord, h[2].doc))
         return hits[:limit], (sum(int(res.count) for res in results) if count else None)
