@@ -14,8 +14,8 @@ Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
 4. query latency p50/p95 (k = 100) for bag-of-words ORs (the 28 pubmed_mini topic titles) and
    Boolean/field/truncation queries (`bench_search.BOOLEAN_QUERIES`), with and without the exact
    total count;
-5. a reward batch end to end: `scripts/bench_reward.py --engine local --index-dir IDX --k K` (512
-   GRPO-like answers, deduplicated, `--reward-threads` search threads), in a subprocess.
+5. a reward batch end to end: 512 GRPO-like answers (`bench_reward.make_answers`) scored by the
+   RewardManager (deduplicated searches, `--reward-threads` threads) at recall@k: wall and CPU.
 With `--shards 1,2` each shard count is its own index of the same records; a sharded index is
 queried with one search thread (the shards one after the other) and with one per shard.
 
@@ -33,7 +33,6 @@ import os
 import pickle
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -210,16 +209,33 @@ def bench_queries(index: Path, repeat: int, search_threads: int) -> Dict[str, An
 
 
 def bench_reward(index: Path, threads: int, repeats: int, k: int) -> Dict[str, Any]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_reward.py"), "--engine", "local", "--index-dir", str(index),
-           "--threads", str(threads), "--repeats", str(repeats), "--k", str(k)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "code")})
-    text = proc.stdout
+    """One GRPO-like batch of 512 answers (`bench_reward.make_answers`: pubmed_mini topics, repeats
+    and malformed answers) scored by the RewardManager against `index` at recall@k: wall and
+    process CPU seconds of the first (cold) and later (warm) runs. The topics' relevant PMIDs are
+    not in a synthetic corpus, so the rewards are meaningless; the searches are real."""
+    from bench_reward import make_answers
+
+    from deepretrieval.data import tasks
+    from deepretrieval.rewards import literature
+    from deepretrieval.rewards.manager import RewardManager
+
+    splits = tasks.build_splits("pubmed_mini")
+    texts, truths, infos = zip(*make_answers(splits["train"] + splits["test"], 512, 0.5, 0.06, 0))
+    engine = LocalSearchEngine(index)
+    literature.set_engine("pubmed_mini", engine)
     try:
-        report = json.loads(text[text.index("{"):])
-    except ValueError:
-        return {"error": (proc.stderr or text)[-2000:], "returncode": proc.returncode}
-    report["load"] = load()
-    return report
+        manager = RewardManager(None, config={"num_workers": threads,
+                                              "pubmed_mini": {"engine": "local", "k": k, "index_dir": str(index)}})
+        runs = []
+        for _ in range(1 + repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            manager.score_texts(list(texts), ["pubmed_mini"] * len(texts), list(truths), list(infos))
+            runs.append({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "load": load()})
+        stats = manager.last_search_stats
+    finally:
+        literature.set_engine("pubmed_mini", None)
+    return {"answers": len(texts), "k": k, "threads": threads, "shards": engine.num_shards,
+            "searches": int(stats.get("searches", 0)), "cold": runs[0], "warm": runs[1:]}
 
 
 def main(argv=None) -> int:
