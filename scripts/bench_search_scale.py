@@ -161,11 +161,7 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
                 raise RuntimeError(f"shard build failed (exit code {proc.exitcode})")
             parts.append(json.loads(result.read_text()))
             result.unlink()
-        metas = [json.loads((out / shard_dir_name(i) / INDEX_META_FILE).read_text()) for i in range(shards)]
-        top = {**metas[0], "num_docs": sum(m["num_docs"] for m in metas),
-               "shards": [shard_dir_name(i) for i in range(shards)], "shard_docs": [m["num_docs"] for m in metas],
-               "shard_hash": SHARD_HASH}
-        (out / INDEX_META_FILE).write_text(json.dumps(top, indent=1))
+        write_top_meta(out, shards)
     size = index_size_bytes(out)
     wall = max(p["wall_s"] for p in parts)
     return {"records": n, "shards": shards, "processes": len(parts), "threads_per_process": threads,
@@ -173,6 +169,17 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
             "generate_cpu_us_per_record": 1e6 * sum(p["generate_cpu_s"] for p in parts) / n,
             "index_cpu_us_per_record": 1e6 * sum(p["index_cpu_s"] for p in parts) / n,
             "index_bytes": size, "bytes_per_record": size / n, "parts": parts, "load": load()}
+
+
+def write_top_meta(out: Path, shards: int) -> int:
+    """The sharded index's top-level metadata from its shards' (each written at its last commit,
+    so a build stopped part-way opens with what it committed); returns the documents."""
+    metas = [json.loads((out / shard_dir_name(i) / INDEX_META_FILE).read_text()) for i in range(shards)]
+    top = {**metas[0], "num_docs": sum(m["num_docs"] for m in metas),
+           "shards": [shard_dir_name(i) for i in range(shards)], "shard_docs": [m["num_docs"] for m in metas],
+           "shard_hash": SHARD_HASH}
+    (out / INDEX_META_FILE).write_text(json.dumps(top, indent=1))
+    return top["num_docs"]
 
 
 def _build_child(prof, ids, out, threads, heap, commit_every, seed, result) -> None:
@@ -277,6 +284,9 @@ def main(argv=None) -> int:
     for shards in [int(x) for x in args.shards.split(",")]:
         index = work / (f"index_{args.records}" + (f"_{shards}shards" if shards > 1 else ""))
         row: Dict[str, Any] = out.setdefault("by_shards", {}).setdefault(str(shards), {})
+        if args.reuse_index and shards > 1 and not (index / INDEX_META_FILE).exists():
+            row["partial_build_docs"] = write_top_meta(index, shards)  # a build stopped part-way
+            log(f"{index}: the shards' committed {row['partial_build_docs']:,} documents")
         if not (args.reuse_index and index.exists()):
             row["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every, shards)
             log(f"build: {json.dumps(row['build'])}")
