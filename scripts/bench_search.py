@@ -118,9 +118,9 @@ def bench_pubmed_mini(args) -> Dict:
 
         bow = [bow_query(t["title"], analyzer) for t in topics]
         out["latency_bow"] = latency(engine, bow)
-        out["latency_bow_counted"] = latency(engine, bow, count=True)
         out["latency_boolean"] = latency(engine, BOOLEAN_QUERIES)
-        out["latency_boolean_counted"] = latency(engine, BOOLEAN_QUERIES, count=True)
+        for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
+            out[f"count_vs_topk_{name}"] = paired_latency({"topk": (engine, False), "counted": (engine, True)}, queries)
         clef = [t for t in topics if t["boolean_query"]]
         out["latency_clef_expert"] = latency(engine, [strip_annotation(t["boolean_query"]) for t in clef], k=1000,
                                              repeat=1)
@@ -365,6 +365,10 @@ def to_markdown(mini: Dict, scale: List[Dict]) -> str:
                          f"{r['title_bow'][1000] / b['recall'][1000]:.2f} (@1000) |")
         lines.append(f"| recall@100 / @1000, CLEF expert boolean_query (17) | {r['expert_boolean'][100]:.3f} / "
                      f"{r['expert_boolean'][1000]:.3f} | - | - |")
+        for name in ("bow", "boolean"):
+            pair = mini[f"count_vs_topk_{name}"]
+            lines.append(f"| {name}: counted / top-k only, median ms (ratio) | {pair['counted']['median_ms']:.2f} / "
+                         f"{pair['topk']['median_ms']:.2f} ({_ratio(pair['counted'], pair['topk'])}) | - | - |")
         lines += ["", "| topic | title BoW R@100 | R@1000 | expert Boolean matches | R@100 | R@1000 |", "|---|---|---|---|---|---|"]
         for row in mini["per_topic"]:
             if "bool_total" in row:

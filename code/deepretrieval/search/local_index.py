@@ -174,9 +174,9 @@ def build_index(
     (benchmarks).
 
     `shards` > 1 splits the documents by `shard_of(id, shards)` into that many tantivy indexes,
-    `out_dir/shard-000` ..., each with its own metadata (a complete index by itself), under one
-    top-level metadata file that lists them (`shards`); `LocalSearchEngine` searches them in
-    parallel. `heap_size` and `num_threads` are the totals, shared evenly by the shards' writers
+    `out_dir/shard-000` ..., each a complete index by itself (its metadata is the build's, with the
+    shard's own `num_docs`, `shard` and `num_shards`), under one top-level metadata file that
+    lists them (`shards`); `LocalSearchEngine` searches them in parallel. `heap_size` and `num_threads` are the totals, shared evenly by the shards' writers
     (each gets at least one thread and tantivy's minimum of `MIN_HEAP_PER_THREAD` per thread)."""
     from tqdm import tqdm
 
