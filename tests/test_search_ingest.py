@@ -279,7 +279,8 @@ def test_pubmed_article_with_bad_fields_is_skipped(tmp_path):
     skips = SkipLog()
     ids = [r.id for r in read_pubmed_xml(path, skips)]
     assert "10000001" not in ids and len(ids) == 6
-    assert skips.counts == {"fields of the wrong type": 1} and "PMID 10000001" in skips.examples[0]
+    assert skips.counts == {"fields of the wrong type": 1, "book record (not indexed)": 1}
+    assert "PMID 10000001" in skips.examples[0]
 
 
 def test_ctgov_bad_files_and_deep_lists(tmp_path):

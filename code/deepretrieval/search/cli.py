@@ -53,6 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--limit", type=int, default=None, help="stop after N indexed records")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
+    mirror = index_sub.add_parser(
+        "ingest-pubmed", help="create or update a local PubMed mirror from baseline/update XML files (resumable)",
+        description="Apply PubMed baseline and update files (pubmedYYnNNNN.xml.gz) to a mirror index in name "
+        "order, committing after each file; a rerun skips finished files and resumes after a failure or kill.")
+    mirror.add_argument("files", nargs="+", metavar="FILE", help="baseline/update files or directories")
+    mirror.add_argument("--index", required=True, metavar="DIR", help="mirror index directory (new, empty or a mirror)")
+    mirror.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
+    mirror.add_argument("--heap-mb", type=int, default=512, help="indexing memory budget, shared by the threads")
+    mirror.add_argument("--shards", type=int, default=None,
+                        help="split a new mirror into N shards searched in parallel (default 1; fixed at creation)")
+    mirror.add_argument("--allow-out-of-order", action="store_true",
+                        help="apply a file that sorts before one already applied")
+    mirror.add_argument("--no-progress", action="store_true")
+    mirror.set_defaults(func=cmd_index_ingest_pubmed)
     index.set_defaults(func=lambda args: (index.print_help(), EXIT_USAGE)[1])
 
     search = subparsers.add_parser(
@@ -116,6 +130,26 @@ def cmd_index_build(args: argparse.Namespace) -> int:
           f"in {meta['build_seconds']:.1f}s, {size / 1e6:.1f} MB")
     for line in build_summary(meta):
         print(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
+    from deepretrieval.search.ingest import CorpusFormatError
+    from deepretrieval.search.mirror import MirrorError, ingest_pubmed, ingest_summary
+
+    try:
+        _check_range("--threads", args.threads, 0, 1024)
+        _check_range("--heap-mb", args.heap_mb, 15, 1_000_000)
+        _check_range("--shards", args.shards, 1, 256)
+        summary = ingest_pubmed(args.index, args.files, heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
+                                shards=args.shards, progress=not args.no_progress,
+                                allow_out_of_order=args.allow_out_of_order)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished files are committed, rerun to resume", EXIT_INTERRUPTED)
+    except (MirrorError, CorpusFormatError, FileNotFoundError, OSError, ValueError) as exc:  # UsageError too
+        return _fail(str(exc), EXIT_USAGE)
+    for line in ingest_summary(summary):
+        print(line)
     return EXIT_OK
 
 

@@ -96,6 +96,10 @@ class SkipLog:
             self.examples.append(text)
             logger.warning("skipped %s", text)
 
+    def note(self, reason: str) -> None:
+        """Count a record that is left out by design (no example, no warning)."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -456,6 +460,8 @@ def read_pubmed_xml(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator
                     articles += 1
                     try:
                         record = record_from_pubmed_article(elem)
+                        if record is None and skips is not None:
+                            skips.note("no PMID")
                     except _FIELD_ERRORS as exc:
                         pmid = (elem.findtext("MedlineCitation/PMID") or "?").strip()
                         _skip(skips, "fields of the wrong type", f"{path}: article {articles} (PMID {pmid})",
@@ -470,6 +476,8 @@ def read_pubmed_xml(path: PathLike, skips: Optional[SkipLog] = None) -> Iterator
                             yield Record(id=pmid.text.strip(), deleted=True)
                     root.clear()
                 elif elem.tag == "PubmedBookArticle":
+                    if skips is not None:
+                        skips.note("book record (not indexed)")
                     root.clear()  # books have no MEDLINE citation; not indexed
         except StopIteration:
             raise CorpusFormatError(f"{path}: empty XML") from None
