@@ -38,16 +38,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_search import BOOLEAN_QUERIES, bow_query, pct  # noqa: E402
-
-from deepretrieval.search.ingest import read_pubmed_xml  # noqa: E402
-from deepretrieval.search.local import LocalSearchEngine  # noqa: E402
-from deepretrieval.search.local_index import (INDEX_META_FILE, SHARD_HASH, index_size_bytes, make_analyzer,  # noqa: E402
+from bench_search import BOOLEAN_QUERIES, bow_query, pct  # scripts/ (this script's folder is on sys.path)
+from deepretrieval.search.ingest import read_pubmed_xml
+from deepretrieval.search.local import LocalSearchEngine
+from deepretrieval.search.local_index import (INDEX_META_FILE, SHARD_HASH, index_size_bytes, make_analyzer,
                                               shard_dir_name, shard_of)
+
+ROOT = Path(__file__).resolve().parents[1]
 from deepretrieval.search.mirror import Counts, MirrorWriter, ingest_pubmed  # noqa: E402
 from deepretrieval.search.synthetic import CorpusProfile, generate, pubmed_xml  # noqa: E402
 
