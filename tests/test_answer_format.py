@@ -23,7 +23,8 @@ def _digest(rows):
     return h.hexdigest()
 
 
-# (task, style) -> (rows, digest) of train + test + val, as written before the change
+# (task, style) -> (rows, digest) of train + test + val, as written before the change (the LEADS
+# tasks pubmed / ctgov with max_train=20, max_test=20, val_size=5, set by LEADS_OPTIONS)
 BEFORE = {
     ("pubmed_mini", "reasoning"): (35, "9d493d937e852140f73b7e51a70c7d457fab246a91d509fbe3b114f0a1b62b24"),
     ("pubmed_mini", "reasoning_free"): (35, "6b49f56bfab4befcc0a47442fbc7a7249d5b2d732534581b980592e5d7a8e5c8"),
@@ -31,9 +32,6 @@ BEFORE = {
     ("trials_sigir", "reasoning"): (60, "cb7cf7119f4133501c8cf46ec4d351aa3f1ae61ac1ebf002e61db95b56ca5a8f"),
     ("trials_sigir", "reasoning_free"): (60, "b1f0c5796269f7c26b525d8781562d99876be2132b5ba46c316bc47e6810a8da"),
     ("trials_sigir", "no_reason"): (60, "a2b1171607efeb7cef79b2110461b4256deb5a9727e829e101fcd7f6b7ecb776"),
-}
-# the LEADS tasks with max_train=20, max_test=20, val_size=5
-BEFORE_LEADS = {
     ("pubmed", "reasoning"): (25, "cde94ada5ee5561d52c1f77910f39405001c8b0fc86fde5c4c072f66a1d89c4b"),
     ("pubmed", "reasoning_free"): (25, "c0bc29aac0e70408208b3cdc03d997cc4cc797acac77485dbccc42d5cffed6c5"),
     ("pubmed", "no_reason"): (25, "d159a0fc21acf28938b96d78c7ea299d7e37ca7c5e05a46e4acaf79b1aa05be8"),
@@ -43,6 +41,7 @@ BEFORE_LEADS = {
     ("ctgov", "no_reason"): (45, "7098d8c1d833ebc931c886cb20ab7f188af75a1f2eb07ff0595e00edfa6a38dd"),
     ("ctgov", "original"): (45, "c84fd009eff7eae297a66bdbbc7ecfc679bc837c1a71723b62249ad3c8998c72"),
 }
+LEADS_OPTIONS = {"max_train": 20, "max_test": 20, "val_size": 5}
 # the quickstart's train + test rows (then: no_reason rows with the prompt replaced by its own text)
 BEFORE_QUICKSTART = (28, "437696fe4105b1cc052e691926826fd1c2c9be26710c28dd90732026ffecb057")
 FIRST_QUICKSTART_PROMPT = (
@@ -58,15 +57,10 @@ def _all_rows(splits, names=("train", "test", "val")):
 
 
 @pytest.mark.parametrize("task,style", sorted(BEFORE))
-def test_local_task_prompts_are_byte_identical_to_before(task, style):
-    rows = _all_rows(tasks.build_splits(task, style=style))
+def test_task_prompts_are_byte_identical_to_before(task, style):
+    options = LEADS_OPTIONS if task in ("pubmed", "ctgov") else {}
+    rows = _all_rows(tasks.build_splits(task, style=style, **options))
     assert (len(rows), _digest(rows)) == BEFORE[(task, style)]
-
-
-@pytest.mark.parametrize("task,style", sorted(BEFORE_LEADS))
-def test_leads_prompts_are_byte_identical_to_before(task, style):
-    rows = _all_rows(tasks.build_splits(task, style=style, max_train=20, max_test=20, val_size=5))
-    assert (len(rows), _digest(rows)) == BEFORE_LEADS[(task, style)]
 
 
 def test_compact_style_is_the_quickstart_prompt_byte_for_byte():

@@ -83,14 +83,8 @@ from deepretrieval.rewards.parsing import (
     parse_answer_strict,
 )
 from deepretrieval.search.base import ENGINES as _ENGINE_REGISTRY
-from deepretrieval.search.base import (
-    QuerySyntaxError,
-    SearchEngine,
-    SearchEngineError,
-    SearchResult,
-    SearchUnavailable,
-    make_engine,
-)
+from deepretrieval.search.base import (QuerySyntaxError, SearchEngine, SearchEngineError, SearchResult, SearchUnavailable,
+                                       make_engine)
 from deepretrieval.search.metrics import recall_at_k
 
 logger = logging.getLogger(__name__)
