@@ -16,12 +16,11 @@ from deepretrieval.trainer.checkpoint import (
     TRAINER_STATE,
     CheckpointManager,
     IncompleteCheckpoint,
-    get_rng_state,
     load_trainer_state,
     resolve_model_dir,
     save_trainer_state,
-    set_rng_state,
 )
+from deepretrieval.seeding import get_rng_state, set_rng_state
 from deepretrieval.trainer.ppo_trainer import PromptLoader
 
 

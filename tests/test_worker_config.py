@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from deepretrieval.algorithms import core_algos
-from deepretrieval.trainer.config import ConfigError, build_worker_config, compose_config, default_config
+from deepretrieval.trainer.config import ConfigError, build_worker_config, compose_config, default_config, uses_critic
 from deepretrieval.workers.config import (
     ActorRolloutRefConfig,
     CriticConfig,
@@ -114,6 +114,40 @@ def test_a_newly_registered_estimator_is_accepted():
         core_algos.ADV_ESTIMATORS.pop("my_baseline")
     with pytest.raises(ConfigError):
         compose_config(SMALL + ["algorithm.adv_estimator=my_baseline"])
+
+
+def test_a_registered_estimator_gets_the_critic_and_group_checks_its_signature_asks_for():
+    """An estimator taking `index` compares the samples of one prompt (needs n >= 2, like GRPO); one
+    taking `values` needs the critic (like GAE). Read from the signature, not from a list of names."""
+    @core_algos.register_adv_est("my_group_baseline")
+    def my_group_baseline(token_level_rewards, response_mask, index):
+        return token_level_rewards, token_level_rewards
+
+    @core_algos.register_adv_est("my_value_baseline")
+    def my_value_baseline(token_level_rewards, values, response_mask):
+        return token_level_rewards - values, token_level_rewards
+
+    try:
+        assert core_algos.adv_estimator_inputs("my_group_baseline") == {"index"}
+        assert core_algos.adv_estimator_inputs("my_value_baseline") == {"values"}
+        assert {name: core_algos.adv_estimator_inputs(name) for name in ("gae", "grpo", "rloo", "reinforce_plus_plus",
+                                                                         "reinforce_plus_plus_baseline")} == {
+            "gae": {"values"}, "grpo": {"index"}, "rloo": {"index"}, "reinforce_plus_plus": set(),
+            "reinforce_plus_plus_baseline": {"index"}}
+        one_sample = [o for o in SMALL if not o.startswith("actor_rollout_ref.rollout.n=")] + ["actor_rollout_ref.rollout.n=1"]
+        with pytest.raises(ConfigError) as info:
+            compose_config(one_sample + ["algorithm.adv_estimator=my_group_baseline"])
+        assert info.value.key == "actor_rollout_ref.rollout.n" and "n >= 2" in str(info.value)
+        # the critic's sections are checked only for an estimator that takes values
+        bad_critic = SMALL + ["critic.ppo_mini_batch_size=3"]
+        with pytest.raises(ConfigError) as info:
+            compose_config(bad_critic + ["algorithm.adv_estimator=my_value_baseline"])
+        assert info.value.key.startswith("critic.")
+        assert not uses_critic(compose_config(bad_critic + ["algorithm.adv_estimator=my_group_baseline"]))
+        assert uses_critic(compose_config(SMALL + ["algorithm.adv_estimator=my_value_baseline"]))
+    finally:
+        core_algos.ADV_ESTIMATORS.pop("my_group_baseline")
+        core_algos.ADV_ESTIMATORS.pop("my_value_baseline")
 
 
 def test_policy_loss_and_kl_names_come_from_the_registries():

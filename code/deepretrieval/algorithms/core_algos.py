@@ -17,6 +17,8 @@ Registries: :data:`ADV_ESTIMATORS` (``register_adv_est`` / ``get_adv_estimator_f
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -64,6 +66,15 @@ def get_adv_estimator_fn(name: str) -> Callable[..., tuple[torch.Tensor, torch.T
     if name not in ADV_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADV_ESTIMATORS)}")
     return ADV_ESTIMATORS[name]
+
+
+def adv_estimator_inputs(name: str) -> frozenset[str]:
+    """Which per-step inputs a registered estimator takes, read from its signature (the same names
+    the driver passes, trainer.step.compute_advantage): ``values`` (it needs a critic, like GAE) and
+    ``index`` (it compares the samples of one prompt, like GRPO/RLOO: n >= 2). So a newly registered
+    estimator gets the critic and the group check it needs without edits elsewhere."""
+    params = inspect.signature(get_adv_estimator_fn(name)).parameters
+    return frozenset(p for p in ("values", "index") if p in params)
 
 
 POLICY_LOSSES: dict[str, Callable[..., tuple]] = {}

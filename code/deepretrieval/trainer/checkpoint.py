@@ -1,7 +1,9 @@
-"""Checkpoint folders: atomic writes, a `latest` pointer, keep-last-N, resume resolution, RNG state.
+"""Checkpoint folders: atomic writes, a `latest` pointer, keep-last-N, resume resolution.
 
 Layout of `trainer.default_local_dir` (verl's names; each spelled once, below, and imported by
-every module that reads or writes it):
+every module that reads or writes it; the names inside a worker's folder, HF_DIR, LORA_ADAPTER_DIR,
+SHARDS_DIR and EXTRA_STATE, are the worker's: deepretrieval.workers.checkpoint_files; the RNG
+state: deepretrieval.seeding):
     global_step_<N>/      STEP_PREFIX, `step_dir_name`, `step_of`
         actor/            ACTOR_DIR: model + optimiser shards (torch.distributed.checkpoint), scheduler
                           and RNG state per rank, and `huggingface/` (HF_DIR: the actor as a Hugging
@@ -37,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -45,8 +46,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
+
+from deepretrieval.workers.checkpoint_files import HF_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ TMP_PREFIX = f".tmp_{STEP_PREFIX}"
 TRASH_PREFIX = f".trash_{STEP_PREFIX}"
 ACTOR_DIR = "actor"
 CRITIC_DIR = "critic"
-HF_DIR = "huggingface"  # inside ACTOR_DIR: the actor exported as a Hugging Face folder
-LORA_ADAPTER_DIR = "lora_adapter"  # inside ACTOR_DIR with LoRA: the adapter in peft's format
 TRAINER_STATE = "trainer_state.pt"
 MARKER = "COMPLETE.json"
 MARKER_VERSION = 1
@@ -67,26 +67,6 @@ _CHUNK = 1 << 22
 
 class IncompleteCheckpoint(FileNotFoundError):
     """A checkpoint folder that is not a complete, intact checkpoint (the message says why)."""
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """The state of every RNG a training step draws from (python, numpy, torch CPU and CUDA)."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -263,7 +263,8 @@ def micro_batch_per_gpu(cfg: DictConfig, section: str, name: str, world: int, fa
 
 
 def uses_critic(cfg: DictConfig) -> bool:
-    return _get(cfg, "algorithm.adv_estimator") == "gae"
+    """Whether the estimator takes values (GAE, or any registered estimator that does)."""
+    return "values" in core_algos.adv_estimator_inputs(_get(cfg, "algorithm.adv_estimator"))
 
 
 def uses_reference(cfg: DictConfig) -> bool:
@@ -451,8 +452,9 @@ def validate_config(cfg: DictConfig) -> None:
             micro_batch_per_gpu(cfg, "critic", "forward_micro_batch_size", world, fallback=critic_micro)
         _one_of(cfg, "critic.loss_agg_mode", core_algos.LOSS_AGG_MODES)
         if not _get(cfg, "critic.model.path"):
-            raise ConfigError("critic.model.path", "is required with adv_estimator=gae")
-    elif n < 2 and _get(cfg, f"{algo}.adv_estimator") in ("grpo", "rloo", "reinforce_plus_plus_baseline"):
+            raise ConfigError("critic.model.path",
+                              f"is required with adv_estimator={_get(cfg, f'{algo}.adv_estimator')} (it takes values)")
+    elif n < 2 and "index" in core_algos.adv_estimator_inputs(_get(cfg, f"{algo}.adv_estimator")):
         raise ConfigError(f"{rollout}.n", f"{_get(cfg, f'{algo}.adv_estimator')} compares samples of one prompt; needs n >= 2")
     if _get(cfg, f"{algo}.use_kl_in_reward") and _get(cfg, f"{actor}.use_kl_loss"):
         logger.warning("both algorithm.use_kl_in_reward and actor.use_kl_loss are on: the KL is counted twice")

@@ -37,15 +37,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deepretrieval.protocol import Batch
+from deepretrieval.seeding import get_rng_state, set_rng_state
 from deepretrieval.trainer.checkpoint import (
     ACTOR_DIR,
     CRITIC_DIR,
     CheckpointManager,
-    get_rng_state,
     load_trainer_state,
     save_prompt_settings,
     save_trainer_state,
-    set_rng_state,
 )
 from deepretrieval.trainer.config import (ConfigError, build_worker_config, resolve_device, to_plain, uses_critic,
                                           uses_reference, world_size)

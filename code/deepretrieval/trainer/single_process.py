@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from deepretrieval.algorithms import core_algos
 from deepretrieval.protocol import Batch
 from deepretrieval.trainer.step import place_outcome_reward, ppo_step
 from deepretrieval.workers.rollout.base import resolve_sampling
@@ -159,8 +160,8 @@ def run_ppo_steps(
         seed: ``trainer.seed``: the rollout samples step s with the seed ``seed * 1_000_003 + s``.
         on_step: ``(step, metrics) -> stop?`` called after each step; returning True ends the loop early.
     """
-    if adv_estimator == "gae" and critic is None:
-        raise ValueError("adv_estimator='gae' needs a critic")
+    if "values" in core_algos.adv_estimator_inputs(adv_estimator) and critic is None:
+        raise ValueError(f"adv_estimator={adv_estimator!r} needs a critic")
     if kl_ctrl is not None and reference is None:
         raise ValueError("a KL penalty in the reward needs a reference")
     # with a reference, its log-probs go to the actor update (the actor's own use_kl_loss decides)

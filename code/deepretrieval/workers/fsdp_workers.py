@@ -29,15 +29,14 @@ import torch
 from deepretrieval.controller.dispatch import Dispatch, register
 from deepretrieval.controller.worker_group import Worker
 from deepretrieval.protocol import Batch
-from deepretrieval.trainer.checkpoint import HF_DIR, LORA_ADAPTER_DIR, get_rng_state, set_rng_state
+from deepretrieval.seeding import get_rng_state, set_rng_state
+from deepretrieval.workers.checkpoint_files import EXTRA_STATE, HF_DIR, LORA_ADAPTER_DIR, SHARDS_DIR
 from deepretrieval.workers import fsdp as fsdp_utils
 from deepretrieval.workers.config import (FSDPConfig, RolloutConfig, WorkerConfig, actor_view, per_rank_batch_config,
                                           ref_fsdp_config, ref_view)
 
 logger = logging.getLogger(__name__)
 
-EXTRA_STATE = "extra_state_rank{rank}.pt"
-SHARDS_DIR = "model_optim"  # model and optimiser shards (torch.distributed.checkpoint)
 
 
 def peak_memory_metrics(device_type: str) -> Dict[str, float]:
