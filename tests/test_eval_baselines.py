@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deepretrieval.data.paths import data_root
+from deepretrieval.paths import data_root
 from deepretrieval.eval import baselines, report
 from deepretrieval.eval.methods import BaselineMethod
 from deepretrieval.eval.runner import evaluate

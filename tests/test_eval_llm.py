@@ -174,7 +174,7 @@ def test_model_required(monkeypatch):
 
 import json  # noqa: E402
 
-from deepretrieval.data.paths import data_root  # noqa: E402
+from deepretrieval.paths import data_root  # noqa: E402
 from deepretrieval.data.prompts import legacy_task_input_from_prompt  # noqa: E402
 from deepretrieval.eval import baselines, report  # noqa: E402
 from deepretrieval.eval.methods import BaselineMethod, LLMMethod  # noqa: E402

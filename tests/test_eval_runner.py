@@ -264,7 +264,7 @@ def test_vllm_backend_plumbing_with_a_stand_in_module(tmp_path, monkeypatch):
 def test_cli_reward_config_points_at_an_index(tmp_path, monkeypatch):
     import argparse
 
-    from deepretrieval.data.paths import data_root
+    from deepretrieval.paths import data_root
     from deepretrieval.eval.cli import register
     from deepretrieval.search.local_index import build_index
 

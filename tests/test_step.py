@@ -299,3 +299,20 @@ def test_ppo_step_gae_kl_in_reward_critic_warmup_and_skipped_step():
     assert [c[0] for c in calls] == ["gen", "old_log_prob", "ref", "values"]  # no update at all
     assert metrics["train/step_skipped"] == 1.0 and metrics["train/search_unavailable_samples"] == 4.0
 
+
+
+def test_ppo_step_with_a_rollout_that_sets_no_temperature():
+    """A rollout that does not report its temperature: the log-prob calls get 1.0 (unscaled)."""
+
+    class PlainActor(ScriptedActor):
+        def generate_sequences(self, prompts: Batch) -> Batch:
+            out = super().generate_sequences(prompts)
+            out.meta_info.pop("temperature")
+            return out
+
+    calls = []
+    pc.ppo_step(prompt_batch(), 0, PlainActor(calls), None, scripted_reward([1.0, 0.0, 2.0, 4.0], [False] * 4),
+                step_cfg(), None)
+    assert [c[0] for c in calls] == ["gen", "old_log_prob", "ref", "update_actor"]
+    assert calls[1][2] == {"temperature": 1.0} and calls[2][2] == {"temperature": 1.0}
+    assert calls[3][2].meta_info == {"temperature": 1.0}

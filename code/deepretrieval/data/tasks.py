@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from deepretrieval.data import prompts
-from deepretrieval.data.paths import data_root
+from deepretrieval.paths import data_root
 
 logger = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ def vendored_topics(task: str) -> Dict[str, Dict[str, Any]]:
     if task not in files:
         return {}
     if task not in _TOPICS_CACHE:
-        from deepretrieval.data.paths import data_root
+        from deepretrieval.paths import data_root
         from deepretrieval.data.tasks import read_jsonl
 
         path = data_root() / files[task]

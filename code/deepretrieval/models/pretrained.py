@@ -36,7 +36,7 @@ class PretrainedModelUnavailable(RuntimeError):
 
 def default_model_cache() -> Path:
     """`models/` under the project cache (`$DEEPRETRIEVAL_CACHE_DIR` or the user cache dir)."""
-    from deepretrieval.data.paths import cache_root
+    from deepretrieval.paths import cache_root
 
     return cache_root() / "models"
 

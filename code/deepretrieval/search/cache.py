@@ -38,7 +38,7 @@ _WS = re.compile(r"\s+")
 
 
 def default_cache_path() -> Path:
-    from deepretrieval.data.paths import cache_root
+    from deepretrieval.paths import cache_root
 
     return cache_root() / "search_cache.sqlite"
 

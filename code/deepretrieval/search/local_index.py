@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import tantivy
 
-from deepretrieval.data.paths import cache_root, data_root
+from deepretrieval.paths import cache_root, data_root
 from deepretrieval.search import query_tree as Q
 from deepretrieval.search.base import SearchUnavailable
 from deepretrieval.search.ingest import CorpusFormatError, Record, SkipLog, detect_format, expand_paths, iter_records

@@ -50,7 +50,7 @@ RATE_HEADROOM = 0.95
 
 def default_state_dir() -> Path:
     """`$DEEPRETRIEVAL_CACHE_DIR/ratelimit`, else the user cache directory's `ratelimit`."""
-    from deepretrieval.data.paths import cache_root
+    from deepretrieval.paths import cache_root
 
     return cache_root() / "ratelimit"
 

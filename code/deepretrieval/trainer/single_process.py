@@ -154,6 +154,8 @@ def run_ppo_steps(
             ``adv_estimator="gae"``), :class:`~deepretrieval.workers.reference.Reference` (needed when
             ``kl_ctrl`` is given or the actor has ``use_kl_loss``).
         prompts: one prompt Batch (reused every step), an iterable of Batches (cycled), or ``step -> Batch``.
+            Each prompt gets the uid ``s{step}_{i}`` (a uid the batch carries is replaced, as in
+            production): the groups of GRPO / RLOO are the n samples of one prompt.
         reward_fn: ``Batch -> scores [B] | token scores [B, R] | {"reward_tensor": ...}``
             (:func:`as_reward_manager`).
         kl_ctrl: a KL controller (``core_algos.get_kl_controller``): subtract ``beta * KL`` from the rewards.

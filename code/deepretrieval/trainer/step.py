@@ -93,7 +93,8 @@ def ppo_step(batch: Batch, step: int, actor: Any, critic: Any, reward_fn: Callab
         metrics["train/search_unavailable_samples"] = float(unavailable.sum())
 
         # 3. log-probs of the samples under the policy (and its entropy), the reference; values
-        meta = {"temperature": batch.meta_info.get("temperature", 1.0)}
+        # the sampling temperature the log-probs are scaled by (1.0 when the rollout did not say)
+        meta = {"temperature": batch.meta_info.setdefault("temperature", 1.0)}
         with marked_timer("old_log_prob", timings):
             lp = actor.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
         batch = batch.union(lp)

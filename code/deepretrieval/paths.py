@@ -16,8 +16,8 @@ def data_root() -> Path:
     env = os.environ.get("DEEPRETRIEVAL_DATA_DIR")
     if env:
         return Path(env)
-    # code/deepretrieval/data/paths.py -> repository root
-    return Path(__file__).resolve().parents[3] / "data"
+    # code/deepretrieval/paths.py -> repository root
+    return Path(__file__).resolve().parents[2] / "data"
 
 
 def cache_root() -> Path:
