@@ -134,9 +134,32 @@ def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeyp
     check_final_mirror(index)
 
 
-def test_killed_run_resumes(files, tmp_path):
+@pytest.mark.parametrize("shards", [None, 2])
+def test_damaged_first_file_of_a_new_mirror_resumes(files, tmp_path, monkeypatch, shards):
+    """The first file of a new mirror fails: the rerun finds an (empty) mirror, not a foreign folder."""
+    monkeypatch.setattr(mirror, "EXISTS_CHUNK", 1)
+    index = tmp_path / "mirror"
+    good = files[0].read_bytes()
+    files[0].write_bytes(gzip.compress(gzip.decompress(good).replace(b"<MedlineCitation><PMID Version=\"1\">2<",
+                                                                     b"<Medline<PMID>2<")))
+    with pytest.raises(CorpusFormatError, match="pubmed25n0001.*Applied before it in this run: 0 file"):
+        ingest_pubmed(index, files, shards=shards, progress=False)
+    assert json.loads((index / MANIFEST_FILE).read_text())["files"] == []
+    files[0].write_bytes(good)
+    summary = ingest_pubmed(index, files, progress=False)
+    assert summary["files_already_done"] == [] and summary["files_applied"] == [f.name for f in files]
+    assert summary["shards"] == (shards or 1)
+    # the same counts as one clean run (PMID 1 of the failed attempt was rolled back, not "replaced")
+    assert summary["run"] == {"added": 6, "replaced": 2, "deleted": 1, "delete_missing": 1,
+                              "skipped": {"book record (not indexed)": 1}}
+    check_final_mirror(index)
+
+
+@pytest.mark.parametrize("kill_in", ["0002", "0001"])
+def test_killed_run_resumes(files, tmp_path, kill_in):
     """SIGKILL in the middle of file 2 (records already handed to the writer): the rerun finds the
-    writer lock free, file 1 done, and none of file 2's uncommitted records."""
+    writer lock free, file 1 done, and none of file 2's uncommitted records. Killed in file 1 of a
+    new mirror: the rerun resumes the empty mirror."""
     index = tmp_path / "mirror"
     script = f"""
 import os, signal, sys
@@ -146,7 +169,7 @@ mirror.EXISTS_CHUNK = 1  # every record reaches the writer at once
 real = mirror.read_pubmed_xml
 def reader(path, skips=None):
     for i, rec in enumerate(real(path, skips)):
-        if path.name.endswith("0002.xml.gz") and i == 1:
+        if path.name.endswith("{kill_in}.xml.gz") and i == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         yield rec
 mirror.read_pubmed_xml = reader
@@ -154,9 +177,12 @@ mirror.ingest_pubmed({str(index)!r}, {[str(f) for f in files]!r}, progress=False
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert LocalSearchEngine(index).num_docs == 3 and found(index, "metformin") == set()
+    done = 1 if kill_in == "0002" else 0
+    if done:
+        assert LocalSearchEngine(index).num_docs == 3 and found(index, "metformin") == set()
     summary = ingest_pubmed(index, files, progress=False)
-    assert summary["files_already_done"] == [files[0].name] and len(summary["files_applied"]) == 2
+    assert summary["files_already_done"] == [f.name for f in files[:done]] and len(summary["files_applied"]) == 3 - done
+    assert summary["mirror"]["added"] == 6 and summary["mirror"]["replaced"] == 2
     check_final_mirror(index)
 
 

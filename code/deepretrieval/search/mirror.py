@@ -136,6 +136,9 @@ class MirrorWriter:
             self.manifest = {"manifest_version": MANIFEST_VERSION, "shards": self.num_shards, "files": [],
                              "totals": {**dict.fromkeys(COUNT_KEYS, 0), "skipped": {}},
                              "flags": dict.fromkeys(FLAG_KEYS, 0), "text_fields": []}
+            # written before anything is applied, so a run that fails or is killed during its
+            # first file leaves a mirror (with no files done) that the rerun resumes
+            _write_json_atomic(self.dir / MANIFEST_FILE, self.manifest)
         else:
             self.indexes = [tantivy.Index.open(str(path)) for path in dirs]
         self.writers: List[Any] = []
