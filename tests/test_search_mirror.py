@@ -186,6 +186,28 @@ mirror.ingest_pubmed({str(index)!r}, {[str(f) for f in files]!r}, progress=False
     check_final_mirror(index)
 
 
+def test_sharded_mirror_with_deletions_scores_positive(tmp_path):
+    """Revised PMIDs leave deleted versions in a shard until tantivy merges them away; they count
+    in the document frequency but not in the live document count, so the whole-index IDF boost
+    (tantivy's IDF: ln(1 + (N - n + 0.5) / (n + 0.5))) must clamp n to N or turn negative. Here
+    shard 0 holds 30 live records (20 with "aspirin"), shard 1 10 records revised 6 times each
+    (their deleted versions with "aspirin" too, until merged): unclamped, the whole index's IDF of
+    "aspirin" is ln(1 + (40 - n + 0.5) / (n + 0.5)) < 0 for n > 40 while shard 0's is positive."""
+    ids = [str(i) for i in range(1, 200)]
+    zero, one = [i for i in ids if shard_of(i, 2) == 0][:30], [i for i in ids if shard_of(i, 2) == 1][:10]
+    base = pubmed_file(tmp_path / "pubmed25n0001.xml.gz",
+                       [article(i, "aspirin trial" if n < 20 else "placebo trial") for n, i in enumerate(zero)]
+                       + [article(i, "aspirin trial") for i in one])
+    update = pubmed_file(tmp_path / "pubmed25n0002.xml.gz", [article(i, f"aspirin revised {r}") for r in range(6) for i in one])
+    ingest_pubmed(tmp_path / "m", [base, update], shards=2, progress=False)
+    engine = LocalSearchEngine(tmp_path / "m")
+    assert [int(s.num_docs) for s in engine.searchers] == [30, 10]
+    assert engine._doc_freq("title", "aspirin") > engine.num_docs == 40  # deleted versions counted
+    assert all(engine._idf_ratio(shard, "title", ["aspirin"]) > 0 for shard in (0, 1))
+    result = engine.search("aspirin OR trial", k=100)
+    assert len(result.ids) == 40 and min(result.scores) > 0
+
+
 def test_changed_or_out_of_order_files_are_refused(files, tmp_path):
     index = tmp_path / "mirror"
     ingest_pubmed(index, files[1:2], progress=False)  # 0002 first

@@ -146,7 +146,7 @@ def test_global_idf_gives_the_single_index_scores(tmp_path):
     single = LocalSearchEngine(tmp_path / "one")
     sharded, own_idf = LocalSearchEngine(tmp_path / "four"), LocalSearchEngine(tmp_path / "four", global_idf=False)
     assert len({shard_of(r["id"], 4) for r in rows}) == 4
-    for q in ("alpha OR omega", "beta", '"gamma delta" OR alpha'):
+    for q in ("alpha OR omega", "beta", '"gamma delta" OR alpha', "r3[uid] OR r8[uid] OR alpha"):
         a, b, c = (dict(zip(r.ids, r.scores)) for r in (e.search(q, k=100) for e in (single, sharded, own_idf)))
         assert a.keys() == b.keys() == c.keys() and a
         assert all(b[d] == pytest.approx(a[d], rel=1e-5) for d in a), q

@@ -236,7 +236,8 @@ class _Compiler:
     def heading(self, node: Q.Heading) -> tantivy.Query:
         meta = self.e.meta
         if node.kind == "id":
-            return tantivy.Query.term_query(self.e.schema, "id", node.name.strip())
+            uid = node.name.strip()
+            return self.scored(tantivy.Query.term_query(self.e.schema, "id", uid), "id", [uid])
         if node.kind == "pt":
             if not meta.get("has_pt", True):
                 self.warn("this index has no publication types: [pt] matches nothing")
@@ -529,10 +530,16 @@ class LocalSearchEngine(SearchEngine):
 
     def _idf_ratio(self, shard: int, field: str, terms: List[str]) -> float:
         """Whole-index BM25 IDF of `terms` (summed) over shard `shard`'s; tantivy's IDF is
-        ln(1 + (N - n + 0.5) / (n + 0.5)) for N documents, n of them with the term."""
+        ln(1 + (N - n + 0.5) / (n + 0.5)) for N documents, n of them with the term.
+
+        An approximation when documents were deleted (a mirror's revised or deleted PMIDs) and
+        not yet merged away: tantivy counts them in n and in its N (max_doc), but tantivy-py
+        exposes only the live count (`num_docs`), so N here is the live count and n is clamped
+        to it (else the IDF, and the boost, could turn negative); see docs/benchmarks.md."""
         searcher = self.searchers[shard]
-        whole = sum(_bm25_idf(self._doc_freq(field, t), self.num_docs) for t in terms)
-        own = sum(_bm25_idf(int(searcher.doc_freq(field, t)), searcher.num_docs) for t in terms)
+        n_whole, n_own = self.num_docs, int(searcher.num_docs)
+        whole = sum(_bm25_idf(min(self._doc_freq(field, t), n_whole), n_whole) for t in terms)
+        own = sum(_bm25_idf(min(int(searcher.doc_freq(field, t)), n_own), n_own) for t in terms)
         return whole / own if own > 0 else 1.0
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:
