@@ -220,6 +220,29 @@ def test_changed_or_out_of_order_files_are_refused(files, tmp_path):
     assert summary["files_applied"] == [files[0].name] and summary["num_docs"] == 5
 
 
+def test_applied_files_are_checked_by_size_and_time_hashed_only_when_asked(files, tmp_path, monkeypatch):
+    index = tmp_path / "mirror"
+    ingest_pubmed(index, files[:2], progress=False)
+    hashed = []
+    real = mirror.file_fingerprint
+    monkeypatch.setattr(mirror, "file_fingerprint", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    summary = ingest_pubmed(index, files, progress=False)  # 2 done (stat only), 1 new (hashed for the manifest)
+    assert summary["files_already_done"] == [files[0].name, files[1].name] and hashed == [files[2].name]
+    hashed.clear()
+    ingest_pubmed(index, files, progress=False, verify=True)
+    assert hashed == [f.name for f in files]
+    hashed.clear()
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))  # touched, same bytes
+    assert ingest_pubmed(index, files, progress=False)["files_applied"] == [] and hashed == [files[0].name]
+    # same size, other bytes, other time: the hash finds it
+    pubmed_file(files[1], [article(4, "Metformin for diabetes", year=2011),
+                           article(5, "Insulin in diabetes", year=2012)])
+    assert files[1].stat().st_size == json.loads((index / MANIFEST_FILE).read_text())["files"][1]["size"]
+    with pytest.raises(MirrorError, match="SHA-256"):
+        ingest_pubmed(index, files, progress=False)
+    assert main(["index", "ingest-pubmed", "--index", str(index), "--no-progress", "--verify", str(files[0])]) == 0
+
+
 def test_not_a_mirror_is_refused(tmp_path, files):
     other = tmp_path / "other"
     other.mkdir()
