@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deepretrieval.search import ingest
+from deepretrieval.search import ingest, local_index
 from deepretrieval.search.base import QuerySyntaxError, SearchUnavailable, make_engine
 from deepretrieval.search.local import LocalSearchEngine
 from deepretrieval.search.local_index import INDEX_META_FILE, build_index, make_analyzer
@@ -180,6 +180,22 @@ def test_stale_partial_of_a_killed_build_is_removed(tmp_path):
     (stale / "junk").write_text("x")
     build_index(SMALL, tmp_path / "idx", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_build_killed_between_its_renames_is_recovered(tmp_path, finished):
+    """Killed after the old index moved aside and before the new one moved in: no index at `out`.
+    The next build's cleanup moves the finished new one (5 records) in, else the old one (3) back."""
+    out = tmp_path / "idx"
+    build_index(SMALL, tmp_path / "old", progress=False, limit=3)
+    build_index(SMALL, tmp_path / "new", progress=False, limit=5)
+    (tmp_path / "old").rename(tmp_path / ".idx.old-999999999")  # no such process
+    (tmp_path / "new").rename(tmp_path / ".idx.partial-999999999")
+    if not finished:
+        (tmp_path / ".idx.partial-999999999" / INDEX_META_FILE).unlink()  # killed before its metadata
+    local_index._remove_stale_partials(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert LocalSearchEngine(out).num_docs == (5 if finished else 3)
 
 
 def test_rebuild_replaces_index_and_refuses_foreign_dirs(tmp_path):

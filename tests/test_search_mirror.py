@@ -134,9 +134,32 @@ def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeyp
     check_final_mirror(index)
 
 
-def test_killed_run_resumes(files, tmp_path):
+@pytest.mark.parametrize("shards", [None, 2])
+def test_damaged_first_file_of_a_new_mirror_resumes(files, tmp_path, monkeypatch, shards):
+    """The first file of a new mirror fails: the rerun finds an (empty) mirror, not a foreign folder."""
+    monkeypatch.setattr(mirror, "EXISTS_CHUNK", 1)
+    index = tmp_path / "mirror"
+    good = files[0].read_bytes()
+    files[0].write_bytes(gzip.compress(gzip.decompress(good).replace(b"<MedlineCitation><PMID Version=\"1\">2<",
+                                                                     b"<Medline<PMID>2<")))
+    with pytest.raises(CorpusFormatError, match="pubmed25n0001.*Applied before it in this run: 0 file"):
+        ingest_pubmed(index, files, shards=shards, progress=False)
+    assert json.loads((index / MANIFEST_FILE).read_text())["files"] == []
+    files[0].write_bytes(good)
+    summary = ingest_pubmed(index, files, progress=False)
+    assert summary["files_already_done"] == [] and summary["files_applied"] == [f.name for f in files]
+    assert summary["shards"] == (shards or 1)
+    # the same counts as one clean run (PMID 1 of the failed attempt was rolled back, not "replaced")
+    assert summary["run"] == {"added": 6, "replaced": 2, "deleted": 1, "delete_missing": 1,
+                              "skipped": {"book record (not indexed)": 1}}
+    check_final_mirror(index)
+
+
+@pytest.mark.parametrize("kill_in", ["0002", "0001"])
+def test_killed_run_resumes(files, tmp_path, kill_in):
     """SIGKILL in the middle of file 2 (records already handed to the writer): the rerun finds the
-    writer lock free, file 1 done, and none of file 2's uncommitted records."""
+    writer lock free, file 1 done, and none of file 2's uncommitted records. Killed in file 1 of a
+    new mirror: the rerun resumes the empty mirror."""
     index = tmp_path / "mirror"
     script = f"""
 import os, signal, sys
@@ -146,7 +169,7 @@ mirror.EXISTS_CHUNK = 1  # every record reaches the writer at once
 real = mirror.read_pubmed_xml
 def reader(path, skips=None):
     for i, rec in enumerate(real(path, skips)):
-        if path.name.endswith("0002.xml.gz") and i == 1:
+        if path.name.endswith("{kill_in}.xml.gz") and i == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         yield rec
 mirror.read_pubmed_xml = reader
@@ -154,10 +177,35 @@ mirror.ingest_pubmed({str(index)!r}, {[str(f) for f in files]!r}, progress=False
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert LocalSearchEngine(index).num_docs == 3 and found(index, "metformin") == set()
+    done = 1 if kill_in == "0002" else 0
+    if done:
+        assert LocalSearchEngine(index).num_docs == 3 and found(index, "metformin") == set()
     summary = ingest_pubmed(index, files, progress=False)
-    assert summary["files_already_done"] == [files[0].name] and len(summary["files_applied"]) == 2
+    assert summary["files_already_done"] == [f.name for f in files[:done]] and len(summary["files_applied"]) == 3 - done
+    assert summary["mirror"]["added"] == 6 and summary["mirror"]["replaced"] == 2
     check_final_mirror(index)
+
+
+def test_sharded_mirror_with_deletions_scores_positive(tmp_path):
+    """Revised PMIDs leave deleted versions in a shard until tantivy merges them away; they count
+    in the document frequency but not in the live document count, so the whole-index IDF boost
+    (tantivy's IDF: ln(1 + (N - n + 0.5) / (n + 0.5))) must clamp n to N or turn negative. Here
+    shard 0 holds 30 live records (20 with "aspirin"), shard 1 10 records revised 6 times each
+    (their deleted versions with "aspirin" too, until merged): unclamped, the whole index's IDF of
+    "aspirin" is ln(1 + (40 - n + 0.5) / (n + 0.5)) < 0 for n > 40 while shard 0's is positive."""
+    ids = [str(i) for i in range(1, 200)]
+    zero, one = [i for i in ids if shard_of(i, 2) == 0][:30], [i for i in ids if shard_of(i, 2) == 1][:10]
+    base = pubmed_file(tmp_path / "pubmed25n0001.xml.gz",
+                       [article(i, "aspirin trial" if n < 20 else "placebo trial") for n, i in enumerate(zero)]
+                       + [article(i, "aspirin trial") for i in one])
+    update = pubmed_file(tmp_path / "pubmed25n0002.xml.gz", [article(i, f"aspirin revised {r}") for r in range(6) for i in one])
+    ingest_pubmed(tmp_path / "m", [base, update], shards=2, progress=False)
+    engine = LocalSearchEngine(tmp_path / "m")
+    assert [int(s.num_docs) for s in engine.searchers] == [30, 10]
+    assert engine._doc_freq("title", "aspirin") > engine.num_docs == 40  # deleted versions counted
+    assert all(engine._idf_ratio(shard, "title", ["aspirin"]) > 0 for shard in (0, 1))
+    result = engine.search("aspirin OR trial", k=100)
+    assert len(result.ids) == 40 and min(result.scores) > 0
 
 
 def test_changed_or_out_of_order_files_are_refused(files, tmp_path):
@@ -170,6 +218,29 @@ def test_changed_or_out_of_order_files_are_refused(files, tmp_path):
         ingest_pubmed(index, files[1:], progress=False)
     summary = ingest_pubmed(index, files[:1], progress=False, allow_out_of_order=True)
     assert summary["files_applied"] == [files[0].name] and summary["num_docs"] == 5
+
+
+def test_applied_files_are_checked_by_size_and_time_hashed_only_when_asked(files, tmp_path, monkeypatch):
+    index = tmp_path / "mirror"
+    ingest_pubmed(index, files[:2], progress=False)
+    hashed = []
+    real = mirror.file_fingerprint
+    monkeypatch.setattr(mirror, "file_fingerprint", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    summary = ingest_pubmed(index, files, progress=False)  # 2 done (stat only), 1 new (hashed for the manifest)
+    assert summary["files_already_done"] == [files[0].name, files[1].name] and hashed == [files[2].name]
+    hashed.clear()
+    ingest_pubmed(index, files, progress=False, verify=True)
+    assert hashed == [f.name for f in files]
+    hashed.clear()
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))  # touched, same bytes
+    assert ingest_pubmed(index, files, progress=False)["files_applied"] == [] and hashed == [files[0].name]
+    # same size, other bytes, other time: the hash finds it
+    pubmed_file(files[1], [article(4, "Metformin for diabetes", year=2011),
+                           article(5, "Insulin in diabetes", year=2012)])
+    assert files[1].stat().st_size == json.loads((index / MANIFEST_FILE).read_text())["files"][1]["size"]
+    with pytest.raises(MirrorError, match="SHA-256"):
+        ingest_pubmed(index, files, progress=False)
+    assert main(["index", "ingest-pubmed", "--index", str(index), "--no-progress", "--verify", str(files[0])]) == 0
 
 
 def test_not_a_mirror_is_refused(tmp_path, files):

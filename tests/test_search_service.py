@@ -215,13 +215,62 @@ def test_an_engine_that_cannot_open_raises_its_own_error(ray_up, tmp_path):
         _wait_gone(replica_name(key_hash(key), node, 0))
 
 
+def test_a_failed_start_is_not_retried_at_every_call(ray_up, tmp_path, monkeypatch):
+    """After a failed start the client fails at once (no new replicas, no new wait) until
+    REFRESH_S has passed; then it tries again."""
+    from deepretrieval.search import service as service_module
+    from deepretrieval.search.base import make_engine
+
+    svc = SearchService(ServiceSettings(replicas_per_node=1, timeout_s=60.0, num_cpus=0.1))
+    missing = functools.partial(make_engine, "local", index_dir=str(tmp_path / "no_index"))
+    starts = []
+    real_start = svc.start
+    monkeypatch.setattr(svc, "start", lambda *a, **kw: starts.append(1) or real_start(*a, **kw))
+    with pytest.raises(SearchUnavailable, match="no deepretrieval_index.json"):
+        svc.client("missing-again", missing)
+    t0 = time.monotonic()
+    with pytest.raises(SearchUnavailable, match="no deepretrieval_index.json.*start failed 0 s ago; tried again 60 s"):
+        svc.client("missing-again", missing)
+    assert time.monotonic() - t0 < 5 and len(starts) == 1 and svc._created == {}
+    monkeypatch.setattr(service_module, "REFRESH_S", 0.0)
+    with pytest.raises(SearchUnavailable, match="no deepretrieval_index.json"):
+        svc.client("missing-again", missing)
+    assert len(starts) == 2
+
+
+def test_replicas_that_cannot_be_placed_are_dropped_not_fatal(ray_up, source, in_process):
+    """Two replicas of 1.5 CPUs on a 2-CPU node: one is placed and serves, the other never starts
+    and is dropped (killed) at the start's deadline instead of failing the whole service."""
+    svc = SearchService(ServiceSettings(replicas_per_node=2, timeout_s=15.0, num_cpus=1.5))
+    try:
+        client = svc.client(source.engine_key() + "-big", functools.partial(open_engine, source))
+        assert len(svc._created) == 1  # the one placed; the other killed
+        assert without_time(client.search(QUERIES[0], k=10)) == without_time(in_process.search(QUERIES[0], k=10))
+    finally:
+        svc.stop()
+
+
 def test_a_deadline_is_a_classified_error_not_a_stall(service, source):
+    """The unanswered work is cancelled at the deadline: each replica's call is dropped (queued) or
+    stops after the query it is running, instead of serving 20 queries nobody reads."""
+    from ray.exceptions import TaskCancelledError
+
     client = ServiceSearchEngine(source.engine_key(), ServiceSettings(replicas_per_node=2, timeout_s=0.001))
-    start = time.monotonic()
-    results = client.search_requests([("cancer OR tumor* OR cell*", 5000, {})] * 40)
+    cancelled = []
+    real_cancel = ray.cancel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "cancel", lambda ref, **kw: cancelled.append((ref, kw)) or real_cancel(ref, **kw))
+        start = time.monotonic()
+        results = client.search_requests([("cancer OR tumor* OR cell*", 5000, {})] * 40)
     assert time.monotonic() - start < 20  # generous: the deadline is 1 ms
     assert all(r.error["type"] == "search_unavailable" and "within 0.001 s" in r.error["message"] for r in results)
     assert client.counters["timeouts"] == 40
+    assert len(cancelled) == 2 and all(kw == {"force": False} for _, kw in cancelled)
+    for ref, _ in cancelled:
+        try:
+            assert len(ray.get(ref, timeout=60)) < 20  # stopped early
+        except TaskCancelledError:  # dropped before it ran
+            pass
 
 
 def test_trainer_starts_and_stops_the_service(ray_up):

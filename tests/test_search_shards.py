@@ -102,6 +102,34 @@ def test_truncation_cap_expands_the_same_terms(pubmed_mini_sharded, pubmed_mini_
         assert a.warnings == b.warnings and a.total == b.total and set(a.ids) == set(b.ids), q
 
 
+class _CountingSearcher:
+    """A searcher that counts the (term, frequency) pairs `terms_with_prefix` hands back."""
+
+    def __init__(self, searcher):
+        self.searcher, self.listed = searcher, 0
+
+    def terms_with_prefix(self, *args, **kwargs):
+        terms = self.searcher.terms_with_prefix(*args, **kwargs)
+        self.listed += len(terms)
+        return terms
+
+    def __getattr__(self, name):
+        return getattr(self.searcher, name)
+
+
+def test_truncation_on_shards_reads_a_bounded_number_of_terms(tmp_path):
+    """300 variants of zz*, capped at 5: each of the 3 shards lists at most 4 x 5 + 1 of them."""
+    rows = [{"id": f"r{i}", "title": f"zz{i:03d} " + "common " * (i % 7)} for i in range(300)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_index(corpus, tmp_path / "three", progress=False, shards=3)
+    engine = LocalSearchEngine(tmp_path / "three", max_expansions=5)
+    engine.searchers = [_CountingSearcher(s) for s in engine.searchers]
+    result = engine.search("zz*[ti]", k=100)
+    assert any("most frequent were searched" in w for w in result.warnings) and len(result.ids) == 5
+    assert 0 < sum(s.listed for s in engine.searchers) <= 3 * (4 * 5 + 1)
+
+
 def _recall(ids, relevant):
     return len(set(ids) & set(relevant)) / len(relevant)
 
@@ -146,7 +174,7 @@ def test_global_idf_gives_the_single_index_scores(tmp_path):
     single = LocalSearchEngine(tmp_path / "one")
     sharded, own_idf = LocalSearchEngine(tmp_path / "four"), LocalSearchEngine(tmp_path / "four", global_idf=False)
     assert len({shard_of(r["id"], 4) for r in rows}) == 4
-    for q in ("alpha OR omega", "beta", '"gamma delta" OR alpha'):
+    for q in ("alpha OR omega", "beta", '"gamma delta" OR alpha', "r3[uid] OR r8[uid] OR alpha"):
         a, b, c = (dict(zip(r.ids, r.scores)) for r in (e.search(q, k=100) for e in (single, sharded, own_idf)))
         assert a.keys() == b.keys() == c.keys() and a
         assert all(b[d] == pytest.approx(a[d], rel=1e-5) for d in a), q

@@ -65,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="split a new mirror into N shards searched in parallel (default 1; fixed at creation)")
     mirror.add_argument("--allow-out-of-order", action="store_true",
                         help="apply a file that sorts before one already applied")
+    mirror.add_argument("--verify", action="store_true",
+                        help="check the SHA-256 of already applied files again (default: size and modification time)")
     mirror.add_argument("--no-progress", action="store_true")
     mirror.set_defaults(func=cmd_index_ingest_pubmed)
     index.set_defaults(func=lambda args: (index.print_help(), EXIT_USAGE)[1])
@@ -143,7 +145,7 @@ def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
         _check_range("--shards", args.shards, 1, 256)
         summary = ingest_pubmed(args.index, args.files, heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
                                 shards=args.shards, progress=not args.no_progress,
-                                allow_out_of_order=args.allow_out_of_order)
+                                allow_out_of_order=args.allow_out_of_order, verify=args.verify)
     except KeyboardInterrupt:
         return _fail("interrupted; finished files are committed, rerun to resume", EXIT_INTERRUPTED)
     except (MirrorError, CorpusFormatError, FileNotFoundError, OSError, ValueError) as exc:  # UsageError too

@@ -69,6 +69,11 @@ DEFAULT_MAX_QUERY_COST = 50_000_000
 
 # ----------------------------------------------------------------------------- query building
 
+# a truncation on a sharded index reads each shard's SHARD_EXPANSION_FACTOR x max_expansions most
+# frequent variants (bounded work on a big mirror; the whole index's top variants are approximate)
+SHARD_EXPANSION_FACTOR = 4
+
+
 def _bm25_idf(doc_freq: int, num_docs: int) -> float:
     """tantivy's BM25 IDF (tantivy::query::bm25): ln(1 + (N - n + 0.5) / (n + 0.5))."""
     return math.log(1.0 + (num_docs - doc_freq + 0.5) / (doc_freq + 0.5))
@@ -236,7 +241,8 @@ class _Compiler:
     def heading(self, node: Q.Heading) -> tantivy.Query:
         meta = self.e.meta
         if node.kind == "id":
-            return tantivy.Query.term_query(self.e.schema, "id", node.name.strip())
+            uid = node.name.strip()
+            return self.scored(tantivy.Query.term_query(self.e.schema, "id", uid), "id", [uid])
         if node.kind == "pt":
             if not meta.get("has_pt", True):
                 self.warn("this index has no publication types: [pt] matches nothing")
@@ -491,8 +497,10 @@ class LocalSearchEngine(SearchEngine):
         whether the cap cut some, and the postings of the kept terms (sum of document frequencies)."""
 
         def compute() -> Tuple[List[str], bool, int]:
-            if len(self.searchers) > 1:
-                found = [(t, c) for t, c in self._shard_terms(field, prefix) if pattern is None or pattern.match(t)]
+            if len(self.searchers) > 1 and pattern is None:
+                found = self._shard_terms(field, prefix, SHARD_EXPANSION_FACTOR * self.max_expansions + 1)
+            elif len(self.searchers) > 1:
+                found = [(t, c) for t, c in self._shard_terms(field, prefix) if pattern.match(t)]
             elif pattern is None:
                 found = self.searcher.terms_with_prefix(field, prefix, limit=self.max_expansions + 1)
             else:
@@ -512,12 +520,17 @@ class LocalSearchEngine(SearchEngine):
 
         return self._cached(("postings:" + field, prefix, pattern.pattern if pattern is not None else None), compute)
 
-    def _shard_terms(self, field: str, prefix: str) -> List[Tuple[str, int]]:
-        """Every term of `field` with `prefix` over all shards, with its summed document frequency,
-        most frequent first (ties: term order, as tantivy lists the terms of one index)."""
+    def _shard_terms(self, field: str, prefix: str, limit: Optional[int] = None) -> List[Tuple[str, int]]:
+        """The terms of `field` with `prefix` over all shards, with their summed document frequency,
+        most frequent first (ties: term order, as tantivy lists the terms of one index). `limit`:
+        only each shard's `limit` most frequent terms are read, so the result is bounded by
+        shards x `limit` and the top variants (and their frequencies) are approximate: a term
+        frequent overall but outside a shard's top `limit` misses that shard's count."""
         counts: Dict[str, int] = {}
         for searcher in self.searchers:
-            for term, count in searcher.terms_with_prefix(field, prefix):
+            terms = searcher.terms_with_prefix(field, prefix) if limit is None \
+                else searcher.terms_with_prefix(field, prefix, limit=limit)
+            for term, count in terms:
                 counts[term] = counts.get(term, 0) + int(count)
         return sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
 
@@ -529,10 +542,16 @@ class LocalSearchEngine(SearchEngine):
 
     def _idf_ratio(self, shard: int, field: str, terms: List[str]) -> float:
         """Whole-index BM25 IDF of `terms` (summed) over shard `shard`'s; tantivy's IDF is
-        ln(1 + (N - n + 0.5) / (n + 0.5)) for N documents, n of them with the term."""
+        ln(1 + (N - n + 0.5) / (n + 0.5)) for N documents, n of them with the term.
+
+        An approximation when documents were deleted (a mirror's revised or deleted PMIDs) and
+        not yet merged away: tantivy counts them in n and in its N (max_doc), but tantivy-py
+        exposes only the live count (`num_docs`), so N here is the live count and n is clamped
+        to it (else the IDF, and the boost, could turn negative); see docs/benchmarks.md."""
         searcher = self.searchers[shard]
-        whole = sum(_bm25_idf(self._doc_freq(field, t), self.num_docs) for t in terms)
-        own = sum(_bm25_idf(int(searcher.doc_freq(field, t)), searcher.num_docs) for t in terms)
+        n_whole, n_own = self.num_docs, int(searcher.num_docs)
+        whole = sum(_bm25_idf(min(self._doc_freq(field, t), n_whole), n_whole) for t in terms)
+        own = sum(_bm25_idf(min(int(searcher.doc_freq(field, t)), n_own), n_own) for t in terms)
         return whole / own if own > 0 else 1.0
 
     def _date_query(self, lo: Optional[int], hi: Optional[int]) -> tantivy.Query:

@@ -107,19 +107,33 @@ def _prepare_target(out: Path, overwrite: bool) -> None:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Partial builds of `out` left by killed processes (SIGKILL skips our cleanup)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rpartition("-")[2]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-        if not alive:
+    """Partial builds of `out` left by killed processes (SIGKILL skips our cleanup). A build killed
+    between its two renames (the old index moved aside to `.<out>.old-PID`, the finished one not
+    yet moved from `.<out>.partial-PID`) left no index at `out`: the finished build (its metadata
+    written last) is moved there, else the old index is moved back; then the rest is removed."""
+
+    def dead(path: Path) -> bool:
+        pid = path.name.rpartition("-")[2]
+        if not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    partials = [p for p in sorted(out.parent.glob(f".{out.name}.partial-*")) if dead(p)]
+    olds = [p for p in sorted(out.parent.glob(f".{out.name}.old-*")) if dead(p)]
+    if not out.exists():
+        finished = [p for p in partials if (p / INDEX_META_FILE).is_file()]
+        restore = finished[0] if finished else next((p for p in olds if (p / INDEX_META_FILE).is_file()), None)
+        if restore is not None:
+            logger.warning("index build: %s was missing after a killed build; recovered it from %s", out, restore.name)
+            restore.rename(out)
+    for stale in partials + olds:
+        if stale.exists():
             shutil.rmtree(stale, ignore_errors=True)
 
 

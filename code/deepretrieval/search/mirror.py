@@ -7,15 +7,20 @@ name order is processing order), one file at a time:
 - Each record is applied by id: its earlier version (if any) is deleted, then it is added, so
   a revised citation in an update file replaces the baseline one and ``DeleteCitation`` PMIDs
   are removed. Applying a file twice gives the same index (idempotent).
-- After each file the writer commits (every shard) and the file (name, size, SHA-256, counts) is recorded in
+- After each file the writer commits (every shard) and the file (name, size, SHA-256, mtime, counts) is recorded in
   `MANIFEST_FILE` inside the index; the index metadata (`local.META_FILE`) is rewritten with
   the totals, so the mirror opens with `LocalSearchEngine` after every finished file.
-- A rerun skips files the manifest lists (after checking their size and checksum: a changed
-  file is an error) and resumes with the first unfinished one. A damaged file (truncated gzip,
+- A rerun skips files the manifest lists (after checking their size and modification time,
+  and the checksum when the time differs or with `verify`: a changed file is an error) and
+  resumes with the first unfinished one. A damaged file (truncated gzip,
   malformed XML) stops the run with `CorpusFormatError`: its uncommitted records are rolled
   back, earlier files stay committed; replace the file and rerun. A run killed at any moment
   (even between a commit and the manifest write) loses at most the file in progress, which the
-  rerun applies again (idempotent).
+  rerun applies again (idempotent). The index is then right but that file's counts are not: a
+  kill after some shard committed it (between two shards' commits, or between the commits and
+  the manifest write) leaves its committed records in the index, so the rerun counts them as
+  ``replaced`` instead of ``added`` and their deletions as ``delete_missing`` instead of
+  ``deleted`` (in the file's entry and the totals).
 - A file whose name sorts before one already applied is refused (applying an older file after
   newer ones would bring back replaced or deleted versions) unless `allow_out_of_order`.
 
@@ -136,6 +141,9 @@ class MirrorWriter:
             self.manifest = {"manifest_version": MANIFEST_VERSION, "shards": self.num_shards, "files": [],
                              "totals": {**dict.fromkeys(COUNT_KEYS, 0), "skipped": {}},
                              "flags": dict.fromkeys(FLAG_KEYS, 0), "text_fields": []}
+            # written before anything is applied, so a run that fails or is killed during its
+            # first file leaves a mirror (with no files done) that the rerun resumes
+            _write_json_atomic(self.dir / MANIFEST_FILE, self.manifest)
         else:
             self.indexes = [tantivy.Index.open(str(path)) for path in dirs]
         self.writers: List[Any] = []
@@ -248,7 +256,9 @@ class MirrorWriter:
 
     def commit(self, entry: Optional[Dict[str, Any]], counts: Counts, source: str = "") -> None:
         """Commit the applied records (every shard), then record `entry` (a finished file; None
-        for none) and `counts` in the manifest and rewrite the index metadata."""
+        for none) and `counts` in the manifest and rewrite the index metadata. Not atomic over
+        the shards and the manifest: after a kill in between, the rerun re-applies the file (same
+        index) but counts its committed records as replaced (see the module docstring)."""
         for writer in self.writers:
             writer.commit()
         for index in self.indexes:
@@ -311,11 +321,14 @@ class MirrorWriter:
         self.writers = []
 
 
-def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out_of_order: bool = False) \
-        -> Tuple[List[Tuple[Path, int, str]], List[str]]:
-    """Split the input files (sorted by name) into those to apply, as (path, size, sha256), and
-    the names already applied. Raises MirrorError for a name given twice, an applied file whose
-    size or checksum changed, or (unless allowed) a new file sorting before an applied one."""
+def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out_of_order: bool = False,
+               verify: bool = False) -> Tuple[List[Tuple[Path, int, str, int]], List[str]]:
+    """Split the input files (sorted by name) into those to apply, as (path, size, sha256,
+    mtime_ns), and the names already applied. An applied file is checked by size, and by
+    modification time when the manifest has it; its SHA-256 is computed again only when the
+    time differs or `verify` (so a rerun does not re-read every applied file). Raises MirrorError
+    for a name given twice, an applied file whose size or checksum changed, or (unless allowed) a
+    new file sorting before an applied one."""
     names = [p.name for p in files]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -323,12 +336,15 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
     last_done = max(done) if done else None
     todo, skipped = [], []
     for path in sorted(files, key=lambda p: p.name):
-        size, sha = file_fingerprint(path)
+        mtime_ns = path.stat().st_mtime_ns
         if path.name in done:
             entry = done[path.name]
+            size, sha = path.stat().st_size, entry.get("sha256")
+            if size == entry.get("size") and (verify or entry.get("mtime_ns", mtime_ns) != mtime_ns):
+                size, sha = file_fingerprint(path)
             if entry.get("size") != size or entry.get("sha256") != sha:
                 raise MirrorError(f"{path}: was applied with size {entry.get('size')} and SHA-256 "
-                                  f"{str(entry.get('sha256'))[:12]}..., now {size} / {sha[:12]}...; a changed "
+                                  f"{str(entry.get('sha256'))[:12]}..., now {size} / {str(sha)[:12]}...; a changed "
                                   "file cannot be re-applied over its old version: rebuild the mirror")
             skipped.append(path.name)
             continue
@@ -336,18 +352,20 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
             raise MirrorError(f"{path.name} sorts before {last_done}, which is already applied: applying an older "
                               "file after newer ones would restore replaced or deleted records "
                               "(allow_out_of_order / --allow-out-of-order to do it anyway)")
-        todo.append((path, size, sha))
+        size, sha = file_fingerprint(path)
+        todo.append((path, size, sha, mtime_ns))
     return todo, skipped
 
 
 def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]], *, heap_size: int = 512_000_000,
                   num_threads: int = 0, shards: Optional[int] = None, progress: bool = True,
-                  allow_out_of_order: bool = False) -> Dict[str, Any]:
+                  allow_out_of_order: bool = False, verify: bool = False) -> Dict[str, Any]:
     """Apply PubMed baseline/update XML files to the mirror at `index_dir` (see the module
     docstring); returns the run's summary: files applied and already done, counts for this run
     and for the whole mirror, documents in the index, seconds and records per second.
     Raises CorpusFormatError for a damaged or non-PubMed file (files before it stay applied)
-    and MirrorError for the cases `plan_files` and `MirrorWriter` describe."""
+    and MirrorError for the cases `plan_files` and `MirrorWriter` describe. `verify`: check the
+    SHA-256 of every applied file again (by default only size and modification time)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -360,10 +378,10 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
     run = Counts()
     applied: List[str] = []
     try:
-        todo, already = plan_files(files, mirror.done, allow_out_of_order)
+        todo, already = plan_files(files, mirror.done, allow_out_of_order, verify)
         bar = tqdm(total=None, unit="rec", disable=not progress, mininterval=1.0)
         try:
-            for i, (path, size, sha) in enumerate(todo, 1):
+            for i, (path, size, sha, mtime_ns) in enumerate(todo, 1):
                 bar.set_description(f"[{i}/{len(todo)}] {path.name}")
                 counts = Counts()
                 try:
@@ -371,7 +389,7 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
                 except BaseException:
                     mirror.rollback()
                     raise
-                mirror.commit({"name": path.name, "size": size, "sha256": sha}, counts, str(path))
+                mirror.commit({"name": path.name, "size": size, "sha256": sha, "mtime_ns": mtime_ns}, counts, str(path))
                 _merge_counts(run, counts)
                 applied.append(path.name)
         finally:

@@ -17,9 +17,14 @@ the node has no live replica the client falls back to other nodes' replicas. Eve
 bounded by `timeout_s` for the whole call; a replica that dies is dropped and its chunk is re-sent
 to another one; what is still unanswered at the deadline, or when no replica is left, comes back
 as `SearchUnavailable` ("search service: ..."), which the reward counts as `search_unavailable`
-(left out of the update), never an exception and never a stalled step. A client created by a
-`SearchService` starts missing replicas again (bounded by `timeout_s`) at the start of its next
-call, so a set that lost replicas recovers one call later.
+(left out of the update), never an exception and never a stalled step; the calls still pending at
+the deadline are cancelled (`ray.cancel`, force=False: dropped if queued, stopped after the
+current query if running). A client created by a `SearchService` starts the replica set again
+(bounded by `timeout_s`) at the start of its next call when no replica of it is left on any node
+(after a failed restart, not again for `REFRESH_S`); a set that lost only some replicas goes on
+with the others and is not topped up. A failed first start (`SearchService.client`) is not tried
+again for `REFRESH_S` either, and a start keeps the replicas that answered when others (e.g. on a
+node without room) did not.
 
 Counters (`stats()`, reported by the reward as `reward/engine/<source>/service_*`): `requests`
 (queries sent), `calls` (batches), `replica_deaths`, `timeouts` (queries unanswered at the
@@ -155,7 +160,22 @@ class SearchReplica:
     def search_requests(self, requests: Sequence[Request]) -> List[Dict[str, Any]]:
         if self.engine is None:
             return [{"error": self.error} for _ in requests]
-        return [serve_request(self.engine, r) for r in requests]
+        out: List[Dict[str, Any]] = []
+        for request in requests:
+            if out and _cancelled():  # the client's deadline passed (ray.cancel): nobody reads the rest
+                break
+            out.append(serve_request(self.engine, request))
+        return out
+
+
+def _cancelled() -> bool:
+    """Whether the running actor task was cancelled (`ray.cancel`; False outside a Ray task)."""
+    import ray
+
+    try:
+        return bool(ray.get_runtime_context().is_canceled())
+    except Exception:  # not in an actor task
+        return False
 
 
 def current_node_id() -> str:
@@ -334,7 +354,14 @@ class ServiceSearchEngine(SearchEngine):
                 self.served[replica.name] += len(replies)
                 if replica.node_id != self.node_id:
                     self.counters["fallback_queries"] += len(replies)
-        for c, replica in pending.values():  # the deadline passed
+        for ref, (c, replica) in pending.items():  # the deadline passed
+            # cancel it, so the replica's later calls do not queue behind stale work: a queued call
+            # is dropped; a running one stops at its next query (SearchReplica checks the flag);
+            # Ray allows only force=False for actor tasks
+            try:
+                ray.cancel(ref, force=False)
+            except Exception as exc:  # already finished or the replica is gone
+                logger.debug("search service: cancel on %s: %s", replica.name, exc)
             self.counters["timeouts"] += len(chunks[c])
             self._fail_all(out, chunks[c], f"no answer from replica {replica.name} within "
                            f"{self.settings.timeout_s:g} s (reward_model.search_service.timeout_s)")
@@ -399,6 +426,7 @@ class SearchService:
         self.settings = settings
         self._created: Dict[str, Any] = {}  # replica name -> handle, the ones this process started
         self._clients: Dict[str, ServiceSearchEngine] = {}
+        self._failed: Dict[str, Tuple[float, Exception]] = {}  # engine key -> (when, error) of its last failed start
         self._lock = threading.Lock()
 
     def start(self, engine_key: str, opener: Callable[[], SearchEngine], timeout_s: Optional[float] = None
@@ -407,8 +435,9 @@ class SearchService:
         (existing ones are reused) and that all of them answer; returns their `info()`.
         When a replica cannot open its engine, the engine's own error is raised (SearchUnavailable
         for a missing index, TypeError / ValueError for bad options, as in-process); when one does
-        not answer within `timeout_s` (default settings.timeout_s), SearchUnavailable. The replicas
-        created by a failed start are killed."""
+        not answer within `timeout_s` (default settings.timeout_s): when some replicas answered, the
+        late ones are dropped (killed if this call created them; logged) and the others serve, else
+        SearchUnavailable. The replicas created by a failed start are killed."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -433,18 +462,28 @@ class SearchService:
                     ).remote(opener, name)
                     self._created[name] = handles[name]
                     new.append(name)
-        names = list(handles)
+        refs = {handles[n].info.remote(): n for n in handles}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         try:
-            infos = ray.get([handles[n].info.remote() for n in names], timeout=timeout_s)
+            if not ready:
+                raise TimeoutError
+            infos = ray.get(ready, timeout=max(timeout_s, 1.0))
         except Exception as exc:
-            from ray.exceptions import GetTimeoutError
-
             for name in new:
                 self._kill(name)
             why = (f"the replicas did not answer within {timeout_s:g} s (not enough CPUs for num_cpus="
-                   f"{self.settings.num_cpus:g} per replica?)" if isinstance(exc, GetTimeoutError)
+                   f"{self.settings.num_cpus:g} per replica?)" if isinstance(exc, TimeoutError)
                    else f"a replica could not open its engine: {type(exc).__name__}: {str(exc)[:800]}")
             raise SearchUnavailable(f"search service: {why}") from None
+        if late:  # e.g. a node without room for its replicas: served by the others
+            late_names = sorted(refs[ref] for ref in late)
+            logger.warning("search service: %d replica(s) of engine %s did not answer within %g s and were dropped "
+                           "(not enough CPUs for num_cpus=%g on their node?): %s", len(late_names), engine_hash,
+                           timeout_s, self.settings.num_cpus, ", ".join(late_names))
+            for name in late_names:
+                if name in new:
+                    self._kill(name)
+                    new.remove(name)
         failed = [info for info in infos if info.get("error")]
         if failed:
             for name in new:
@@ -452,16 +491,32 @@ class SearchService:
             raise error_from_payload(failed[0]["error"])
         if new:
             logger.info("search service: started %d replica(s) of engine %s (%d reused)", len(new), engine_hash,
-                        len(names) - len(new))
+                        len(ready) - len(new))
         return infos
 
     def client(self, engine_key: str, opener: Callable[[], SearchEngine]) -> ServiceSearchEngine:
-        """The client of an engine, its replicas started on first use (see `start`)."""
+        """The client of an engine, its replicas started on first use (see `start`). A failed start
+        is not tried again for REFRESH_S seconds: meanwhile every call fails at once with the same
+        error (a SearchUnavailable saying when it is tried again), not after another `timeout_s`."""
         with self._lock:
             client = self._clients.get(engine_key)
+            failed = self._failed.get(engine_key)
         if client is not None:
             return client
-        infos = self.start(engine_key, opener)
+        if failed is not None and time.monotonic() - failed[0] < REFRESH_S:
+            when, error = failed
+            if isinstance(error, SearchUnavailable):
+                raise SearchUnavailable(f"{error} (start failed {time.monotonic() - when:.0f} s ago; tried again "
+                                        f"{REFRESH_S:g} s after the failure)")
+            raise error
+        try:
+            infos = self.start(engine_key, opener)
+        except Exception as exc:
+            with self._lock:
+                self._failed[engine_key] = (time.monotonic(), exc)
+            raise
+        with self._lock:
+            self._failed.pop(engine_key, None)
         client = ServiceSearchEngine(engine_key, self.settings, name=infos[0]["engine"] if infos else None,
                                      restart=lambda timeout_s: self.start(engine_key, opener, timeout_s))
         with self._lock:
