@@ -140,9 +140,77 @@ def test_cli_topics_for_a_baseline(tmp_path, pubmed_mini_index, capsys):
     rec = json.loads((out / "samples" / "pubmed_mini_mine" / "original.jsonl").read_text().splitlines()[0])
     direct = engine.search(rec["query"], k=100).ids
     assert rec["recall"] == len(set(direct) & set(ranked[:2] + [UNKNOWN])) / 3 == 2 / 3
-    check = json.loads((out / "topics" / "mine.check.json").read_text())
+    check = json.loads((out / "topics" / "pubmed_mini_mine.check.json").read_text())
     assert check["errors"] == {"json": 1} and check["unknown_ids"] == 1 and check["topics"] == 1
     assert "pubmed_mini:mine" in capsys.readouterr().out
     bad = parser.parse_args(["eval", "--topics", str(tmp_path / "none.jsonl"), "--baseline", "original",
                              "--out", str(out)])
     assert bad.func(bad) == 1
+
+
+def test_suite_labels_stay_apart_when_stems_collide(tmp_path):
+    from hashlib import sha256
+
+    from deepretrieval.eval.topics import suite_label
+
+    taken = {}
+    dev, test = tmp_path / "dev" / "topics.jsonl", tmp_path / "test" / "topics.jsonl"
+    assert suite_label("pubmed_mini", dev, taken) == "pubmed_mini:topics"
+    # by hand: the first 8 hex digits of the resolved path's SHA-256
+    digest = sha256(str(test.resolve()).encode()).hexdigest()[:8]
+    assert suite_label("pubmed_mini", test, taken) == f"pubmed_mini:topics-{digest}"
+    # another corpus: another folder, no hash (the vendored files given together keep their labels)
+    assert suite_label("trials_sigir", tmp_path / "cases" / "topics.jsonl", taken) == "trials_sigir:topics"
+    # `my topics` and `my_topics` would share the folder pubmed_mini_my_topics
+    assert suite_label("pubmed_mini", tmp_path / "my topics.jsonl", taken) == "pubmed_mini:my topics"
+    assert suite_label("pubmed_mini", tmp_path / "my_topics.jsonl", taken).startswith("pubmed_mini:my_topics-")
+    with pytest.raises(TopicsFileError, match="given twice"):
+        suite_label("pubmed_mini", tmp_path / "dev" / ".." / "dev" / "topics.jsonl", taken)
+
+
+def test_runner_refuses_two_suites_in_one_record_folder(tmp_path, pubmed_mini_index):
+    path = write_lines(tmp_path / "a.jsonl", [{"topic_id": "q1", "title": "statins", "relevant": ["1"]}])
+    samples, _ = load_topic_samples(path, corpus="pubmed_mini")
+    other, _ = load_topic_samples(path, corpus="pubmed_mini")
+    samples[0].suite, other[0].suite = "pubmed_mini:my topics", "pubmed_mini:my_topics"
+    searcher = Searcher(cache=False, engines={"pubmed_mini": LocalSearchEngine(pubmed_mini_index)})
+    with pytest.raises(ValueError, match="share the record folder 'pubmed_mini_my_topics'"):
+        evaluate(samples + other, FixedQuery("statins"), tmp_path / "out", searcher=searcher, progress=False)
+
+
+def test_cli_two_topics_files_with_one_name_are_two_columns(tmp_path, pubmed_mini_index, capsys):
+    from hashlib import sha256
+
+    from deepretrieval.eval.cli import register
+
+    engine = LocalSearchEngine(pubmed_mini_index)
+    ranked = engine.search("cholesterol", k=100).ids
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    # the same topic_id in both files, with other relevant ids: each file's own are scored
+    dev = write_lines(tmp_path / "dev" / "topics.jsonl",
+                      [{"topic_id": "q1", "title": "cholesterol", "relevant": ranked[:2]}])
+    test = write_lines(tmp_path / "test" / "topics.jsonl",
+                       [{"topic_id": "q1", "title": "cholesterol", "relevant": [ranked[0], UNKNOWN]}, "{broken"])
+    config = tmp_path / "reward.json"
+    config.write_text(json.dumps({"pubmed_mini": {"index_dir": str(pubmed_mini_index)}}))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["eval", "--topics", str(dev), "--topics", str(test), "--baseline", "original",
+                              "--reward-config", str(config), "--search-cache", "none", "--out", str(out),
+                              "--bootstrap", "100", "--no-plot"])
+    assert args.func(args) == 0
+    second = f"pubmed_mini_topics-{sha256(str(test.resolve()).encode()).hexdigest()[:8]}"
+    first_rec = json.loads((out / "samples" / "pubmed_mini_topics" / "original.jsonl").read_text())
+    second_rec = json.loads((out / "samples" / second / "original.jsonl").read_text())
+    # the query `cholesterol` ranks ranked[0] and ranked[1] in its top 100: 2/2 and 1/2
+    assert (first_rec["recall"], second_rec["recall"]) == (1.0, 0.5)
+    assert json.loads((out / "topics" / "pubmed_mini_topics.check.json").read_text())["errors"] == {}
+    assert json.loads((out / "topics" / f"{second}.check.json").read_text())["errors"] == {"json": 1}
+    table = capsys.readouterr().out
+    assert "pubmed_mini:topics " in table or "pubmed_mini:topics |" in table
+    assert second.replace("pubmed_mini_", "pubmed_mini:") in table
+    twice = parser.parse_args(["eval", "--topics", str(dev), "--topics", str(dev), "--baseline", "original",
+                               "--out", str(out)])
+    assert twice.func(twice) == 1

@@ -186,6 +186,11 @@ def evaluate(
     by_label: Dict[str, List[EvalSample]] = {}
     for s in samples:
         by_label.setdefault(s.label, []).append(s)
+    folders: Dict[str, str] = {}
+    for label in by_label:  # two labels in one record file would drop each other's records as stale
+        if folders.setdefault(slug(label), label) != label:
+            raise ValueError(f"the suites {folders[slug(label)]!r} and {label!r} would share the record "
+                             f"folder {slug(label)!r}; name them apart")
     out: List[Dict[str, Any]] = []
     chunks_run = 0
     for label, task_samples in by_label.items():

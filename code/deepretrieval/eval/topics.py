@@ -36,6 +36,7 @@ no usable topic, an unreadable file or an unknown corpus raises `TopicsFileError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class TopicsCheck:
 
     path: str
     corpus: Optional[str] = None
+    suite: Optional[str] = None  # the results' column (`load_topic_samples`)
     lines: int = 0
     topics: List[Dict[str, Any]] = field(default_factory=list)
     errors: Dict[str, int] = field(default_factory=dict)
@@ -89,7 +91,7 @@ class TopicsCheck:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "corpus": self.corpus, "lines": self.lines, "topics": len(self.topics),
+        return {"path": self.path, "corpus": self.corpus, "suite": self.suite, "lines": self.lines, "topics": len(self.topics),
                 "errors": dict(self.errors), "messages": list(self.messages), "relevant_ids": self.relevant_ids,
                 "unknown_ids": self.unknown_ids, "unknown_by_topic": dict(self.unknown_by_topic),
                 "unknown_examples": list(self.unknown_examples)}
@@ -246,20 +248,44 @@ def _row_builder(corpus: str) -> Callable[..., Optional[Dict[str, Any]]]:
     return {"pubmed_mini": tasks.pubmed_mini_row, "trials_sigir": tasks.trials_sigir_row}[corpus]
 
 
+def suite_label(corpus: str, path: "str | Path", taken: Dict[str, str]) -> str:
+    """The column of a topics file's results: `<corpus>:<file stem>`, or, when an earlier file's
+    label already names the same record folder (`methods.slug`: `dev/topics.jsonl` and
+    `test/topics.jsonl`, `my topics` and `my_topics`), `<corpus>:<stem>-<8 hex of the resolved
+    path's SHA-256>`. `taken` (record folder -> resolved path) collects the labels given so far;
+    the same file twice is a TopicsFileError."""
+    from deepretrieval.eval.methods import slug
+
+    resolved = str(Path(path).resolve())
+    if resolved in taken.values():
+        raise TopicsFileError(f"{path}: the same topics file is given twice")
+    stem = Path(path).stem
+    label = f"{corpus}:{stem}"
+    if slug(label) in taken:  # the stem is cut so the hash survives slug's 80 characters
+        label = f"{corpus}:{stem[:40]}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+    if slug(label) in taken:
+        raise TopicsFileError(f"{path}: its results would share the folder {slug(label)!r} with "
+                              f"{taken[slug(label)]}; rename one of the files")
+    taken[slug(label)] = resolved
+    return label
+
+
 def load_topic_samples(
-    path: "str | Path", corpus: Optional[str] = None, limit: Optional[int] = None, style: str = "reasoning"
+    path: "str | Path", corpus: Optional[str] = None, limit: Optional[int] = None, style: str = "reasoning",
+    taken: Optional[Dict[str, str]] = None,
 ) -> Tuple[List[Any], TopicsCheck]:
     """(samples, check) of a topics file: one EvalSample per usable topic, labelled `<corpus>:<file
-    stem>` so their records and table column stay apart from the vendored topics'. Topics come in
-    `topic_id` order, as a task's own split does (`--limit` keeps the first N; the bootstrap
-    intervals then match the task's for the same topics)."""
+    stem>` (`suite_label`: unique among the files loaded with the same `taken`; also `check.suite`)
+    so their records and table column stay apart from the vendored topics' and each other's.
+    Topics come in `topic_id` order, as a task's own split does (`--limit` keeps the first N; the
+    bootstrap intervals then match the task's for the same topics)."""
     from deepretrieval.eval.samples import sample_from_row
 
     check = read_topics_file(path, corpus)
     for line in check.summary():
         logger.info("%s", line) if not (check.errors or check.unknown_ids) else logger.warning("%s", line)
     build = _row_builder(str(check.corpus))
-    suite = f"{check.corpus}:{Path(path).stem}"
+    suite = check.suite = suite_label(str(check.corpus), path, {} if taken is None else taken)
     ordered = sorted(check.topics, key=lambda t: t["topic_id"])
     topics = ordered if limit is None else ordered[:limit]
     samples = []
