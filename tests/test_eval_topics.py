@@ -117,6 +117,9 @@ def test_vendored_topics_file_gives_the_vendored_split_numbers(tmp_path, data_di
     b = evaluate(vendored, BaselineMethod("clinicians"), tmp_path / "b", searcher=searcher, progress=False)
     assert len(a) == len(b) == 4 * 48
     assert {r["key"]: r["metrics"] for r in a} == {r["key"]: r["metrics"] for r in b}
+    # a re-run of the vendored split reuses every record (its topics' digests are stable)
+    assert evaluate(load_samples("trials_sigir", split="all"), BaselineMethod("clinicians"), tmp_path / "b",
+                    searcher=searcher, progress=False) == b
 
 
 def test_cli_topics_for_a_baseline(tmp_path, pubmed_mini_index, capsys):
@@ -214,3 +217,43 @@ def test_cli_two_topics_files_with_one_name_are_two_columns(tmp_path, pubmed_min
     twice = parser.parse_args(["eval", "--topics", str(dev), "--topics", str(dev), "--baseline", "original",
                                "--out", str(out)])
     assert twice.func(twice) == 1
+
+
+class CountingQuery(FixedQuery):
+    """FixedQuery that remembers which topics it wrote queries for."""
+
+    def __init__(self, query):
+        super().__init__(query)
+        self.asked = []
+
+    def generate(self, samples):
+        self.asked.extend(s.topic_id for s in samples)
+        return super().generate(samples)
+
+
+def test_an_edited_topic_is_redone_and_the_others_reused(tmp_path, pubmed_mini_index):
+    from deepretrieval.eval.runner import topic_digest
+
+    engine = LocalSearchEngine(pubmed_mini_index)
+    ranked = engine.search("cholesterol", k=100).ids
+    searcher = Searcher(cache=False, engines={"pubmed_mini": engine})
+    path = tmp_path / "mine.jsonl"
+    t1 = {"topic_id": "t1", "title": "cholesterol", "relevant": [ranked[0], UNKNOWN]}
+    t2 = {"topic_id": "t2", "title": "statins", "relevant": [ranked[1]]}
+    write_lines(path, [t1, t2])
+    method = CountingQuery("cholesterol")
+    first = evaluate(load_topic_samples(path)[0], method, tmp_path / "out", searcher=searcher, progress=False)
+    assert [r["recall"] for r in first] == [0.5, 1.0] and method.asked == ["t1", "t2"]
+    # the same file again: nothing is redone (the digest is stable across loads)
+    again = evaluate(load_topic_samples(path)[0], method, tmp_path / "out", searcher=searcher, progress=False)
+    assert method.asked == ["t1", "t2"] and again == first
+    # t1's relevant list fixed (same title, same fingerprint): t1 is redone, 1/1 by hand
+    write_lines(path, [dict(t1, relevant=[ranked[0]]), t2])
+    samples, _ = load_topic_samples(path)
+    assert topic_digest(samples[0]) != first[0]["topic_digest"] and topic_digest(samples[1]) == first[1]["topic_digest"]
+    fixed = evaluate(samples, method, tmp_path / "out", searcher=searcher, progress=False)
+    assert method.asked == ["t1", "t2", "t1"] and [r["recall"] for r in fixed] == [1.0, 1.0]
+    # a changed title alone also changes the topic (its prompt and the text the baselines read)
+    write_lines(path, [dict(t1, relevant=[ranked[0]]), dict(t2, title="statins and myopathy")])
+    evaluate(load_topic_samples(path)[0], method, tmp_path / "out", searcher=searcher, progress=False)
+    assert method.asked == ["t1", "t2", "t1", "t2"]
