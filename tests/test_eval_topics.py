@@ -257,3 +257,20 @@ def test_an_edited_topic_is_redone_and_the_others_reused(tmp_path, pubmed_mini_i
     write_lines(path, [dict(t1, relevant=[ranked[0]]), dict(t2, title="statins and myopathy")])
     evaluate(load_topic_samples(path)[0], method, tmp_path / "out", searcher=searcher, progress=False)
     assert method.asked == ["t1", "t2", "t1", "t2"]
+
+
+def test_hostile_json_lines_are_counted_not_fatal(tmp_path):
+    deep, huge = "[" * 50000, '{"topic_id": ' + "7" * 5000 + ', "title": "x", "relevant": ["1"]}'
+    path = write_lines(tmp_path / "t.jsonl", [
+        deep,                                                          # 1: RecursionError in json
+        huge,                                                          # 2: ValueError (int-str limit)
+        {"topic_id": "a", "title": "statins", "relevant": ["1"]},      # 3: ok
+    ])
+    check = read_topics_file(path, known_ids={"1"})
+    assert [t["topic_id"] for t in check.topics] == ["a"] and check.errors == {"json": 2}
+    assert check.messages[0].startswith(f"{path}:1: json: RecursionError")
+    assert check.messages[1].startswith(f"{path}:2: json: ValueError")
+    for name, text in (("deep.json", deep), ("huge.json", "[" + huge + "]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TopicsFileError, match="not a JSON array"):
+            read_topics_file(tmp_path / name, known_ids={"1"})

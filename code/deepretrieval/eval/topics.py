@@ -20,7 +20,8 @@ topics, with the task's engine and K.
 Checking, in one pass (time linear in the file and the corpus): a line that is not a topic is
 skipped and counted by class, with its line number:
 
-    json             the line is not JSON
+    json             the line is not JSON (or JSON Python cannot read: nested too deep, an integer
+                     of more digits than int() converts)
     not_object       the JSON value is not an object
     missing_field    no `topic_id`, no text (`title` / `patient`) or no relevance (`relevant` /
                      `judgements`)
@@ -106,8 +107,8 @@ def _records(path: Path) -> Iterator[Tuple[int, Any, Optional[str]]]:
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TopicsFileError(f"{path}: not a JSON array: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, too deep a nesting
+            raise TopicsFileError(f"{path}: not a JSON array: {type(exc).__name__}: {exc}") from None
         for i, item in enumerate(items, 1):
             yield i, item, None
         return
@@ -115,9 +116,11 @@ def _records(path: Path) -> Iterator[Tuple[int, Any, Optional[str]]]:
         if not line.strip():
             continue
         try:
-            yield line_no, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield line_no, None, str(exc)
+            value = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, too deep a nesting
+            yield line_no, None, f"{type(exc).__name__}: {exc}"
+            continue
+        yield line_no, value, None
 
 
 def detect_corpus(record: Any) -> Optional[str]:
