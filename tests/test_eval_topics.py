@@ -274,3 +274,39 @@ def test_hostile_json_lines_are_counted_not_fatal(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(TopicsFileError, match="not a JSON array"):
             read_topics_file(tmp_path / name, known_ids={"1"})
+
+
+def test_extra_keys_of_the_wrong_type_are_bad_fields(tmp_path):
+    pubmed = write_lines(tmp_path / "p.jsonl", [
+        {"topic_id": "a", "title": "statins", "relevant": ["1"], "boolean_query": ["a"]},     # 1: bad_field
+        {"topic_id": "b", "title": "statins", "relevant": ["1"], "collection": 7},            # 2: bad_field
+        {"topic_id": "c", "title": "statins", "relevant": ["1"], "collection": "CLEF2017",
+         "boolean_query": None},                                                             # 3: ok
+        {"topic_id": "d", "title": "statins", "relevant": ["1"], "boolean_query": "statin*"},  # 4: ok
+    ])
+    check = read_topics_file(pubmed, known_ids={"1"})
+    assert [t["topic_id"] for t in check.topics] == ["c", "d"] and check.errors == {"bad_field": 2}
+    assert "'boolean_query' must be a string or null, not list" in check.messages[0]
+    assert "'collection' must be a string or null, not int" in check.messages[1]
+    case = {"patient": "a 60-year-old man", "judgements": {"N1": 1}}
+    trials = write_lines(tmp_path / "t.jsonl", [
+        dict(case, topic_id="1", reference_queries="x"),                                       # bad_field
+        dict(case, topic_id="2", reference_queries={"Clinician_A": "lung mass"}),              # bad_field
+        dict(case, topic_id="3", reference_queries={"gpt-4-turbo": {"conditions": [1]}}),      # bad_field
+        dict(case, topic_id="4", reference_queries={"gpt-35-turbo": ["Lung Neoplasms"]}),      # bad_field
+        dict(case, topic_id="5", reference_queries={"human_summary": ["x"]}),                  # bad_field
+        dict(case, topic_id="6", reference_queries={"Clinician_B": ["lung mass"], "human_summary": "lung",
+                                                    "gpt-4-turbo": {"conditions": ["Lung Neoplasms"]}}),  # ok
+    ])
+    check = read_topics_file(trials, known_ids={"N1"})
+    assert [t["topic_id"] for t in check.topics] == ["6"] and check.errors == {"bad_field": 5}
+    assert "'reference_queries' must be an object, not str" in check.messages[0]
+    # what is kept builds its samples and baseline queries (no AttributeError on the way)
+    samples, _ = load_topic_samples(pubmed, corpus="pubmed_mini")
+    assert [s.example_query for s in samples] == [None, "statin*"]
+    from deepretrieval.eval.baselines import baseline_query
+
+    samples, _ = load_topic_samples(trials, corpus="trials_sigir")
+    assert samples[0].example_query == "(lung OR neoplasms)"
+    assert baseline_query("clinicians", samples[0]) == [None, "lung OR mass", None, None]
+    assert baseline_query("human_summary", samples[0]) == "lung"

@@ -26,7 +26,8 @@ skipped and counted by class, with its line number:
     missing_field    no `topic_id`, no text (`title` / `patient`) or no relevance (`relevant` /
                      `judgements`)
     bad_field        a field of the wrong type (text not a non-blank string, ids not strings or
-                     integers, grades not integers)
+                     integers, grades not integers; `collection`, `boolean_query` or
+                     `reference_queries` not of the vendored topics' types: the topic is skipped)
     duplicate_topic  a `topic_id` seen on an earlier line
     no_relevant      no id with grade >= 1 (recall would be undefined)
 
@@ -157,6 +158,38 @@ def _judgements(record: Dict[str, Any]) -> Tuple[Optional[Dict[str, int]], str]:
     return out, ""
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _extra_field_problem(record: Dict[str, Any]) -> str:
+    """Why a key the rows or the reference baselines read has the wrong type ("" when none has):
+    `collection` and `boolean_query` strings; `reference_queries` an object whose clinicians'
+    entries are lists of strings, whose condition lists are {"conditions": [str, ...], ...} and
+    whose `human_summary` is a string (each may be null or absent)."""
+    from deepretrieval.eval.baselines import CLINICIANS, CONDITION_MODELS
+
+    for name in ("collection", "boolean_query"):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            return f"{name!r} must be a string or null, not {type(record[name]).__name__}"
+    refs = record.get("reference_queries")
+    if refs is None:
+        return ""
+    if not isinstance(refs, dict):
+        return f"'reference_queries' must be an object, not {type(refs).__name__}"
+    for name in CLINICIANS:
+        if refs.get(name) is not None and not _strings(refs[name]):
+            return f"'reference_queries.{name}' must be a list of strings"
+    for name in CONDITION_MODELS.values():
+        entry = refs.get(name)
+        if entry is not None and not (isinstance(entry, dict)
+                                      and (entry.get("conditions") is None or _strings(entry["conditions"]))):
+            return f"'reference_queries.{name}' must be an object with 'conditions': a list of strings"
+    if refs.get("human_summary") is not None and not isinstance(refs["human_summary"], str):
+        return "'reference_queries.human_summary' must be a string"
+    return ""
+
+
 def check_topic(record: Any, corpus: str, seen: Set[str]) -> Tuple[Optional[Dict[str, Any]], str, str]:
     """(normalised topic, "", "") or (None, error class, message) for one record."""
     if not isinstance(record, dict):
@@ -174,6 +207,9 @@ def check_topic(record: Any, corpus: str, seen: Set[str]) -> Tuple[Optional[Dict
         return None, "bad_field", f"'topic_id' must be a non-blank string or integer, not {topic_id!r}"
     if not isinstance(text, str) or not text.strip():
         return None, "bad_field", f"{text_field!r} must be a non-blank string"
+    problem = _extra_field_problem(record)
+    if problem:
+        return None, "bad_field", problem
     topic = dict(record, topic_id=str(topic_id).strip())
     if corpus == "trials_sigir":
         if "judgements" not in record and "relevant" not in record:
