@@ -156,11 +156,13 @@ def score_generation(
     query = gen.query
     if gen.text is not None:
         src = searcher.source(sample.task)
-        # the reward's flags for the row; a generation that knows who opened <think> says so
+        # the reward's flags for the row; a generation that knows who opened <think> (or whether
+        # it was asked to reason) says so, where the source does not set the flag: as in the
+        # reward, a configured source setting wins
         reasoning, think_in_prompt = format_flags(src, sample.extra_info)
-        if gen.think_in_prompt is not None:
+        if gen.think_in_prompt is not None and src.think_in_prompt is None:
             think_in_prompt = gen.think_in_prompt
-        if gen.reasoning is not None:
+        if gen.reasoning is not None and src.reasoning is None:
             reasoning = gen.reasoning
         rec["response"] = gen.text
         rec["reasoning"] = split_reasoning(gen.text)
