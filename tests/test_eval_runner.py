@@ -310,3 +310,30 @@ def test_first_run_interrupted_before_the_index_existed_resumes(tmp_path, monkey
     m.generate = lambda chunk: generated.extend(s.topic_id for s in chunk) or real(chunk)
     recs = evaluate(samples, m, tmp_path / "out", searcher=Searcher(cache=False), progress=False)
     assert generated == [s.topic_id for s in samples[1:]] and len(recs) == 3
+
+
+def test_a_configured_source_format_setting_wins_over_the_generation(tmp_path):
+    """The reward's precedence (source setting over row): a generation's own style flags (an LLM's
+    think_in_prompt=False, a model's prompted style) apply only where the source sets none."""
+    from deepretrieval.eval.runner import score_generation
+
+    sample = _samples()[0]  # its row: think_in_prompt true, prompt style reasoning
+    answer_only = '<answer>{"query": "q"}</answer>'
+    closes_think = 'r</think>\n<answer>{"query": "q"}</answer>'
+
+    def format_ok(text, source=None, **flags):
+        config = {"sources": {"trials_sigir": source}} if source else None
+        searcher = Searcher(reward_config=config, cache=False, engines={"trials_sigir": ScriptedEngine({"q": ["a"]})})
+        rec = score_generation(sample, Generation(text=text, **flags), searcher, [10])
+        assert rec["error"] == "none" and rec["metrics"]["recall@10"] == 0.5  # a of {a, b}
+        return rec["format_ok"]
+
+    # no source setting: the generation's flags (asked to reason; nobody opened <think> for it)
+    assert format_ok(answer_only, reasoning=True, think_in_prompt=False) is False
+    assert format_ok(closes_think, reasoning=True, think_in_prompt=False) is False
+    # a source configured to answer only: no <think> asked for, whatever the generation says
+    assert format_ok(answer_only, source={"reasoning": False}, reasoning=True, think_in_prompt=False) is True
+    # a source configured with <think> opened in the prompt: the closing tag alone is right
+    assert format_ok(closes_think, source={"think_in_prompt": True}, reasoning=True, think_in_prompt=False) is True
+    # the generation's flag still applies to what the source leaves open (reasoning here)
+    assert format_ok(answer_only, source={"think_in_prompt": True}, reasoning=False) is True

@@ -152,3 +152,31 @@ def test_eval_cli_refuses_a_conflicting_prompt_style(compact_checkpoint, tmp_pat
                    "--prompt-style", "reasoning", "--out", str(tmp_path / "out"), "--no-plot"])
     assert rc == 2
     assert "trained with prompt style 'compact' (prompt.json), not 'reasoning'" in caplog.text
+
+
+def test_model_spec_counts_a_changed_rendering_from_prompt_json(compact_checkpoint):
+    from deepretrieval.eval.runner import fingerprint_of
+
+    def spec_with(**changes):
+        path = compact_checkpoint / HF_EXPORT_DIR / PROMPT_FILE
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+        return ModelMethod(compact_checkpoint, name="m", backend="hf").spec()
+
+    # the defaults (the quickstart's prompt.json: apply_chat_template true, no prefix override):
+    # the spec has the keys it always had
+    base = spec_with(apply_chat_template=True, assistant_prefix=None)
+    assert set(base) == {"name", "kind", "path", "weights", "n", "temperature", "top_p", "max_new_tokens",
+                         "seed", "prompt_style"}
+    assert spec_with(apply_chat_template=None) == base  # not set: rendered with the default, same spec
+    # a prompt.json that renders otherwise changes the spec, and so the records' fingerprint
+    raw = spec_with(apply_chat_template=False)
+    assert raw == dict(base, apply_chat_template=False)
+    prefixed = spec_with(apply_chat_template=True, assistant_prefix="<think>\n")
+    assert prefixed == dict(base, assistant_prefix="<think>\n")
+
+    class Spec:
+        def __init__(self, spec):
+            self.spec = lambda: spec
+
+    prints = {fingerprint_of(Spec(s), "pubmed_mini", 100, "local", [10, 100]) for s in (base, raw, prefixed)}
+    assert len(prints) == 3

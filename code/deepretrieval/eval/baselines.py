@@ -138,6 +138,8 @@ def _refs(sample: Any) -> Dict[str, Any]:
 
 
 CLINICIANS = ("Clinician_A", "Clinician_B", "Clinician_C", "Clinician_D")
+# reference_queries keys of the LLM-written condition lists: {"summary": str, "conditions": [str, ...]}
+CONDITION_MODELS = {"gpt4_conditions": "gpt-4-turbo", "gpt35_conditions": "gpt-35-turbo"}
 
 
 def _clinicians(sample: Any) -> List[Optional[str]]:
@@ -173,8 +175,8 @@ BASELINES: Dict[str, Callable[[Any], Any]] = {
     "expert_boolean_raw": _expert_raw,
     "clinicians": _clinicians,
     "clinicians_pooled": _clinicians_pooled,
-    "gpt4_conditions": _conditions("gpt-4-turbo"),
-    "gpt35_conditions": _conditions("gpt-35-turbo"),
+    "gpt4_conditions": _conditions(CONDITION_MODELS["gpt4_conditions"]),
+    "gpt35_conditions": _conditions(CONDITION_MODELS["gpt35_conditions"]),
     "human_summary": _human_summary,
 }
 

@@ -186,13 +186,16 @@ def build_methods(args: argparse.Namespace, tasks: List[str], pool: List[Any]) -
 
 
 def _topic_samples(args: argparse.Namespace, out: Path) -> List[Any]:
-    """The samples of every --topics file; each file's check goes to <out>/topics/<stem>.check.json."""
+    """The samples of every --topics file, each file a suite of its own (topics.suite_label); each
+    file's check goes to <out>/topics/<suite's folder name>.check.json."""
+    from deepretrieval.eval.methods import slug
     from deepretrieval.eval.topics import load_topic_samples
 
     samples: List[Any] = []
+    taken: Dict[str, str] = {}
     for path in args.topics:
-        found, check = load_topic_samples(path, corpus=args.corpus, limit=args.limit)
-        target = out / "topics" / f"{Path(path).stem}.check.json"
+        found, check = load_topic_samples(path, corpus=args.corpus, limit=args.limit, taken=taken)
+        target = out / "topics" / f"{slug(check.suite)}.check.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(check.to_dict(), indent=2) + "\n")
         samples.extend(found)

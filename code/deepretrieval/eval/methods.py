@@ -213,14 +213,26 @@ class ModelMethod(QueryMethod):
         self.backend = backend
         self._model = self._tokenizer = self._llm = None
 
+    def trained_rendering(self) -> Dict[str, Any]:
+        """The chat-template switch and assistant-prefix override the model was trained with
+        (prompt.json; those it sets)."""
+        return {k: self.prompt_settings[k] for k in ("apply_chat_template", "assistant_prefix")
+                if self.prompt_settings.get(k) is not None}
+
     def spec(self) -> Dict[str, Any]:
+        from deepretrieval.data.dataset import DEFAULTS
+
         weights = sorted(self.model_dir.glob("*.safetensors")) or sorted(self.model_dir.glob("*.bin"))
         stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
+        # only settings that render otherwise than the dataset's defaults: a model trained with the
+        # defaults (the quickstart's) keeps the spec, and so the records, it had before they counted
+        rendering = {k: v for k, v in self.trained_rendering().items() if v != DEFAULTS[k]}
         return {
             "name": self.name, "kind": "model", "path": str(self.model_dir.resolve()), "weights": stamp,
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed,
             **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
+            **rendering,
         }
 
     # -- loading ---------------------------------------------------------------------------
@@ -248,9 +260,7 @@ class ModelMethod(QueryMethod):
         from deepretrieval.data.tasks import restyle_row
 
         rows = [s.row if self.prompt_style is None else restyle_row(s.row, self.prompt_style) for s in samples]
-        # the chat-template switch and prefix override the model was trained with (prompt.json)
-        trained = {k: self.prompt_settings[k] for k in ("apply_chat_template", "assistant_prefix")
-                   if self.prompt_settings.get(k) is not None}
+        trained = self.trained_rendering()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "rows.parquet"
             pd.DataFrame(rows).to_parquet(path, index=False)

@@ -26,7 +26,9 @@ keeps `format_ok` so the strict view can be recomputed.
 Resume: records are appended (one JSON line, flushed) as each query finishes, to
 `<out_dir>/samples/<task>/<method>.jsonl` (a topics file's suite: `<task>_<name>`). A re-run with
 the same method settings, K and engine (the `fingerprint`) reuses finished records and only generates what is missing or failed for
-infrastructure reasons; a different fingerprint starts the file afresh. Searches also go through
+infrastructure reasons; a different fingerprint starts the file afresh. Each record carries its
+topic's `topic_digest` (text, prompt, judgements, reference queries): a topic whose digest changed
+(an edited topics file) is redone. Searches also go through
 a SQLite search cache (deepretrieval.search.cache) so repeated queries cost nothing.
 """
 
@@ -90,9 +92,12 @@ class RecordStore:
                 handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, self.path)
 
-    def done(self, key: str) -> bool:
+    def done(self, key: str, digest: Optional[str] = None) -> bool:
+        """Whether `key` has a finished record (of the topic as it is now: its `topic_digest` is
+        `digest`, when given)."""
         rec = self.records.get(key)
-        return rec is not None and rec.get("error") not in INFRA_ERRORS
+        return (rec is not None and rec.get("error") not in INFRA_ERRORS
+                and (digest is None or rec.get("topic_digest") == digest))
 
     def add(self, rec: Dict[str, Any]) -> None:
         rec = dict(rec, fingerprint=self.fingerprint)
@@ -108,6 +113,21 @@ def fingerprint_of(method: QueryMethod, task: str, k: int, engine_id: str, ks: S
     blob = json.dumps(
         {"method": method.spec(), "task": task, "k": k, "engine": engine_id, "ks": sorted(ks)},
         sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def topic_digest(sample: EvalSample) -> str:
+    """16 hex digits of the SHA-256 of what a topic's records depend on besides the method: its
+    prompt and input text, its relevant ids and graded judgements, and the reference queries the
+    baselines read (`boolean_query`, `reference_queries`). A record of another digest (an edited
+    topics file, or a record written before records carried one) is redone."""
+    topic = sample.topic or {}
+    blob = json.dumps(
+        {"prompt": sample.prompt, "input": sample.need_text, "relevant": sorted(set(sample.relevant)),
+         "judgements": sample.judgements,
+         "references": {name: topic.get(name) for name in ("boolean_query", "reference_queries")}},
+        sort_keys=True, default=str, ensure_ascii=False,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -136,11 +156,13 @@ def score_generation(
     query = gen.query
     if gen.text is not None:
         src = searcher.source(sample.task)
-        # the reward's flags for the row; a generation that knows who opened <think> says so
+        # the reward's flags for the row; a generation that knows who opened <think> (or whether
+        # it was asked to reason) says so, where the source does not set the flag: as in the
+        # reward, a configured source setting wins
         reasoning, think_in_prompt = format_flags(src, sample.extra_info)
-        if gen.think_in_prompt is not None:
+        if gen.think_in_prompt is not None and src.think_in_prompt is None:
             think_in_prompt = gen.think_in_prompt
-        if gen.reasoning is not None:
+        if gen.reasoning is not None and src.reasoning is None:
             reasoning = gen.reasoning
         rec["response"] = gen.text
         rec["reasoning"] = split_reasoning(gen.text)
@@ -186,6 +208,11 @@ def evaluate(
     by_label: Dict[str, List[EvalSample]] = {}
     for s in samples:
         by_label.setdefault(s.label, []).append(s)
+    folders: Dict[str, str] = {}
+    for label in by_label:  # two labels in one record file would drop each other's records as stale
+        if folders.setdefault(slug(label), label) != label:
+            raise ValueError(f"the suites {folders[slug(label)]!r} and {label!r} would share the record "
+                             f"folder {slug(label)!r}; name them apart")
     out: List[Dict[str, Any]] = []
     chunks_run = 0
     for label, task_samples in by_label.items():
@@ -201,7 +228,9 @@ def evaluate(
             {"fingerprint": fp, "method": method.spec(), "task": label, "k": src.k, "ks": cut,
              "engine": searcher.engine_id(task)}, indent=2, default=str) + "\n")
         n = max(1, int(getattr(method, "n", 1)))
-        pending = [s for s in task_samples if not all(store.done(f"{s.topic_id}#{i}") for i in range(n))]
+        digests = {s.topic_id: topic_digest(s) for s in task_samples}
+        pending = [s for s in task_samples
+                   if not all(store.done(f"{s.topic_id}#{i}", digests[s.topic_id]) for i in range(n))]
         if len(pending) < len(task_samples):
             logger.info("%s/%s: %d of %d topics already done (resuming)", label, method.name,
                         len(task_samples) - len(pending), len(task_samples))
@@ -229,11 +258,11 @@ def evaluate(
             for sample, gens in zip(chunk, generations):
                 for i, gen in enumerate(gens[:n]):
                     key = f"{sample.topic_id}#{i}"
-                    if store.done(key):
+                    if store.done(key, digests[sample.topic_id]):
                         continue
                     base = {"key": key, "task": label, "method": method.name, "topic_id": sample.topic_id,
                             "sample": i, "k": src.k, "n_relevant": len(set(sample.relevant)),
-                            "generation_s": round(gen_time, 4)}
+                            "generation_s": round(gen_time, 4), "topic_digest": digests[sample.topic_id]}
                     jobs.append((base, sample, gen))
 
             def finish(job: Tuple[Dict[str, Any], EvalSample, Generation], cut=cut, src=src) -> Dict[str, Any]:
@@ -255,6 +284,8 @@ def evaluate(
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        keys = [f"{s.topic_id}#{i}" for s in task_samples for i in range(n)]
-        out.extend(store.records[k_] for k_ in keys if k_ in store.records)
+        keys = [(f"{s.topic_id}#{i}", digests[s.topic_id]) for s in task_samples for i in range(n)]
+        # a record of the topic as it was (not redone: an interrupted run) is not the topic's
+        out.extend(store.records[k_] for k_, digest in keys
+                   if store.records.get(k_, {}).get("topic_digest") == digest)
     return out

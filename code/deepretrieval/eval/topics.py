@@ -20,12 +20,14 @@ topics, with the task's engine and K.
 Checking, in one pass (time linear in the file and the corpus): a line that is not a topic is
 skipped and counted by class, with its line number:
 
-    json             the line is not JSON
+    json             the line is not JSON (or JSON Python cannot read: nested too deep, an integer
+                     of more digits than int() converts)
     not_object       the JSON value is not an object
     missing_field    no `topic_id`, no text (`title` / `patient`) or no relevance (`relevant` /
                      `judgements`)
     bad_field        a field of the wrong type (text not a non-blank string, ids not strings or
-                     integers, grades not integers)
+                     integers, grades not integers; `collection`, `boolean_query` or
+                     `reference_queries` not of the vendored topics' types: the topic is skipped)
     duplicate_topic  a `topic_id` seen on an earlier line
     no_relevant      no id with grade >= 1 (recall would be undefined)
 
@@ -36,6 +38,7 @@ no usable topic, an unreadable file or an unknown corpus raises `TopicsFileError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -59,6 +62,7 @@ class TopicsCheck:
 
     path: str
     corpus: Optional[str] = None
+    suite: Optional[str] = None  # the results' column (`load_topic_samples`)
     lines: int = 0
     topics: List[Dict[str, Any]] = field(default_factory=list)
     errors: Dict[str, int] = field(default_factory=dict)
@@ -89,7 +93,7 @@ class TopicsCheck:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "corpus": self.corpus, "lines": self.lines, "topics": len(self.topics),
+        return {"path": self.path, "corpus": self.corpus, "suite": self.suite, "lines": self.lines, "topics": len(self.topics),
                 "errors": dict(self.errors), "messages": list(self.messages), "relevant_ids": self.relevant_ids,
                 "unknown_ids": self.unknown_ids, "unknown_by_topic": dict(self.unknown_by_topic),
                 "unknown_examples": list(self.unknown_examples)}
@@ -104,8 +108,8 @@ def _records(path: Path) -> Iterator[Tuple[int, Any, Optional[str]]]:
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TopicsFileError(f"{path}: not a JSON array: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, too deep a nesting
+            raise TopicsFileError(f"{path}: not a JSON array: {type(exc).__name__}: {exc}") from None
         for i, item in enumerate(items, 1):
             yield i, item, None
         return
@@ -113,9 +117,11 @@ def _records(path: Path) -> Iterator[Tuple[int, Any, Optional[str]]]:
         if not line.strip():
             continue
         try:
-            yield line_no, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield line_no, None, str(exc)
+            value = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, too deep a nesting
+            yield line_no, None, f"{type(exc).__name__}: {exc}"
+            continue
+        yield line_no, value, None
 
 
 def detect_corpus(record: Any) -> Optional[str]:
@@ -152,6 +158,38 @@ def _judgements(record: Dict[str, Any]) -> Tuple[Optional[Dict[str, int]], str]:
     return out, ""
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _extra_field_problem(record: Dict[str, Any]) -> str:
+    """Why a key the rows or the reference baselines read has the wrong type ("" when none has):
+    `collection` and `boolean_query` strings; `reference_queries` an object whose clinicians'
+    entries are lists of strings, whose condition lists are {"conditions": [str, ...], ...} and
+    whose `human_summary` is a string (each may be null or absent)."""
+    from deepretrieval.eval.baselines import CLINICIANS, CONDITION_MODELS
+
+    for name in ("collection", "boolean_query"):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            return f"{name!r} must be a string or null, not {type(record[name]).__name__}"
+    refs = record.get("reference_queries")
+    if refs is None:
+        return ""
+    if not isinstance(refs, dict):
+        return f"'reference_queries' must be an object, not {type(refs).__name__}"
+    for name in CLINICIANS:
+        if refs.get(name) is not None and not _strings(refs[name]):
+            return f"'reference_queries.{name}' must be a list of strings"
+    for name in CONDITION_MODELS.values():
+        entry = refs.get(name)
+        if entry is not None and not (isinstance(entry, dict)
+                                      and (entry.get("conditions") is None or _strings(entry["conditions"]))):
+            return f"'reference_queries.{name}' must be an object with 'conditions': a list of strings"
+    if refs.get("human_summary") is not None and not isinstance(refs["human_summary"], str):
+        return "'reference_queries.human_summary' must be a string"
+    return ""
+
+
 def check_topic(record: Any, corpus: str, seen: Set[str]) -> Tuple[Optional[Dict[str, Any]], str, str]:
     """(normalised topic, "", "") or (None, error class, message) for one record."""
     if not isinstance(record, dict):
@@ -169,6 +207,9 @@ def check_topic(record: Any, corpus: str, seen: Set[str]) -> Tuple[Optional[Dict
         return None, "bad_field", f"'topic_id' must be a non-blank string or integer, not {topic_id!r}"
     if not isinstance(text, str) or not text.strip():
         return None, "bad_field", f"{text_field!r} must be a non-blank string"
+    problem = _extra_field_problem(record)
+    if problem:
+        return None, "bad_field", problem
     topic = dict(record, topic_id=str(topic_id).strip())
     if corpus == "trials_sigir":
         if "judgements" not in record and "relevant" not in record:
@@ -246,20 +287,44 @@ def _row_builder(corpus: str) -> Callable[..., Optional[Dict[str, Any]]]:
     return {"pubmed_mini": tasks.pubmed_mini_row, "trials_sigir": tasks.trials_sigir_row}[corpus]
 
 
+def suite_label(corpus: str, path: "str | Path", taken: Dict[str, str]) -> str:
+    """The column of a topics file's results: `<corpus>:<file stem>`, or, when an earlier file's
+    label already names the same record folder (`methods.slug`: `dev/topics.jsonl` and
+    `test/topics.jsonl`, `my topics` and `my_topics`), `<corpus>:<stem>-<8 hex of the resolved
+    path's SHA-256>`. `taken` (record folder -> resolved path) collects the labels given so far;
+    the same file twice is a TopicsFileError."""
+    from deepretrieval.eval.methods import slug
+
+    resolved = str(Path(path).resolve())
+    if resolved in taken.values():
+        raise TopicsFileError(f"{path}: the same topics file is given twice")
+    stem = Path(path).stem
+    label = f"{corpus}:{stem}"
+    if slug(label) in taken:  # the stem is cut so the hash survives slug's 80 characters
+        label = f"{corpus}:{stem[:40]}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+    if slug(label) in taken:
+        raise TopicsFileError(f"{path}: its results would share the folder {slug(label)!r} with "
+                              f"{taken[slug(label)]}; rename one of the files")
+    taken[slug(label)] = resolved
+    return label
+
+
 def load_topic_samples(
-    path: "str | Path", corpus: Optional[str] = None, limit: Optional[int] = None, style: str = "reasoning"
+    path: "str | Path", corpus: Optional[str] = None, limit: Optional[int] = None, style: str = "reasoning",
+    taken: Optional[Dict[str, str]] = None,
 ) -> Tuple[List[Any], TopicsCheck]:
     """(samples, check) of a topics file: one EvalSample per usable topic, labelled `<corpus>:<file
-    stem>` so their records and table column stay apart from the vendored topics'. Topics come in
-    `topic_id` order, as a task's own split does (`--limit` keeps the first N; the bootstrap
-    intervals then match the task's for the same topics)."""
+    stem>` (`suite_label`: unique among the files loaded with the same `taken`; also `check.suite`)
+    so their records and table column stay apart from the vendored topics' and each other's.
+    Topics come in `topic_id` order, as a task's own split does (`--limit` keeps the first N; the
+    bootstrap intervals then match the task's for the same topics)."""
     from deepretrieval.eval.samples import sample_from_row
 
     check = read_topics_file(path, corpus)
     for line in check.summary():
         logger.info("%s", line) if not (check.errors or check.unknown_ids) else logger.warning("%s", line)
     build = _row_builder(str(check.corpus))
-    suite = f"{check.corpus}:{Path(path).stem}"
+    suite = check.suite = suite_label(str(check.corpus), path, {} if taken is None else taken)
     ordered = sorted(check.topics, key=lambda t: t["topic_id"])
     topics = ordered if limit is None else ordered[:limit]
     samples = []
