@@ -42,6 +42,7 @@ class Searcher:
         self.cache = resolve_cache(cache)
         self.engines = dict(engines or {})
         self.threads = threads
+        self._engine_ids: dict = {}  # task -> engine_id(task), read once per Searcher (every search keys on it)
 
     def threads_for(self, task: str) -> int:
         """Searches run at once for a task: `threads`, else the reward manager's default per engine
@@ -59,7 +60,13 @@ class Searcher:
 
     def engine_id(self, task: str) -> str:
         """Identity of the engine for fingerprints and cache keys; a local index adds its build
-        time, so rebuilding the index invalidates cached searches and finished records."""
+        time, so rebuilding the index invalidates cached searches and finished records. Computed
+        once per task and Searcher (not a stat of the index per search)."""
+        if task not in self._engine_ids:
+            self._engine_ids[task] = self._read_engine_id(task)
+        return self._engine_ids[task]
+
+    def _read_engine_id(self, task: str) -> str:
         if task in self.engines:
             engine = self.engines[task]
             ident = f"custom:{getattr(engine, 'name', type(engine).__name__)}"

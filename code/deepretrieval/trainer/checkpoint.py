@@ -409,7 +409,7 @@ def resolve_model_dir(path: "str | os.PathLike[str]") -> Path:
     if steps:
         return resolve_model_dir(steps[-1])
     # `hf` is accepted for folders exported by other tools
-    for sub in (f"{ACTOR_DIR}/{HF_DIR}", f"{ACTOR_DIR}/hf", HF_DIR, "hf", ACTOR_DIR):
+    for sub in (HF_EXPORT_DIR, f"{ACTOR_DIR}/hf", HF_DIR, "hf", ACTOR_DIR):
         if (root / sub / "config.json").exists():
             return root / sub
     raise FileNotFoundError(f"{root} is neither a Hugging Face model folder nor a checkpoint holding one")
