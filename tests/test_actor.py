@@ -201,3 +201,29 @@ def test_gradient_checkpointing_same_update(tok, rollout_batch, tmp_path):
         actor.update_policy(_train_batch(actor, rollout_batch, torch.randn(8, 5, generator=torch.Generator().manual_seed(1))))
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
+
+
+def test_update_without_old_log_probs_equals_recomputed(tok, rollout_batch):
+    """recompute_old_log_prob=false: one optimiser step from the sampling policy gives the same update
+    (the ratio is 1 either way, so the gradient is the same); more than one step is refused."""
+    params = []
+    for recompute in (True, False):
+        model = make_tiny_qwen2(tok, hidden_size=64, seed=6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        actor = Actor(model, from_dict(ActorConfig, _cfg(ppo_micro_batch_size_per_gpu=3, grad_clip=0,
+                                                         recompute_old_log_prob=recompute)), optimizer=opt)
+        adv = torch.randn(8, 5, generator=torch.Generator().manual_seed(2))
+        batch = _train_batch(actor, rollout_batch, adv) if recompute else rollout_batch.clone()
+        batch.batch["advantages"] = adv
+        metrics = actor.update_policy(batch)
+        assert metrics["actor/ppo_kl"] == pytest.approx(0.0, abs=1e-6) and metrics["actor/pg_clipfrac"] == 0.0
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in make_tiny_qwen2(tok, hidden_size=64, seed=6).parameters()]))
+    torch.testing.assert_close(params[1], params[0], atol=1e-6, rtol=1e-5)
+    for kw in ({"ppo_epochs": 2}, {"ppo_mini_batch_size": 4}):
+        actor = Actor(make_tiny_qwen2(tok, hidden_size=64, seed=6),
+                      from_dict(ActorConfig, _cfg(recompute_old_log_prob=False, **kw)))
+        batch = rollout_batch.clone()
+        batch.batch["advantages"] = torch.ones(8, 5)
+        with pytest.raises(ValueError, match="one optimiser step per batch"):
+            actor.update_policy(batch)

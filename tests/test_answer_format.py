@@ -67,8 +67,14 @@ def test_compact_style_is_the_quickstart_prompt_byte_for_byte():
     rows = _all_rows(tasks.build_splits("pubmed_mini", style="compact"), ("train", "test"))
     assert (len(rows), _digest(rows)) == BEFORE_QUICKSTART
     assert rows[0]["prompt"] == [{"role": "user", "content": FIRST_QUICKSTART_PROMPT}]
-    with pytest.raises(ValueError, match="compact.*review_question"):
-        tasks.build_splits("trials_sigir", style="compact")
+    # patient cases have a compact instruction of their own (the CPU recipe's); the LEADS PICO tasks do not
+    trial = tasks.build_splits("trials_sigir", style="compact")["test"][0]
+    content = trial["prompt"][0]["content"]
+    assert content.startswith("Write a search query that finds clinical trials this patient could join.")
+    assert content.endswith("The patient case is:\n" + trial["extra_info"]["task_input"])
+    assert trial["extra_info"]["prompt_style"] == "compact"
+    with pytest.raises(ValueError, match="compact.*review_question, patient_trials"):
+        prompts.build_user_content("pico_trial", "P: adults", "ctgov", style="compact")
 
 
 def test_instruction_answer_examples_are_the_old_literals():

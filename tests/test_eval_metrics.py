@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from deepretrieval.eval.metrics import aggregate_samples, bootstrap_ci
+from deepretrieval.eval.metrics import aggregate_samples, bootstrap_ci, paired_bootstrap_ci
 from deepretrieval.search.metrics import ndcg_at_k, precision_at_k, query_metrics, recall_at_k
 
 
@@ -71,6 +71,24 @@ def test_bootstrap_edge_cases():
     assert empty.n == 0 and math.isnan(empty.mean)
     const = bootstrap_ci([0.5] * 5)
     assert const.low == const.high == 0.5
+
+
+def test_paired_bootstrap_resamples_topics_not_scores():
+    a = [0.9, 0.1, 0.5, 0.7, None]
+    b = [0.8, 0.0, 0.3, 0.7, 0.4]  # the last topic lacks a's score: dropped from both
+    ci = paired_bootstrap_ci(a, b, n_resamples=3000, seed=5)
+    diffs = [0.1, 0.1, 0.2, 0.0]
+    assert ci.n == 4 and ci.mean == pytest.approx(0.1)
+    # reference: resample topic indices, average the differences
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 4, size=(3000, 4))
+    means = [sum(diffs[j] for j in row) / 4 for row in idx]
+    assert ci.low == pytest.approx(np.quantile(means, 0.025)) and ci.high == pytest.approx(np.quantile(means, 0.975))
+    # every difference >= 0: the interval cannot go below 0, although the unpaired intervals of a and b overlap
+    assert ci.low >= 0.0
+    assert bootstrap_ci(a[:4]).low < bootstrap_ci(b[:4]).high
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_bootstrap_ci([0.1], [0.1, 0.2])
 
 
 def test_aggregate_samples():

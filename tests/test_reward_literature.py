@@ -334,6 +334,17 @@ def test_config_overrides_global_and_per_source(engine):
     assert bad["score"] == -2.0
 
 
+def test_recall_scale_replaces_the_tiers(engine):
+    cfg = {"recall_scale": 5, "sources": {"pubmed_mini": {"engine": "local", "recall_scale": 2.0}}}
+    assert RewardConfig.from_config({"recall_scale": 5}).scoring.recall_scale == 5.0
+    assert RewardConfig.from_config(None).scoring.recall_scale is None
+    # recall 0.75 (3 of the 4 targets): 1 (format) + 2 * 0.75, not the 0.5 tier's 4
+    result = compute_score("pubmed_mini", answer('{"query": "good"}'), GT, THINK_INFO, config=cfg, engine=engine)
+    assert result["score"] == pytest.approx(1.0 + 1.5) and result["tier"] is None
+    # the penalties are unchanged
+    assert compute_score("pubmed_mini", "nothing", GT, THINK_INFO, config=cfg, engine=engine)["score"] == -4.0
+
+
 def test_engines_are_created_once_per_process(monkeypatch):
     created = []
 

@@ -99,6 +99,13 @@ def test_missing_required_keys():
      "actor_rollout_ref.model.target_modules", "must name the modules"),
     (["actor_rollout_ref.rollout.prompt_length=3"], "actor_rollout_ref.rollout.prompt_length", "must equal"),
     (["trainer.save_freq=-5"], "trainer.save_freq", ">= -1"),
+    # SMALL has mini-batch 4 of a train batch of 8: two optimiser steps, the second off-policy
+    (["actor_rollout_ref.actor.recompute_old_log_prob=false"], "actor_rollout_ref.actor.recompute_old_log_prob",
+     "ppo_mini_batch_size=4 < data.train_batch_size=8"),
+    (["actor_rollout_ref.actor.recompute_old_log_prob=false", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+      "actor_rollout_ref.actor.ppo_epochs=2"], "actor_rollout_ref.actor.recompute_old_log_prob", "ppo_epochs=2 (needs 1)"),
+    (["actor_rollout_ref.actor.recompute_old_log_prob=false", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+      "algorithm.use_kl_in_reward=true"], "actor_rollout_ref.actor.recompute_old_log_prob", "use_kl_in_reward"),
 ])
 def test_impossible_settings_are_rejected(extra, key, phrase):
     err = error_for(SMALL + extra)

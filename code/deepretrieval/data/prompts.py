@@ -11,7 +11,7 @@ Styles:
   reasoning        think in <think>...</think>, answer in <answer>{"query": ...}</answer>; prompt opens <think>
   reasoning_free   same tags, but the model opens <think> itself (for templates that add their own turn text)
   no_reason        answer only: <answer>{"query": ...}</answer>
-  compact          answer only, in a ~40-token instruction (the quickstart's; review questions only)
+  compact          answer only, in a ~40-token instruction (the CPU recipes'; review questions and patient cases)
   original         the original DeepRetrieval text and frame, byte for byte (`build_original_prompt`):
                    no chat template; one raw text of preamble, instruction, `User:` with the PICO,
                    then `Assistant: Let me solve this step by step. \n<think>\n`. Stored whole as
@@ -137,14 +137,19 @@ ANSWER_FORMAT_NO_REASON = (
     "without any explanation, for example:\n" + format_answer(_EXAMPLE_QUERY, lines=True, indent=4)
 )
 
-# The `compact` style's whole instruction, per task kind (the quickstart's prompt, ~100 tokens with
-# the input: a 135M model asked for the answer block only). It ends with the task's own input
+# The `compact` style's whole instruction, per task kind (the CPU recipes' prompt, ~100-150 tokens with
+# the input: a 135M model asked for the answer block only). The two differ only in what is searched. It ends with the task's own input
 # introduction, like the full prompt, so `legacy_task_input_from_prompt` reads both.
 COMPACT_INSTRUCTION: Dict[str, str] = {
     "review_question": (
         "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "
         'AND, OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only '
         "with " + format_answer("...") + "."
+    ),
+    "patient_trials": (
+        "Write a search query that finds clinical trials this patient could join. The engine accepts AND, "
+        'OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only with '
+        + format_answer("...") + "."
     ),
 }
 

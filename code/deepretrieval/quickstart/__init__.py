@@ -7,5 +7,6 @@
 The quickstart's prompt is the `compact` prompt style of deepretrieval.data.prompts.
 """
 
-TASK = "pubmed_mini"  # the task every stage runs on
+TASK = "pubmed_mini"  # the task every stage runs on, unless told otherwise (`--task`)
+TASKS = ("pubmed_mini", "trials_sigir")  # the tasks with a vendored corpus (the local engine)
 K = 100  # the cut-off of the recall the quickstart reports (recall@K on the local index)

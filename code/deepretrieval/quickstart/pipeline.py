@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from deepretrieval.quickstart import K, TASK
+from deepretrieval.quickstart import K, TASK, TASKS
 from deepretrieval.quickstart.report import plot_reward_curve, results_table
 
 logger = logging.getLogger(__name__)
@@ -98,16 +98,16 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 # ------------------------------------------------------------------------------------ data
 
 
-def prepare_data(out_dir: Path) -> Dict[str, Any]:
-    """Write `<out>/data/{train,test}.parquet` (`compact` prompt style); build the index."""
+def prepare_data(out_dir: Path, task: str = TASK) -> Dict[str, Any]:
+    """Write `<out>/data/{train,test}.parquet` of `task` (`compact` prompt style); build the index."""
     from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
-    splits = build_splits(TASK, style=PROMPT_STYLE)
+    splits = build_splits(task, style=PROMPT_STYLE)
     splits = {name: rows for name, rows in splits.items() if name in ("train", "test")}
     paths = write_splits(splits, Path(out_dir) / "data")
-    index = ensure_local_index(TASK)
-    return {"train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
+    index = ensure_local_index(task)
+    return {"task": task, "train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
             "n_train": len(splits["train"]), "n_test": len(splits["test"])}
 
 
@@ -153,10 +153,51 @@ def warmup_targets(question: str) -> List[str]:
     return targets
 
 
+def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_words: int = 8) -> List[str]:
+    """`n` queries for one *training* input (format, not query writing): each a random subset of the
+    input's words (`bag_of_words`: stop words dropped), `min_words`..`max_words` of them (uniform),
+    kept in the input's order and joined with OR.
+
+    The subsets are drawn without looking at any judgement, so they teach the answer block and the
+    OR shape with arbitrary content; which words find the trials is left to the recall reward
+    (whole-case OR, the `original` baseline, is only drawn when the input has <= `max_words` words).
+    Deterministic in (`text`, `seed`)."""
+    import random
+
+    from deepretrieval.eval.baselines import bag_of_words
+
+    words = bag_of_words(text)
+    if not words:
+        return []
+    rng = random.Random(f"{seed}:{text}")
+    out = []
+    for _ in range(n):
+        k = rng.randint(min(min_words, len(words)), min(max_words, len(words)))
+        picked = sorted(rng.sample(range(len(words)), k))
+        out.append(" OR ".join(words[i] for i in picked))
+    return out
+
+
+# warm-up target builders by name: input text -> the target queries of one training topic
+WARMUP_KINDS = ("question", "random_words")
+WARMUP_PER_TOPIC = 4  # random_words: targets per training topic
+
+
+def warmup_queries(kind: str, text: str, seed: int = 0) -> List[str]:
+    """The warm-up targets of one training input: `question` (:func:`warmup_targets`) or
+    `random_words` (:func:`random_word_targets`, WARMUP_PER_TOPIC of them)."""
+    if kind == "question":
+        return warmup_targets(text)
+    if kind == "random_words":
+        return random_word_targets(text, WARMUP_PER_TOPIC, seed)
+    raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {kind!r}")
+
+
 def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, lr: float = 1e-4,
-           batch_size: int = 8, progress: bool = True) -> Dict[str, Any]:
-    """SFT warm-up on the answer format over the training topics; returns the saved folder (with the
-    prompt settings of its training rows, trainer.checkpoint.PROMPT_FILE)."""
+           batch_size: int = 8, progress: bool = True, kind: str = "question", seed: int = 0) -> Dict[str, Any]:
+    """SFT warm-up on the answer format over the training topics (targets: :func:`warmup_queries`
+    of `kind`); returns the saved folder (with the prompt settings of its training rows,
+    trainer.checkpoint.PROMPT_FILE)."""
     import pandas as pd
 
     from deepretrieval.data.dataset import RLHFDataset, plain_python
@@ -172,12 +213,12 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
     for row in pd.read_parquet(train_parquet).to_dict(orient="records"):
         row = plain_python(row)
         prompt = dataset.render({"prompt": row["prompt"], "extra_info": row["extra_info"]})
-        examples.extend(SFTExample(prompt, format_answer(q)) for q in warmup_targets(row_task_input(row)))
+        examples.extend(SFTExample(prompt, format_answer(q)) for q in warmup_queries(kind, row_task_input(row), seed))
     result = run_sft(model_path, examples, Path(out_dir) / "models" / "warmup", epochs=epochs, lr=lr,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress, seed=seed)
     save_prompt_settings(result["path"], dataset)  # evaluated on its own, it is prompted as it learnt
     losses = result["losses"]
-    return {"path": str(result["path"]), "examples": len(examples), "steps": result["steps"],
+    return {"path": str(result["path"]), "kind": kind, "examples": len(examples), "steps": result["steps"],
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 
@@ -185,7 +226,7 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
 
 
 def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optional[str]],
-                    max_new_tokens: int, progress: bool = True) -> Dict[str, Any]:
+                    max_new_tokens: int, progress: bool = True, task: str = TASK) -> Dict[str, Any]:
     """recall@100 on the test topics for each method: name -> model folder (None = `original`)."""
     from deepretrieval.eval.report import summarize
     from deepretrieval.eval.methods import BaselineMethod, ModelMethod
@@ -193,7 +234,7 @@ def evaluate_models(out_dir: Path, test_parquet: str, methods: Dict[str, Optiona
     from deepretrieval.eval.samples import load_samples
     from deepretrieval.eval.searcher import Searcher
 
-    samples = load_samples(task=TASK, parquet=test_parquet)
+    samples = load_samples(task=task, parquet=test_parquet)
     eval_dir = Path(out_dir) / "eval"
     searcher = Searcher(k=K, cache=eval_dir / "search_cache.sqlite")
     results = {}
@@ -258,9 +299,11 @@ def rollout_overrides(rollout: str) -> List[str]:
 
 
 def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, steps: int, tiny: bool,
-                      workers: int = 2, test_freq: int = 4, prompt_length: int = 128, rollout: str = "hf") -> List[str]:
+                      workers: int = 2, test_freq: int = 4, prompt_length: int = 128, rollout: str = "hf",
+                      seed: int = 1) -> List[str]:
     """The main_ppo overrides of the quickstart: GRPO, n=4 samples per prompt, no KL, CPU; ``rollout``:
-    hf | vllm (:func:`rollout_overrides`)."""
+    hf | vllm (:func:`rollout_overrides`); ``seed``: the workers' and the data order's seed."""
+    task = data.get("task", TASK)
     return [
         f"data.train_files={data['train']}",
         f"data.val_files={data['test']}",
@@ -278,8 +321,10 @@ def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, step
         "actor_rollout_ref.rollout.temperature=1.0",
         "algorithm.adv_estimator=grpo",
         "algorithm.use_kl_in_reward=false",
-        f"reward.sources.{TASK}.engine=local",
-        f"reward.sources.{TASK}.k={K}",
+        f"reward.sources.{task}.engine=local",
+        f"reward.sources.{task}.k={K}",
+        f"trainer.seed={seed}",
+        f"data.seed={seed}",
         "trainer.device=cpu",
         f"trainer.n_gpus_per_node={workers}",
         "trainer.logger=[console,jsonl,wandb]",
@@ -297,8 +342,24 @@ def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, step
     ]
 
 
+def release_memory() -> None:
+    """Give the memory of finished stages (the warm-up's optimiser, evaluation models) back to the
+    system before the trainer's workers start: Python frees it, but glibc keeps freed heap pages
+    mapped (measured: 6 GB still resident after the warm-up and evaluations, enough to push the
+    trainer's workers into Ray's out-of-memory killer on a 24 GB machine)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def train(run_dir: Path, overrides: List[str], say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the Ray trainer in a child process (its Ray instance and workers end with it)."""
+    release_memory()
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
@@ -332,15 +393,22 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    steps: int = 16, tiny: bool = False, overrides: Sequence[str] = (), fresh: bool = False,
                    workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
                    images_dir: "str | os.PathLike[str] | None" = None,
-                   say: Callable[[str], None] = print, rollout: str = "auto") -> Dict[str, Any]:
+                   say: Callable[[str], None] = print, rollout: str = "auto", task: str = TASK,
+                   seed: int = 1, warmup_kind: str = "question") -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
     `images_dir`: also copy the reward curve there as `reward_curve.png` (the README's image).
     `rollout`: the training rollout engine, hf | vllm | auto (default, :func:`resolve_rollout`): vllm where
     installed, its quickstart training step measured faster (docs/benchmarks.md, "vLLM on CPU").
+    `task`: pubmed_mini | trials_sigir; `seed`: the warm-up's and the trainer's seed (the topic split is
+    fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`).
     """
     resolve_rollout(rollout)  # a bad value fails before any work
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if warmup_kind not in WARMUP_KINDS:
+        raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {warmup_kind!r}")
     run_dir = Path(out_dir).resolve()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -352,7 +420,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
         f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")
 
-    data = run_stage(state, "data", lambda: prepare_data(run_dir), say)
+    data = run_stage(state, "data", lambda: prepare_data(run_dir, task), say)
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
     max_new = 64
@@ -360,16 +428,16 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         # the random tiny model needs many more (cheap) passes to pick up the tags
         run_dir, model["path"], data["train"], epochs=max(warmup_epochs, 20) if is_tiny else warmup_epochs,
         lr=3e-3 if is_tiny else 1e-4,
-        progress=progress), say)
+        progress=progress, kind=warmup_kind, seed=seed), say)
     base_name, warm_name = f"{model['name']} (untrained)", f"{model['name']} + format warm-up"
     before = run_stage(state, "eval_before", lambda: evaluate_models(
         run_dir, data["test"], {"original (baseline)": None, base_name: model["path"], warm_name: warm["path"]},
-        max_new, progress), say)
+        max_new, progress, task), say)
     plen = max_prompt_tokens(warm["path"], [data["train"], data["test"]])
     engine = resolve_rollout(rollout, tiny=is_tiny)
     say(f"[train] rollout engine: {engine}")
     ovr = trainer_overrides(run_dir, data, warm["path"], steps, is_tiny, workers, test_freq, plen,
-                            rollout=engine) + list(overrides)
+                            rollout=engine, seed=seed) + list(overrides)
     prev = state.done("train")
     if prev is not None and prev.get("steps") != steps:
         # a different step count continues the same run: the trainer resumes from its checkpoint
@@ -379,21 +447,22 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     trained = run_stage(state, "train", lambda: dict(train(run_dir, ovr, say), steps=steps), say)
     rl_name = f"{model['name']} + warm-up + GRPO ({steps} steps)"
     after = run_stage(state, "eval_after", lambda: evaluate_models(
-        run_dir, data["test"], {rl_name: trained["checkpoints"]}, max_new, progress), say)
+        run_dir, data["test"], {rl_name: trained["checkpoints"]}, max_new, progress, task), say)
 
     evals = {k: v for k, v in before.items() if k != "seconds"}
     evals.update({k: v for k, v in after.items() if k != "seconds"})
     metrics_path = Path(trained["metrics"])
-    table = results_table(evals, metrics_path)
+    table = results_table(evals, metrics_path, task)
     png = plot_reward_curve(metrics_path, run_dir / "reward_curve.png",
-                            title=f"quickstart: {model['name']}, GRPO on {TASK} ({data['n_train']} train topics)")
+                            title=f"quickstart: {model['name']}, GRPO on {task} ({data['n_train']} train topics)",
+                            task=task)
     if images_dir is not None:
         Path(images_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, Path(images_dir) / "reward_curve.png")
     elapsed = time.perf_counter() - t0
     stage_times = {s: (state.done(s) or {}).get("seconds") for s in
                    ("data", "model", "warmup", "eval_before", "train", "eval_after")}
-    header = (f"# Quickstart results\n\nTask {TASK}: {data['n_train']} training topics, {data['n_test']} test "
+    header = (f"# Quickstart results\n\nTask {task}: {data['n_train']} training topics, {data['n_test']} test "
               f"topics (held out), recall@{K} on the local index. Policy {model['name']}.\n\n")
     (run_dir / "results.md").write_text(header + table + "\nStage wall times (s): "
                                         + json.dumps(stage_times) + "\n")

@@ -22,7 +22,7 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def curves(metrics: Sequence[Dict[str, Any]]) -> Dict[str, List[tuple]]:
+def curves(metrics: Sequence[Dict[str, Any]], task: str = TASK) -> Dict[str, List[tuple]]:
     """(step, value) series from the trainer's JSONL: training reward / recall, test recall.
 
     The last record of a step wins (a resumed run may repeat a step's line).
@@ -37,13 +37,13 @@ def curves(metrics: Sequence[Dict[str, Any]]) -> Dict[str, List[tuple]]:
             out["epoch"].append((step, int(row["train/epoch"])))
         if "critic/score/mean" in row:
             out["reward"].append((step, row["critic/score/mean"]))
-        recall = _first(row, ["reward/recall_mean", f"reward/{TASK}/recall_mean"])
+        recall = _first(row, ["reward/recall_mean", f"reward/{task}/recall_mean"])
         if recall is not None:
             out["train_recall"].append((step, recall))
         fmt = _first(row, ["reward/format_error_ratio"])
         if fmt is not None:
             out["format_ok"].append((step, 1.0 - fmt))
-        test = _first(row, [f"val/{TASK}/recall_mean", "val/recall_mean"])
+        test = _first(row, [f"val/{task}/recall_mean", "val/recall_mean"])
         if test is not None:
             out["test_recall"].append((step, test))
     return out
@@ -56,14 +56,14 @@ def _first(row: Dict[str, Any], keys: Sequence[str]) -> Optional[float]:
     return None
 
 
-def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "", task: str = TASK) -> Path:
     """Training reward (left axis) and training / test recall@100 (right axis) per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = curves(read_metrics(metrics_path))
+    c = curves(read_metrics(metrics_path), task)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     if c["reward"]:
         ax.plot(*zip(*c["reward"]), color="tab:blue", marker=".", alpha=0.6, label="training reward (step mean)")
@@ -101,14 +101,14 @@ def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "") -> Pa
     return png_path
 
 
-def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path) -> str:
+def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path, task: str = TASK) -> str:
     """The before/after Markdown table: test recall@100 per method, then the training curve ends."""
     lines = ["| policy | test recall@100 [95% CI] | query errors |", "|---|---|---|"]
     for name, cell in evals.items():
         ci = f" [{cell['low']:.3f}, {cell['high']:.3f}]" if cell.get("low") is not None else ""
         errs = ", ".join(f"{k} {v}" for k, v in sorted(cell.get("errors", {}).items())) or "none"
         lines.append(f"| {name} | {cell['recall']:.3f}{ci} (n={cell.get('n')}) | {errs} |")
-    c = curves(read_metrics(metrics_path))
+    c = curves(read_metrics(metrics_path), task)
     text = "\n".join(lines) + "\n"
     if c["reward"]:
         # one epoch = every training topic once: per-step means swing with the topics drawn, so the

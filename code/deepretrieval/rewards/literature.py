@@ -12,6 +12,9 @@
                                                parsing.MAX_QUERY_CHARS (the model's fault)
     tier(r)      = 5 if r >= 0.7, 4 if r >= 0.5, 3 if r >= 0.4, 1 if r >= 0.3, 0.5 if r >= 0.1,
                    0.1 if r >= 0.05, else -3.5                 (thresholds inclusive)
+                 = recall_scale * r     when `recall_scale` is set (a linear reward in place of the
+                                        tiers: every extra relevant document counts, where the tiers
+                                        pay the same for recall 0.1 and 0.29; the CPU recipe's)
 
 The tier values, the format bonus/penalty and the -4 for an answer that fails to evaluate are
 those of the original DeepRetrieval reward (verl/utils/reward_score/literature.py), but the
@@ -128,6 +131,7 @@ class ScoringConfig:
     answer_error_penalty: float = -4.0
     query_syntax_penalty: float = -4.0
     search_unavailable_score: float = 0.0
+    recall_scale: Optional[float] = None  # set: answer_part = recall_scale * recall, no tiers
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
@@ -523,7 +527,10 @@ def finish_sample(sample: PreparedSample, outcome: Optional[SearchOutcome]) -> D
             if recall is None:  # no targets: recall is undefined; a training sample scores it as 0
                 logger.warning("%s: sample without targets; recall set to 0", sample.data_source)
                 recall = 0.0
-            answer, tier = tier_reward(recall, scoring.tiers, scoring.below_tiers_score)
+            if scoring.recall_scale is not None:
+                answer, tier = scoring.recall_scale * recall, None
+            else:
+                answer, tier = tier_reward(recall, scoring.tiers, scoring.below_tiers_score)
             result.update(recall=recall, n_retrieved=len(retrieved), tier=tier, answer_score=answer)
     result["score"] = float(result["format_score"] + result["answer_score"])
     return result

@@ -281,6 +281,25 @@ def _check_token_budget(cfg: DictConfig, key: str) -> int:
     return budget  # type: ignore[return-value]
 
 
+def _check_old_log_prob_shortcut(cfg: DictConfig, actor: str) -> None:
+    """`actor.recompute_old_log_prob=false` is exact only when the batch's one optimiser step starts
+    from the policy that sampled it, and nothing else reads the old log-probs."""
+    key = f"{actor}.recompute_old_log_prob"
+    if _get(cfg, key) is not False:
+        return
+    train_batch = _get(cfg, "data.train_batch_size")
+    why = []
+    if _get(cfg, f"{actor}.ppo_epochs") != 1:
+        why.append(f"ppo_epochs={_get(cfg, f'{actor}.ppo_epochs')} (needs 1)")
+    if _get(cfg, f"{actor}.ppo_mini_batch_size") != train_batch:
+        why.append(f"ppo_mini_batch_size={_get(cfg, f'{actor}.ppo_mini_batch_size')} < data.train_batch_size={train_batch} "
+                   "(later mini-batches are off-policy)")
+    if _get(cfg, "algorithm.use_kl_in_reward"):
+        why.append("algorithm.use_kl_in_reward reads the old log-probs")
+    if why:
+        raise ConfigError(key, "false needs one optimiser step per batch from the sampling policy: " + "; ".join(why))
+
+
 def _check_ppo_batches(cfg: DictConfig, section: str, world: int, n: int, train_batch: int) -> Optional[int]:
     """Mini-/micro-batch arithmetic of `section`; returns the per-device micro-batch (None with
     use_dynamic_bsz and no fixed micro-batch set: micro-batches are then formed by token budget)."""
@@ -424,6 +443,7 @@ def validate_config(cfg: DictConfig) -> None:
         else:  # fixed micro-batches: a size of its own, else the actor's (None when the actor's are dynamic)
             micro_batch_per_gpu(cfg, section, "log_prob_micro_batch_size", world, fallback=actor_micro)
     _positive_int(cfg, f"{actor}.ppo_epochs")
+    _check_old_log_prob_shortcut(cfg, actor)
     clip_c = _get(cfg, f"{actor}.clip_ratio_c")
     if clip_c is not None and (isinstance(clip_c, bool) or not isinstance(clip_c, (int, float)) or clip_c <= 1.0):
         raise ConfigError(f"{actor}.clip_ratio_c", f"must be a number > 1 (dual clip) or null (no dual clip), got {clip_c!r}")

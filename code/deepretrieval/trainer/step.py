@@ -95,10 +95,13 @@ def ppo_step(batch: Batch, step: int, actor: Any, critic: Any, reward_fn: Callab
         # 3. log-probs of the samples under the policy (and its entropy), the reference; values
         # the sampling temperature the log-probs are scaled by (1.0 when the rollout did not say)
         meta = {"temperature": batch.meta_info.setdefault("temperature", 1.0)}
-        with marked_timer("old_log_prob", timings):
-            lp = actor.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
-        batch = batch.union(lp)
-        metrics.update(batch_mismatch_metrics(batch))  # vLLM rollout: engine vs actor log-probs
+        # (skipped with actor.recompute_old_log_prob=false: the update reads its own log-probs, detached)
+        recompute = bool(cfg.actor_rollout_ref.actor.get("recompute_old_log_prob", True))
+        if recompute:
+            with marked_timer("old_log_prob", timings):
+                lp = actor.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
+            batch = batch.union(lp)
+            metrics.update(batch_mismatch_metrics(batch))  # vLLM rollout: engine vs actor log-probs
         if "entropys" in batch.tensor_keys:
             ent = batch.batch["entropys"]
             mask = batch.batch["response_mask"].float()
@@ -131,6 +134,8 @@ def ppo_step(batch: Batch, step: int, actor: Any, critic: Any, reward_fn: Callab
                 metrics.update(critic.update_critic(batch.select(batch_keys=CRITIC_UPDATE_KEYS)))
         if trainable and step >= int(cfg.trainer.critic_warmup):
             keys = ACTOR_UPDATE_KEYS + (["ref_log_prob"] if cfg.actor_rollout_ref.actor.use_kl_loss else [])
+            if not recompute:
+                keys = [k for k in keys if k != "old_log_probs"]
             with marked_timer("update_actor", timings):
                 metrics.update(actor.update_actor(batch.select(batch_keys=keys, meta_info_keys=list(meta))))
     metrics.update(compute_data_metrics(batch, use_critic=critic is not None))

@@ -195,7 +195,11 @@ class Actor(LazyOptimizerMixin):
         """PPO epochs over ``batch``; returns mean metrics (``actor/pg_loss``, ``actor/grad_norm``, ...)."""
         cfg = self.config
         use_kl_loss = bool(cfg.use_kl_loss)
-        keys = ["responses", "input_ids", "attention_mask", "position_ids", "response_mask", "old_log_probs", "advantages"]
+        # without old_log_probs (actor.recompute_old_log_prob=false, one optimiser step per batch, checked
+        # by the trainer's config) the sampling policy is the current one: its log-probs, detached
+        on_policy = not cfg.recompute_old_log_prob and "old_log_probs" not in batch.tensor_keys
+        keys = ["responses", "input_ids", "attention_mask", "position_ids", "response_mask", "advantages"]
+        keys += [] if on_policy else ["old_log_probs"]
         if use_kl_loss:
             keys.append("ref_log_prob")
         missing = [k for k in keys if k not in batch.tensor_keys]
@@ -215,6 +219,9 @@ class Actor(LazyOptimizerMixin):
         epochs = int(cfg.ppo_epochs)
         shuffle = bool(cfg.shuffle)
         mini_size = self._mini_batch_size(batch)
+        if on_policy and (epochs != 1 or mini_size < len(batch)):
+            raise ValueError("update without old_log_probs needs one optimiser step per batch (ppo_epochs=1, one "
+                             f"mini-batch), got ppo_epochs={epochs}, mini-batch {mini_size} of {len(batch)} samples")
         micro_size = int(cfg.ppo_micro_batch_size_per_gpu or mini_size)
         device = model_device(self.model)
         resp_len = data.batch["responses"].shape[-1]
@@ -244,7 +251,7 @@ class Actor(LazyOptimizerMixin):
                         temperature=temperature, chunk_size=self.chunk_size, calculate_entropy=entropy_coeff != 0,
                     )
                     pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = policy_loss(
-                        old_log_prob=t["old_log_probs"], log_prob=log_prob, advantages=t["advantages"],
+                        old_log_prob=log_prob.detach() if on_policy else t["old_log_probs"], log_prob=log_prob, advantages=t["advantages"],
                         response_mask=mask, cliprange=clip_ratio, cliprange_low=clip_low, cliprange_high=clip_high,
                         clip_ratio_c=clip_c, loss_agg_mode=agg_mode,
                     )

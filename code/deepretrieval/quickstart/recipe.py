@@ -1,0 +1,322 @@
+"""The CPU recipe: the quickstart's pipeline for several seeds on one vendored task, then one honest
+comparison on the held-out test topics (`deepretrieval recipe`).
+
+    run_recipe(task, seeds)   per seed: `run_quickstart` in `<out>/seed<S>` (resumable: finished
+                              seeds and stages are skipped), with the task's settings (`RECIPES`)
+    final_evaluation          every seed's warm-up and trained policy (greedy) and the task's
+                              reference baselines, on the test topics, retrieving K=1000
+                              (recall@10/100/1000; NDCG where judgements are graded)
+    paired intervals          per seed, trained - original on the same test topics: the paired
+                              bootstrap (eval.metrics.paired_bootstrap_ci), and the same against the
+                              best LLM / clinician baseline
+    results.md, curves.png    the tables, queries before vs after RL per test topic, and the reward /
+                              test-recall curves of all seeds
+
+The topic split is the task's fixed one (data.tasks, seed 42): seeds change the warm-up's random
+targets, the data order and the sampling, never which topics are tested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from deepretrieval.quickstart import K, TASKS
+
+logger = logging.getLogger(__name__)
+
+FINAL_K = 1000  # the final evaluation retrieves this many (recall@1000 next to recall@100)
+
+# The settings of each task's recipe (run_quickstart arguments); chosen from the runs in
+# docs/recipe.md. Anything here can be overridden on the command line.
+# Trainer overrides of every recipe, on top of the quickstart's (quickstart.pipeline.trainer_overrides):
+# patient cases make ~200-token prompts, so smaller update micro-batches (memory), packed sequences
+# and no separate old-policy pass (one optimiser step per batch): together half the step time
+# (67 s -> 36 s, docs/recipe.md). Then 2 prompts x 8 samples (GRPO groups of 8), a linear recall
+# reward (5 x recall@100 instead of the tiers, which pay recall 0.1 and 0.29 alike) and lr 5e-5
+# (1e-4 diverged within 8 steps, 3e-5 moved little in 18).
+SPEED_OVERRIDES = (
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.actor.recompute_old_log_prob=false",
+    "actor_rollout_ref.model.use_remove_padding=true",
+)
+LEARNING_OVERRIDES = (
+    "data.train_batch_size=2",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.rollout.n=8",
+    "actor_rollout_ref.actor.optim.lr=5e-5",
+    "reward.recall_scale=5",
+)
+RECIPES: Dict[str, Dict[str, Any]] = {
+    task: {"steps": 48, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
+           "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
+    for task in ("trials_sigir", "pubmed_mini")
+}
+
+# reference baselines compared with in the final table (eval.baselines names); the first is the
+# one the paired intervals subtract
+REFERENCE_BASELINES: Dict[str, List[str]] = {
+    "trials_sigir": ["original", "gpt35_conditions", "gpt4_conditions", "clinicians", "human_summary"],
+    "pubmed_mini": ["original", "expert_boolean"],
+}
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed{seed}"
+
+
+def trained_checkpoint(run_dir: Path) -> Path:
+    """The trained policy of one seed's run: its checkpoints folder (the latest step is used)."""
+    return Path(run_dir) / "checkpoints"
+
+
+def warmup_model(run_dir: Path) -> Path:
+    return Path(run_dir) / "models" / "warmup"
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def per_topic(records: Sequence[Mapping[str, Any]], metric: str) -> Dict[str, float]:
+    """topic_id -> the mean of `metric` over the topic's scored queries (a query the writer got wrong
+    scores 0; infrastructure failures are left out)."""
+    from deepretrieval.eval.runner import INFRA_ERRORS
+
+    values: Dict[str, List[float]] = {}
+    for rec in records:
+        if rec.get("error") in INFRA_ERRORS or rec.get("error") == "not_applicable":
+            continue
+        value = (rec.get("metrics") or {}).get(metric)
+        if value is not None:
+            values.setdefault(str(rec["topic_id"]), []).append(float(value))
+    return {t: sum(v) / len(v) for t, v in values.items()}
+
+
+def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool = True,
+                     max_new_tokens: int = 64) -> Dict[str, List[Dict[str, Any]]]:
+    """Records of every method on the test topics at K=FINAL_K: method label -> records."""
+    from deepretrieval.eval.methods import BaselineMethod, ModelMethod
+    from deepretrieval.eval.runner import evaluate
+    from deepretrieval.eval.samples import load_samples
+    from deepretrieval.eval.searcher import Searcher
+
+    test_parquet = seed_dir(out, seeds[0]) / "data" / "test.parquet"
+    samples = load_samples(task=task, parquet=str(test_parquet))
+    eval_dir = Path(out) / "eval"
+    searcher = Searcher(k=FINAL_K, cache=eval_dir / "search_cache.sqlite")
+    methods: Dict[str, Any] = {}
+    for name in REFERENCE_BASELINES[task]:
+        methods[name] = BaselineMethod(name)
+    for seed in seeds:
+        run = seed_dir(out, seed)
+        for label, path in ((f"warm-up, seed {seed}", warmup_model(run)),
+                            (f"trained, seed {seed}", trained_checkpoint(run))):
+            methods[label] = ModelMethod(path, name=label.replace(", ", "_").replace(" ", "_"), backend="hf",
+                                         max_new_tokens=max_new_tokens, max_prompt_length=512, batch_size=8,
+                                         device="cpu")
+    return {label: evaluate(samples, method, eval_dir, searcher=searcher, k=FINAL_K, progress=progress)
+            for label, method in methods.items()}
+
+
+def metric_names(task: str) -> List[str]:
+    """The final table's columns: recall@100 (the reward's), recall@1000, and NDCG@10 where judged."""
+    names = [f"recall@{K}", f"recall@{FINAL_K}"]
+    if task == "trials_sigir":
+        names.append("ndcg@10")
+    return names
+
+
+def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, seeds: Sequence[int],
+               n_resamples: int = 2000) -> Dict[str, Any]:
+    """Means with bootstrap intervals per method and metric, and per seed the paired intervals of
+    trained - `original` and trained - the best other reference baseline (by mean recall@100)."""
+    from deepretrieval.eval.metrics import bootstrap_ci, paired_bootstrap_ci
+
+    metric = f"recall@{K}"
+    topics = sorted({str(r["topic_id"]) for rs in records.values() for r in rs})
+    table: Dict[str, Dict[str, Any]] = {}
+    for label, recs in records.items():
+        row = {}
+        for name in metric_names(task):
+            scores = per_topic(recs, name)
+            row[name] = bootstrap_ci([scores[t] for t in topics if t in scores], n_resamples=n_resamples).to_dict()
+        errors: Dict[str, int] = {}
+        for rec in recs:
+            if rec.get("error") not in (None, "none"):
+                errors[rec["error"]] = errors.get(rec["error"], 0) + 1
+        row["errors"] = errors
+        table[label] = row
+    baselines = REFERENCE_BASELINES[task]
+    others = [b for b in baselines[1:] if b in records and per_topic(records[b], metric)]
+    best_other = max(others, key=lambda b: table[b][metric]["mean"]) if others else None
+    paired: Dict[str, Dict[str, Any]] = {}
+    for seed in seeds:
+        trained = per_topic(records[f"trained, seed {seed}"], metric)
+        entry = {}
+        for against in [baselines[0]] + ([best_other] if best_other else []):
+            base = per_topic(records[against], metric)
+            common = [t for t in topics if t in trained and t in base]
+            ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
+                                     n_resamples=n_resamples)
+            wins = sum(trained[t] > base[t] for t in common)
+            losses = sum(trained[t] < base[t] for t in common)
+            entry[against] = dict(ci.to_dict(), wins=wins, losses=losses)
+        paired[str(seed)] = entry
+    return {"metric": metric, "topics": topics, "table": table, "paired": paired, "best_other": best_other}
+
+
+def query_examples(records: Mapping[str, Sequence[Mapping[str, Any]]], seed: int, limit: int = 6) -> List[Dict[str, Any]]:
+    """For the error analysis: per test topic, the warm-up's and the trained policy's query (seed
+    `seed`) with their recall@100, next to `original`'s."""
+    metric = f"recall@{K}"
+
+    def by_topic(label: str) -> Dict[str, Mapping[str, Any]]:
+        return {str(r["topic_id"]): r for r in records.get(label, [])}
+
+    before, after, orig = by_topic(f"warm-up, seed {seed}"), by_topic(f"trained, seed {seed}"), by_topic("original")
+    out = []
+    for topic in sorted(after)[:limit]:
+        out.append({
+            "topic_id": topic,
+            "original": (orig.get(topic) or {}).get("metrics", {}).get(metric),
+            "before": {"query": before.get(topic, {}).get("query") or before.get(topic, {}).get("response"),
+                       "recall": (before.get(topic) or {}).get("metrics", {}).get(metric)},
+            "after": {"query": after[topic].get("query") or after[topic].get("response"),
+                      "recall": (after[topic].get("metrics") or {}).get(metric)},
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _cell(ci: Optional[Mapping[str, Any]]) -> str:
+    if not ci or ci.get("n", 0) == 0:
+        return ""
+    return f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+
+
+def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapping[str, Any]],
+                     settings: Mapping[str, Any], seconds: Mapping[str, Any]) -> str:
+    names = metric_names(task)
+    lines = [f"# CPU recipe results: {task}", "",
+             f"{len(comp['topics'])} held-out test topics; greedy queries; the local engine retrieving {FINAL_K}. "
+             f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", "",
+             "| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for label, row in comp["table"].items():
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(row["errors"].items())) or "none"
+        lines.append(f"| {label} | " + " | ".join(_cell(row.get(n)) for n in names) + f" | {errs} |")
+    lines += ["", f"Paired bootstrap over test topics, {comp['metric']} (trained − baseline; 95% interval; "
+                  "topics won / lost):", "", "| seed | against | difference [95% CI] | won / lost |", "|---|---|---|---|"]
+    for seed, entry in comp["paired"].items():
+        for against, ci in entry.items():
+            lines.append(f"| {seed} | {against} | {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] | "
+                         f"{ci['wins']} / {ci['losses']} |")
+    if examples:
+        lines += ["", f"Queries before (warm-up) and after RL, seed {settings.get('example_seed')} "
+                      f"({comp['metric']} in brackets; `original` = the whole input as OR'ed words):", "",
+                  "| topic | original | before RL | after RL |", "|---|---|---|---|"]
+        for ex in examples:
+            def q(side: Mapping[str, Any]) -> str:
+                text = str(side.get("query") or "").replace("|", "/").replace("\n", " ")
+                rec = side.get("recall")
+                return f"`{text[:160]}` ({rec:.2f})" if rec is not None else f"`{text[:160]}`"
+            orig = ex["original"]
+            lines.append(f"| {ex['topic_id']} | {orig:.2f} | {q(ex['before'])} | {q(ex['after'])} |"
+                         if orig is not None else f"| {ex['topic_id']} | | {q(ex['before'])} | {q(ex['after'])} |")
+    lines += ["", "Wall time per seed (s): " + json.dumps(dict(seconds)), ""]
+    return "\n".join(lines)
+
+
+def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path) -> Path:
+    """Training reward (left) and test recall@100 during training (right) of every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepretrieval.quickstart.report import curves, read_metrics
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, seed in enumerate(seeds):
+        c = curves(read_metrics(seed_dir(out, seed) / "logs" / "metrics.jsonl"), task)
+        color = f"C{i}"
+        if c["reward"]:
+            steps, values = zip(*c["reward"])
+            window = 4
+            smooth = [sum(values[max(0, j - window + 1): j + 1]) / len(values[max(0, j - window + 1): j + 1])
+                      for j in range(len(values))]
+            ax1.plot(steps, values, color=color, alpha=0.25)
+            ax1.plot(steps, smooth, color=color, label=f"seed {seed}")
+        if c["test_recall"]:
+            ax2.plot(*zip(*c["test_recall"]), color=color, marker="o", label=f"seed {seed}")
+    ax1.set_title("training reward (step mean; line: 4-step mean)", fontsize=9)
+    ax1.set_xlabel("GRPO step")
+    ax2.set_title(f"test recall@{K} during training (greedy)", fontsize=9)
+    ax2.set_xlabel("GRPO step")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"CPU recipe on {task}", fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+# ------------------------------------------------------------------------------------ the recipe
+
+
+def recipe_settings(task: str, **overrides: Any) -> Dict[str, Any]:
+    if task not in RECIPES:
+        raise ValueError(f"no CPU recipe for task {task!r}; known: {', '.join(RECIPES)}")
+    settings = dict(RECIPES[task])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: bool = True,
+               images_dir: "str | Path | None" = None, say: Callable[[str], None] = print,
+               trainer_overrides: Sequence[str] = (), rollout: str = "hf", tiny: bool = False,
+               **settings: Any) -> Dict[str, Any]:
+    """Train and evaluate `task` once per seed, then compare on the test topics; returns the comparison.
+    `tiny`: the tiny random model instead of SmolLM2 (CI: the pipeline end to end in minutes)."""
+    from deepretrieval.quickstart.pipeline import run_quickstart
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not seeds:
+        raise ValueError("at least one seed")
+    cfg = recipe_settings(task, **settings)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: Dict[str, float] = {}
+    for seed in seeds:
+        say(f"=== {task}, seed {seed} ===")
+        start = time.perf_counter()
+        result = run_quickstart(seed_dir(out, seed), steps=cfg["steps"], test_freq=cfg["test_freq"],
+                                warmup_epochs=cfg["warmup_epochs"],
+                                overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
+                                progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
+                                warmup_kind=cfg["warmup_kind"])
+        seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
+        logger.debug("seed %s took %.0f s in this invocation", seed, time.perf_counter() - start)
+    say("=== final evaluation on the test topics ===")
+    records = final_evaluation(out, task, list(seeds), progress=progress)
+    comp = comparison(records, task, list(seeds))
+    examples = query_examples(records, seeds[0])
+    text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)
+    (out / "results.md").write_text(text)
+    (out / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
+    png = plot_seeds(out, task, seeds, out / "curves.png")
+    if images_dir is not None:
+        Path(images_dir).mkdir(parents=True, exist_ok=True)
+        (Path(images_dir) / f"recipe_{task}.png").write_bytes(png.read_bytes())
+    say(text)
+    return {"out": str(out), "comparison": comp, "results": str(out / "results.md"), "curves": str(png)}

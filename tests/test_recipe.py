@@ -1,0 +1,118 @@
+"""The CPU recipe (deepretrieval.quickstart.recipe) and its warm-up targets: paired comparisons
+from per-topic records against hand-computed values, the report, the command line."""
+
+import json
+
+import pytest
+
+from deepretrieval.eval.baselines import bag_of_words
+from deepretrieval.quickstart import pipeline as qs
+from deepretrieval.quickstart import recipe as rc
+
+CASE = ("A 58-year-old nonsmoker white female with mild exertional dyspnea and occasional cough is found "
+        "to have a left lung mass on chest x-ray.")
+
+
+def test_random_word_targets_are_subsets_in_order_and_seeded():
+    words = bag_of_words(CASE)
+    targets = qs.random_word_targets(CASE, 50, seed=3)
+    assert len(targets) == 50
+    assert targets == qs.random_word_targets(CASE, 50, seed=3)  # deterministic
+    assert targets != qs.random_word_targets(CASE, 50, seed=4)
+    sizes = set()
+    for query in targets:
+        picked = query.split(" OR ")
+        sizes.add(len(picked))
+        assert len(set(picked)) == len(picked) and set(picked) <= set(words)
+        assert [words.index(w) for w in picked] == sorted(words.index(w) for w in picked)  # the case's order
+    assert sizes == set(range(2, 9))  # 2..8 words, every size drawn in 50 tries
+    # never the whole case (the `original` baseline) when it has more words than max_words
+    assert " OR ".join(words) not in targets
+    assert qs.random_word_targets("", 3, seed=0) == []
+    assert qs.random_word_targets("asthma", 2, seed=0) == ["asthma", "asthma"]
+
+
+def test_warmup_queries_by_kind():
+    assert qs.warmup_queries("question", "heart failure") == qs.warmup_targets("heart failure")
+    assert qs.warmup_queries("random_words", CASE, seed=1) == qs.random_word_targets(CASE, qs.WARMUP_PER_TOPIC, 1)
+    with pytest.raises(ValueError, match="question, random_words"):
+        qs.warmup_queries("expert", CASE)
+
+
+def _recs(label_scores, metric="recall@100"):
+    return [{"topic_id": t, "error": "none" if v is not None else "format",
+             "metrics": {metric: v if v is not None else 0.0, "recall@1000": 1.0, "ndcg@10": 0.5},
+             "query": f"q{t}"} for t, v in label_scores.items()]
+
+
+def test_comparison_pairs_topics_and_picks_the_best_other_baseline():
+    records = {
+        "original": _recs({"a": 0.2, "b": 0.4, "c": 0.0}),
+        "gpt35_conditions": _recs({"a": 0.5, "b": 0.5, "c": 0.2}),
+        "clinicians": _recs({"a": 0.3, "b": 0.3, "c": 0.3}),
+        "warm-up, seed 1": _recs({"a": 0.1, "b": None, "c": 0.0}),
+        "trained, seed 1": _recs({"a": 0.4, "b": 0.5, "c": 0.1}),
+    }
+    comp = rc.comparison(records, "trials_sigir", [1], n_resamples=500)
+    assert comp["topics"] == ["a", "b", "c"]
+    assert comp["best_other"] == "gpt35_conditions"  # mean 0.4 > clinicians 0.3
+    orig = comp["paired"]["1"]["original"]
+    assert orig["mean"] == pytest.approx((0.2 + 0.1 + 0.1) / 3) and orig["n"] == 3
+    assert orig["low"] >= 0.1 - 1e-9 and (orig["wins"], orig["losses"]) == (3, 0)  # every difference >= 0.1
+    gpt = comp["paired"]["1"]["gpt35_conditions"]
+    assert gpt["mean"] == pytest.approx((-0.1 + 0.0 - 0.1) / 3) and (gpt["wins"], gpt["losses"]) == (0, 2)
+    assert comp["table"]["warm-up, seed 1"]["errors"] == {"format": 1}
+    assert comp["table"]["warm-up, seed 1"]["recall@100"]["mean"] == pytest.approx(0.1 / 3)
+    assert set(comp["table"]["original"]) == {"recall@100", "recall@1000", "ndcg@10", "errors"}
+    text = rc.results_markdown("trials_sigir", comp, rc.query_examples(records, 1), {"steps": 3, "example_seed": 1},
+                               {"1": 10.0})
+    assert "| 1 | original | +0.133 [" in text and "| 3 / 0 |" in text
+    assert "| a | 0.20 | `qa` (0.10) | `qa` (0.40) |" in text
+    assert "| trained, seed 1 | 0.333 [" in text
+
+
+def test_per_topic_leaves_out_infrastructure_failures():
+    recs = [{"topic_id": "a", "error": "none", "metrics": {"recall@100": 0.5}},
+            {"topic_id": "a", "error": "format", "metrics": {"recall@100": 0.0}},
+            {"topic_id": "b", "error": "search_unavailable"}]
+    assert rc.per_topic(recs, "recall@100") == {"a": 0.25}
+
+
+def test_recipe_settings_and_command_line(capsys):
+    assert rc.recipe_settings("trials_sigir", steps=5, warmup_kind=None)["steps"] == 5
+    assert rc.recipe_settings("trials_sigir")["warmup_kind"] == "random_words"
+    with pytest.raises(ValueError, match="no CPU recipe"):
+        rc.recipe_settings("pubmed")
+    from deepretrieval.cli import main
+
+    assert main(["recipe", "--task", "trials_sigir", "--out", "x", "not-an-override"]) == 2
+
+
+def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
+    """The recipe's whole path with the tiny model: one seed, one GRPO step on trials_sigir, the final
+    evaluation next to the reference baselines, the paired intervals, the report and the curves."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "recipe"
+    said = []
+    res = rc.run_recipe("trials_sigir", [1], out, progress=False, images_dir=tmp_path / "images", say=said.append,
+                        tiny=True, steps=1, test_freq=1)
+    comp = res["comparison"]
+    assert len(comp["topics"]) == 12  # the held-out test topics of the fixed split
+    table = comp["table"]
+    assert list(table)[:5] == rc.REFERENCE_BASELINES["trials_sigir"]
+    assert {"warm-up, seed 1", "trained, seed 1"} <= set(table)
+    # the final evaluation retrieves 1000; at @100 `original` and GPT-3.5's conditions score what a direct
+    # search of these 12 topics gives (0.198, 0.400; docs/recipe.md), and @1000 can only be higher
+    orig = table["original"]
+    assert orig["recall@100"]["mean"] == pytest.approx(0.198, abs=0.001)
+    assert orig["recall@1000"]["mean"] >= orig["recall@100"]["mean"] and orig["ndcg@10"]["n"] == 12
+    assert table["gpt35_conditions"]["recall@100"]["mean"] == pytest.approx(0.400, abs=0.001)
+    assert set(comp["paired"]["1"]) == {"original", comp["best_other"]}
+    text = (out / "results.md").read_text()
+    assert "| 1 | original |" in text and "Queries before (warm-up) and after RL" in text
+    assert json.loads((out / "comparison.json").read_text())["topics"] == comp["topics"]
+    assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
+    assert (out / "seed1" / "stages" / "train.json").is_file()
+    # a rerun trains nothing again and gives the same comparison
+    again = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1, test_freq=1)
+    assert again["comparison"]["paired"] == comp["paired"]
