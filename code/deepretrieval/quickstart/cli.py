@@ -54,12 +54,16 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(item)
     steps = args.steps if args.steps is not None else (3 if args.tiny else 16)
     test_freq = args.test_freq if args.test_freq is not None else (steps if args.tiny else 4)
+    return _resumable(lambda: run_quickstart(
+        args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides, fresh=args.fresh,
+        workers=args.workers, test_freq=test_freq, warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
+        rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup))
+
+
+def _resumable(run: Any) -> int:
+    """Exit code of a resumable run: 0, 130 on Ctrl-C (rerun to resume), 1 on a RuntimeError (logged)."""
     try:
-        run_quickstart(args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides,
-                       fresh=args.fresh, workers=args.workers, test_freq=test_freq,
-                       warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
-                       rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed,
-                       warmup_kind=args.warmup)
+        run()
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume")
         return 130
@@ -76,17 +80,10 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         if "=" not in item:
             logger.error("override %r is not key=value", item)
             return 2
-    try:
-        run_recipe(args.task, args.seeds, args.out, images_dir=args.images_dir, trainer_overrides=args.overrides,
-                   rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
-                   warmup_epochs=args.warmup_epochs, tiny=args.tiny)
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume")
-        return 130
-    except RuntimeError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return _resumable(lambda: run_recipe(
+        args.task, args.seeds, args.out, images_dir=args.images_dir, trainer_overrides=args.overrides,
+        rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
+        warmup_epochs=args.warmup_epochs, tiny=args.tiny))
 
 
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one

@@ -153,7 +153,7 @@ def warmup_targets(question: str) -> List[str]:
     return targets
 
 
-def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_words: int = 8) -> List[str]:
+def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_words: int = 16) -> List[str]:
     """`n` queries for one *training* input (format, not query writing): each a random subset of the
     input's words (`bag_of_words`: stop words dropped), `min_words`..`max_words` of them (uniform),
     kept in the input's order and joined with OR.
@@ -180,7 +180,10 @@ def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_wo
 
 # warm-up target builders by name: input text -> the target queries of one training topic
 WARMUP_KINDS = ("question", "random_words")
-WARMUP_PER_TOPIC = 4  # random_words: targets per training topic
+# longest warm-up example (prompt + target): a patient case's compact prompt is up to ~270 tokens and a
+# 16-word target ~60, so that a prompt is never cut from the left (trainer.sft.tokenize_example)
+SFT_MAX_TOKENS = 512
+WARMUP_PER_TOPIC = 4  # random_words: targets per training topic (2-16 words each)
 
 
 def warmup_queries(kind: str, text: str, seed: int = 0) -> List[str]:
@@ -215,7 +218,7 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
         prompt = dataset.render({"prompt": row["prompt"], "extra_info": row["extra_info"]})
         examples.extend(SFTExample(prompt, format_answer(q)) for q in warmup_queries(kind, row_task_input(row), seed))
     result = run_sft(model_path, examples, Path(out_dir) / "models" / "warmup", epochs=epochs, lr=lr,
-                     batch_size=batch_size, progress=progress, seed=seed)
+                     batch_size=batch_size, progress=progress, seed=seed, max_length=SFT_MAX_TOKENS)
     save_prompt_settings(result["path"], dataset)  # evaluated on its own, it is prompted as it learnt
     losses = result["losses"]
     return {"path": str(result["path"]), "kind": kind, "examples": len(examples), "steps": result["steps"],
@@ -300,7 +303,7 @@ def rollout_overrides(rollout: str) -> List[str]:
 
 def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, steps: int, tiny: bool,
                       workers: int = 2, test_freq: int = 4, prompt_length: int = 128, rollout: str = "hf",
-                      seed: int = 1) -> List[str]:
+                      seed: int = 1, response_length: int = 64) -> List[str]:
     """The main_ppo overrides of the quickstart: GRPO, n=4 samples per prompt, no KL, CPU; ``rollout``:
     hf | vllm (:func:`rollout_overrides`); ``seed``: the workers' and the data order's seed."""
     task = data.get("task", TASK)
@@ -309,7 +312,7 @@ def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, step
         f"data.val_files={data['test']}",
         "data.train_batch_size=4",
         f"data.max_prompt_length={prompt_length}",
-        "data.max_response_length=64",
+        f"data.max_response_length={response_length}",
         "data.truncation=left",
         f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.actor.optim.lr={3e-4 if tiny else 1e-5}",
@@ -394,7 +397,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
                    images_dir: "str | os.PathLike[str] | None" = None,
                    say: Callable[[str], None] = print, rollout: str = "auto", task: str = TASK,
-                   seed: int = 1, warmup_kind: str = "question") -> Dict[str, Any]:
+                   seed: int = 1, warmup_kind: str = "question", response_length: int = 64) -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
@@ -402,7 +405,8 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     `rollout`: the training rollout engine, hf | vllm | auto (default, :func:`resolve_rollout`): vllm where
     installed, its quickstart training step measured faster (docs/benchmarks.md, "vLLM on CPU").
     `task`: pubmed_mini | trials_sigir; `seed`: the warm-up's and the trainer's seed (the topic split is
-    fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`).
+    fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`); `response_length`: the most
+    tokens a response may have, in training and evaluation.
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
@@ -423,7 +427,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     data = run_stage(state, "data", lambda: prepare_data(run_dir, task), say)
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
-    max_new = 64
+    max_new = response_length
     warm = run_stage(state, "warmup", lambda: warmup(
         # the random tiny model needs many more (cheap) passes to pick up the tags
         run_dir, model["path"], data["train"], epochs=max(warmup_epochs, 20) if is_tiny else warmup_epochs,
@@ -437,7 +441,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     engine = resolve_rollout(rollout, tiny=is_tiny)
     say(f"[train] rollout engine: {engine}")
     ovr = trainer_overrides(run_dir, data, warm["path"], steps, is_tiny, workers, test_freq, plen,
-                            rollout=engine, seed=seed) + list(overrides)
+                            rollout=engine, seed=seed, response_length=response_length) + list(overrides)
     prev = state.done("train")
     if prev is not None and prev.get("steps") != steps:
         # a different step count continues the same run: the trainer resumes from its checkpoint

@@ -52,7 +52,7 @@ LEARNING_OVERRIDES = (
 )
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 48, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
-           "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
+           "response_length": 128, "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
     for task in ("trials_sigir", "pubmed_mini")
 }
 
@@ -96,7 +96,7 @@ def per_topic(records: Sequence[Mapping[str, Any]], metric: str) -> Dict[str, fl
 
 
 def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool = True,
-                     max_new_tokens: int = 64) -> Dict[str, List[Dict[str, Any]]]:
+                     max_new_tokens: int = 128) -> Dict[str, List[Dict[str, Any]]]:
     """Records of every method on the test topics at K=FINAL_K: method label -> records."""
     from deepretrieval.eval.methods import BaselineMethod, ModelMethod
     from deepretrieval.eval.runner import evaluate
@@ -239,7 +239,7 @@ def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepretrieval.quickstart.report import curves, read_metrics
+    from deepretrieval.quickstart.report import curves, read_metrics, save_figure
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for i, seed in enumerate(seeds):
@@ -262,12 +262,7 @@ def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path) -> Path:
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
     fig.suptitle(f"CPU recipe on {task}", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 # ------------------------------------------------------------------------------------ the recipe
@@ -304,11 +299,11 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
                                 warmup_epochs=cfg["warmup_epochs"],
                                 overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
-                                warmup_kind=cfg["warmup_kind"])
+                                warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
         logger.debug("seed %s took %.0f s in this invocation", seed, time.perf_counter() - start)
     say("=== final evaluation on the test topics ===")
-    records = final_evaluation(out, task, list(seeds), progress=progress)
+    records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"])
     comp = comparison(records, task, list(seeds))
     examples = query_examples(records, seeds[0])
     text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)

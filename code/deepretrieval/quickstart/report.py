@@ -93,6 +93,13 @@ def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "", task:
     ax.legend(lines, labels, fontsize=7, loc="upper left")
     if title:
         ax.set_title(title, fontsize=9)
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig: Any, png_path: "str | Path") -> Path:
+    """Lay out, write (making the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
