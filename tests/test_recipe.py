@@ -50,25 +50,29 @@ def test_comparison_pairs_topics_and_picks_the_best_other_baseline():
         "original": _recs({"a": 0.2, "b": 0.4, "c": 0.0}),
         "gpt35_conditions": _recs({"a": 0.5, "b": 0.5, "c": 0.2}),
         "clinicians": _recs({"a": 0.3, "b": 0.3, "c": 0.3}),
-        "warm-up, seed 1": _recs({"a": 0.1, "b": None, "c": 0.0}),
-        "trained, seed 1": _recs({"a": 0.4, "b": 0.5, "c": 0.1}),
+        "warm-up, seed 1, sampled": _recs({"a": 0.1, "b": None, "c": 0.0}),
+        "trained, seed 1, sampled": _recs({"a": 0.4, "b": 0.5, "c": 0.1}) + _recs({"a": 0.2, "b": 0.5, "c": 0.1}),
+        "trained, seed 1, greedy": _recs({"a": 0.0, "b": 0.0, "c": 0.0}),
     }
     comp = rc.comparison(records, "trials_sigir", [1], n_resamples=500)
     assert comp["topics"] == ["a", "b", "c"]
     assert comp["best_other"] == "gpt35_conditions"  # mean 0.4 > clinicians 0.3
-    orig = comp["paired"]["1"]["original"]
-    assert orig["mean"] == pytest.approx((0.2 + 0.1 + 0.1) / 3) and orig["n"] == 3
-    assert orig["low"] >= 0.1 - 1e-9 and (orig["wins"], orig["losses"]) == (3, 0)  # every difference >= 0.1
-    gpt = comp["paired"]["1"]["gpt35_conditions"]
-    assert gpt["mean"] == pytest.approx((-0.1 + 0.0 - 0.1) / 3) and (gpt["wins"], gpt["losses"]) == (0, 2)
-    assert comp["table"]["warm-up, seed 1"]["errors"] == {"format": 1}
-    assert comp["table"]["warm-up, seed 1"]["recall@100"]["mean"] == pytest.approx(0.1 / 3)
+    # sampled: a topic scores the mean of its samples (a: 0.3, b: 0.5, c: 0.1)
+    orig = comp["paired"]["trained, seed 1, sampled"]["original"]
+    assert orig["mean"] == pytest.approx((0.1 + 0.1 + 0.1) / 3) and orig["n"] == 3
+    assert orig["low"] >= 0.1 - 1e-9 and (orig["wins"], orig["losses"]) == (3, 0)  # every difference is 0.1
+    gpt = comp["paired"]["trained, seed 1, sampled"]["gpt35_conditions"]
+    assert gpt["mean"] == pytest.approx((-0.2 + 0.0 - 0.1) / 3) and (gpt["wins"], gpt["losses"]) == (0, 2)
+    greedy = comp["paired"]["trained, seed 1, greedy"]["original"]
+    assert greedy["mean"] == pytest.approx(-0.2) and (greedy["wins"], greedy["losses"]) == (0, 2)
+    assert comp["table"]["warm-up, seed 1, sampled"]["errors"] == {"format": 1}
+    assert comp["table"]["warm-up, seed 1, sampled"]["recall@100"]["mean"] == pytest.approx(0.1 / 3)
     assert set(comp["table"]["original"]) == {"recall@100", "recall@1000", "ndcg@10", "errors"}
     text = rc.results_markdown("trials_sigir", comp, rc.query_examples(records, 1), {"steps": 3, "example_seed": 1},
                                {"1": 10.0})
-    assert "| 1 | original | +0.133 [" in text and "| 3 / 0 |" in text
-    assert "| a | 0.20 | `qa` (0.10) | `qa` (0.40) |" in text
-    assert "| trained, seed 1 | 0.333 [" in text
+    assert "| trained, seed 1, sampled | original | +0.100 [" in text and "| 3 / 0 |" in text
+    assert "| a | 0.20 | `qa` (0.10) | `qa` (0.40) | `qa` (0.00) |" in text
+    assert "| trained, seed 1, sampled | 0.300 [" in text
 
 
 def test_per_topic_leaves_out_infrastructure_failures():
@@ -88,6 +92,11 @@ def test_recipe_settings_and_command_line(capsys):
     assert main(["recipe", "--task", "trials_sigir", "--out", "x", "not-an-override"]) == 2
 
 
+def res_records(out, name):
+    path = out / "eval" / "samples" / "trials_sigir" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     """The recipe's whole path with the tiny model: one seed, one GRPO step on trials_sigir, the final
     evaluation next to the reference baselines, the paired intervals, the report and the curves."""
@@ -100,16 +109,19 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert len(comp["topics"]) == 12  # the held-out test topics of the fixed split
     table = comp["table"]
     assert list(table)[:5] == rc.REFERENCE_BASELINES["trials_sigir"]
-    assert {"warm-up, seed 1", "trained, seed 1"} <= set(table)
+    assert {rc.policy_label(stage, 1, d) for stage in ("warm-up", "trained") for d in rc.DECODINGS} <= set(table)
     # the final evaluation retrieves 1000; at @100 `original` and GPT-3.5's conditions score what a direct
     # search of these 12 topics gives (0.198, 0.400; docs/recipe.md), and @1000 can only be higher
     orig = table["original"]
     assert orig["recall@100"]["mean"] == pytest.approx(0.198, abs=0.001)
     assert orig["recall@1000"]["mean"] >= orig["recall@100"]["mean"] and orig["ndcg@10"]["n"] == 12
     assert table["gpt35_conditions"]["recall@100"]["mean"] == pytest.approx(0.400, abs=0.001)
-    assert set(comp["paired"]["1"]) == {"original", comp["best_other"]}
+    assert set(comp["paired"]) == {"trained, seed 1, greedy", "trained, seed 1, sampled"}
+    assert set(comp["paired"]["trained, seed 1, greedy"]) == {"original", comp["best_other"]}
+    # sampled: SAMPLES queries per topic
+    assert sum(1 for r in res_records(out, "trained_seed_1_sampled")) == 12 * rc.SAMPLES
     text = (out / "results.md").read_text()
-    assert "| 1 | original |" in text and "Queries before (warm-up) and after RL" in text
+    assert "| trained, seed 1, sampled | original |" in text and "Queries before (warm-up) and after RL" in text
     assert json.loads((out / "comparison.json").read_text())["topics"] == comp["topics"]
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()

@@ -64,6 +64,19 @@ REFERENCE_BASELINES: Dict[str, List[str]] = {
 }
 
 
+# How a policy writes its test queries: greedy (one query per topic), and sampled as in training
+# (temperature 1, SAMPLES queries per topic, the topic scored by their mean recall: the expected recall of
+# the policy the RL optimised). A warm-up on random word subsets leaves a flat next-word distribution
+# whose greedy decoding repeats one word until the length limit (docs/recipe.md), so both are reported.
+SAMPLES = 4
+DECODINGS: Dict[str, Dict[str, Any]] = {"greedy": {"n": 1}, "sampled": {"n": SAMPLES, "temperature": 1.0}}
+
+
+def policy_label(stage: str, seed: int, decoding: str) -> str:
+    """`warm-up, seed 1, greedy` | `trained, seed 2, sampled`: a policy's name in the final tables."""
+    return f"{stage}, seed {seed}, {decoding}"
+
+
 def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed{seed}"
 
@@ -112,11 +125,12 @@ def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool 
         methods[name] = BaselineMethod(name)
     for seed in seeds:
         run = seed_dir(out, seed)
-        for label, path in ((f"warm-up, seed {seed}", warmup_model(run)),
-                            (f"trained, seed {seed}", trained_checkpoint(run))):
-            methods[label] = ModelMethod(path, name=label.replace(", ", "_").replace(" ", "_"), backend="hf",
-                                         max_new_tokens=max_new_tokens, max_prompt_length=512, batch_size=8,
-                                         device="cpu")
+        for stage, path in (("warm-up", warmup_model(run)), ("trained", trained_checkpoint(run))):
+            for decoding, options in DECODINGS.items():
+                label = policy_label(stage, seed, decoding)
+                methods[label] = ModelMethod(path, name=label.replace(", ", "_").replace(" ", "_"), backend="hf",
+                                             max_new_tokens=max_new_tokens, max_prompt_length=512, batch_size=8,
+                                             device="cpu", seed=seed, **options)
     return {label: evaluate(samples, method, eval_dir, searcher=searcher, k=FINAL_K, progress=progress)
             for label, method in methods.items()}
 
@@ -131,8 +145,9 @@ def metric_names(task: str) -> List[str]:
 
 def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, seeds: Sequence[int],
                n_resamples: int = 2000) -> Dict[str, Any]:
-    """Means with bootstrap intervals per method and metric, and per seed the paired intervals of
-    trained - `original` and trained - the best other reference baseline (by mean recall@100)."""
+    """Means with bootstrap intervals per method and metric, and per seed and decoding the paired
+    intervals of trained - `original` and trained - the best other reference baseline (by mean
+    recall@100); `paired` is keyed by the trained policy's label."""
     from deepretrieval.eval.metrics import bootstrap_ci, paired_bootstrap_ci
 
     metric = f"recall@{K}"
@@ -153,8 +168,10 @@ def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, se
     others = [b for b in baselines[1:] if b in records and per_topic(records[b], metric)]
     best_other = max(others, key=lambda b: table[b][metric]["mean"]) if others else None
     paired: Dict[str, Dict[str, Any]] = {}
-    for seed in seeds:
-        trained = per_topic(records[f"trained, seed {seed}"], metric)
+    for label in [policy_label("trained", seed, d) for seed in seeds for d in DECODINGS]:
+        if label not in records:
+            continue
+        trained = per_topic(records[label], metric)
         entry = {}
         for against in [baselines[0]] + ([best_other] if best_other else []):
             base = per_topic(records[against], metric)
@@ -164,30 +181,32 @@ def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, se
             wins = sum(trained[t] > base[t] for t in common)
             losses = sum(trained[t] < base[t] for t in common)
             entry[against] = dict(ci.to_dict(), wins=wins, losses=losses)
-        paired[str(seed)] = entry
+        paired[label] = entry
     return {"metric": metric, "topics": topics, "table": table, "paired": paired, "best_other": best_other}
 
 
 def query_examples(records: Mapping[str, Sequence[Mapping[str, Any]]], seed: int, limit: int = 6) -> List[Dict[str, Any]]:
-    """For the error analysis: per test topic, the warm-up's and the trained policy's query (seed
-    `seed`) with their recall@100, next to `original`'s."""
+    """For the error analysis: per test topic, the first sampled query of the warm-up and of the trained
+    policy (seed `seed`) and the trained policy's greedy one, with their recall@100, next to `original`'s."""
     metric = f"recall@{K}"
 
     def by_topic(label: str) -> Dict[str, Mapping[str, Any]]:
-        return {str(r["topic_id"]): r for r in records.get(label, [])}
+        out: Dict[str, Mapping[str, Any]] = {}
+        for rec in records.get(label, []):
+            out.setdefault(str(rec["topic_id"]), rec)  # the first sample of the topic
+        return out
 
-    before, after, orig = by_topic(f"warm-up, seed {seed}"), by_topic(f"trained, seed {seed}"), by_topic("original")
-    out = []
-    for topic in sorted(after)[:limit]:
-        out.append({
-            "topic_id": topic,
-            "original": (orig.get(topic) or {}).get("metrics", {}).get(metric),
-            "before": {"query": before.get(topic, {}).get("query") or before.get(topic, {}).get("response"),
-                       "recall": (before.get(topic) or {}).get("metrics", {}).get(metric)},
-            "after": {"query": after[topic].get("query") or after[topic].get("response"),
-                      "recall": (after[topic].get("metrics") or {}).get(metric)},
-        })
-    return out
+    def side(rec: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        rec = rec or {}
+        return {"query": rec.get("query") or rec.get("response"), "recall": (rec.get("metrics") or {}).get(metric)}
+
+    orig = by_topic("original")
+    before = by_topic(policy_label("warm-up", seed, "sampled"))
+    after = by_topic(policy_label("trained", seed, "sampled"))
+    greedy = by_topic(policy_label("trained", seed, "greedy"))
+    return [{"topic_id": topic, "original": side(orig.get(topic))["recall"], "before": side(before.get(topic)),
+             "after": side(after[topic]), "greedy": side(greedy.get(topic))}
+            for topic in sorted(after)[:limit]]
 
 
 # ------------------------------------------------------------------------------------ report
@@ -211,23 +230,23 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
         errs = ", ".join(f"{k} {v}" for k, v in sorted(row["errors"].items())) or "none"
         lines.append(f"| {label} | " + " | ".join(_cell(row.get(n)) for n in names) + f" | {errs} |")
     lines += ["", f"Paired bootstrap over test topics, {comp['metric']} (trained − baseline; 95% interval; "
-                  "topics won / lost):", "", "| seed | against | difference [95% CI] | won / lost |", "|---|---|---|---|"]
-    for seed, entry in comp["paired"].items():
+                  "topics won / lost):", "", "| policy | against | difference [95% CI] | won / lost |", "|---|---|---|---|"]
+    for label, entry in comp["paired"].items():
         for against, ci in entry.items():
-            lines.append(f"| {seed} | {against} | {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] | "
+            lines.append(f"| {label} | {against} | {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] | "
                          f"{ci['wins']} / {ci['losses']} |")
     if examples:
-        lines += ["", f"Queries before (warm-up) and after RL, seed {settings.get('example_seed')} "
-                      f"({comp['metric']} in brackets; `original` = the whole input as OR'ed words):", "",
-                  "| topic | original | before RL | after RL |", "|---|---|---|---|"]
+        lines += ["", f"Queries before (warm-up) and after RL, seed {settings.get('example_seed')}: the first sampled "
+                      f"query, and the trained policy's greedy one ({comp['metric']} in brackets; `original` = the whole "
+                      "input as OR'ed words):", "",
+                  "| topic | original | before RL | after RL | after RL, greedy |", "|---|---|---|---|---|"]
         for ex in examples:
             def q(side: Mapping[str, Any]) -> str:
                 text = str(side.get("query") or "").replace("|", "/").replace("\n", " ")
                 rec = side.get("recall")
                 return f"`{text[:160]}` ({rec:.2f})" if rec is not None else f"`{text[:160]}`"
-            orig = ex["original"]
-            lines.append(f"| {ex['topic_id']} | {orig:.2f} | {q(ex['before'])} | {q(ex['after'])} |"
-                         if orig is not None else f"| {ex['topic_id']} | | {q(ex['before'])} | {q(ex['after'])} |")
+            orig = "" if ex["original"] is None else f"{ex['original']:.2f}"
+            lines.append(f"| {ex['topic_id']} | {orig} | {q(ex['before'])} | {q(ex['after'])} | {q(ex['greedy'])} |")
     lines += ["", "Wall time per seed (s): " + json.dumps(dict(seconds)), ""]
     return "\n".join(lines)
 
