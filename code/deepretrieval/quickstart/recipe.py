@@ -222,7 +222,8 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
                      settings: Mapping[str, Any], seconds: Mapping[str, Any]) -> str:
     names = metric_names(task)
     lines = [f"# CPU recipe results: {task}", "",
-             f"{len(comp['topics'])} held-out test topics; greedy queries; the local engine retrieving {FINAL_K}. "
+             f"{len(comp['topics'])} held-out test topics; the policies' queries greedy and sampled ({SAMPLES} at temperature 1, "
+             f"a topic scored by their mean); the local engine retrieving {FINAL_K}. "
              f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", "",
              "| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
              "|---|" + "---|" * (len(names) + 1)]
@@ -251,8 +252,10 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
     return "\n".join(lines)
 
 
-def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path) -> Path:
-    """Training reward (left) and test recall@100 during training (right) of every seed."""
+def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path,
+               references: Optional[Mapping[str, float]] = None) -> Path:
+    """Training reward (left) and test recall@100 during training (right) of every seed; `references`:
+    baseline name -> its test recall@100, drawn as dashed lines on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,6 +278,8 @@ def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path) -> Path:
             ax2.plot(*zip(*c["test_recall"]), color=color, marker="o", label=f"seed {seed}")
     ax1.set_title("training reward (step mean; line: 4-step mean)", fontsize=9)
     ax1.set_xlabel("GRPO step")
+    for j, (name, value) in enumerate((references or {}).items()):
+        ax2.axhline(value, color=f"C{len(seeds) + j}", linestyle="--", linewidth=1, label=f"{name} ({value:.3f})")
     ax2.set_title(f"test recall@{K} during training (greedy)", fontsize=9)
     ax2.set_xlabel("GRPO step")
     ax2.set_ylim(0, 1)
@@ -328,7 +333,9 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)
     (out / "results.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
-    png = plot_seeds(out, task, seeds, out / "curves.png")
+    refs = {name: comp["table"][name][comp["metric"]]["mean"]
+            for name in (REFERENCE_BASELINES[task][0], comp["best_other"]) if name}
+    png = plot_seeds(out, task, seeds, out / "curves.png", references=refs)
     if images_dir is not None:
         Path(images_dir).mkdir(parents=True, exist_ok=True)
         (Path(images_dir) / f"recipe_{task}.png").write_bytes(png.read_bytes())
