@@ -128,3 +128,19 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     # a rerun trains nothing again and gives the same comparison
     again = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1, test_freq=1)
     assert again["comparison"]["paired"] == comp["paired"]
+
+
+def test_recipe_script_passes_task_and_options(tmp_path):
+    """code/scripts/recipe_cpu.sh: an optional task first, then the command's options (here --help)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "code" / "scripts" / "recipe_cpu.sh"
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    for args in (["--help"], ["pubmed_mini", "--help"]):
+        out = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "usage: deepretrieval recipe" in out.stdout
+    bad = subprocess.run(["bash", str(script), "pubmed", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'pubmed'" in bad.stderr

@@ -8,12 +8,6 @@
 # Installs the project (bash install.sh) when `deepretrieval` is not importable, then runs
 # `python -m deepretrieval quickstart "$@"`. Rerunning resumes an interrupted run (--fresh restarts).
 set -euo pipefail
-ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-python3}
-if ! "$PY" -c 'import deepretrieval' 2>/dev/null; then
-  echo "deepretrieval is not installed: running install.sh" >&2
-  PYTHON="$PY" bash "$ROOT_DIR/install.sh"
-fi
-export WANDB_MODE=${WANDB_MODE:-offline}
+source "$(dirname "$0")/ensure_installed.sh"  # ROOT_DIR, PY; installs if needed
 cd "$ROOT_DIR"
 exec "$PY" -m deepretrieval quickstart "$@"

@@ -6,17 +6,12 @@
 #
 #   bash code/scripts/recipe_cpu.sh                       # trials_sigir, seeds 1 2 3
 #   bash code/scripts/recipe_cpu.sh pubmed_mini --seeds 1 # another task, one seed
+#   bash code/scripts/recipe_cpu.sh --help                # the options (deepretrieval recipe --help)
 #
-# About 40 min per seed on 2 cores (docs/recipe.md); rerunning the same command resumes.
+# About 45 min per seed on 2 cores (docs/recipe.md); rerunning the same command resumes.
 set -euo pipefail
-ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-python3}
-if ! "$PY" -c 'import deepretrieval' 2>/dev/null; then
-  echo "deepretrieval is not installed: running install.sh" >&2
-  PYTHON="$PY" bash "$ROOT_DIR/install.sh"
-fi
-TASK=${1:-trials_sigir}
-[ $# -gt 0 ] && shift
-export WANDB_MODE=${WANDB_MODE:-offline}
+source "$(dirname "$0")/ensure_installed.sh"  # ROOT_DIR, PY; installs if needed
+TASK=trials_sigir
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then TASK=$1; shift; fi  # a first argument that is not an option
 cd "$ROOT_DIR"
 exec "$PY" -m deepretrieval recipe --task "$TASK" --out "outputs/recipe_$TASK" --images-dir images "$@"
