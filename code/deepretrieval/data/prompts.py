@@ -137,9 +137,10 @@ ANSWER_FORMAT_NO_REASON = (
     "without any explanation, for example:\n" + format_answer(_EXAMPLE_QUERY, lines=True, indent=4)
 )
 
-# The `compact` style's whole instruction, per task kind (the CPU recipes' prompt, ~100-150 tokens with
-# the input: a 135M model asked for the answer block only). The two differ only in what is searched. It ends with the task's own input
-# introduction, like the full prompt, so `legacy_task_input_from_prompt` reads both.
+# The `compact` style's whole instruction, per task kind (the CPU recipes' prompt, ~100-270 tokens with
+# the input: a 135M model asked for the answer block only); the two differ only in what is searched.
+# It ends with the task's own input introduction, like the full prompt, so
+# `legacy_task_input_from_prompt` reads both.
 COMPACT_INSTRUCTION: Dict[str, str] = {
     "review_question": (
         "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "

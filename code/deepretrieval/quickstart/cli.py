@@ -41,12 +41,11 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run(args: argparse.Namespace) -> int:
     from deepretrieval.quickstart.pipeline import run_quickstart
 
+    if not _overrides_ok(args.overrides):
+        return 2
     overrides = []
     model = args.model
     for item in args.overrides:
-        if "=" not in item:
-            logger.error("override %r is not key=value", item)
-            return 2
         key, value = item.split("=", 1)
         if key in ("model.path", "actor_rollout_ref.model.path"):
             model = value  # the quickstart warms this model up and trains the result
@@ -58,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
         args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides, fresh=args.fresh,
         workers=args.workers, test_freq=test_freq, warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
         rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup))
+
+
+def _overrides_ok(items: Any) -> bool:
+    """Whether every trainer override is `key=value` (the first that is not is logged)."""
+    bad = next((item for item in items if "=" not in item), None)
+    if bad is not None:
+        logger.error("override %r is not key=value", bad)
+    return bad is None
 
 
 def _resumable(run: Any) -> int:
@@ -76,12 +83,11 @@ def _resumable(run: Any) -> int:
 def run_recipe_command(args: argparse.Namespace) -> int:
     from deepretrieval.quickstart.recipe import run_recipe
 
-    for item in args.overrides:
-        if "=" not in item:
-            logger.error("override %r is not key=value", item)
-            return 2
+    if not _overrides_ok(args.overrides):
+        return 2
+    out = args.out or f"outputs/recipe_{args.task}"
     return _resumable(lambda: run_recipe(
-        args.task, args.seeds, args.out, images_dir=args.images_dir, trainer_overrides=args.overrides,
+        args.task, args.seeds, out, images_dir=args.images_dir, trainer_overrides=args.overrides,
         rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
         warmup_epochs=args.warmup_epochs, tiny=args.tiny))
 
@@ -105,15 +111,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")
     r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="trainer overrides for every seed")
-    r.set_defaults(func=lambda a: run_recipe_command(_default_out(a)))
+    r.set_defaults(func=run_recipe_command)
 
     p = subparsers.add_parser("quickstart", help="prepare, warm up, evaluate, train (GRPO), evaluate again, on CPU",
                               description=__doc__)
     add_quickstart_arguments(p)
     p.set_defaults(func=run)
-
-
-def _default_out(args: argparse.Namespace) -> argparse.Namespace:
-    if args.out is None:
-        args.out = f"outputs/recipe_{args.task}"
-    return args

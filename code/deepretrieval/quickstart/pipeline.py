@@ -178,22 +178,27 @@ def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_wo
     return out
 
 
-# warm-up target builders by name: input text -> the target queries of one training topic
-WARMUP_KINDS = ("question", "random_words")
 # longest warm-up example (prompt + target): a patient case's compact prompt is up to ~270 tokens and a
 # 16-word target ~60, so that a prompt is never cut from the left (trainer.sft.tokenize_example)
 SFT_MAX_TOKENS = 512
 WARMUP_PER_TOPIC = 4  # random_words: targets per training topic (2-16 words each)
 
+# warm-up target builders by name: (training input text, seed) -> the target queries of that topic
+WARMUP_KINDS: Dict[str, Callable[[str, int], List[str]]] = {
+    "question": lambda text, seed: warmup_targets(text),
+    "random_words": lambda text, seed: random_word_targets(text, WARMUP_PER_TOPIC, seed),
+}
+
+
+def check_warmup_kind(kind: str) -> None:
+    if kind not in WARMUP_KINDS:
+        raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {kind!r}")
+
 
 def warmup_queries(kind: str, text: str, seed: int = 0) -> List[str]:
-    """The warm-up targets of one training input: `question` (:func:`warmup_targets`) or
-    `random_words` (:func:`random_word_targets`, WARMUP_PER_TOPIC of them)."""
-    if kind == "question":
-        return warmup_targets(text)
-    if kind == "random_words":
-        return random_word_targets(text, WARMUP_PER_TOPIC, seed)
-    raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {kind!r}")
+    """The warm-up targets of one training input (:data:`WARMUP_KINDS`)."""
+    check_warmup_kind(kind)
+    return WARMUP_KINDS[kind](text, seed)
 
 
 def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, lr: float = 1e-4,
@@ -411,8 +416,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if warmup_kind not in WARMUP_KINDS:
-        raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {warmup_kind!r}")
+    check_warmup_kind(warmup_kind)  # before any work, like the task
     run_dir = Path(out_dir).resolve()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -427,7 +431,6 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     data = run_stage(state, "data", lambda: prepare_data(run_dir, task), say)
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
-    max_new = response_length
     warm = run_stage(state, "warmup", lambda: warmup(
         # the random tiny model needs many more (cheap) passes to pick up the tags
         run_dir, model["path"], data["train"], epochs=max(warmup_epochs, 20) if is_tiny else warmup_epochs,
@@ -436,7 +439,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     base_name, warm_name = f"{model['name']} (untrained)", f"{model['name']} + format warm-up"
     before = run_stage(state, "eval_before", lambda: evaluate_models(
         run_dir, data["test"], {"original (baseline)": None, base_name: model["path"], warm_name: warm["path"]},
-        max_new, progress, task), say)
+        response_length, progress, task), say)
     plen = max_prompt_tokens(warm["path"], [data["train"], data["test"]])
     engine = resolve_rollout(rollout, tiny=is_tiny)
     say(f"[train] rollout engine: {engine}")
@@ -451,7 +454,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     trained = run_stage(state, "train", lambda: dict(train(run_dir, ovr, say), steps=steps), say)
     rl_name = f"{model['name']} + warm-up + GRPO ({steps} steps)"
     after = run_stage(state, "eval_after", lambda: evaluate_models(
-        run_dir, data["test"], {rl_name: trained["checkpoints"]}, max_new, progress, task), say)
+        run_dir, data["test"], {rl_name: trained["checkpoints"]}, response_length, progress, task), say)
 
     evals = {k: v for k, v in before.items() if k != "seconds"}
     evals.update({k: v for k, v in after.items() if k != "seconds"})

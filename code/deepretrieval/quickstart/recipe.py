@@ -3,12 +3,13 @@ comparison on the held-out test topics (`deepretrieval recipe`).
 
     run_recipe(task, seeds)   per seed: `run_quickstart` in `<out>/seed<S>` (resumable: finished
                               seeds and stages are skipped), with the task's settings (`RECIPES`)
-    final_evaluation          every seed's warm-up and trained policy (greedy) and the task's
-                              reference baselines, on the test topics, retrieving K=1000
-                              (recall@10/100/1000; NDCG where judgements are graded)
-    paired intervals          per seed, trained - original on the same test topics: the paired
-                              bootstrap (eval.metrics.paired_bootstrap_ci), and the same against the
-                              best LLM / clinician baseline
+    final_evaluation          every seed's warm-up and trained policy (greedy, and sampled as in
+                              training: `DECODINGS`) and the task's reference baselines, on the test
+                              topics, retrieving K=1000 (recall@10/100/1000; NDCG where judgements
+                              are graded)
+    comparison                per trained policy, trained - original on the same test topics: the
+                              paired bootstrap (eval.metrics.paired_bootstrap_ci), topics won / lost,
+                              and the same against the best other reference baseline
     results.md, curves.png    the tables, queries before vs after RL per test topic, and the reward /
                               test-recall curves of all seeds
 
@@ -19,20 +20,17 @@ targets, the data order and the sampling, never which topics are tested.
 from __future__ import annotations
 
 import json
-import logging
-import time
+import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from deepretrieval.quickstart import K, TASKS
 
-logger = logging.getLogger(__name__)
-
 FINAL_K = 1000  # the final evaluation retrieves this many (recall@1000 next to recall@100)
 
-# The settings of each task's recipe (run_quickstart arguments); chosen from the runs in
-# docs/recipe.md. Anything here can be overridden on the command line.
-# Trainer overrides of every recipe, on top of the quickstart's (quickstart.pipeline.trainer_overrides):
+# Trainer overrides of every recipe, on top of the quickstart's (quickstart.pipeline.trainer_overrides),
+# chosen from the runs in docs/recipe.md:
 # patient cases make ~200-token prompts, so smaller update micro-batches (memory), packed sequences
 # and no separate old-policy pass (one optimiser step per batch): together half the step time
 # (67 s -> 36 s, docs/recipe.md). Then 2 prompts x 8 samples (GRPO groups of 8), a linear recall
@@ -50,10 +48,11 @@ LEARNING_OVERRIDES = (
     "actor_rollout_ref.actor.optim.lr=5e-5",
     "reward.recall_scale=5",
 )
+# The settings of each task's recipe (run_quickstart arguments); any can be overridden on the command line.
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 48, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
            "response_length": 128, "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
-    for task in ("trials_sigir", "pubmed_mini")
+    for task in TASKS
 }
 
 # reference baselines compared with in the final table (eval.baselines names); the first is the
@@ -81,13 +80,15 @@ def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed{seed}"
 
 
-def trained_checkpoint(run_dir: Path) -> Path:
-    """The trained policy of one seed's run: its checkpoints folder (the latest step is used)."""
-    return Path(run_dir) / "checkpoints"
+def stage_record(run_dir: Path, stage: str) -> Dict[str, Any]:
+    """What a finished quickstart stage of one seed's run recorded (its data files, warm-up folder,
+    checkpoints folder: the paths the pipeline chose, read back rather than rebuilt here)."""
+    from deepretrieval.quickstart.pipeline import RunState
 
-
-def warmup_model(run_dir: Path) -> Path:
-    return Path(run_dir) / "models" / "warmup"
+    record = RunState(run_dir).done(stage)
+    if record is None:
+        raise RuntimeError(f"{run_dir}: the quickstart stage {stage!r} has not finished")
+    return record
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -116,8 +117,7 @@ def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool 
     from deepretrieval.eval.samples import load_samples
     from deepretrieval.eval.searcher import Searcher
 
-    test_parquet = seed_dir(out, seeds[0]) / "data" / "test.parquet"
-    samples = load_samples(task=task, parquet=str(test_parquet))
+    samples = load_samples(task=task, parquet=stage_record(seed_dir(out, seeds[0]), "data")["test"])
     eval_dir = Path(out) / "eval"
     searcher = Searcher(k=FINAL_K, cache=eval_dir / "search_cache.sqlite")
     methods: Dict[str, Any] = {}
@@ -125,7 +125,9 @@ def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool 
         methods[name] = BaselineMethod(name)
     for seed in seeds:
         run = seed_dir(out, seed)
-        for stage, path in (("warm-up", warmup_model(run)), ("trained", trained_checkpoint(run))):
+        # the trained policy: the checkpoints folder (its latest step)
+        for stage, path in (("warm-up", stage_record(run, "warmup")["path"]),
+                            ("trained", stage_record(run, "train")["checkpoints"])):
             for decoding, options in DECODINGS.items():
                 label = policy_label(stage, seed, decoding)
                 methods[label] = ModelMethod(path, name=label.replace(", ", "_").replace(" ", "_"), backend="hf",
@@ -152,29 +154,25 @@ def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, se
 
     metric = f"recall@{K}"
     topics = sorted({str(r["topic_id"]) for rs in records.values() for r in rs})
+    scores = {label: {name: per_topic(recs, name) for name in metric_names(task)} for label, recs in records.items()}
     table: Dict[str, Dict[str, Any]] = {}
     for label, recs in records.items():
-        row = {}
-        for name in metric_names(task):
-            scores = per_topic(recs, name)
-            row[name] = bootstrap_ci([scores[t] for t in topics if t in scores], n_resamples=n_resamples).to_dict()
-        errors: Dict[str, int] = {}
-        for rec in recs:
-            if rec.get("error") not in (None, "none"):
-                errors[rec["error"]] = errors.get(rec["error"], 0) + 1
-        row["errors"] = errors
+        row: Dict[str, Any] = {
+            name: bootstrap_ci([s[t] for t in topics if t in s], n_resamples=n_resamples).to_dict()
+            for name, s in scores[label].items()}
+        row["errors"] = dict(Counter(r["error"] for r in recs if r.get("error") not in (None, "none")))
         table[label] = row
     baselines = REFERENCE_BASELINES[task]
-    others = [b for b in baselines[1:] if b in records and per_topic(records[b], metric)]
+    others = [b for b in baselines[1:] if b in records and scores[b][metric]]
     best_other = max(others, key=lambda b: table[b][metric]["mean"]) if others else None
     paired: Dict[str, Dict[str, Any]] = {}
     for label in [policy_label("trained", seed, d) for seed in seeds for d in DECODINGS]:
         if label not in records:
             continue
-        trained = per_topic(records[label], metric)
+        trained = scores[label][metric]
         entry = {}
         for against in [baselines[0]] + ([best_other] if best_other else []):
-            base = per_topic(records[against], metric)
+            base = scores[against][metric]
             common = [t for t in topics if t in trained and t in base]
             ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
                                      n_resamples=n_resamples)
@@ -308,8 +306,6 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     `tiny`: the tiny random model instead of SmolLM2 (CI: the pipeline end to end in minutes)."""
     from deepretrieval.quickstart.pipeline import run_quickstart
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if not seeds:
         raise ValueError("at least one seed")
     cfg = recipe_settings(task, **settings)
@@ -318,14 +314,12 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     seconds: Dict[str, float] = {}
     for seed in seeds:
         say(f"=== {task}, seed {seed} ===")
-        start = time.perf_counter()
         result = run_quickstart(seed_dir(out, seed), steps=cfg["steps"], test_freq=cfg["test_freq"],
                                 warmup_epochs=cfg["warmup_epochs"],
                                 overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
                                 warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
-        logger.debug("seed %s took %.0f s in this invocation", seed, time.perf_counter() - start)
     say("=== final evaluation on the test topics ===")
     records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"])
     comp = comparison(records, task, list(seeds))
@@ -338,6 +332,6 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     png = plot_seeds(out, task, seeds, out / "curves.png", references=refs)
     if images_dir is not None:
         Path(images_dir).mkdir(parents=True, exist_ok=True)
-        (Path(images_dir) / f"recipe_{task}.png").write_bytes(png.read_bytes())
+        shutil.copyfile(png, Path(images_dir) / f"recipe_{task}.png")
     say(text)
     return {"out": str(out), "comparison": comp, "results": str(out / "results.md"), "curves": str(png)}
