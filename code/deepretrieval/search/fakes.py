@@ -228,7 +228,7 @@ class _FakeService:
         return None
 
     def _term(self, params: Dict[str, str]) -> str:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each fake server (PubMed, ClinicalTrials.gov) defines it
 
     def _dispatch(self, handler: _Handler, params: Dict[str, str]) -> None:
         now = time.time()
@@ -380,10 +380,10 @@ class _FakeService:
         return 200
 
     def _empty_ids_body(self, params: Dict[str, str]) -> str:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each fake server (PubMed, ClinicalTrials.gov) defines it
 
     def _answer(self, handler: _Handler, params: Dict[str, str]) -> Tuple[int, str, str]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each fake server (PubMed, ClinicalTrials.gov) defines it
 
 
 class FakePubMedServer(_FakeService):
