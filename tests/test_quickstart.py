@@ -83,6 +83,15 @@ def test_run_stage_records_and_skips(tmp_path):
     assert state.done("y") is None
 
 
+def test_a_run_folder_keeps_its_prompt_style(tmp_path):
+    with pytest.raises(ValueError, match="prompt_style must be one of compact, expand"):
+        qs.run_quickstart(tmp_path / "run", prompt_style="reasoning", say=lambda s: None)
+    state = qs.RunState(tmp_path / "run")
+    state.mark("data", {"task": "trials_sigir", "prompt_style": "compact"})
+    with pytest.raises(RuntimeError, match="trials_sigir run in the 'compact' prompt style"):
+        qs.run_quickstart(tmp_path / "run", task="trials_sigir", prompt_style="expand", say=lambda s: None)
+
+
 def test_estimate_grows_with_steps():
     assert qs.estimate_seconds(16, False, 4) < 15 * 60  # the SmolLM2 default fits the promise
     assert qs.estimate_seconds(32, False, 4) - qs.estimate_seconds(16, False, 4) == pytest.approx(

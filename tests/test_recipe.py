@@ -85,6 +85,8 @@ def test_per_topic_leaves_out_infrastructure_failures():
 def test_recipe_settings_and_command_line(capsys):
     assert rc.recipe_settings("trials_sigir", steps=5, warmup_kind=None)["steps"] == 5
     assert rc.recipe_settings("trials_sigir")["warmup_kind"] == "random_words"
+    assert rc.recipe_settings("trials_sigir")["prompt_style"] == "expand"
+    assert rc.recipe_settings("trials_sigir", prompt_style="compact")["prompt_style"] == "compact"
     with pytest.raises(ValueError, match="no CPU recipe"):
         rc.recipe_settings("pubmed")
     from deepretrieval.cli import main
@@ -119,9 +121,20 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert set(comp["paired"]) == {"trained, seed 1, greedy", "trained, seed 1, sampled"}
     assert set(comp["paired"]["trained, seed 1, greedy"]) == {"original", comp["best_other"]}
     # sampled: SAMPLES queries per topic
-    assert sum(1 for r in res_records(out, "trained_seed_1_sampled")) == 12 * rc.SAMPLES
+    sampled = res_records(out, "trained_seed_1_sampled")
+    assert len(sampled) == 12 * rc.SAMPLES
+    # the recipe's `expand` style: the checkpoint says so, and what a readable answer searched is the case's
+    # words (the `original` baseline's query) OR the answer
+    from deepretrieval.trainer.checkpoint import read_prompt_settings
+
+    assert read_prompt_settings(qs.RunState(out / "seed1").done("warmup")["path"])["prompt_style"] == "expand"
+    originals = {r["topic_id"]: r["query"] for r in res_records(out, "original")}
+    for r in sampled:
+        if r["query"] is not None and r["error"] in ("none", "query_syntax"):
+            assert r["searched_query"] == f"({originals[r['topic_id']]}) OR ({r['query']})"
     text = (out / "results.md").read_text()
     assert "| trained, seed 1, sampled | original |" in text and "Queries before (warm-up) and after RL" in text
+    assert "Prompt style `expand`" in text
     assert json.loads((out / "comparison.json").read_text())["topics"] == comp["topics"]
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()

@@ -30,7 +30,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         default="reasoning",
         choices=sorted(PROMPT_STYLES),
         help="prompt style: reasoning (prompt opens <think>), reasoning_free, no_reason, compact (the "
-        "quickstart's short answer-only prompt; pubmed_mini), original (pubmed/ctgov)",
+        "quickstart's short answer-only prompt; pubmed_mini, trials_sigir), expand (short, the answer adds "
+        "terms to the input's words), original (pubmed/ctgov)",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")

@@ -12,6 +12,9 @@ Styles:
   reasoning_free   same tags, but the model opens <think> itself (for templates that add their own turn text)
   no_reason        answer only: <answer>{"query": ...}</answer>
   compact          answer only, in a ~40-token instruction (the CPU recipes'; review questions and patient cases)
+  expand           answer only, in a short instruction asking for terms to *add* to the input: the searched
+                   query is the input's bag of words OR the answer (search.text.expanded_query; the reward
+                   and evaluation read `expands` from the row's or the checkpoint's style)
   original         the original DeepRetrieval text and frame, byte for byte (`build_original_prompt`):
                    no chat template; one raw text of preamble, instruction, `User:` with the PICO,
                    then `Assistant: Let me solve this step by step. \n<think>\n`. Stored whole as
@@ -34,6 +37,7 @@ class PromptStyle:
     name: str
     reasoning: bool
     assistant_prefix: str
+    expands: bool = False  # the answer is added to the input's bag of words (search.text.expanded_query)
 
     @property
     def think_in_prompt(self) -> bool:
@@ -47,6 +51,8 @@ PROMPT_STYLES: Dict[str, PromptStyle] = {
     "no_reason": PromptStyle("no_reason", False, ""),
     # the quickstart's short prompt (`COMPACT_INSTRUCTION`): answer block only, no engine syntax text
     "compact": PromptStyle("compact", False, ""),
+    # the answer adds terms to the input (EXPAND_INSTRUCTION): searched as input words OR answer
+    "expand": PromptStyle("expand", False, "", expands=True),
     # the prefix is already inside the stored text (see build_original_prompt); kept here so the
     # reward's format check knows the prompt opened <think>
     "original": PromptStyle("original", True, "Let me solve this step by step. \n<think>\n"),
@@ -137,22 +143,36 @@ ANSWER_FORMAT_NO_REASON = (
     "without any explanation, for example:\n" + format_answer(_EXAMPLE_QUERY, lines=True, indent=4)
 )
 
+_REPLY_ONLY = "Reply only with " + format_answer("...") + "."
+_SYNTAX_SHORT = 'The engine accepts AND, OR, NOT, parentheses and "quotes"; words without an operator must all match.'
+
 # The `compact` style's whole instruction, per task kind (the CPU recipes' prompt, ~100-270 tokens with
 # the input: a 135M model asked for the answer block only); the two differ only in what is searched.
 # It ends with the task's own input introduction, like the full prompt, so
 # `legacy_task_input_from_prompt` reads both.
 COMPACT_INSTRUCTION: Dict[str, str] = {
-    "review_question": (
-        "Write a PubMed search query that finds the studies for a systematic review. The engine accepts "
-        'AND, OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only '
-        "with " + format_answer("...") + "."
-    ),
-    "patient_trials": (
-        "Write a search query that finds clinical trials this patient could join. The engine accepts AND, "
-        'OR, NOT, parentheses and "quotes"; words without an operator must all match. Reply only with '
-        + format_answer("...") + "."
-    ),
+    "review_question": "Write a PubMed search query that finds the studies for a systematic review. "
+                       + _SYNTAX_SHORT + " " + _REPLY_ONLY,
+    "patient_trials": "Write a search query that finds clinical trials this patient could join. "
+                      + _SYNTAX_SHORT + " " + _REPLY_ONLY,
 }
+
+# The `expand` style's whole instruction, per task kind: the answer is searched together with the input's
+# words (search.text.expanded_query), so it asks for what to add, in the compact instruction's length.
+# task kind -> (the input, what is searched for, what to add)
+_EXPAND_PARTS = {
+    "review_question": ("review question", "of the studies for the systematic review",
+                        "key terms again to weigh them more, synonyms, related terms"),
+    "patient_trials": ("patient case", "clinical trials this patient could join",
+                       "the key conditions again to weigh them more, their medical names"),
+}
+EXPAND_INSTRUCTION: Dict[str, str] = {
+    kind: (f"The search engine will look for this {need}'s words. Write search terms to add to them that find "
+           f"more {target}: {what}. Join terms with OR. " + _REPLY_ONLY)
+    for kind, (need, target, what) in _EXPAND_PARTS.items()
+}
+# the short styles: the whole instruction per task kind, before the input (no engine syntax text)
+SHORT_INSTRUCTIONS: Dict[str, Dict[str, str]] = {"compact": COMPACT_INSTRUCTION, "expand": EXPAND_INSTRUCTION}
 
 
 def get_style(style: str) -> PromptStyle:
@@ -167,6 +187,12 @@ def style_reasons(extra_info: Optional[Mapping[str, Any]]) -> bool:
     know (the original prompts asked for it)."""
     name = (extra_info or {}).get("prompt_style")
     return PROMPT_STYLES[name].reasoning if name in PROMPT_STYLES else True
+
+
+def style_expands(extra_info: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a row's answer is searched added to its input (`extra_info.prompt_style`'s `expands`)."""
+    name = (extra_info or {}).get("prompt_style")
+    return PROMPT_STYLES[name].expands if name in PROMPT_STYLES else False
 
 
 def legacy_task_input_from_prompt(messages: Sequence[Mapping[str, str]]) -> str:
@@ -190,11 +216,12 @@ def build_user_content(task_kind: str, task_input: str, engine: str, style: str 
     if engine not in ENGINE_SYNTAX:
         raise ValueError(f"unknown engine {engine!r} for prompts; known: {', '.join(ENGINE_SYNTAX)}")
     text = TASK_TEXT[task_kind]
-    if style == "compact":
-        if task_kind not in COMPACT_INSTRUCTION:
-            raise ValueError(f"prompt style 'compact' exists for the task kinds {', '.join(COMPACT_INSTRUCTION)} "
+    if style in SHORT_INSTRUCTIONS:
+        instructions = SHORT_INSTRUCTIONS[style]
+        if task_kind not in instructions:
+            raise ValueError(f"prompt style {style!r} exists for the task kinds {', '.join(instructions)} "
                              f"only, not {task_kind!r}")
-        return f"{COMPACT_INSTRUCTION[task_kind]}\n\n{text['input_intro']}\n{task_input.strip()}"
+        return f"{instructions[task_kind]}\n\n{text['input_intro']}\n{task_input.strip()}"
     fmt = ANSWER_FORMAT_REASONING if get_style(style).reasoning else ANSWER_FORMAT_NO_REASON
     return (
         f"{text['instruction']}\n\n{ENGINE_SYNTAX[engine]}\n\n{fmt}\n\n"

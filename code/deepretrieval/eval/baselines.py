@@ -37,33 +37,9 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from deepretrieval.rewards.parsing import format_answer
+from deepretrieval.search.text import STOPWORDS, WORD, bag_of_words, or_query  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------- free text -> OR query
-
-# Lucene's default English stop set (what pyserini's BM25 drops), plus the Boolean operator
-# words, which the PubMed-syntax parser would read as operators.
-STOPWORDS = frozenset(
-    "a an and are as at be but by for if in into is it no not of on or such that the their then "
-    "there these they this to was will with".split()
-)
-_WORD = re.compile(r"[A-Za-z0-9]+")
-
-
-def bag_of_words(text: str) -> List[str]:
-    """Distinct lower-cased alphanumeric tokens of `text`, stop words dropped, in first-seen order."""
-    seen: Dict[str, None] = {}
-    for tok in _WORD.findall(text or ""):
-        low = tok.lower()
-        if low not in STOPWORDS:
-            seen.setdefault(low, None)
-    return list(seen)
-
-
-def or_query(text: str) -> Optional[str]:
-    """`text` as a bag-of-words query: `w1 OR w2 OR ...` (None if no word survives)."""
-    words = bag_of_words(text)
-    return " OR ".join(words) if words else None
-
 
 def conditions_query(conditions: Sequence[str]) -> Optional[str]:
     """`(w11 OR w12) OR (w21 OR ...)`: a condition list joined with OR, each condition a bag of words."""
@@ -77,7 +53,7 @@ def pico_or_query(pico: Mapping[str, str]) -> Optional[str]:
     words as written (implicit AND inside a field, as PubMed reads free text)."""
     parts = []
     for key in ("P", "I", "C", "O"):
-        words = [w for w in _WORD.findall(pico.get(key) or "") if w.lower() not in STOPWORDS]
+        words = [w for w in WORD.findall(pico.get(key) or "") if w.lower() not in STOPWORDS]
         if words:
             parts.append("(" + " ".join(words) + ")")
     return " OR ".join(parts) if parts else None

@@ -34,6 +34,7 @@ class Generation:
     # chat model gets no assistant prefix, so it writes its own <think>
     think_in_prompt: Optional[bool] = None
     reasoning: Optional[bool] = None  # whether the prompt asked for <think> (None: the row's style says)
+    expands: Optional[bool] = None  # whether the query is added to the input (None: the row's style says)
 
 
 def split_reasoning(text: str) -> str:
@@ -273,7 +274,7 @@ class ModelMethod(QueryMethod):
         style: Dict[str, Any] = {}
         if self.prompt_style is not None:  # the format check follows the style the model was prompted in
             s = get_style(self.prompt_style)
-            style = {"think_in_prompt": s.think_in_prompt, "reasoning": s.reasoning}
+            style = {"think_in_prompt": s.think_in_prompt, "reasoning": s.reasoning, "expands": s.expands}
         return [[Generation(text=t, **style) for t in texts[i * self.n : (i + 1) * self.n]] for i in range(len(samples))]
 
     def _generate_hf(self, samples: Sequence[EvalSample]) -> List[str]:

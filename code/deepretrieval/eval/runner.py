@@ -145,7 +145,7 @@ def score_generation(
 ) -> Dict[str, Any]:
     """Parse (if needed), search and score one generation; returns the record body (`recall` is
     recall@k, default the largest cut-off)."""
-    from deepretrieval.rewards.literature import format_flags
+    from deepretrieval.rewards.literature import format_flags, searched_query
     from deepretrieval.rewards.parsing import check_format, parse_answer, parse_answer_strict
 
     rec: Dict[str, Any] = {"reasoning": None, "query": None, "response": None, "format_ok": None,
@@ -174,7 +174,12 @@ def score_generation(
         query = parsed.query
     rec["query"] = query
     if rec["error"] == "none":
-        ids, error, detail, cached = searcher.search(sample, query or "")
+        # what the reward would search for this query (the input's words OR the query, where the
+        # prompt style adds the answer to the input); recorded when it differs from the query
+        searched = searched_query(query, sample.extra_info, gen.expands if gen.text is not None else False)
+        if searched != query:
+            rec["searched_query"] = searched
+        ids, error, detail, cached = searcher.search(sample, searched or "")
         rec.update(ids=ids, error=error, detail=detail, cached_search=cached)
     if rec["error"] in INFRA_ERRORS:
         return rec

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from deepretrieval.quickstart import TASK, TASKS
-from deepretrieval.quickstart.pipeline import WARMUP_KINDS
+from deepretrieval.quickstart.pipeline import PROMPT_STYLES, WARMUP_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--warmup", choices=list(WARMUP_KINDS), default="question",
                    help="warm-up targets: question = the question as written and OR-joined; random_words = random "
                         "subsets of the input's words, OR-joined")
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default=PROMPT_STYLES[0],
+                   help="compact (default): the answer is the query; expand: the answer is added to the input's words "
+                        "(searched as input words OR answer)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="trainer overrides, e.g. actor_rollout_ref.actor.optim.lr=1e-6 "
                         "(model.path=... is the same as --model)")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     return _resumable(lambda: run_quickstart(
         args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides, fresh=args.fresh,
         workers=args.workers, test_freq=test_freq, warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
-        rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup))
+        rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup,
+        prompt_style=args.prompt_style))
 
 
 def _overrides_ok(items: Any) -> bool:
@@ -89,7 +93,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     return _resumable(lambda: run_recipe(
         args.task, args.seeds, out, images_dir=args.images_dir, trainer_overrides=args.overrides,
         rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
-        warmup_epochs=args.warmup_epochs, tiny=args.tiny))
+        warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style))
 
 
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
@@ -107,6 +111,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--test-freq", type=int, default=None, help="validate every N steps (default: the recipe's)")
     r.add_argument("--warmup", choices=list(WARMUP_KINDS), default=None, help="warm-up targets (default: the recipe's)")
     r.add_argument("--warmup-epochs", type=int, default=None, help="warm-up passes (default: the recipe's)")
+    r.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default=None,
+                   help="compact | expand (default: the recipe's)")
     r.add_argument("--rollout", choices=["hf", "vllm"], default="hf", help="training rollout engine (default hf)")
     r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")
     r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")

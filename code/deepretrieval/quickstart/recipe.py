@@ -34,8 +34,11 @@ FINAL_K = 1000  # the final evaluation retrieves this many (recall@1000 next to 
 # patient cases make ~200-token prompts, so smaller update micro-batches (memory), packed sequences
 # and no separate old-policy pass (one optimiser step per batch): together half the step time
 # (67 s -> 36 s, docs/recipe.md). Then 2 prompts x 8 samples (GRPO groups of 8), a linear recall
-# reward (5 x recall@100 instead of the tiers, which pay recall 0.1 and 0.29 alike) and lr 5e-5
-# (1e-4 diverged within 8 steps, 3e-5 moved little in 18).
+# reward (5 x recall@100 instead of the tiers, which pay recall 0.1 and 0.29 alike), lr 3e-5 and each
+# response weighted alike in the loss (seq-mean-token-mean): with the `expand` style at lr 5e-5 and
+# token-mean, the groups turned deterministic within 4 steps and at step 6 one 64-token looping answer
+# (advantage -2.5, four times the tokens of the short ones) outweighed its group, after which every answer
+# looped to the length limit and GRPO had no signal left (docs/recipe.md, run e1).
 SPEED_OVERRIDES = (
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
     "actor_rollout_ref.actor.recompute_old_log_prob=false",
@@ -45,13 +48,17 @@ LEARNING_OVERRIDES = (
     "data.train_batch_size=2",
     "actor_rollout_ref.actor.ppo_mini_batch_size=2",
     "actor_rollout_ref.rollout.n=8",
-    "actor_rollout_ref.actor.optim.lr=5e-5",
+    "actor_rollout_ref.actor.optim.lr=3e-5",
+    "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
     "reward.recall_scale=5",
 )
 # The settings of each task's recipe (run_quickstart arguments); any can be overridden on the command line.
+# The `expand` prompt style: the policy writes terms that are searched together with the input's words
+# (search.text.expanded_query), so it starts at the input's recall and is paid for what it adds; its
+# answers are short (64 tokens).
 RECIPES: Dict[str, Dict[str, Any]] = {
-    task: {"steps": 48, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
-           "response_length": 128, "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
+    task: {"steps": 32, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
+           "response_length": 64, "prompt_style": "expand", "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
     for task in TASKS
 }
 
@@ -222,9 +229,13 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
     lines = [f"# CPU recipe results: {task}", "",
              f"{len(comp['topics'])} held-out test topics; the policies' queries greedy and sampled ({SAMPLES} at temperature 1, "
              f"a topic scored by their mean); the local engine retrieving {FINAL_K}. "
-             f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", "",
-             "| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
-             "|---|" + "---|" * (len(names) + 1)]
+             f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", ""]
+    if settings.get("prompt_style") == "expand":
+        lines += ["Prompt style `expand`: a policy's query is searched *added to* the input's words (the `original` "
+                  "query OR the policy's terms, search.text.expanded_query), in training and here; the warm-up policy, "
+                  "which adds random words of the input, is the control for what RL adds.", ""]
+    lines += ["| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
+              "|---|" + "---|" * (len(names) + 1)]
     for label, row in comp["table"].items():
         errs = ", ".join(f"{k} {v}" for k, v in sorted(row["errors"].items())) or "none"
         lines.append(f"| {label} | " + " | ".join(_cell(row.get(n)) for n in names) + f" | {errs} |")
@@ -318,7 +329,8 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
                                 warmup_epochs=cfg["warmup_epochs"],
                                 overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
-                                warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"])
+                                warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"],
+                                prompt_style=cfg["prompt_style"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
     say("=== final evaluation on the test topics ===")
     records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"])

@@ -16,6 +16,10 @@
                                         tiers: every extra relevant document counts, where the tiers
                                         pay the same for recall 0.1 and 0.29; the CPU recipe's)
 
+A row whose prompt style adds the answer to the input (`expand`: data.prompts.style_expands) is searched
+as its input's bag of words OR the written query (`searched_query`, search.text.expanded_query), in
+training and in evaluation alike; the reward's `query` is then that searched query.
+
 The tier values, the format bonus/penalty and the -4 for an answer that fails to evaluate are
 those of the original DeepRetrieval reward (verl/utils/reward_score/literature.py), but the
 defaults do NOT reproduce it exactly:
@@ -89,6 +93,7 @@ from deepretrieval.search.base import ENGINES as _ENGINE_REGISTRY
 from deepretrieval.search.base import (QuerySyntaxError, SearchEngine, SearchEngineError, SearchResult, SearchUnavailable,
                                        make_engine)
 from deepretrieval.search.metrics import recall_at_k
+from deepretrieval.search.text import expanded_query
 
 logger = logging.getLogger(__name__)
 
@@ -373,6 +378,22 @@ def format_flags(source: SourceConfig, extra_info: Optional[Mapping[str, Any]]) 
     return reasoning, _flag(extra_info, "think_in_prompt", source.think_in_prompt, False)
 
 
+def searched_query(query: Optional[str], extra_info: Optional[Mapping[str, Any]],
+                   expands: Optional[bool] = None) -> Optional[str]:
+    """What is searched for a written `query`: the query itself, or where the row's prompt style adds
+    the answer to the input (`expands`; None: data.prompts.style_expands of the row), the input's bag
+    of words OR the query (search.text.expanded_query over `extra_info.task_input`)."""
+    from deepretrieval.data.prompts import style_expands
+
+    if query is None or not (style_expands(extra_info) if expands is None else expands):
+        return query
+    task_input = (extra_info or {}).get("task_input")
+    if not isinstance(task_input, str):
+        raise ValueError("the row's prompt style adds the answer to the input, but the row has no "
+                         "extra_info.task_input (rewrite the data with this version)")
+    return expanded_query(task_input, query)
+
+
 def search_filters(source: SourceConfig, extra_info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The engine filters of a row's searches: `max_date` = the row's `pub_date` where the source
     restricts searches to records published up to it (`use_pub_date`), else none."""
@@ -450,7 +471,7 @@ def prepare_sample(
     return PreparedSample(
         data_source=data_source,
         format_ok=format_ok,
-        query=parsed.query,
+        query=searched_query(parsed.query, extra_info) if error == ERROR_NONE else parsed.query,
         error=error,
         detail=detail,
         targets=_targets_of(ground_truth),
