@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from deepretrieval.quickstart import TASK, TASKS
-from deepretrieval.quickstart.pipeline import PROMPT_STYLES, WARMUP_KINDS
+from deepretrieval.quickstart.pipeline import PROMPT_STYLE, QUICKSTART_STYLES, WARMUP_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--warmup", choices=list(WARMUP_KINDS), default="question",
                    help="warm-up targets: question = the question as written and OR-joined; random_words = random "
                         "subsets of the input's words, OR-joined")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default=PROMPT_STYLES[0],
+    p.add_argument("--prompt-style", choices=list(QUICKSTART_STYLES), default=PROMPT_STYLE,
                    help="compact (default): the answer is the query; expand: the answer is added to the input's words "
                         "(searched as input words OR answer)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -111,7 +111,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--test-freq", type=int, default=None, help="validate every N steps (default: the recipe's)")
     r.add_argument("--warmup", choices=list(WARMUP_KINDS), default=None, help="warm-up targets (default: the recipe's)")
     r.add_argument("--warmup-epochs", type=int, default=None, help="warm-up passes (default: the recipe's)")
-    r.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default=None,
+    r.add_argument("--prompt-style", choices=list(QUICKSTART_STYLES), default=None,
                    help="compact | expand (default: the recipe's)")
     r.add_argument("--rollout", choices=["hf", "vllm"], default="hf", help="training rollout engine (default hf)")
     r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 PROMPT_STYLE = "compact"  # deepretrieval.data.prompts: the answer block only, in a short instruction
 # the prompt styles a quickstart can train in: compact (the query is searched as written) or expand (the
 # query is added to the input's words: search.text.expanded_query)
-PROMPT_STYLES = ("compact", "expand")
+QUICKSTART_STYLES = ("compact", "expand")
 
 # Stage time estimates on a 2-core laptop (seconds), from measured runs (docs/quickstart.md);
 # used only for the estimate printed at the start.
@@ -417,14 +417,14 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     `task`: pubmed_mini | trials_sigir; `seed`: the warm-up's and the trainer's seed (the topic split is
     fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`); `response_length`: the most
     tokens a response may have, in training and evaluation; `prompt_style`: compact | expand
-    (:data:`PROMPT_STYLES`).
+    (:data:`QUICKSTART_STYLES`).
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     check_warmup_kind(warmup_kind)  # before any work, like the task
-    if prompt_style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+    if prompt_style not in QUICKSTART_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(QUICKSTART_STYLES)}, got {prompt_style!r}")
     run_dir = Path(out_dir).resolve()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
