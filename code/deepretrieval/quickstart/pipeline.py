@@ -111,8 +111,8 @@ def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STY
     splits = {name: rows for name, rows in splits.items() if name in ("train", "test")}
     paths = write_splits(splits, Path(out_dir) / "data")
     index = ensure_local_index(task)
-    return {"task": task, "prompt_style": prompt_style, "train": str(paths["train"]), "test": str(paths["test"]), "index": str(index),
-            "n_train": len(splits["train"]), "n_test": len(splits["test"])}
+    return {"task": task, "prompt_style": prompt_style, "train": str(paths["train"]), "test": str(paths["test"]),
+            "index": str(index), "n_train": len(splits["train"]), "n_test": len(splits["test"])}
 
 
 # ------------------------------------------------------------------------------------ model

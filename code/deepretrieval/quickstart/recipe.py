@@ -279,8 +279,8 @@ def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path,
         if c["reward"]:
             steps, values = zip(*c["reward"])
             window = 4
-            smooth = [sum(values[max(0, j - window + 1): j + 1]) / len(values[max(0, j - window + 1): j + 1])
-                      for j in range(len(values))]
+            windows = [values[max(0, j - window + 1): j + 1] for j in range(len(values))]
+            smooth = [sum(w) / len(w) for w in windows]
             ax1.plot(steps, values, color=color, alpha=0.25)
             ax1.plot(steps, smooth, color=color, label=f"seed {seed}")
         if c["test_recall"]:

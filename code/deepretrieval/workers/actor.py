@@ -199,7 +199,8 @@ class Actor(LazyOptimizerMixin):
         # by the trainer's config) the sampling policy is the current one: its log-probs, detached
         on_policy = not cfg.recompute_old_log_prob and "old_log_probs" not in batch.tensor_keys
         keys = ["responses", "input_ids", "attention_mask", "position_ids", "response_mask", "advantages"]
-        keys += [] if on_policy else ["old_log_probs"]
+        if not on_policy:
+            keys.append("old_log_probs")
         if use_kl_loss:
             keys.append("ref_log_prob")
         missing = [k for k in keys if k not in batch.tensor_keys]
