@@ -6,6 +6,7 @@ import json
 import pytest
 
 from deepretrieval.eval.baselines import bag_of_words
+from deepretrieval.search.text import STOPWORDS
 from deepretrieval.quickstart import pipeline as qs
 from deepretrieval.quickstart import recipe as rc
 
@@ -33,10 +34,85 @@ def test_random_word_targets_are_subsets_in_order_and_seeded():
 
 
 def test_warmup_queries_by_kind():
-    assert qs.warmup_queries("question", "heart failure") == qs.warmup_targets("heart failure")
-    assert qs.warmup_queries("random_words", CASE, seed=1) == qs.random_word_targets(CASE, qs.WARMUP_PER_TOPIC, 1)
-    with pytest.raises(ValueError, match="question, random_words"):
-        qs.warmup_queries("expert", CASE)
+    assert qs.warmup_queries("question", ["heart failure"]) == [qs.warmup_targets("heart failure")]
+    assert qs.warmup_queries("random_words", [CASE, "asthma"], seed=1) == [
+        qs.random_word_targets(CASE, qs.WARMUP_PER_TOPIC, 1), qs.random_word_targets("asthma", qs.WARMUP_PER_TOPIC, 1)]
+    with pytest.raises(ValueError, match="question, random_words, self"):
+        qs.warmup_queries("expert", [CASE])
+    with pytest.raises(ValueError, match="needs the model and the inputs' task kinds"):
+        qs.warmup_queries("self", [CASE], kinds=["patient_trials"])  # no model
+
+
+def test_consensus_terms_keep_what_an_inputs_answers_repeat_and_others_do_not():
+    from deepretrieval.quickstart.self_warmup import consensus_terms
+
+    answers = [
+        ["The patient has lung cancer.", "Likely lung cancer, or a lung abscess.", "Patient: brain metastases"],
+        ["The patient has asthma.", "patient asthma, COPD", "Asthma"],
+        ["The patient is fine.", "The patient", "Nothing: the patient"],
+        ["Patient has Lung disease", "patient", "Diabetes (type 2)"],
+    ]
+    # answers holding the word, per input: patient 2, lung 2, cancer 2 (ties: first seen first), has 1 ...;
+    # asthma 3, patient 2; patient 3; patient 2, lung 1 ...
+    # inputs whose answers hold the word: patient 4, has 3, lung 2, cancer 1, asthma 1
+    assert consensus_terms(answers, min_count=2, max_share=0.5) == [["lung", "cancer"], ["asthma"], [], []]
+    # a share of 1.0 keeps the question's echo; min_count 1 keeps every word once said
+    assert consensus_terms(answers, min_count=2, max_share=1.0) == [["patient", "lung", "cancer"],
+                                                                    ["asthma", "patient"], ["patient"], ["patient"]]
+    assert consensus_terms(answers, min_count=3, max_share=0.25) == [[], ["asthma"], [], []]
+    assert consensus_terms(answers, min_count=1, max_share=0.25, max_words=3) == [
+        ["cancer", "likely", "abscess"], ["asthma", "copd"], ["fine", "nothing"], ["disease", "diabetes", "type"]]
+    assert consensus_terms([]) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from deepretrieval.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def test_self_targets_are_the_models_consistent_answers(tiny_dir, monkeypatch):
+    from deepretrieval.quickstart import self_warmup as sw
+
+    texts = [CASE, "Effect of statins on cardiovascular mortality", "asthma in children"]
+    kinds = ["patient_trials", "review_question", "patient_trials"]
+    seen = []
+    real = sw.sample_answers
+
+    def spy(model_path, inputs, task_kind, n, seed, **kw):
+        seen.append((task_kind, list(inputs), n, seed))
+        return real(model_path, inputs, task_kind, n, seed, **kw)
+
+    monkeypatch.setattr(sw, "sample_answers", spy)
+    targets = qs.warmup_queries("self", texts, seed=5, kinds=kinds, model_path=tiny_dir)
+    # one batch of SELF_SAMPLES answers per input, per task kind; targets back in input order
+    assert seen == [("patient_trials", [texts[0], texts[2]], sw.SELF_SAMPLES, 5),
+                    ("review_question", [texts[1]], sw.SELF_SAMPLES, 5)]
+    answers = real(tiny_dir, [texts[0], texts[2]], "patient_trials", sw.SELF_SAMPLES, 5)  # seeded: the same
+    assert len(answers) == 2 and all(len(a) == sw.SELF_SAMPLES for a in answers)
+    assert real(tiny_dir, [texts[0], texts[2]], "patient_trials", sw.SELF_SAMPLES, 6) != answers
+    expected = sw.consensus_terms(answers)
+    for per_input, words in zip([targets[0], targets[2]], expected):
+        if not words:
+            assert per_input == []
+            continue
+        assert len(per_input) == qs.WARMUP_PER_TOPIC and per_input[0] == " OR ".join(words)
+        assert all(sorted(q.split(" OR ")) == sorted(words) for q in per_input)  # shuffles of the same words
+    with pytest.raises(ValueError, match="not 'pico_trial'"):
+        real(tiny_dir, [CASE], "pico_trial", 2, 0)
+
+
+def test_self_targets_shuffle_the_consensus(monkeypatch):
+    from deepretrieval.quickstart import self_warmup as sw
+
+    canned = [["lung cancer", "lung cancer", "x"], ["nothing", "said", "twice"]] + [["patient"] * 3] * 6
+    monkeypatch.setattr(sw, "sample_answers", lambda *a, **k: canned)
+    targets = sw.self_targets("unused", ["a"] * 8, "patient_trials", 4, seed=0)
+    assert targets[0][0] == "lung OR cancer" and sorted(targets[0]) == sorted(
+        ["lung OR cancer"] + [q for q in targets[0][1:]]) and len(targets[0]) == 4
+    assert set(targets[0]) <= {"lung OR cancer", "cancer OR lung"}
+    assert targets[1:] == [[]] * 7  # nothing repeated; "patient" is in every input's answers
 
 
 def _recs(label_scores, metric="recall@100"):
@@ -84,7 +160,8 @@ def test_per_topic_leaves_out_infrastructure_failures():
 
 def test_recipe_settings_and_command_line(capsys):
     assert rc.recipe_settings("trials_sigir", steps=5, warmup_kind=None)["steps"] == 5
-    assert rc.recipe_settings("trials_sigir")["warmup_kind"] == "random_words"
+    assert rc.recipe_settings("trials_sigir")["warmup_kind"] == "self"
+    assert rc.recipe_settings("trials_sigir")["steps"] == 16
     assert rc.recipe_settings("trials_sigir")["prompt_style"] == "expand"
     assert rc.recipe_settings("trials_sigir", prompt_style="compact")["prompt_style"] == "compact"
     with pytest.raises(ValueError, match="no CPU recipe"):

@@ -31,7 +31,8 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--seed", type=int, default=1, help="seed of the warm-up and the trainer (the topic split is fixed)")
     p.add_argument("--warmup", choices=list(WARMUP_KINDS), default="question",
                    help="warm-up targets: question = the question as written and OR-joined; random_words = random "
-                        "subsets of the input's words, OR-joined")
+                        "subsets of the input's words, OR-joined; self = the untrained model's own answers to a plain "
+                        "question about the input (a patient's likely conditions, a review's terms), OR-joined")
     p.add_argument("--prompt-style", choices=list(QUICKSTART_STYLES), default=PROMPT_STYLE,
                    help="compact (default): the answer is the query; expand: the answer is added to the input's words "
                         "(searched as input words OR answer)")

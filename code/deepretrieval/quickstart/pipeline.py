@@ -187,10 +187,24 @@ def random_word_targets(text: str, n: int, seed: int, min_words: int = 2, max_wo
 SFT_MAX_TOKENS = 512
 WARMUP_PER_TOPIC = 4  # random_words: targets per training topic (2-16 words each)
 
-# warm-up target builders by name: (training input text, seed) -> the target queries of that topic
-WARMUP_KINDS: Dict[str, Callable[[str, int], List[str]]] = {
-    "question": lambda text, seed: warmup_targets(text),
-    "random_words": lambda text, seed: random_word_targets(text, WARMUP_PER_TOPIC, seed),
+def self_targets_by_kind(texts: Sequence[str], kinds: Sequence[str], seed: int, model_path: str) -> List[List[str]]:
+    """The `self` warm-up's targets (quickstart.self_warmup), one batch per task kind, in input order."""
+    from deepretrieval.quickstart.self_warmup import self_targets
+
+    out: List[List[str]] = [[] for _ in texts]
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        for i, targets in zip(idx, self_targets(model_path, [texts[i] for i in idx], kind, WARMUP_PER_TOPIC, seed)):
+            out[i] = targets
+    return out
+
+
+# warm-up target builders by name: (training inputs, their task kinds, seed, the base model's folder) ->
+# per input, its target queries
+WARMUP_KINDS: Dict[str, Callable[[Sequence[str], Sequence[str], int, str], List[List[str]]]] = {
+    "question": lambda texts, kinds, seed, model: [warmup_targets(t) for t in texts],
+    "random_words": lambda texts, kinds, seed, model: [random_word_targets(t, WARMUP_PER_TOPIC, seed) for t in texts],
+    "self": self_targets_by_kind,
 }
 
 
@@ -199,10 +213,14 @@ def check_warmup_kind(kind: str) -> None:
         raise ValueError(f"warm-up kind must be one of {', '.join(WARMUP_KINDS)}, got {kind!r}")
 
 
-def warmup_queries(kind: str, text: str, seed: int = 0) -> List[str]:
-    """The warm-up targets of one training input (:data:`WARMUP_KINDS`)."""
+def warmup_queries(kind: str, texts: Sequence[str], seed: int = 0, kinds: Optional[Sequence[str]] = None,
+                   model_path: Optional[str] = None) -> List[List[str]]:
+    """The warm-up targets of the training inputs `texts` (:data:`WARMUP_KINDS`), one list per input;
+    `kinds`: their task kinds and `model_path` the model to warm up (both read by `self` only)."""
     check_warmup_kind(kind)
-    return WARMUP_KINDS[kind](text, seed)
+    if kind == "self" and (model_path is None or kinds is None):
+        raise ValueError("the self warm-up needs the model and the inputs' task kinds")
+    return WARMUP_KINDS[kind](list(texts), list(kinds or [""] * len(texts)), seed, model_path or "")
 
 
 def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, lr: float = 1e-4,
@@ -221,16 +239,20 @@ def warmup(out_dir: Path, model_path: str, train_parquet: str, epochs: int = 2, 
 
     tokenizer = load_tokenizer(model_path)
     dataset = RLHFDataset(train_parquet, tokenizer, {"max_prompt_length": 256, "truncation": "left"})
+    rows = [plain_python(row) for row in pd.read_parquet(train_parquet).to_dict(orient="records")]
+    targets = warmup_queries(kind, [row_task_input(row) for row in rows], seed,
+                             kinds=[str((row.get("extra_info") or {}).get("task_kind", "")) for row in rows],
+                             model_path=model_path)
     examples = []
-    for row in pd.read_parquet(train_parquet).to_dict(orient="records"):
-        row = plain_python(row)
+    for row, queries in zip(rows, targets):
         prompt = dataset.render({"prompt": row["prompt"], "extra_info": row["extra_info"]})
-        examples.extend(SFTExample(prompt, format_answer(q)) for q in warmup_queries(kind, row_task_input(row), seed))
+        examples.extend(SFTExample(prompt, format_answer(q)) for q in queries)
     result = run_sft(model_path, examples, Path(out_dir) / "models" / "warmup", epochs=epochs, lr=lr,
                      batch_size=batch_size, progress=progress, seed=seed, max_length=SFT_MAX_TOKENS)
     save_prompt_settings(result["path"], dataset)  # evaluated on its own, it is prompted as it learnt
     losses = result["losses"]
     return {"path": str(result["path"]), "kind": kind, "examples": len(examples), "steps": result["steps"],
+            "first_targets": [queries[0] for queries in targets[:3] if queries],  # what it taught, to read
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 

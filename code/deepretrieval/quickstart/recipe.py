@@ -55,9 +55,13 @@ LEARNING_OVERRIDES = (
 # The settings of each task's recipe (run_quickstart arguments); any can be overridden on the command line.
 # The `expand` prompt style: the policy writes terms that are searched together with the input's words
 # (search.text.expanded_query), so it starts at the input's recall and is paid for what it adds; its
-# answers are short (64 tokens).
+# answers are short (64 tokens). The `self` warm-up (quickstart.self_warmup) starts it from the words the
+# untrained model says consistently about each training input; from random words of the input
+# (`random_words`) or from its raw single answers, RL learnt to add nothing (docs/recipe.md). 16 steps:
+# from this warm-up the answers grew after ~20 steps, and by step 32 a third ran into the 64-token limit
+# (run c1 in docs/recipe.md).
 RECIPES: Dict[str, Dict[str, Any]] = {
-    task: {"steps": 32, "test_freq": 8, "warmup_kind": "random_words", "warmup_epochs": 1,
+    task: {"steps": 16, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1,
            "response_length": 64, "prompt_style": "expand", "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES}
     for task in TASKS
 }
@@ -232,8 +236,8 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
              f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", ""]
     if settings.get("prompt_style") == "expand":
         lines += ["Prompt style `expand`: a policy's query is searched *added to* the input's words (the `original` "
-                  "query OR the policy's terms, search.text.expanded_query), in training and here; the warm-up policy, "
-                  "which adds random words of the input, is the control for what RL adds.", ""]
+                  "query OR the policy's terms, search.text.expanded_query), in training and here. The warm-up policy "
+                  f"(the `{settings.get('warmup_kind')}` warm-up, before any reward) is the control for what RL adds.", ""]
     lines += ["| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
               "|---|" + "---|" * (len(names) + 1)]
     for label, row in comp["table"].items():
