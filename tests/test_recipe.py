@@ -6,7 +6,6 @@ import json
 import pytest
 
 from deepretrieval.eval.baselines import bag_of_words
-from deepretrieval.search.text import STOPWORDS
 from deepretrieval.quickstart import pipeline as qs
 from deepretrieval.quickstart import recipe as rc
 
