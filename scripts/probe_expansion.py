@@ -53,6 +53,11 @@ def main() -> None:
         ids, err, _, _ = searcher.search(sample, query)
         return (recall_at_k(ids, sample.relevant, args.k) or 0.0) if err == "none" else 0.0
 
+    def with_added(sample, words) -> float:
+        """recall of the input's words OR `words` (the input alone when there are none)."""
+        text = sample.need_text
+        return recall(sample, expanded_query(text, " OR ".join(words)) if words else or_query(text))
+
     answers = sample_answers(model, [s.need_text for s in samples], kind, args.draws, args.seed)
     consensus = consensus_terms(answers)
     rows: Dict[str, List[float]] = {}
@@ -60,16 +65,13 @@ def main() -> None:
         text = sample.need_text
         rows.setdefault("input alone (original)", []).append(recall(sample, or_query(text)))
         words = bag_of_words(text)
-        rand = [recall(sample, expanded_query(text, " OR ".join(rng.sample(words, min(5, len(words))))))
-                for _ in range(args.draws)]
+        rand = [with_added(sample, rng.sample(words, min(5, len(words)))) for _ in range(args.draws)]
         rows.setdefault(f"+ 5 random input words, mean of {args.draws}", []).append(statistics.mean(rand))
         rows.setdefault(f"+ 5 random input words, best of {args.draws}", []).append(max(rand))
-        mine = [recall(sample, expanded_query(text, " OR ".join(bag_of_words(a))) if bag_of_words(a) else or_query(text))
-                for a in own]
+        mine = [with_added(sample, bag_of_words(a)) for a in own]
         rows.setdefault(f"+ the untrained model's answer, mean of {args.draws}", []).append(statistics.mean(mine))
         rows.setdefault(f"+ the untrained model's answer, best of {args.draws}", []).append(max(mine))
-        rows.setdefault("+ consensus words of the answers", []).append(
-            recall(sample, expanded_query(text, " OR ".join(agreed)) if agreed else or_query(text)))
+        rows.setdefault("+ consensus words of the answers", []).append(with_added(sample, agreed))
         if args.task == "trials_sigir":
             gpt4 = baseline_query("gpt4_conditions", sample)
             if gpt4:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU recipe where RL has to beat the baselines: SmolLM2-135M-Instruct, a format warm-up on its own
-# answers to a plain question about each training input (`--warmup self`), then GRPO with a linear recall reward on terms that are searched added
-# to the input's words (prompt style `expand`), for 3 seeds; then every seed's
+# answers to a plain question about each training input (`--warmup self`), then GRPO with a linear recall
+# reward on terms that are searched added to the input's words (prompt style `expand`), for 3 seeds; then every seed's
 # policy next to `original` and the LLM / clinician baselines on the held-out test topics, with paired
 # bootstrap intervals (deepretrieval.quickstart.recipe: results.md, comparison.json, curves.png).
 #

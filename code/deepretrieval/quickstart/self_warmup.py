@@ -19,7 +19,7 @@ already knows instead (self-consistency, as in self-training without labels):
 
 No relevance judgement, test topic or baseline query is used: only the training inputs and the model's
 own answers. Sampled one at a time the raw answers add little (all 48 trials_sigir patients, recall@100:
-the case 0.254, the case OR one raw answer 0.267, OR the consistent words 0.306; scripts/probe_expansion.py),
+the case 0.254, the case OR one raw answer 0.273, OR the consistent words 0.317; scripts/probe_expansion.py),
 so the warm-up starts RL from the model's consistent knowledge rather than from its noise.
 """
 
