@@ -96,6 +96,10 @@ def test_estimate_grows_with_steps():
     assert qs.estimate_seconds(16, False, 4) < 15 * 60  # the SmolLM2 default fits the promise
     assert qs.estimate_seconds(32, False, 4) - qs.estimate_seconds(16, False, 4) == pytest.approx(
         16 * qs.EST["smollm2"]["step"] + 4 * qs.EST["smollm2"]["val"])
+    # every warm-up kind has its own estimate; the self warm-up's sampling is the slow one
+    for est in qs.EST.values():
+        assert set(est["warmup"]) == set(qs.WARMUP_KINDS)
+    assert qs.estimate_seconds(16, False, 4, "self") - qs.estimate_seconds(16, False, 4, "question") == 330
 
 
 def test_cli_parses_and_rejects_bad_override(capsys):

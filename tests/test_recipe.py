@@ -147,6 +147,10 @@ def test_comparison_pairs_topics_and_picks_the_best_other_baseline():
                                {"1": 10.0})
     assert "| trained, seed 1, sampled | original | +0.100 [" in text and "| 3 / 0 |" in text
     assert "| a | 0.20 | `qa` (0.10) | `qa` (0.40) | `qa` (0.00) |" in text
+    # an answer that did not parse shows its error class and the start of the response, not a query
+    records["trained, seed 1, greedy"][1].update(query=None, error="format", response='<answer>{"query": "x OR x OR')
+    text = rc.results_markdown("trials_sigir", comp, rc.query_examples(records, 1), {"example_seed": 1}, {})
+    assert '| b | 0.40 | `qb` (0.00) | `qb` (0.50) | format: `<answer>{"query": "x OR x OR…` (0.00) |' in text
     assert "| trained, seed 1, sampled | 0.300 [" in text
 
 
@@ -160,7 +164,10 @@ def test_per_topic_leaves_out_infrastructure_failures():
 def test_recipe_settings_and_command_line(capsys):
     assert rc.recipe_settings("trials_sigir", steps=5, warmup_kind=None)["steps"] == 5
     assert rc.recipe_settings("trials_sigir")["warmup_kind"] == "self"
-    assert rc.recipe_settings("trials_sigir")["steps"] == 16
+    assert rc.recipe_settings("trials_sigir")["steps"] == 32
+    # the soft overlong penalty over the last 24 of the 64 response tokens
+    assert "reward_model.overlong_buffer.enable=true" in rc.recipe_settings("trials_sigir")["overrides"]
+    assert "reward_model.overlong_buffer.len=24" in rc.recipe_settings("pubmed_mini")["overrides"]
     assert rc.recipe_settings("trials_sigir")["prompt_style"] == "expand"
     assert rc.recipe_settings("trials_sigir", prompt_style="compact")["prompt_style"] == "compact"
     with pytest.raises(ValueError, match="no CPU recipe"):

@@ -226,6 +226,66 @@ def test_call_on_batch_places_score_on_last_valid_token(engines):
     assert torch.equal(RewardManager(tok)(batch, return_dict=False), reward)
 
 
+def _batch_of(tok, texts, pad_to):
+    from deepretrieval.protocol import Batch
+
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    responses = torch.full((len(texts), pad_to), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), pad_to), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        responses[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    prompts = torch.ones((len(texts), 4), dtype=torch.long)
+    batch = Batch.from_dict(
+        {"prompts": prompts, "responses": responses, "response_mask": mask,
+         "attention_mask": torch.cat([torch.ones_like(prompts), mask], dim=1)},
+        {"data_source": np.array(["pubmed_mini"] * len(texts), dtype=object),
+         "reward_model": np.array([{"style": "rule", "ground_truth": GT}] * len(texts), dtype=object),
+         "extra_info": np.array([INFO] * len(texts), dtype=object)},
+    )
+    return batch, [len(e) for e in encoded]
+
+
+def test_overlong_penalty_by_hand():
+    from deepretrieval.rewards.overlong import OverlongBuffer
+
+    shaping = OverlongBuffer(buffer_len=16, penalty_factor=2.0, max_response_length=64)
+    # expected length 64 - 16 = 48: nothing up to it, then -(L - 48) / 16 * 2
+    assert [shaping.penalty(n) for n in (0, 30, 48, 49, 56, 64)] == [0.0, 0.0, 0.0, -0.125, -1.0, -2.0]
+    assert OverlongBuffer.from_config(None, 64) is None
+    assert OverlongBuffer.from_config({"enable": False, "len": 16, "penalty_factor": 1.0}, 64) is None
+    assert OverlongBuffer.from_config({"enable": True, "len": 16, "penalty_factor": 1}, 64) == OverlongBuffer(16, 1.0, 64)
+
+
+def test_overlong_shaping_of_a_batch(engines):
+    from deepretrieval.models.tiny import load_tiny_tokenizer
+    from deepretrieval.rewards.overlong import OverlongBuffer
+
+    tok = load_tiny_tokenizer()
+    # the same query written short and padded with words the parser keeps out of the query, a format
+    # error, and a search that is unavailable
+    texts = [ans("a"), ans("a") + " and some more words after the answer", "no tags at all here, " * 4, ans("down")]
+    probe, lengths = _batch_of(tok, texts, 64)
+    limit = max(lengths) + 2
+    batch, _ = _batch_of(tok, texts, limit)
+    buffer_len = limit - lengths[0]  # the short answer sits exactly at the expected length: no penalty
+    shaping = OverlongBuffer(buffer_len=buffer_len, penalty_factor=1.0, max_response_length=limit)
+    plain = RewardManager(tok)(batch)
+    out = RewardManager(tok, overlong=shaping)(batch)
+    expected = [min(0.0, -(n - lengths[0]) / buffer_len) for n in lengths]
+    assert expected[0] == 0.0 and expected[1] < 0 and expected[2] < 0
+    assert out["reward_extra_info"]["overlong_penalty"] == pytest.approx(expected)
+    for i, n in enumerate(lengths):
+        shift = expected[i] if i != 3 else 0.0  # an unavailable search keeps its score (left out of the update)
+        assert out["reward_tensor"][i, n - 1].item() == pytest.approx(plain["reward_tensor"][i, n - 1].item() + shift)
+    assert out["reward_extra_info"]["search_unavailable"] == [False, False, False, True]
+    assert out["reward_extra_info"]["recall"][:2] == [0.75, 0.75] and out["reward_extra_info"]["error"][2] == "format"
+    metrics = out["metrics"]
+    assert metrics["reward/overlong_penalty_mean"] == pytest.approx(sum(expected) / 4)
+    assert metrics["reward/overlong_ratio"] == pytest.approx(sum(p < 0 for p in expected) / 4)
+    assert "reward/overlong_ratio" not in plain["metrics"]
+
+
 def test_manager_builds_local_engine_from_config(trials_sigir_index):
     cfg = {"trials_sigir": {"engine": "local", "index_dir": str(trials_sigir_index), "k": 1}}
     gt = {"target": ["NCT00001776", "NCT00003562"]}

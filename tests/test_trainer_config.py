@@ -106,6 +106,13 @@ def test_missing_required_keys():
       "actor_rollout_ref.actor.ppo_epochs=2"], "actor_rollout_ref.actor.recompute_old_log_prob", "ppo_epochs=2 (needs 1)"),
     (["actor_rollout_ref.actor.recompute_old_log_prob=false", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
       "algorithm.use_kl_in_reward=true"], "actor_rollout_ref.actor.recompute_old_log_prob", "use_kl_in_reward"),
+    (["reward_model.overlong_buffer.enable=yes"], "reward_model.overlong_buffer.enable", "true or false"),
+    (["reward_model.overlong_buffer.enable=true", "data.max_response_length=64", "reward_model.overlong_buffer.len=64"],
+     "reward_model.overlong_buffer.len", "below data.max_response_length (64)"),
+    (["reward_model.overlong_buffer.enable=true", "reward_model.overlong_buffer.len=0"],
+     "reward_model.overlong_buffer.len", "positive integer"),
+    (["reward_model.overlong_buffer.enable=true", "reward_model.overlong_buffer.penalty_factor=-1"],
+     "reward_model.overlong_buffer.penalty_factor", "number >= 0"),
 ])
 def test_impossible_settings_are_rejected(extra, key, phrase):
     err = error_for(SMALL + extra)

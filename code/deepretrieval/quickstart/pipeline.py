@@ -50,11 +50,13 @@ QUICKSTART_STYLES = ("compact", "expand")
 
 # Stage time estimates on a 2-core laptop (seconds), from measured runs (docs/quickstart.md);
 # used only for the estimate printed at the start.
+# `warmup` is per warm-up kind: the `self` warm-up first samples 8 answers per training input (420 s for
+# the 36 trials_sigir patients, docs/recipe.md).
 EST = {
-    "smollm2": {"data": 5, "model": 60, "warmup": 90, "eval_model": 8, "train_start": 25, "step": 36,
-                "val": 10, "eval_after": 12},
-    "tiny": {"data": 5, "model": 2, "warmup": 5, "eval_model": 3, "train_start": 25, "step": 5,
-             "val": 3, "eval_after": 4},
+    "smollm2": {"data": 5, "model": 60, "warmup": {"question": 90, "random_words": 90, "self": 420}, "eval_model": 8,
+                "train_start": 25, "step": 36, "val": 10, "eval_after": 12},
+    "tiny": {"data": 5, "model": 2, "warmup": {"question": 5, "random_words": 5, "self": 20}, "eval_model": 3,
+             "train_start": 25, "step": 5, "val": 3, "eval_after": 4},
 }
 
 
@@ -416,11 +418,11 @@ def train(run_dir: Path, overrides: List[str], say: Callable[[str], None] = prin
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def estimate_seconds(steps: int, tiny: bool, test_freq: int) -> float:
+def estimate_seconds(steps: int, tiny: bool, test_freq: int, warmup_kind: str = "question") -> float:
     e = EST["tiny" if tiny else "smollm2"]
     n_val = 1 + max(1, steps // max(1, test_freq))
-    return (e["data"] + e["model"] + e["warmup"] + 2 * e["eval_model"] + e["train_start"] + steps * e["step"]
-            + n_val * e["val"] + e["eval_after"])
+    return (e["data"] + e["model"] + e["warmup"][warmup_kind] + 2 * e["eval_model"] + e["train_start"]
+            + steps * e["step"] + n_val * e["val"] + e["eval_after"])
 
 
 def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", model_path: Optional[str] = None,
@@ -453,7 +455,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir)
     t0 = time.perf_counter()
-    est = estimate_seconds(steps, tiny or False, test_freq)
+    est = estimate_seconds(steps, tiny or False, test_freq, warmup_kind)
     say(f"DeepRetrieval quickstart -> {run_dir}\n"
         f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
         f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")

@@ -24,6 +24,7 @@ Metrics (for the whole batch as `reward/<name>`, and per data source as `reward/
   of the search phase), search_time_mean_s (per search)
   engine/<source>/<counter>   the engine's own cumulative `stats()` (live engines: HTTP retries,
                               server-requested pauses `http_retry_after[_s]`, deadlines, ...)
+  overlong_penalty_mean, overlong_ratio   with overlong shaping (rewards.overlong), whole batch
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from deepretrieval.rewards.literature import (
     run_search,
     run_searches,
 )
+from deepretrieval.rewards.overlong import OverlongBuffer, overlong_metrics
 from deepretrieval.rewards.parsing import (
     ERROR_EMPTY_ANSWER,
     ERROR_EMPTY_QUERY,
@@ -137,6 +139,8 @@ class RewardManager:
             extra_info) -> float | dict`; when given it replaces the built-in reward and is called
             once per sample (no deduplication: the manager cannot see its searches).
         num_examine: how many decoded responses per data source to print per call (debugging).
+        overlong: DAPO's soft overlong punishment (rewards.overlong), added in `__call__` (which
+            knows the token lengths) to every scored sample's score; None: no length shaping.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class RewardManager:
         config: Any = None,
         compute_score: Optional[Callable[..., Any]] = None,
         num_examine: int = 0,
+        overlong: Optional[OverlongBuffer] = None,
     ):
         self.tokenizer = tokenizer
         self.reward_config: RewardConfig = resolve_config(config)
@@ -152,6 +157,7 @@ class RewardManager:
         self.num_workers: Optional[int] = getter("num_workers") if callable(getter) else None
         self.custom_compute_score = compute_score
         self.num_examine = num_examine
+        self.overlong = overlong
         self.last_results: List[Dict[str, Any]] = []
         self.last_search_stats: Dict[str, float] = {}
         self.last_engine_stats: Dict[str, float] = {}
@@ -321,6 +327,7 @@ class RewardManager:
         ground_truths = [rm.get("ground_truth") if isinstance(rm, Mapping) else rm for rm in ntb["reward_model"]]
         extra_infos = list(ntb["extra_info"]) if "extra_info" in ntb else [None] * n
         results = self.score_texts(texts, data_sources, ground_truths, extra_infos)
+        penalties = self._shape_lengths(results, lengths)
 
         reward_tensor = torch.zeros(responses.shape, dtype=torch.float32)
         for i, (result, length) in enumerate(zip(results, lengths)):
@@ -332,11 +339,24 @@ class RewardManager:
         keys = ("score", "recall", "error", "format_ok", "query", "n_retrieved", "tier", "search_unavailable")
         extra = {key: [r.get(key) for r in results] for key in keys}
         extra["search_unavailable"] = [bool(v) for v in extra["search_unavailable"]]
-        return {
-            "reward_tensor": reward_tensor,
-            "reward_extra_info": extra,
-            "metrics": self.metrics(results, data_sources),
-        }
+        metrics = self.metrics(results, data_sources)
+        if penalties is not None:
+            extra["overlong_penalty"] = penalties
+            metrics.update(overlong_metrics(penalties))
+        return {"reward_tensor": reward_tensor, "reward_extra_info": extra, "metrics": metrics}
+
+    def _shape_lengths(self, results: Sequence[Dict[str, Any]], lengths: Sequence[int]) -> Optional[List[float]]:
+        """With `overlong` set: each sample's penalty for its token length, added to its score
+        (`overlong_penalty` in its result); samples left out of the update (search unavailable)
+        keep their score. None without shaping."""
+        if self.overlong is None:
+            return None
+        penalties = [self.overlong.penalty(length) for length in lengths]
+        for result, penalty in zip(results, penalties):
+            result["overlong_penalty"] = penalty
+            if not result.get("search_unavailable"):
+                result["score"] = float(result["score"]) + penalty
+        return penalties
 
     def _examine(self, texts: Sequence[str], data_sources: Sequence[str], results: Sequence[Mapping[str, Any]]) -> None:
         if self.num_examine <= 0:

@@ -509,6 +509,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{trainer}.ray_init.timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     _check_fault_keys(cfg)
     _check_search_service(cfg)
+    _check_overlong_buffer(cfg)
     build_worker_config(cfg)  # the workers' typed sections build (ConfigError naming the key otherwise)
 
 
@@ -532,6 +533,24 @@ def _check_search_service(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}.engines", f"must list engine kinds among {', '.join(sorted(ENGINES))}; got {engines!r}")
     if enable and importlib.util.find_spec("ray") is None:
         raise ConfigError(f"{key}.enable", "the search service runs on Ray, which is not installed (pip install 'ray[default]')")
+
+
+def _check_overlong_buffer(cfg: DictConfig) -> None:
+    """reward_model.overlong_buffer: a boolean switch; enabled, 1 <= len < data.max_response_length
+    and a number penalty_factor >= 0."""
+    key = "reward_model.overlong_buffer"
+    enable = _get(cfg, f"{key}.enable")
+    if not isinstance(enable, bool):
+        raise ConfigError(f"{key}.enable", f"must be true or false, got {enable!r}")
+    if not enable:
+        return
+    length = _positive_int(cfg, f"{key}.len")
+    limit = _get(cfg, "data.max_response_length")
+    if length >= limit:
+        raise ConfigError(f"{key}.len", f"must be below data.max_response_length ({limit}), got {length}")
+    factor = _get(cfg, f"{key}.penalty_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+        raise ConfigError(f"{key}.penalty_factor", f"must be a number >= 0, got {factor!r}")
 
 
 def _check_fault_keys(cfg: DictConfig) -> None:

@@ -163,13 +163,18 @@ class PPOTrainer:
                 custom = load_custom_reward_fn(config.custom_reward_function.path, config.custom_reward_function.name)
             except (OSError, AttributeError, SyntaxError, ImportError) as exc:
                 raise ConfigError("custom_reward_function.path", str(exc)) from None
+            from deepretrieval.rewards.overlong import OverlongBuffer
+
             reward_cfg = to_plain(config.reward)
+            overlong = OverlongBuffer.from_config(to_plain(config.reward_model.get("overlong_buffer")),
+                                                  int(config.data.max_response_length))
             try:
                 if reward_fn is None:
-                    reward_fn = RewardManager(tokenizer, reward_cfg, compute_score=custom, num_examine=0)
+                    reward_fn = RewardManager(tokenizer, reward_cfg, compute_score=custom, num_examine=0,
+                                              overlong=overlong)
                 if val_reward_fn is None:
                     val_reward_fn = RewardManager(tokenizer, reward_cfg, compute_score=custom,
-                                                  num_examine=int(t.log_val_generations or 0))
+                                                  num_examine=int(t.log_val_generations or 0), overlong=overlong)
             except (ValueError, KeyError, TypeError) as exc:  # the reward section is checked by its owner
                 raise ConfigError("reward", str(exc)) from None
         self.reward_fn, self.val_reward_fn = reward_fn, val_reward_fn
