@@ -50,6 +50,7 @@ def test_an_all_fields_word_is_bm25_on_the_combined_text(engines):
     idf = math.log(1 + (N - n + 0.5) / (n + 0.5))
     expected = {i: idf * f * (k1 + 1) / (f + k1 * (1 - b + b * len(tokens[i]) / avgdl)) for i, f in tf.items()}
     res = combined.search("aspirin", k=10)
+    assert combined.search("aspirin[all]", k=10).scores == res.scores  # an explicit [all] tag alike
     assert res.ids == sorted(expected, key=lambda i: -expected[i])
     assert res.scores == pytest.approx([expected[i] for i in res.ids], rel=1e-4)
     # d2 says aspirin four times (title, text twice, MeSH): first, as in the per-field sum

@@ -15,7 +15,7 @@ tantivy's own query parser):
   it) is ignored where it stands alone (``the``, ``of[tiab]``), with a warning, as PubMed does; inside
   a phrase or a proximity search it is kept. An OR of title words then reads far fewer postings.
 - Combined field: in an index built with it (`local_index.ALL_TEXT_FIELD`, a PubMed mirror's default)
-  an all-fields word (no field tag, no wildcard, one token) is one term query on the combined text,
+  an all-fields word (no field tag or [all], no wildcard, one token) is one term query on the combined text,
   ranked by its BM25 there; the match set is the same as searching every field.
 - Truncation: the literal prefix is expanded against the index's term dictionary
   (`Searcher.terms_with_prefix`), keeping the `max_expansions` (default 600, PubMed's cap)
@@ -220,7 +220,8 @@ class _Compiler:
         if len(toks) == 1 and toks[0] in self.e.stopwords:
             self.stopped.setdefault(toks[0], None)
             return None
-        if node.spec is None and self.e.all_field and len(toks) == 1 and not self.is_wild(toks[0]):
+        every_field = node.spec is None or node.spec.fields == Q.ALL_FIELDS  # no tag, [all], .mp.
+        if every_field and self.e.all_field and len(toks) == 1 and not self.is_wild(toks[0]):
             return self.term_in_field(ALL_TEXT_FIELD, toks, 0, node.pos)
         fields = node.spec.fields if node.spec is not None else Q.ALL_FIELDS
         # fields no record of this index fills cannot match: skipping them keeps queries fast
