@@ -9,11 +9,11 @@ Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
    file of `--xml-records` records: records/s;
 3. index build of `--records` records streamed from the generator through the mirror writer
    (`mirror.MirrorWriter`, commits every `--commit-every`; a sharded index: one process per
-   shard): wall docs/s (generation included), CPU microseconds per record for generating and
+   shard; with the combined field unless `--no-all-field`): wall docs/s (generation included), CPU microseconds per record for generating and
    for indexing (all threads), bytes/record;
 4. query latency p50/p95 (k = 100) for bag-of-words ORs (the 28 pubmed_mini topic titles) and
    Boolean/field/truncation queries (`bench_search.BOOLEAN_QUERIES`), with and without the exact
-   total count;
+   total count, for each `--stopwords` list the engine ignores (default: none, then PubMed's);
 5. a reward batch end to end: 512 GRPO-like answers (`bench_reward.make_answers`) scored by the
    RewardManager (deduplicated searches, `--reward-threads` threads) at recall@k: wall and CPU.
 With `--shards 1,2` each shard count is its own index of the same records; a sharded index is
@@ -90,11 +90,11 @@ def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: in
 
 
 def build_part(prof: CorpusProfile, ids: Sequence[int], out: Path, threads: int, heap: int, commit_every: int,
-               seed: int) -> Dict[str, Any]:
-    """Stream generated records with these ids into a new (unsharded) mirror index at `out`;
-    generation and indexing timed apart (wall and CPU)."""
+               seed: int, all_field: bool = True) -> Dict[str, Any]:
+    """Stream generated records with these ids into a new (unsharded) mirror index at `out` (with the
+    combined field unless `all_field` is false); generation and indexing timed apart (wall and CPU)."""
     shutil.rmtree(out, ignore_errors=True)
-    writer = MirrorWriter(out, heap_size=heap, num_threads=threads)
+    writer = MirrorWriter(out, heap_size=heap, num_threads=threads, all_field=all_field)
     counts = Counts()
     gen_s = index_s = gen_cpu = 0.0
     since = done = 0
@@ -130,8 +130,8 @@ def build_part(prof: CorpusProfile, ids: Sequence[int], out: Path, threads: int,
             "load": load()}
 
 
-def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int, shards: int) \
-        -> Dict[str, Any]:
+def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commit_every: int, shards: int,
+          all_field: bool = True) -> Dict[str, Any]:
     """An index of records 1..n: one mirror, or `shards` shards (split by `local_index.shard_of`,
     as `build_index` and sharded mirrors do) each built by its own process, under one metadata
     file in `build_index`'s sharded layout."""
@@ -139,7 +139,7 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
 
     shutil.rmtree(out, ignore_errors=True)
     if shards == 1:
-        parts = [build_part(prof, range(1, n + 1), out, threads, heap, commit_every, 0)]
+        parts = [build_part(prof, range(1, n + 1), out, threads, heap, commit_every, 0, all_field)]
     else:
         out.mkdir(parents=True)
         ctx = get_context("fork")
@@ -148,7 +148,7 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
             ids = [pmid for pmid in range(1, n + 1) if shard_of(str(pmid), shards) == i]
             result = out / f".part-{i}.json"
             proc = ctx.Process(target=_build_child, args=(prof, ids, out / shard_dir_name(i), threads, heap,
-                                                          commit_every, i, result))
+                                                          commit_every, i, result, all_field))
             proc.start()
             procs.append((proc, result))
         parts = []
@@ -161,7 +161,7 @@ def build(prof: CorpusProfile, n: int, out: Path, threads: int, heap: int, commi
         write_top_meta(out, shards)
     size = index_size_bytes(out)
     wall = max(p["wall_s"] for p in parts)
-    return {"records": n, "shards": shards, "processes": len(parts), "threads_per_process": threads,
+    return {"records": n, "shards": shards, "all_field": all_field, "processes": len(parts), "threads_per_process": threads,
             "heap_mb": heap // 1_000_000, "wall_s": wall, "docs_per_s": n / wall,
             "generate_cpu_us_per_record": 1e6 * sum(p["generate_cpu_s"] for p in parts) / n,
             "index_cpu_us_per_record": 1e6 * sum(p["index_cpu_s"] for p in parts) / n,
@@ -179,8 +179,8 @@ def write_top_meta(out: Path, shards: int) -> int:
     return top["num_docs"]
 
 
-def _build_child(prof, ids, out, threads, heap, commit_every, seed, result) -> None:
-    result.write_text(json.dumps(build_part(prof, ids, out, threads, heap, commit_every, seed)))
+def _build_child(prof, ids, out, threads, heap, commit_every, seed, result, all_field) -> None:
+    result.write_text(json.dumps(build_part(prof, ids, out, threads, heap, commit_every, seed, all_field)))
 
 
 def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict[str, float]:
@@ -195,24 +195,27 @@ def timed(fn: Callable[[str], Any], queries: Sequence[str], repeat: int) -> Dict
     return {"p50_ms": statistics.median(times), "p95_ms": pct(times, 0.95), "max_ms": max(times), "n": len(times)}
 
 
-def bench_queries(index: Path, repeat: int, search_threads: int) -> Dict[str, Any]:
-    """p50/p95 at k = 100, with and without the exact count, shards searched by `search_threads`."""
+def bench_queries(index: Path, repeat: int, search_threads: int, stopwords: str = "none") -> Dict[str, Any]:
+    """p50/p95 at k = 100, with and without the exact count, shards searched by `search_threads`, the
+    engine ignoring the `stopwords` list (search.text.STOPWORD_LISTS; the BoW queries keep every title
+    word, so with "pubmed" the engine drops PubMed's stopwords from them)."""
     topics = [json.loads(line) for line in (DATA / "topics.jsonl").open()]
     analyzer = make_analyzer()
     bow = [bow_query(t["title"], analyzer) for t in topics]
-    engine = LocalSearchEngine(index, search_threads=search_threads)
-    out: Dict[str, Any] = {"num_docs": engine.num_docs, "shards": engine.num_shards, "search_threads": search_threads}
+    engine = LocalSearchEngine(index, search_threads=search_threads, stopwords=stopwords)
+    out: Dict[str, Any] = {"num_docs": engine.num_docs, "shards": engine.num_shards, "search_threads": search_threads,
+                           "stopwords": stopwords}
     for name, queries in (("bow", bow), ("boolean", BOOLEAN_QUERIES)):
         for count in (True, False):
             key = f"{name}_{'count' if count else 'topk'}"
             out[key] = {**timed(lambda q, c=count: engine.search(q, k=100, count=c), queries, repeat), "load": load()}
-            log(f"{key}: {json.dumps(out[key])}")
+            log(f"{key} (stopwords {stopwords}): {json.dumps(out[key])}")
     out["bow_total_median"] = statistics.median(engine.count(q) for q in bow)
     out["boolean_total_median"] = statistics.median(engine.count(q) for q in BOOLEAN_QUERIES)
     return out
 
 
-def bench_reward(index: Path, threads: int, repeats: int, k: int) -> Dict[str, Any]:
+def bench_reward(index: Path, threads: int, repeats: int, k: int, stopwords: str = "none") -> Dict[str, Any]:
     """One GRPO-like batch of 512 answers (`bench_reward.make_answers`: pubmed_mini topics, repeats
     and malformed answers) scored by the RewardManager against `index` at recall@k: wall and
     process CPU seconds of the first (cold) and later (warm) runs. The topics' relevant PMIDs are
@@ -225,7 +228,7 @@ def bench_reward(index: Path, threads: int, repeats: int, k: int) -> Dict[str, A
 
     splits = tasks.build_splits("pubmed_mini")
     texts, truths, infos = zip(*make_answers(splits["train"] + splits["test"], 512, 0.5, 0.06, 0))
-    engine = LocalSearchEngine(index)
+    engine = LocalSearchEngine(index, stopwords=stopwords)
     literature.set_engine("pubmed_mini", engine)
     try:
         manager = RewardManager(None, config={"num_workers": threads,
@@ -238,7 +241,7 @@ def bench_reward(index: Path, threads: int, repeats: int, k: int) -> Dict[str, A
         stats = manager.last_search_stats
     finally:
         literature.set_engine("pubmed_mini", None)
-    return {"answers": len(texts), "k": k, "threads": threads, "shards": engine.num_shards,
+    return {"answers": len(texts), "k": k, "threads": threads, "shards": engine.num_shards, "stopwords": stopwords,
             "searches": int(stats.get("searches", 0)), "cold": runs[0], "warm": runs[1:]}
 
 
@@ -256,6 +259,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-threads", type=int, default=2)
     ap.add_argument("--reward-repeats", type=int, default=1)
     ap.add_argument("--reward-k", default="100", help="comma-separated recall@k of the reward batch (PubMed task: 3000)")
+    ap.add_argument("--stopwords", default="none,pubmed",
+                    help="comma-separated stopword lists the engine ignores, each measured (search.text.STOPWORD_LISTS)")
+    ap.add_argument("--no-all-field", dest="all_field", action="store_false",
+                    help="build without the combined field (local_index.ALL_TEXT_FIELD): the per-field index")
     ap.add_argument("--skip-reward", action="store_true")
     ap.add_argument("--skip-queries", action="store_true", help="build only")
     ap.add_argument("--json", help="write the figures to this JSON file")
@@ -279,25 +286,32 @@ def main(argv=None) -> int:
         log(f"xml: {json.dumps(out['xml'])}")
         save()
     for shards in [int(x) for x in args.shards.split(",")]:
-        index = work / (f"index_{args.records}" + (f"_{shards}shards" if shards > 1 else ""))
+        index = work / (f"index_{args.records}" + (f"_{shards}shards" if shards > 1 else "")
+                        + ("" if args.all_field else "_fields"))
         row: Dict[str, Any] = out.setdefault("by_shards", {}).setdefault(str(shards), {})
         if args.reuse_index and shards > 1 and not (index / INDEX_META_FILE).exists():
             row["partial_build_docs"] = write_top_meta(index, shards)  # a build stopped part-way
             log(f"{index}: the shards' committed {row['partial_build_docs']:,} documents")
         if not (args.reuse_index and index.exists()):
-            row["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every, shards)
+            row["build"] = build(prof, args.records, index, args.threads, heap, args.commit_every, shards,
+                                 args.all_field)
             log(f"build: {json.dumps(row['build'])}")
             save()
         if args.skip_queries:
             continue
-        for threads in sorted({1, shards}, reverse=True):
-            row[f"queries_{threads}_threads"] = bench_queries(index, args.repeat, threads)
-            save()
+        lists = args.stopwords.split(",")
+        suffix = {name: "" if name == "none" else f"_stop_{name}" for name in lists}  # "none": the earlier keys
+        for name in lists:
+            for threads in sorted({1, shards}, reverse=True):
+                row[f"queries_{threads}_threads{suffix[name]}"] = bench_queries(index, args.repeat, threads, name)
+                save()
         for k in ([] if args.skip_reward else [int(x) for x in args.reward_k.split(",")]):
-            log(f"reward batch, k={k}")
-            row[f"reward_k{k}"] = bench_reward(index, args.reward_threads, args.reward_repeats, k)
-            log(f"reward: {json.dumps(row[f'reward_k{k}'])}")
-            save()
+            for name in lists:
+                log(f"reward batch, k={k}, stopwords {name}")
+                key = f"reward_k{k}{suffix[name]}"
+                row[key] = bench_reward(index, args.reward_threads, args.reward_repeats, k, name)
+                log(f"reward: {json.dumps(row[key])}")
+                save()
     return 0
 
 

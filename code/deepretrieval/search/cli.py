@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from deepretrieval.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, OutputClosed, error_line
+from deepretrieval.search.text import DEFAULT_STOPWORDS, MIRROR_STOPWORDS, STOPWORD_LISTS
 from deepretrieval.search.base import (ENGINES, MAX_K, QuerySyntaxError, SearchEngineError, SearchResult,
                                        SearchUnavailable, make_engine)
 
@@ -51,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="split the index into N shards by record id, searched in parallel")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty, non-index --out")
     build.add_argument("--limit", type=int, default=None, help="stop after N indexed records")
+    build.add_argument("--all-field", action="store_true",
+                       help="also index every text field's words in one combined field, where all-fields words are then "
+                       "searched: one term query per word instead of one per field (faster on big indexes; ranked by "
+                       "BM25 on the combined text)")
+    build.add_argument("--stopwords", choices=list(STOPWORD_LISTS), default=DEFAULT_STOPWORDS,
+                       help="words its searches ignore where they stand alone (pubmed: PubMed's list, as PubMed "
+                       f"does; default {DEFAULT_STOPWORDS}; a search can override it)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
     mirror = index_sub.add_parser(
@@ -65,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="split a new mirror into N shards searched in parallel (default 1; fixed at creation)")
     mirror.add_argument("--allow-out-of-order", action="store_true",
                         help="apply a file that sorts before one already applied")
+    mirror.add_argument("--no-all-field", dest="all_field", action="store_false", default=None,
+                        help="a new mirror without the combined field: all-fields words searched in each field and "
+                        "ranked by the fields' summed BM25 (fixed at creation)")
+    mirror.add_argument("--stopwords", choices=list(STOPWORD_LISTS), default=None,
+                        help="words searches of the mirror ignore where they stand alone (default: the mirror's; "
+                        f"a new mirror: {MIRROR_STOPWORDS}, PubMed's list, as PubMed does)")
     mirror.add_argument("--verify", action="store_true",
                         help="check the SHA-256 of already applied files again (default: size and modification time)")
     mirror.add_argument("--no-progress", action="store_true")
@@ -85,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.add_argument("--total", action="store_true", help="count every matching document (local engine: slower, "
                         "as the search then visits every match; the live engines always report it)")
+    search.add_argument("--stopwords", choices=list(STOPWORD_LISTS), default=None,
+                        help="local engine: the stopword list to ignore (default: the index's)")
     search.add_argument("--min-date", metavar="YYYY/MM/DD")
     search.add_argument("--max-date", metavar="YYYY/MM/DD")
     search.add_argument("--base-url", metavar="URL", help="API base URL (live engines)")
@@ -121,7 +137,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         meta = build_index(args.corpus, args.out, format=args.format, batch_size=args.batch_size,
                            heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
                            overwrite=args.overwrite, progress=not args.no_progress, limit=args.limit,
-                           shards=args.shards)
+                           shards=args.shards, stopwords=args.stopwords, all_field=args.all_field)
     except KeyboardInterrupt:
         return _fail("interrupted; no index was written", EXIT_INTERRUPTED)
     except (CorpusFormatError, FileNotFoundError, FileExistsError, OSError, ValueError) as exc:
@@ -145,7 +161,8 @@ def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
         _check_range("--shards", args.shards, 1, 256)
         summary = ingest_pubmed(args.index, args.files, heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
                                 shards=args.shards, progress=not args.no_progress,
-                                allow_out_of_order=args.allow_out_of_order, verify=args.verify)
+                                allow_out_of_order=args.allow_out_of_order, verify=args.verify,
+                                stopwords=args.stopwords, all_field=args.all_field)
     except KeyboardInterrupt:
         return _fail("interrupted; finished files are committed, rerun to resume", EXIT_INTERRUPTED)
     except (MirrorError, CorpusFormatError, FileNotFoundError, OSError, ValueError) as exc:  # UsageError too
@@ -168,7 +185,10 @@ def _engine_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.engine == "local":
         if not args.index:
             raise UsageError("--index DIR is required with --engine local")
-        return {"index_dir": _resolve_index(args.index)}
+        options = {"index_dir": _resolve_index(args.index)}
+        if args.stopwords:
+            options["stopwords"] = args.stopwords
+        return options
     options: Dict[str, Any] = {"cache": not args.no_cache}
     if args.base_url:
         options["base_url"] = args.base_url

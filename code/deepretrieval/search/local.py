@@ -10,6 +10,13 @@ tantivy's own query parser):
 - Words are analysed with the same analyser as the index (tantivy "default": split on
   non-alphanumerics, drop tokens over 40 bytes, lower-case; no stemming, like PubMed).
   A word that analyses to several tokens (``c-reactive``) is a phrase, as in PubMed.
+- Stopwords: a word of the index's stopword list (`text.STOPWORD_LISTS`: "pubmed" for a
+  PubMed mirror, "none" for `index build`'s indexes unless told; the engine's `stopwords` overrides
+  it) is ignored where it stands alone (``the``, ``of[tiab]``), with a warning, as PubMed does; inside
+  a phrase or a proximity search it is kept. An OR of title words then reads far fewer postings.
+- Combined field: in an index built with it (`local_index.ALL_TEXT_FIELD`, a PubMed mirror's default)
+  an all-fields word (no field tag or [all], no wildcard, one token) is one term query on the combined text,
+  ranked by its BM25 there; the match set is the same as searching every field.
 - Truncation: the literal prefix is expanded against the index's term dictionary
   (`Searcher.terms_with_prefix`), keeping the `max_expansions` (default 600, PubMed's cap)
   most frequent variants; a warning says when the cap cut variants. Inside phrases and
@@ -50,8 +57,9 @@ import tantivy
 from deepretrieval.search import query_tree as Q
 from deepretrieval.search.base import QuerySyntaxError, SearchEngine, SearchResult, SearchUnavailable, check_k
 from deepretrieval.search.ingest import parse_date
-from deepretrieval.search.local_index import TEXT_FIELDS, make_analyzer, read_index_meta, shard_paths
+from deepretrieval.search.local_index import ALL_TEXT_FIELD, TEXT_FIELDS, make_analyzer, read_index_meta, shard_paths
 from deepretrieval.search.query import parse
+from deepretrieval.search.text import DEFAULT_STOPWORDS, STOPWORD_LISTS, check_stopwords
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +98,7 @@ class _Compiler:
         self.e, self.q, self.shard = engine, parsed, shard
         self.ovid = parsed.dialect == "ovid"
         self.warnings: List[str] = []
+        self.stopped: Dict[str, None] = {}  # stopwords ignored, in order
         self.memo: Dict[Tuple[int, bool], Optional[tantivy.Query]] = {}
         self.cost = 0
 
@@ -207,11 +216,17 @@ class _Compiler:
         return self.scored(tantivy.Query.phrase_query(schema, field, toks, slop), field, toks)
 
     def text(self, node: Q.Text) -> Optional[tantivy.Query]:
+        toks = self.tokens(node.text, node.pos)
+        if len(toks) == 1 and toks[0] in self.e.stopwords:
+            self.stopped.setdefault(toks[0], None)
+            return None
+        every_field = node.spec is None or node.spec.fields == Q.ALL_FIELDS  # no tag, [all], .mp.
+        if every_field and self.e.all_field and len(toks) == 1 and not self.is_wild(toks[0]):
+            return self.term_in_field(ALL_TEXT_FIELD, toks, 0, node.pos)
         fields = node.spec.fields if node.spec is not None else Q.ALL_FIELDS
         # fields no record of this index fills cannot match: skipping them keeps queries fast
         fields = tuple(f for f in fields if f in self.e.text_fields)
         slop = node.spec.slop if node.spec is not None and node.spec.slop is not None else 0
-        toks = self.tokens(node.text, node.pos)
         if not toks:
             self.warn(f"{node.text!r} has no searchable characters and was ignored")
             return None
@@ -432,9 +447,12 @@ class LocalSearchEngine(SearchEngine):
 
     def __init__(self, index_dir: Union[str, os.PathLike], max_expansions: int = DEFAULT_MAX_EXPANSIONS,
                  expansion_cache_size: int = 50_000, max_query_cost: int = DEFAULT_MAX_QUERY_COST,
-                 search_threads: Optional[int] = None, global_idf: bool = True, **_ignored: Any):
+                 search_threads: Optional[int] = None, global_idf: bool = True, stopwords: Optional[str] = None,
+                 **_ignored: Any):
         self.index_dir = Path(index_dir)
         self.meta: Dict[str, Any] = read_index_meta(self.index_dir)
+        self.stopword_list = check_stopwords(stopwords or self.meta.get("stopwords", DEFAULT_STOPWORDS))
+        self.stopwords = STOPWORD_LISTS[self.stopword_list]
         self.searchers = []
         for path in shard_paths(self.index_dir, self.meta):
             try:
@@ -446,6 +464,7 @@ class LocalSearchEngine(SearchEngine):
             self.searchers.append(index.searcher())
         self.searcher = self.searchers[0]
         self.text_fields = frozenset(self.meta.get("text_fields", TEXT_FIELDS))
+        self.all_field = bool(self.meta.get("all_field", False))  # all-fields words in ALL_TEXT_FIELD
         self.search_threads = len(self.searchers) if search_threads is None else max(1, int(search_threads))
         self.global_idf = bool(global_idf)
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -581,6 +600,8 @@ class LocalSearchEngine(SearchEngine):
             # tantivy (or a regular expression) refusing a query it was given
             raise QuerySyntaxError(f"query not accepted by the local index ({exc})", 0, query) from exc
         warnings = list(parsed.warnings) + comp.warnings
+        if comp.stopped:
+            warnings.append(f"stopwords ignored ({self.stopword_list} list): {', '.join(comp.stopped)}")
         if tq is None:
             warnings.append("the query has no searchable terms")
             tq = tantivy.Query.empty_query()

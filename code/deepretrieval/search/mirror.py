@@ -32,6 +32,12 @@ Indexing uses tantivy's multi-threaded writer: `num_threads` (0: tantivy's choic
 split like `build_index(shards=N)` (`local_index.shard_of`: every version of a PMID lands in
 the same shard), in `shard-NNN` folders under one metadata file, searched concurrently by
 `LocalSearchEngine`; the writers share the heap and threads as `build_index`'s do.
+Searches of a mirror ignore PubMed's stopwords (`text.PUBMED_STOPWORDS`, as PubMed does) unless
+it was made or updated with `stopwords="none"`; the list is recorded in the manifest and the metadata
+and can be changed on any run (it is applied when searching, not when indexing). Mirrors made before
+the setting existed keep searching every word. A new mirror also fills the combined field
+(`local_index.ALL_TEXT_FIELD`: all-fields words are one term query each; `all_field=False` at creation
+to rank by the fields' summed BM25 instead); it is fixed when the mirror is created.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths,
                                          read_pubmed_xml)
-from deepretrieval.search.local_index import (INDEX_FORMAT_VERSION, INDEX_META_FILE, MAX_SHARDS, MIN_HEAP_PER_THREAD,
-                                              SHARD_HASH, TEXT_FIELDS, _document, _open_writer, build_schema,
-                                              shard_dir_name, shard_of)
+from deepretrieval.search.local_index import (ALL_TEXT_FIELD, INDEX_FORMAT_VERSION, INDEX_META_FILE, MAX_SHARDS,
+                                              MIN_HEAP_PER_THREAD, SHARD_HASH, TEXT_FIELDS, _document, _open_writer,
+                                              build_schema, shard_dir_name, shard_of)
+from deepretrieval.search.text import DEFAULT_STOPWORDS, MIRROR_STOPWORDS, check_stopwords
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +119,20 @@ class MirrorWriter:
     last commit plus the records applied since (`_present`)."""
 
     def __init__(self, index_dir: PathLike, heap_size: int = 512_000_000, num_threads: int = 0,
-                 shards: Optional[int] = None):
+                 shards: Optional[int] = None, stopwords: Optional[str] = None, all_field: Optional[bool] = None):
         import tantivy
 
+        if stopwords is not None:
+            check_stopwords(stopwords)
         self.dir = Path(index_dir)
         self._tantivy = tantivy
         self.manifest = self._read_manifest()
         if self.manifest is not None and shards is not None and shards != self.manifest.get("shards", 1):
             raise MirrorError(f"{self.dir} is a mirror of {self.manifest.get('shards', 1)} shard(s), not {shards}; "
                               "the shard count is fixed when a mirror is created")
+        if self.manifest is not None and all_field is not None and all_field != self.manifest.get("all_field", False):
+            raise MirrorError(f"{self.dir} is a mirror {'with' if self.manifest.get('all_field') else 'without'} the "
+                              f"combined field ({ALL_TEXT_FIELD}); it is fixed when a mirror is created")
         self.num_shards = int(self.manifest.get("shards", 1) if self.manifest is not None else shards or 1)
         if not 1 <= self.num_shards <= MAX_SHARDS:
             raise MirrorError(f"shards must be between 1 and {MAX_SHARDS}, got {self.num_shards}")
@@ -140,12 +152,18 @@ class MirrorWriter:
                 self.indexes.append(tantivy.Index(build_schema(), path=str(path)))
             self.manifest = {"manifest_version": MANIFEST_VERSION, "shards": self.num_shards, "files": [],
                              "totals": {**dict.fromkeys(COUNT_KEYS, 0), "skipped": {}},
-                             "flags": dict.fromkeys(FLAG_KEYS, 0), "text_fields": []}
+                             "flags": dict.fromkeys(FLAG_KEYS, 0), "text_fields": [],
+                             "stopwords": stopwords or MIRROR_STOPWORDS,
+                             "all_field": True if all_field is None else bool(all_field)}
             # written before anything is applied, so a run that fails or is killed during its
             # first file leaves a mirror (with no files done) that the rerun resumes
             _write_json_atomic(self.dir / MANIFEST_FILE, self.manifest)
         else:
             self.indexes = [tantivy.Index.open(str(path)) for path in dirs]
+        # a changed stopword list is saved with the next commit (ingest_pubmed commits once when no file is due)
+        self.stopwords_changed = stopwords is not None and stopwords != self.stopwords
+        if self.stopwords_changed:
+            self.manifest["stopwords"] = stopwords
         self.writers: List[Any] = []
         try:
             for index in self.indexes:
@@ -162,6 +180,16 @@ class MirrorWriter:
     @property
     def num_docs(self) -> int:
         return sum(int(searcher.num_docs) for searcher in self.searchers)
+
+    @property
+    def all_field(self) -> bool:
+        """Whether the mirror fills the combined field (mirrors made before the setting: no)."""
+        return bool(self.manifest.get("all_field", False))
+
+    @property
+    def stopwords(self) -> str:
+        """The stopword list searches of this mirror ignore (mirrors made before the setting: none)."""
+        return self.manifest.get("stopwords", DEFAULT_STOPWORDS)
 
     # -- manifest
     def _read_manifest(self) -> Optional[Dict[str, Any]]:
@@ -227,7 +255,7 @@ class MirrorWriter:
         present = self._present([r.id for r in chunk])
         for rec in chunk:
             try:
-                doc = None if rec.deleted else _document(rec)
+                doc = None if rec.deleted else _document(rec, self.all_field)
                 writer = self.writers[self._shard(rec.id)]
                 writer.delete_documents_by_term("id", rec.id)
                 if doc is not None:
@@ -297,6 +325,7 @@ class MirrorWriter:
             "has_major": flags["with_major"] > 0, "has_qualifiers": flags["with_qualifiers"] > 0,
             "has_pt": flags["with_pt"] > 0,
             "text_fields": [f for f in TEXT_FIELDS if f in self.manifest["text_fields"]],
+            "stopwords": self.stopwords, "all_field": self.all_field,
             "records_read": sum(t[k] for k in COUNT_KEYS) + sum(t["skipped"].values()),
             "records_added": t["added"] + t["replaced"],
             "deletions": t["deleted"] + t["delete_missing"],
@@ -359,13 +388,16 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
 
 def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]], *, heap_size: int = 512_000_000,
                   num_threads: int = 0, shards: Optional[int] = None, progress: bool = True,
-                  allow_out_of_order: bool = False, verify: bool = False) -> Dict[str, Any]:
+                  allow_out_of_order: bool = False, verify: bool = False,
+                  stopwords: Optional[str] = None, all_field: Optional[bool] = None) -> Dict[str, Any]:
     """Apply PubMed baseline/update XML files to the mirror at `index_dir` (see the module
     docstring); returns the run's summary: files applied and already done, counts for this run
     and for the whole mirror, documents in the index, seconds and records per second.
     Raises CorpusFormatError for a damaged or non-PubMed file (files before it stay applied)
     and MirrorError for the cases `plan_files` and `MirrorWriter` describe. `verify`: check the
-    SHA-256 of every applied file again (by default only size and modification time)."""
+    SHA-256 of every applied file again (by default only size and modification time). `stopwords`:
+    the list searches ignore (`text.STOPWORD_LISTS`); None keeps the mirror's (a new one: pubmed).
+    `all_field`: fill the combined field (a new mirror: True; fixed at creation)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -374,7 +406,8 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
         fmt = detect_format(path)
         if fmt != "pubmed-xml":
             raise CorpusFormatError(f"{path}: {fmt}, not a PubMed baseline/update XML file")
-    mirror = MirrorWriter(index_dir, heap_size=heap_size, num_threads=num_threads, shards=shards)
+    mirror = MirrorWriter(index_dir, heap_size=heap_size, num_threads=num_threads, shards=shards, stopwords=stopwords,
+                          all_field=all_field)
     run = Counts()
     applied: List[str] = []
     try:
@@ -394,6 +427,8 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
                 applied.append(path.name)
         finally:
             bar.close()
+        if mirror.stopwords_changed and not applied:  # nothing to apply: save the new list by itself
+            mirror.commit(None, Counts())
     except CorpusFormatError as exc:
         # the readers' advice is build_index's ("no index was written"); here earlier files stay applied
         message = str(exc).replace("; no index was written, replace the file", "")
@@ -406,7 +441,9 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
     return {
         "index": str(index_dir), "files_applied": applied, "files_already_done": already,
         "run": run.as_dict(), "mirror": dict(mirror.manifest["totals"]),
-        "num_docs": mirror.num_docs, "shards": mirror.num_shards, "seconds": round(seconds, 3),
+        "num_docs": mirror.num_docs, "shards": mirror.num_shards, "stopwords": mirror.stopwords,
+        "all_field": mirror.all_field,
+        "seconds": round(seconds, 3),
         "records_per_s": round(records / seconds, 1) if seconds > 0 else None,
     }
 
@@ -431,4 +468,6 @@ def ingest_summary(summary: Dict[str, Any]) -> List[str]:
         lines.append("this run skipped " + ", ".join(f"{reason}: {n:,}" for reason, n in run["skipped"].items()))
     lines.append(f"mirror total: added {total['added']:,}, replaced {total['replaced']:,}, deleted {total['deleted']:,}, "
                  f"deletions of absent PMIDs {total['delete_missing']:,}, skipped {sum(total['skipped'].values()):,}")
+    lines.append(f"searches ignore stopwords: {summary['stopwords']} list; all-fields words searched in "
+                 + (f"the combined field ({ALL_TEXT_FIELD})" if summary["all_field"] else "each field"))
     return lines

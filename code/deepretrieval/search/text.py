@@ -1,4 +1,5 @@
-"""Free text as a search query: the bag-of-words OR query, and query expansion.
+"""Free text as a search query: the bag-of-words OR query, query expansion, and the stopword lists the
+local engine's searches ignore (`STOPWORD_LISTS`).
 
     bag_of_words(text)          distinct lower-cased alphanumeric tokens, stop words dropped
     or_query(text)              `w1 OR w2 OR ...`: how free text is issued to the local engine (which
@@ -13,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 # Lucene's default English stop set (what pyserini's BM25 drops), plus the Boolean operator
 # words, which the PubMed-syntax parser would read as operators.
@@ -22,6 +23,31 @@ STOPWORDS = frozenset(
     "there these they this to was will with".split()
 )
 WORD = re.compile(r"[A-Za-z0-9]+")
+
+# Words a search ignores, by list name. An index's metadata names its list (`stopwords`); an engine can
+# override it. "pubmed": PubMed's stopwords (NLM's PubMed Help: "commonly found words are not indexed and
+# PubMed will ignore them"), the default of a PubMed mirror (search.mirror); "none": every word is searched,
+# the default of `index build` (the vendored benchmark indexes and their measured baselines). A stopword is
+# ignored where it stands alone (`the`, `of[tiab]`); inside a phrase or a proximity search it is kept.
+PUBMED_STOPWORDS = frozenset("""
+    a about again all almost also although always among an and another any are as at be because been before
+    being between both but by can could did do does done due during each either enough especially etc for found
+    from further had has have having here how however i if in into is it its itself just kg km made mainly make
+    may mg might ml mm most mostly must nearly neither no nor obtained of often on our overall perhaps pmid
+    quite rather really regarding seem seen several should show showed shown shows significantly since so some
+    such than that the their theirs them then there therefore these they this those through thus to upon use
+    used using various very was we were what when which while with within without would
+""".split())
+STOPWORD_LISTS: Dict[str, FrozenSet[str]] = {"none": frozenset(), "pubmed": PUBMED_STOPWORDS}
+DEFAULT_STOPWORDS = "none"  # `index build`, and indexes whose metadata names no list
+MIRROR_STOPWORDS = "pubmed"  # a new PubMed mirror
+
+
+def check_stopwords(name: str) -> str:
+    """`name` if it names a stopword list, else ValueError."""
+    if name not in STOPWORD_LISTS:
+        raise ValueError(f"stopwords must be one of {', '.join(STOPWORD_LISTS)}, got {name!r}")
+    return name
 
 
 def bag_of_words(text: str) -> List[str]:
