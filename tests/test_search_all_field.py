@@ -2,7 +2,6 @@
 the per-field index's match sets, BM25 on the combined text against an independent computation, and
 the settings of `index build` and the PubMed mirror."""
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ from deepretrieval.cli import main
 from deepretrieval.search.local import LocalSearchEngine
 from deepretrieval.search.local_index import INDEX_META_FILE, build_index, make_analyzer
 from deepretrieval.search.mirror import MirrorError, ingest_pubmed
+from test_search_mirror import article, pubmed_file
 
 SMALL = Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl"
 
@@ -64,17 +64,8 @@ def test_phrases_and_field_tags_still_search_the_fields(engines):
         assert (a.ids, a.scores) == (b.ids, b.scores), query
 
 
-def _file(path, title):
-    xml = ('<?xml version="1.0" encoding="utf-8"?>\n<PubmedArticleSet>\n<PubmedArticle><MedlineCitation>'
-           '<PMID Version="1">1</PMID><Article><Journal><JournalIssue><PubDate><Year>2001</Year></PubDate>'
-           f'</JournalIssue></Journal><ArticleTitle>{title}</ArticleTitle></Article></MedlineCitation>'
-           '</PubmedArticle>\n</PubmedArticleSet>\n')
-    path.write_bytes(gzip.compress(xml.encode()))
-    return path
-
-
 def test_mirror_default_and_fixed_at_creation(tmp_path):
-    f1 = _file(tmp_path / "pubmed25n0001.xml.gz", "Aspirin after stroke")
+    f1 = pubmed_file(tmp_path / "pubmed25n0001.xml.gz", [article(1, "Aspirin after stroke", year=2001)])
     opts = {"heap_size": 50_000_000, "num_threads": 1, "progress": False}
     summary = ingest_pubmed(tmp_path / "m1", [f1], **opts)
     assert summary["all_field"] is True
@@ -91,7 +82,7 @@ def test_cli_flags(tmp_path, capsys):
     assert main(["index", "build", "--corpus", str(SMALL), "--out", str(out), "--no-progress", "--all-field"]) == 0
     assert "all-fields words are searched in the combined field (all_text)" in capsys.readouterr().out
     assert json.loads((out / INDEX_META_FILE).read_text())["all_field"] is True
-    f1 = _file(tmp_path / "pubmed25n0001.xml.gz", "Aspirin after stroke")
+    f1 = pubmed_file(tmp_path / "pubmed25n0001.xml.gz", [article(1, "Aspirin after stroke", year=2001)])
     argv = ["index", "ingest-pubmed", "--index", str(tmp_path / "m"), "--no-progress", "--threads", "1",
             "--heap-mb", "50", str(f1)]
     assert main(argv + ["--no-all-field"]) == 0

@@ -13,6 +13,7 @@ from deepretrieval.search.local import LocalSearchEngine
 from deepretrieval.search.local_index import INDEX_META_FILE, build_index
 from deepretrieval.search.mirror import MANIFEST_FILE, ingest_pubmed
 from deepretrieval.search.text import PUBMED_STOPWORDS, STOPWORD_LISTS
+from test_search_mirror import article, pubmed_file
 
 SMALL = Path(__file__).parent / "fixtures" / "search" / "small_corpus.jsonl"
 
@@ -91,21 +92,10 @@ def test_unknown_or_damaged_settings(tmp_path, index):
             LocalSearchEngine(damaged)
 
 
-def _baseline(path):
-    import gzip
-
-    xml = ('<?xml version="1.0" encoding="utf-8"?>\n<PubmedArticleSet>\n<PubmedArticle><MedlineCitation>'
-           '<PMID Version="1">1</PMID><Article><Journal><JournalIssue><PubDate><Year>2001</Year></PubDate>'
-           '</JournalIssue></Journal><ArticleTitle>The effect of aspirin</ArticleTitle></Article></MedlineCitation>'
-           '</PubmedArticle>\n</PubmedArticleSet>\n')
-    path.write_bytes(gzip.compress(xml.encode()))
-    return path
-
-
 def test_mirror_ignores_pubmed_stopwords_unless_told(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    f1 = _baseline(src / "pubmed25n0001.xml.gz")
+    f1 = pubmed_file(src / "pubmed25n0001.xml.gz", [article(1, "The effect of aspirin", year=2001)])
     mirror = tmp_path / "mirror"
     summary = ingest_pubmed(mirror, [f1], heap_size=50_000_000, num_threads=1, progress=False)
     assert summary["stopwords"] == "pubmed"

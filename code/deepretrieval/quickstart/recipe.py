@@ -267,7 +267,7 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
         for ex in examples:
             def q(side: Mapping[str, Any]) -> str:
                 # an answer with no query is shown as its error class and the start of what was written
-                error = side.get("error") if not side.get("query") and side.get("error") not in (None, "none") else None
+                error = None if side.get("query") or side.get("error") == "none" else side.get("error")
                 text = str(side.get("query") or side.get("response") or "").replace("|", "/").replace("\n", " ")
                 text = f"{error}: `{text[:100]}…`" if error else f"`{text[:160]}`"
                 rec = side.get("recall")

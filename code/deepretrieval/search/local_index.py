@@ -52,7 +52,7 @@ SHARD_HASH = "crc32(utf-8 id) mod shards"  # recorded in a sharded index's metad
 MIN_HEAP_PER_THREAD = 15_000_000  # tantivy refuses an indexing thread less memory than this
 # The combined field: every text field's words in one field (frequencies, no positions), like
 # Elasticsearch's `copy_to` / the old `_all`. With it an all-fields word is one term query instead of one per
-# field: a bag-of-words OR reads each document's postings once (measured 3.5x faster at 1M records,
+# field: a bag-of-words OR reads each document's postings once (2.2-2.6x faster at 1M records,
 # docs/benchmarks.md) and is ranked by BM25 on the combined text instead of the sum of the fields' BM25
 # (recall@100 of the pubmed_mini titles 0.366 vs 0.372). A PubMed mirror has it by default, `index build`
 # when asked (`all_field`): the vendored benchmark indexes keep the per-field ranking their baselines were
