@@ -5,8 +5,9 @@ Measures, in one run (figures in docs/benchmarks.md, "PubMed at scale"):
 1. the synthetic generator (`deepretrieval.search.synthetic`, drawn from pubmed_mini's word,
    length and MeSH distributions): records/s;
 2. the PubMed XML reader (`ingest.read_pubmed_xml`) and the full mirror ingest
-   (`mirror.ingest_pubmed`: parse + presence check + index + commit) on a synthetic baseline
-   file of `--xml-records` records: records/s;
+   (`mirror.ingest_pubmed`: parse + presence check + index + commit) on `--xml-records` synthetic
+   records in `--xml-files` baseline files, once per `--parse-workers` value (0: parsed in the
+   applying process; N: N processes parse the next files meanwhile): records/s and the speed-up;
 3. index build of `--records` records streamed from the generator through the mirror writer
    (`mirror.MirrorWriter`, commits every `--commit-every`; a sharded index: one process per
    shard; with the combined field unless `--no-all-field`): wall docs/s (generation included), CPU microseconds per record for generating and
@@ -68,24 +69,38 @@ def profile(workdir: Path) -> CorpusProfile:
     return prof
 
 
-def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: int) -> Dict[str, Any]:
-    """Reader and full-ingest throughput on one synthetic baseline file of n records."""
+def bench_xml(prof: CorpusProfile, n: int, workdir: Path, threads: int, heap: int, files: int = 4,
+              parse_workers: Sequence[int] = (0, 1)) -> Dict[str, Any]:
+    """Reader and full-ingest throughput on n synthetic records in `files` baseline files: the reader's
+    CPU per record, then one mirror per `parse_workers` value (0: parsed in the applying process; N:
+    N worker processes parse the next files meanwhile), with the speed-up over the first."""
     import gzip
 
     records = [r for chunk in generate(n, prof, seed=1) for r in chunk]
-    path = workdir / "pubmed99n0001.xml.gz"
-    path.write_bytes(gzip.compress(pubmed_xml(records).encode(), compresslevel=6))
+    per = -(-n // files)
+    paths = []
+    for i in range(files):
+        path = workdir / f"pubmed99n{i + 1:04d}.xml.gz"
+        path.write_bytes(gzip.compress(pubmed_xml(records[i * per:(i + 1) * per]).encode(), compresslevel=6))
+        paths.append(path)
     t0 = time.process_time()
-    parsed = sum(1 for _ in read_pubmed_xml(path))
+    parsed = sum(1 for _ in read_pubmed_xml(paths[0]))
     parse_s = time.process_time() - t0  # CPU time: the reader is single-threaded
-    mirror = workdir / "xml_mirror"
-    shutil.rmtree(mirror, ignore_errors=True)
-    summary = ingest_pubmed(mirror, [path], heap_size=heap, num_threads=threads, progress=False)
-    out = {"records": n, "file_bytes": path.stat().st_size, "parse_records_per_cpu_s": parsed / parse_s,
-           "ingest_records_per_s": n / summary["seconds"], "ingest_s": summary["seconds"],
-           "load": load()}
-    shutil.rmtree(mirror, ignore_errors=True)
-    path.unlink()
+    out: Dict[str, Any] = {"records": n, "files": files, "file_bytes": sum(p.stat().st_size for p in paths),
+                           "parse_records_per_cpu_s": parsed / parse_s, "ingest": {}}
+    for workers in parse_workers:
+        mirror = workdir / "xml_mirror"
+        shutil.rmtree(mirror, ignore_errors=True)
+        summary = ingest_pubmed(mirror, paths, heap_size=heap, num_threads=threads, progress=False,
+                                parse_workers=workers)
+        out["ingest"][str(workers)] = {"records_per_s": n / summary["seconds"], "seconds": summary["seconds"],
+                                       "load": load()}
+        shutil.rmtree(mirror, ignore_errors=True)
+    first = out["ingest"][str(parse_workers[0])]["seconds"]
+    for workers in parse_workers:
+        out["ingest"][str(workers)]["speedup"] = first / out["ingest"][str(workers)]["seconds"]
+    for path in paths:
+        path.unlink()
     return out
 
 
@@ -253,7 +268,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="tantivy indexing threads")
     ap.add_argument("--heap-mb", type=int, default=1000, help="indexing memory budget (all threads)")
     ap.add_argument("--commit-every", type=int, default=1_000_000)
-    ap.add_argument("--xml-records", type=int, default=20_000, help="records in the synthetic baseline file (0: skip)")
+    ap.add_argument("--xml-records", type=int, default=20_000, help="records in the synthetic baseline files (0: skip)")
+    ap.add_argument("--xml-files", type=int, default=4, help="baseline files the --xml-records are split into")
+    ap.add_argument("--parse-workers", default="0,1",
+                    help="comma-separated ingest_pubmed parse_workers values, each timed on the same files")
     ap.add_argument("--reuse-index", action="store_true", help="query an index built by an earlier run")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes over each query set")
     ap.add_argument("--reward-threads", type=int, default=2)
@@ -282,7 +300,8 @@ def main(argv=None) -> int:
     prof = profile(work)
     out["profile_s"] = time.perf_counter() - t0
     if args.xml_records:
-        out["xml"] = bench_xml(prof, args.xml_records, work, args.threads, heap)
+        out["xml"] = bench_xml(prof, args.xml_records, work, args.threads, heap, args.xml_files,
+                               [int(x) for x in args.parse_workers.split(",")])
         log(f"xml: {json.dumps(out['xml'])}")
         save()
     for shards in [int(x) for x in args.shards.split(",")]:

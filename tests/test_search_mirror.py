@@ -3,6 +3,7 @@ deletions and revisions, resume after a damaged file or a kill, refusal of chang
 
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -112,7 +113,9 @@ def test_sharded_mirror(files, tmp_path):
         assert all(found(index / shard_dir_name(i), f"{pmid}[pmid]") == set() for i in range(3) if i != shard)
 
 
-def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parse_workers", [0, 2])
+def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeypatch, parse_workers):
+    """With parse workers file 3 is parsed before file 2's error is raised, and still not applied."""
     monkeypatch.setattr(mirror, "EXISTS_CHUNK", 1)  # the record before the damage reaches the writer
     index = tmp_path / "mirror"
     good = files[1].read_bytes()
@@ -121,7 +124,7 @@ def test_damaged_file_stops_the_run_and_a_rerun_resumes(files, tmp_path, monkeyp
     files[1].write_bytes(gzip.compress(xml))  # damaged after its first record
     with pytest.raises(CorpusFormatError, match="pubmed25n0002.*malformed XML after 1 articles.*Applied before it in "
                        "this run: 1 file"):
-        ingest_pubmed(index, files, progress=False)
+        ingest_pubmed(index, files, progress=False, parse_workers=parse_workers)
     # file 1 is committed and searchable; nothing of file 2 (its records before the damage rolled back)
     assert [f["name"] for f in json.loads((index / MANIFEST_FILE).read_text())["files"]] == [files[0].name]
     assert LocalSearchEngine(index).num_docs == 3 and found(index, "diabetes") == set()
@@ -183,6 +186,69 @@ mirror.ingest_pubmed({str(index)!r}, {[str(f) for f in files]!r}, progress=False
     summary = ingest_pubmed(index, files, progress=False)
     assert summary["files_already_done"] == [f.name for f in files[:done]] and len(summary["files_applied"]) == 3 - done
     assert summary["mirror"]["added"] == 6 and summary["mirror"]["replaced"] == 2
+    check_final_mirror(index)
+
+
+def manifest_without_times(index):
+    manifest = json.loads((index / MANIFEST_FILE).read_text())
+    for entry in manifest["files"]:
+        entry.pop("ingested_at")
+    return manifest
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_parse_workers_give_the_same_mirror(files, tmp_path, caplog, shards):
+    """Files parsed ahead by worker processes are applied as the in-process reader applies them: the same
+    counts, manifest and match sets, and the reader's warnings are logged here (by the applying process).
+    Scores are not compared: revised records' deleted versions count in BM25's statistics until tantivy's
+    background merges drop them, so two in-process runs can already score differently."""
+    bad = pubmed_file(files[0].parent / "pubmed25n0004.xml.gz",  # year "20O4" (letter O): a skipped article
+                      [article(7, "Heparin bridging", year="20O4"), article(8, "Heparin in pregnancy", year=2021)])
+    summaries, warnings = {}, {}
+    for workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepretrieval.search.ingest"):
+            summaries[workers] = ingest_pubmed(tmp_path / f"m{workers}", files + [bad], shards=shards, progress=False,
+                                               parse_workers=workers)
+        warnings[workers] = [r.getMessage() for r in caplog.records]
+    assert warnings[2] == warnings[0] and len(warnings[0]) == 1 and "PMID 7" in warnings[0][0]
+    assert summaries[2]["run"] == summaries[0]["run"] == {
+        "added": 7, "replaced": 2, "deleted": 1, "delete_missing": 1,
+        "skipped": {"book record (not indexed)": 1, "fields of the wrong type": 1}}
+    assert manifest_without_times(tmp_path / "m2") == manifest_without_times(tmp_path / "m0")
+    for query in ("diabetes", "heparin OR aspirin OR apixaban", "aspirin[ti]", "2021[dp]"):
+        one, many = (LocalSearchEngine(tmp_path / f"m{w}").search(query, k=50) for w in (0, 2))
+        assert set(many.ids) == set(one.ids) and one.ids
+    with pytest.raises(ValueError, match="parse_workers"):
+        ingest_pubmed(tmp_path / "m3", files, progress=False, parse_workers=-1)
+
+
+def test_a_parse_worker_that_dies_stops_the_run_cleanly(files, tmp_path, monkeypatch):
+    """A killed worker (e.g. out of memory) is a MirrorError naming the file; earlier files stay applied."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class PoolWithADyingWorker:  # runs the jobs here; file 0002's worker "dies"
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, path):
+            future = Future()
+            if path.name.endswith("0002.xml.gz"):
+                future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            else:
+                future.set_result(fn(path))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(mirror, "ProcessPoolExecutor", PoolWithADyingWorker)
+    index = tmp_path / "mirror"
+    with pytest.raises(MirrorError, match="pubmed25n0002.xml.gz: its parse worker stopped.*rerun to resume"):
+        ingest_pubmed(index, files, progress=False, parse_workers=2)
+    assert [f["name"] for f in json.loads((index / MANIFEST_FILE).read_text())["files"]] == [files[0].name]
+    assert ingest_pubmed(index, files, progress=False)["files_applied"] == [f.name for f in files[1:]]
     check_final_mirror(index)
 
 
@@ -266,6 +332,11 @@ def test_cli_ingest_pubmed(files, tmp_path, capsys):
     assert out[2] == "this run skipped book record (not indexed): 1"
     assert main(argv + [str(f) for f in files]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "files applied 0, already done (skipped) 3; documents in the mirror 5"
+    assert main(argv[:3] + [str(tmp_path / "m2"), "--no-progress", "--parse-workers", "2"] + [str(f) for f in files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == out[0] and lines[1].startswith(out[1][:out[1].index(" in ")]) and lines[2] == out[2]
+    assert main(argv + ["--parse-workers", "-1", str(files[0])]) == 2
+    assert "--parse-workers must be" in capsys.readouterr().err
     assert main(["search", "--index", str(index), "--json", "diabetes"]) == 0
     assert set(json.loads(capsys.readouterr().out)["ids"]) == {"4", "5"}
     assert main(argv[:-2] + ["--heap-mb", "10", str(files[0])]) == 2

@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mirror.add_argument("--index", required=True, metavar="DIR", help="mirror index directory (new, empty or a mirror)")
     mirror.add_argument("--threads", type=int, default=0, help="indexing threads (0: tantivy's choice)")
     mirror.add_argument("--heap-mb", type=int, default=512, help="indexing memory budget, shared by the threads")
+    mirror.add_argument("--parse-workers", type=int, default=0, metavar="N",
+                        help="processes that parse the next files while one is applied (default 0: parse in this "
+                        "process; on a many-core machine parsing is the bottleneck, see docs/benchmarks.md)")
     mirror.add_argument("--shards", type=int, default=None,
                         help="split a new mirror into N shards searched in parallel (default 1; fixed at creation)")
     mirror.add_argument("--allow-out-of-order", action="store_true",
@@ -153,16 +156,18 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_ingest_pubmed(args: argparse.Namespace) -> int:
     from deepretrieval.search.ingest import CorpusFormatError
-    from deepretrieval.search.mirror import MirrorError, ingest_pubmed, ingest_summary
+    from deepretrieval.search.mirror import MAX_PARSE_WORKERS, MirrorError, ingest_pubmed, ingest_summary
 
     try:
         _check_range("--threads", args.threads, 0, 1024)
         _check_range("--heap-mb", args.heap_mb, 15, 1_000_000)
         _check_range("--shards", args.shards, 1, 256)
+        _check_range("--parse-workers", args.parse_workers, 0, MAX_PARSE_WORKERS)
         summary = ingest_pubmed(args.index, args.files, heap_size=args.heap_mb * 1_000_000, num_threads=args.threads,
                                 shards=args.shards, progress=not args.no_progress,
                                 allow_out_of_order=args.allow_out_of_order, verify=args.verify,
-                                stopwords=args.stopwords, all_field=args.all_field)
+                                stopwords=args.stopwords, all_field=args.all_field,
+                                parse_workers=args.parse_workers)
     except KeyboardInterrupt:
         return _fail("interrupted; finished files are committed, rerun to resume", EXIT_INTERRUPTED)
     except (MirrorError, CorpusFormatError, FileNotFoundError, OSError, ValueError) as exc:  # UsageError too

@@ -32,6 +32,10 @@ Indexing uses tantivy's multi-threaded writer: `num_threads` (0: tantivy's choic
 split like `build_index(shards=N)` (`local_index.shard_of`: every version of a PMID lands in
 the same shard), in `shard-NNN` folders under one metadata file, searched concurrently by
 `LocalSearchEngine`; the writers share the heap and threads as `build_index`'s do.
+With `parse_workers` > 0 the files are read (XML parsing: about as much CPU per record as indexing) by that
+many worker processes, up to that many files ahead of the one being applied; the files are still applied
+one at a time in name order by this process, so the index, the manifest, the counts and the behaviour on a
+damaged file or a kill are those of the in-process reader (0, which streams a file instead of holding it).
 Searches of a mirror ignore PubMed's stopwords (`text.PUBMED_STOPWORDS`, as PubMed does) unless
 it was made or updated with `stopwords="none"`; the list is recorded in the manifest and the metadata
 and can be changed on any run (it is applied when searching, not when indexing). Mirrors made before
@@ -45,11 +49,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from deepretrieval.search.ingest import (CorpusFormatError, Record, SkipLog, detect_format, expand_paths,
                                          read_pubmed_xml)
@@ -386,10 +394,62 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
     return todo, skipped
 
 
+FileJob = Tuple[Path, int, str, int]  # plan_files' (path, size, sha256, mtime_ns)
+MAX_PARSE_WORKERS = 256
+
+
+def _read_whole_file(path: Path) -> Tuple[List[Record], SkipLog]:
+    """A parse worker's job: the file's records in order and what its reader skipped (its warnings are
+    logged by the applying process, `_file_readers`, as the in-process reader logs them)."""
+    logging.getLogger(read_pubmed_xml.__module__).setLevel(logging.ERROR)
+    skips = SkipLog()
+    return list(read_pubmed_xml(path, skips)), skips
+
+
+def _file_readers(todo: Sequence[FileJob], parse_workers: int) -> Iterator[Tuple[FileJob, Iterable[Record], SkipLog]]:
+    """(file, its records in order, the reader's skips) for each file of `todo`, in order. Without workers a
+    file is streamed here, as it is applied (the skips fill while its records are consumed); with
+    `parse_workers` processes the next files are parsed meanwhile, at most that many ahead, so at most
+    `parse_workers` + 1 files' records are held at once. A worker's error (a damaged file) is raised when its
+    file's turn comes, after the earlier files were applied."""
+    if parse_workers <= 0 or not todo:
+        for job in todo:
+            skips = SkipLog()
+            yield job, read_pubmed_xml(job[0], skips), skips
+        return
+    # spawn: the writer's threads are running in this process, and forking a threaded process is unsafe
+    pool = ProcessPoolExecutor(max_workers=min(parse_workers, len(todo)),
+                               mp_context=multiprocessing.get_context("spawn"))
+    pending: Deque[Tuple[FileJob, "Future[Tuple[List[Record], SkipLog]]"]] = deque()
+    jobs = iter(todo)
+    try:
+        for job in jobs:
+            pending.append((job, pool.submit(_read_whole_file, job[0])))
+            if len(pending) >= parse_workers:
+                break
+        while pending:
+            job, future = pending.popleft()
+            nxt = next(jobs, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_read_whole_file, nxt[0])))
+            try:
+                records, skips = future.result()
+            except BrokenProcessPool as exc:  # a worker was killed (e.g. out of memory)
+                raise MirrorError(f"{job[0]}: its parse worker stopped ({exc}); the files before it are applied, "
+                                  "rerun to resume (--parse-workers 0 parses in the applying process)") from None
+            for example in skips.examples:
+                logging.getLogger(read_pubmed_xml.__module__).warning("skipped %s", example)
+            yield job, records, skips
+            del records
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]], *, heap_size: int = 512_000_000,
                   num_threads: int = 0, shards: Optional[int] = None, progress: bool = True,
                   allow_out_of_order: bool = False, verify: bool = False,
-                  stopwords: Optional[str] = None, all_field: Optional[bool] = None) -> Dict[str, Any]:
+                  stopwords: Optional[str] = None, all_field: Optional[bool] = None,
+                  parse_workers: int = 0) -> Dict[str, Any]:
     """Apply PubMed baseline/update XML files to the mirror at `index_dir` (see the module
     docstring); returns the run's summary: files applied and already done, counts for this run
     and for the whole mirror, documents in the index, seconds and records per second.
@@ -397,9 +457,12 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
     and MirrorError for the cases `plan_files` and `MirrorWriter` describe. `verify`: check the
     SHA-256 of every applied file again (by default only size and modification time). `stopwords`:
     the list searches ignore (`text.STOPWORD_LISTS`); None keeps the mirror's (a new one: pubmed).
-    `all_field`: fill the combined field (a new mirror: True; fixed at creation)."""
+    `all_field`: fill the combined field (a new mirror: True; fixed at creation). `parse_workers`: processes
+    that read the next files while one is applied (0: read each file here, streamed)."""
     from tqdm import tqdm
 
+    if not 0 <= parse_workers <= MAX_PARSE_WORKERS:
+        raise ValueError(f"parse_workers must be in [0, {MAX_PARSE_WORKERS}], got {parse_workers}")
     start = time.perf_counter()
     files = expand_paths(paths)
     for path in files:
@@ -413,12 +476,13 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
     try:
         todo, already = plan_files(files, mirror.done, allow_out_of_order, verify)
         bar = tqdm(total=None, unit="rec", disable=not progress, mininterval=1.0)
+        readers = _file_readers(todo, parse_workers)
         try:
-            for i, (path, size, sha, mtime_ns) in enumerate(todo, 1):
+            for i, ((path, size, sha, mtime_ns), records, skips) in enumerate(readers, 1):
                 bar.set_description(f"[{i}/{len(todo)}] {path.name}")
-                counts = Counts()
+                counts = Counts(skips=skips)
                 try:
-                    mirror.apply(read_pubmed_xml(path, counts.skips), counts, on_record=bar.update)
+                    mirror.apply(records, counts, on_record=bar.update)
                 except BaseException:
                     mirror.rollback()
                     raise
@@ -426,6 +490,7 @@ def ingest_pubmed(index_dir: PathLike, paths: Union[PathLike, Sequence[PathLike]
                 _merge_counts(run, counts)
                 applied.append(path.name)
         finally:
+            readers.close()  # stops the parse workers
             bar.close()
         if mirror.stopwords_changed and not applied:  # nothing to apply: save the new list by itself
             mirror.commit(None, Counts())
