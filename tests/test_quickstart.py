@@ -90,6 +90,19 @@ def test_a_run_folder_keeps_its_prompt_style(tmp_path):
     state.mark("data", {"task": "trials_sigir", "prompt_style": "compact"})
     with pytest.raises(RuntimeError, match="trials_sigir run in the 'compact' prompt style"):
         qs.run_quickstart(tmp_path / "run", task="trials_sigir", prompt_style="expand", say=lambda s: None)
+    state.mark("data", {"task": "trials_sigir", "prompt_style": "expand", "val_topics": 4})  # and its validation split
+    with pytest.raises(RuntimeError, match="with 4 validation topics"):
+        qs.run_quickstart(tmp_path / "run", task="trials_sigir", prompt_style="expand", say=lambda s: None)
+
+
+def test_validation_topics_are_what_the_trainer_validates_on(tmp_path):
+    data = qs.prepare_data(tmp_path, "trials_sigir", "expand", val_topics=4)
+    assert (data["n_train"], data["n_val"], data["n_test"]) == (32, 4, 12) and data["val_topics"] == 4
+    assert f"data.val_files={data['val']}" in qs.trainer_overrides(tmp_path, data, "/m", 2, False)
+    assert qs.validation_name(data) == "validation"
+    plain = qs.prepare_data(tmp_path / "plain", "trials_sigir", "expand")
+    assert "val" not in plain and plain["n_train"] == 36 and qs.validation_name(plain) == "test"
+    assert f"data.val_files={plain['test']}" in qs.trainer_overrides(tmp_path, plain, "/m", 2, False)
 
 
 def test_estimate_grows_with_steps():

@@ -189,9 +189,14 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     out = tmp_path / "recipe"
     said = []
     res = rc.run_recipe("trials_sigir", [1], out, progress=False, images_dir=tmp_path / "images", say=said.append,
-                        tiny=True, steps=1, test_freq=1)
+                        tiny=True, steps=1, test_freq=1, val_topics=4)
     comp = res["comparison"]
     assert len(comp["topics"]) == 12  # the held-out test topics of the fixed split
+    # the trainer validated on 4 held-out training topics, not on the test topics, and did not train on them
+    data = qs.RunState(out / "seed1").done("data")
+    config = json.loads((out / "seed1" / "logs" / "config.json").read_text())
+    assert config["data"]["val_files"] == data["val"] and (data["n_train"], data["n_val"]) == (32, 4)
+    assert "validation recall@100 during training" in (out / "seed1" / "results.md").read_text().lower()
     table = comp["table"]
     assert list(table)[:5] == rc.REFERENCE_BASELINES["trials_sigir"]
     assert {rc.policy_label(stage, 1, d) for stage in ("warm-up", "trained") for d in rc.DECODINGS} <= set(table)
@@ -222,7 +227,8 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()
     # a rerun trains nothing again and gives the same comparison
-    again = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1, test_freq=1)
+    again = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1, test_freq=1,
+                          val_topics=4)
     assert again["comparison"]["paired"] == comp["paired"]
 
 

@@ -94,6 +94,26 @@ def test_pubmed_mini_topic_split(data_dir):
         assert row["extra_info"]["collection"] == topic["collection"]
 
 
+@pytest.mark.parametrize("task", ["trials_sigir", "pubmed_mini"])
+def test_validation_topics_are_held_out_of_training(task):
+    """val_from="train": the first val_size topics of the seeded training order become val.parquet and are
+    not trained on; test is unchanged."""
+    def ids(rows):
+        return [r["extra_info"]["topic_id"] for r in rows]
+
+    plain = tasks.build_splits(task)
+    held = tasks.build_splits(task, val_from="train", val_size=4)
+    train, val, test = (set(ids(held[s])) for s in ("train", "val", "test"))
+    assert len(held["val"]) == len(val) == 4 and not (train & val or train & test or val & test)
+    assert train | val == set(ids(plain["train"])) and ids(held["test"]) == ids(plain["test"])
+    assert ids(held["val"]) == ids(plain["train"])[:4] and ids(held["train"]) == ids(plain["train"])[4:]
+    assert [(r["extra_info"]["split"], r["extra_info"]["index"]) for r in held["val"]] == [("val", i) for i in range(4)]
+    assert [r["extra_info"]["index"] for r in held["train"]] == list(range(len(train)))
+    for bad in (0, len(plain["train"])):
+        with pytest.raises(ValueError, match="holds out 1 to"):
+            tasks.build_splits(task, val_from="train", val_size=bad)
+
+
 def test_trials_sigir_targets_are_grade_at_least_one(data_dir):
     splits = tasks.build_splits("trials_sigir", style="no_reason")
     topics = {t["topic_id"]: t for t in tasks.read_jsonl(data_dir / "trials_sigir" / "topics.jsonl")}

@@ -35,8 +35,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")
-    parser.add_argument("--val-from", default="sample", choices=("sample", "first"),
-                        help="pubmed/ctgov: val.parquet = a seeded sample of test, or its first --val-size rows in the raw file's original order")
+    parser.add_argument("--val-from", default="sample", choices=("sample", "first", "train"),
+                        help="val.parquet = a seeded sample of test (default); pubmed/ctgov: first = the first "
+                        "--val-size test rows in the raw file's original order; pubmed_mini/trials_sigir: train = "
+                        "--val-size training topics held out (not trained on)")
     parser.add_argument(
         "--test-fraction", type=float, default=0.25, help="pubmed_mini/trials_sigir: share of test topics"
     )

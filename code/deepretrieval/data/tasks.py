@@ -20,7 +20,9 @@ the original DeepRetrieval validated on a slice of its test set). Splits are det
 given seed. With `val_from="first"` the validation file is instead the first `val_size` rows of the
 raw test file in its original order (the original DeepRetrieval validated on the first 101 rows of
 its test.jsonl; the vendored LEADS ids `publication_test-N` number that order, so it is recovered
-even from a reshuffled copy; see docs/original.md).
+even from a reshuffled copy; see docs/original.md). For the local-corpus tasks `val_from="train"` holds
+out `val_size` *training* topics instead (seeded, not trained on): a validation split that shares no
+topic with test, to choose settings such as the step count without looking at the test topics.
 
 Raw LEADS rows come in two spellings: the project's `{"id", "pico", "targets", "pub_date"}` and the
 original DeepRetrieval's `{"pico", "publication_pmids", "pub_date"}` (`TARGET_KEYS`). Parquet files
@@ -302,6 +304,9 @@ def split_topics(topics: List[Dict[str, Any]], test_fraction: float, seed: int) 
     return assignment
 
 
+TOPIC_VAL_FROM = ("sample", "train")  # val.parquet of a local-corpus task: a sample of test, or held-out train topics
+
+
 def _prepare_topics(
     data_source: str,
     topics_file: str,
@@ -314,8 +319,9 @@ def _prepare_topics(
     val_from: str = "sample",
     **_: Any,
 ) -> Dict[str, List[Row]]:
-    if val_from != "sample":
-        raise ValueError(f"{data_source}: val_from={val_from!r} exists for the LEADS tasks (pubmed, ctgov) only")
+    if val_from not in TOPIC_VAL_FROM:
+        raise ValueError(f"{data_source}: val_from={val_from!r} exists for the LEADS tasks (pubmed, ctgov) only; "
+                         f"the local-corpus tasks take {' or '.join(map(repr, TOPIC_VAL_FROM))}")
     topics = read_jsonl(input or (data_root() / topics_file))
     assignment = split_topics(topics, test_fraction, seed)
     splits: Dict[str, List[Row]] = {"train": [], "test": []}
@@ -326,8 +332,16 @@ def _prepare_topics(
             logger.warning("%s: topic %s has no relevant documents, skipped", data_source, topic["topic_id"])
             continue
         splits[split].append(row)
-    splits["train"] = _reindex(_shuffled(splits["train"], seed), "train")
-    splits["val"] = _val_from_test(splits["test"], val_size, seed)
+    train = _shuffled(splits["train"], seed)
+    if val_from == "train":  # held-out training topics: the first val_size of the seeded shuffle
+        if not 1 <= val_size < len(train):
+            raise ValueError(f"{data_source}: val_from='train' holds out 1 to {len(train) - 1} of the "
+                             f"{len(train)} training topics, not {val_size}")
+        splits["val"] = _reindex(train[:val_size], "val")
+        splits["train"] = _reindex(train[val_size:], "train")
+    else:
+        splits["train"] = _reindex(train, "train")
+        splits["val"] = _val_from_test(splits["test"], val_size, seed)
     return splits
 
 

@@ -20,7 +20,9 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--model", default=None, help="start from this HF folder or hub id instead of SmolLM2")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first (no resume)")
     p.add_argument("--workers", type=int, default=2, help="trainer worker processes (CPU slots)")
-    p.add_argument("--test-freq", type=int, default=None, help="validate on the test topics every N steps")
+    p.add_argument("--test-freq", type=int, default=None,
+                   help="validate every N steps (on the test topics, or the --val-topics)")
+    p.add_argument("--val-topics", type=int, default=0, metavar="N", help=VAL_TOPICS_HELP)
     p.add_argument("--warmup-epochs", type=int, default=2, help="passes of the format warm-up")
     p.add_argument("--images-dir", default=None, help="also copy reward_curve.png here (e.g. images)")
     p.add_argument("--rollout", choices=["auto", "hf", "vllm"], default="auto",
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides, fresh=args.fresh,
         workers=args.workers, test_freq=test_freq, warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
         rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup,
-        prompt_style=args.prompt_style))
+        prompt_style=args.prompt_style, val_topics=args.val_topics))
 
 
 def _overrides_ok(items: Any) -> bool:
@@ -94,9 +96,12 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     return _resumable(lambda: run_recipe(
         args.task, args.seeds, out, images_dir=args.images_dir, trainer_overrides=args.overrides,
         rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
-        warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style))
+        warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style, val_topics=args.val_topics))
 
 
+VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the trainer's validation, so that "
+                   "settings such as the step count can be chosen without the test topics (default 0: validate on "
+                   "the test topics)")
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
 vendored task, then every seed's trained policy next to the reference baselines on the held-out
 test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
@@ -114,6 +119,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--warmup-epochs", type=int, default=None, help="warm-up passes (default: the recipe's)")
     r.add_argument("--prompt-style", choices=list(QUICKSTART_STYLES), default=None,
                    help="compact | expand (default: the recipe's)")
+    r.add_argument("--val-topics", type=int, default=None, metavar="N",
+                   help=VAL_TOPICS_HELP.replace("(default 0)", "(default: the recipe's)"))
     r.add_argument("--rollout", choices=["hf", "vllm"], default="hf", help="training rollout engine (default hf)")
     r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")
     r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")

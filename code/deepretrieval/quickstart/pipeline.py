@@ -104,17 +104,26 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 # ------------------------------------------------------------------------------------ data
 
 
-def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STYLE) -> Dict[str, Any]:
-    """Write `<out>/data/{train,test}.parquet` of `task` in `prompt_style`; build the index."""
+def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STYLE, val_topics: int = 0) -> Dict[str, Any]:
+    """Write `<out>/data/{train,test}.parquet` of `task` in `prompt_style` (and `val.parquet`: `val_topics`
+    training topics held out, not trained on, when > 0); build the index."""
     from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
-    splits = build_splits(task, style=prompt_style)
-    splits = {name: rows for name, rows in splits.items() if name in ("train", "test")}
+    if val_topics:
+        splits = build_splits(task, style=prompt_style, val_from="train", val_size=val_topics)
+    else:
+        splits = {name: rows for name, rows in build_splits(task, style=prompt_style).items() if name != "val"}
     paths = write_splits(splits, Path(out_dir) / "data")
     index = ensure_local_index(task)
-    return {"task": task, "prompt_style": prompt_style, "train": str(paths["train"]), "test": str(paths["test"]),
-            "index": str(index), "n_train": len(splits["train"]), "n_test": len(splits["test"])}
+    return {"task": task, "prompt_style": prompt_style, "val_topics": val_topics,
+            **{name: str(path) for name, path in paths.items()},
+            "index": str(index), **{f"n_{name}": len(rows) for name, rows in splits.items()}}
+
+
+def validation_name(data: Dict[str, Any]) -> str:
+    """What the trainer validates on (`trainer_overrides`): held-out training topics or the test topics."""
+    return "validation" if data.get("val") else "test"
 
 
 # ------------------------------------------------------------------------------------ model
@@ -342,7 +351,7 @@ def trainer_overrides(run_dir: Path, data: Dict[str, Any], model_path: str, step
     task = data.get("task", TASK)
     return [
         f"data.train_files={data['train']}",
-        f"data.val_files={data['test']}",
+        f"data.val_files={data.get('val') or data['test']}",
         "data.train_batch_size=4",
         f"data.max_prompt_length={prompt_length}",
         f"data.max_response_length={response_length}",
@@ -431,7 +440,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    images_dir: "str | os.PathLike[str] | None" = None,
                    say: Callable[[str], None] = print, rollout: str = "auto", task: str = TASK,
                    seed: int = 1, warmup_kind: str = "question", response_length: int = 64,
-                   prompt_style: str = PROMPT_STYLE) -> Dict[str, Any]:
+                   prompt_style: str = PROMPT_STYLE, val_topics: int = 0) -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
@@ -441,7 +450,8 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     `task`: pubmed_mini | trials_sigir; `seed`: the warm-up's and the trainer's seed (the topic split is
     fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`); `response_length`: the most
     tokens a response may have, in training and evaluation; `prompt_style`: compact | expand
-    (:data:`QUICKSTART_STYLES`).
+    (:data:`QUICKSTART_STYLES`); `val_topics`: hold out that many training topics (not trained on) for the
+    trainer's validation instead of validating on the test topics (0).
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
@@ -460,10 +470,12 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
         f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")
 
-    data = run_stage(state, "data", lambda: prepare_data(run_dir, task, prompt_style), say)
-    if data.get("prompt_style", PROMPT_STYLE) != prompt_style or data.get("task", TASK) != task:
+    data = run_stage(state, "data", lambda: prepare_data(run_dir, task, prompt_style, val_topics), say)
+    if (data.get("prompt_style", PROMPT_STYLE) != prompt_style or data.get("task", TASK) != task
+            or data.get("val_topics", 0) != val_topics):
         raise RuntimeError(f"{run_dir} holds a {data.get('task', TASK)} run in the "
-                           f"{data.get('prompt_style', PROMPT_STYLE)!r} prompt style; use another --out or --fresh")
+                           f"{data.get('prompt_style', PROMPT_STYLE)!r} prompt style with "
+                           f"{data.get('val_topics', 0)} validation topics; use another --out or --fresh")
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
     warm = run_stage(state, "warmup", lambda: warmup(
@@ -494,18 +506,19 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     evals = {k: v for k, v in before.items() if k != "seconds"}
     evals.update({k: v for k, v in after.items() if k != "seconds"})
     metrics_path = Path(trained["metrics"])
-    table = results_table(evals, metrics_path, task)
+    table = results_table(evals, metrics_path, task, validation_name(data))
     png = plot_reward_curve(metrics_path, run_dir / "reward_curve.png",
                             title=f"quickstart: {model['name']}, GRPO on {task} ({data['n_train']} train topics)",
-                            task=task)
+                            task=task, val_name=validation_name(data))
     if images_dir is not None:
         Path(images_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, Path(images_dir) / "reward_curve.png")
     elapsed = time.perf_counter() - t0
     stage_times = {s: (state.done(s) or {}).get("seconds") for s in
                    ("data", "model", "warmup", "eval_before", "train", "eval_after")}
-    header = (f"# Quickstart results\n\nTask {task}: {data['n_train']} training topics, {data['n_test']} test "
-              f"topics (held out), recall@{K} on the local index. Policy {model['name']}.\n\n")
+    held_out = f", {data['n_val']} validation topics (held out of training)" if data.get("val") else ""
+    header = (f"# Quickstart results\n\nTask {task}: {data['n_train']} training topics{held_out}, {data['n_test']} "
+              f"test topics (held out), recall@{K} on the local index. Policy {model['name']}.\n\n")
     (run_dir / "results.md").write_text(header + table + "\nStage wall times (s): "
                                         + json.dumps(stage_times) + "\n")
     say("\n" + table)

@@ -71,7 +71,7 @@ LENGTH_OVERRIDES = (
 # (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so).
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
-           "prompt_style": "expand", "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES + LENGTH_OVERRIDES}
+           "prompt_style": "expand", "val_topics": 0, "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES + LENGTH_OVERRIDES}
     for task in TASKS
 }
 
@@ -279,9 +279,10 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
 
 
 def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path,
-               references: Optional[Mapping[str, float]] = None) -> Path:
-    """Training reward (left) and test recall@100 during training (right) of every seed; `references`:
-    baseline name -> its test recall@100, drawn as dashed lines on the right."""
+               references: Optional[Mapping[str, float]] = None, val_name: str = "test") -> Path:
+    """Training reward (left) and the trainer's greedy validation recall@100 (right; `val_name`: test, or
+    validation for held-out training topics) of every seed; `references`: baseline name -> its test
+    recall@100, drawn as dashed lines on the right when the validation topics are the test topics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,9 +305,9 @@ def plot_seeds(out: Path, task: str, seeds: Sequence[int], png: Path,
             ax2.plot(*zip(*c["test_recall"]), color=color, marker="o", label=f"seed {seed}")
     ax1.set_title("training reward (step mean; line: 4-step mean)", fontsize=9)
     ax1.set_xlabel("GRPO step")
-    for j, (name, value) in enumerate((references or {}).items()):
+    for j, (name, value) in enumerate(((references or {}) if val_name == "test" else {}).items()):
         ax2.axhline(value, color=f"C{len(seeds) + j}", linestyle="--", linewidth=1, label=f"{name} ({value:.3f})")
-    ax2.set_title(f"test recall@{K} during training (greedy)", fontsize=9)
+    ax2.set_title(f"{val_name} recall@{K} during training (greedy)", fontsize=9)
     ax2.set_xlabel("GRPO step")
     ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
@@ -332,7 +333,7 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
                **settings: Any) -> Dict[str, Any]:
     """Train and evaluate `task` once per seed, then compare on the test topics; returns the comparison.
     `tiny`: the tiny random model instead of SmolLM2 (CI: the pipeline end to end in minutes)."""
-    from deepretrieval.quickstart.pipeline import run_quickstart
+    from deepretrieval.quickstart.pipeline import run_quickstart, validation_name
 
     if not seeds:
         raise ValueError("at least one seed")
@@ -347,7 +348,7 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
                                 overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
                                 warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"],
-                                prompt_style=cfg["prompt_style"])
+                                prompt_style=cfg["prompt_style"], val_topics=cfg["val_topics"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
     say("=== final evaluation on the test topics ===")
     records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"])
@@ -358,7 +359,8 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     (out / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
     refs = {name: comp["table"][name][comp["metric"]]["mean"]
             for name in (REFERENCE_BASELINES[task][0], comp["best_other"]) if name}
-    png = plot_seeds(out, task, seeds, out / "curves.png", references=refs)
+    png = plot_seeds(out, task, seeds, out / "curves.png", references=refs,
+                     val_name=validation_name(stage_record(seed_dir(out, seeds[0]), "data")))
     if images_dir is not None:
         Path(images_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, Path(images_dir) / f"recipe_{task}.png")

@@ -56,8 +56,10 @@ def _first(row: Dict[str, Any], keys: Sequence[str]) -> Optional[float]:
     return None
 
 
-def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "", task: str = TASK) -> Path:
-    """Training reward (left axis) and training / test recall@100 (right axis) per step."""
+def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "", task: str = TASK,
+                      val_name: str = "test") -> Path:
+    """Training reward (left axis) and training / `val_name` (the trainer's validation topics) recall@100
+    (right axis) per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +87,7 @@ def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "", task:
     if c["train_recall"]:
         ax2.plot(*zip(*c["train_recall"]), color="tab:orange", alpha=0.7, label="training recall@100")
     if c["test_recall"]:
-        ax2.plot(*zip(*c["test_recall"]), color="tab:green", marker="o", label="test recall@100 (greedy)")
+        ax2.plot(*zip(*c["test_recall"]), color="tab:green", marker="o", label=f"{val_name} recall@100 (greedy)")
     ax2.set_ylabel("recall@100")
     ax2.set_ylim(0, 1)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
@@ -108,8 +110,10 @@ def save_figure(fig: Any, png_path: "str | Path") -> Path:
     return png_path
 
 
-def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path, task: str = TASK) -> str:
-    """The before/after Markdown table: test recall@100 per method, then the training curve ends."""
+def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path, task: str = TASK,
+                  val_name: str = "test") -> str:
+    """The before/after Markdown table: test recall@100 per method, then the training curve ends and the
+    `val_name` recall during training."""
     lines = ["| policy | test recall@100 [95% CI] | query errors |", "|---|---|---|"]
     for name, cell in evals.items():
         ci = f" [{cell['low']:.3f}, {cell['high']:.3f}]" if cell.get("low") is not None else ""
@@ -133,6 +137,6 @@ def results_table(evals: Dict[str, Dict[str, Any]], metrics_path: Path, task: st
             cells = [fmt.format(sum(groups[e][key]) / len(groups[e][key])) if groups[e].get(key) else "" for e in epochs]
             text += f"| {label} | " + " | ".join(cells) + " |\n"
         if c["test_recall"]:
-            text += ("\nTest recall@100 during training (greedy; step: value): "
+            text += (f"\n{val_name.capitalize()} recall@100 during training (greedy; step: value): "
                      + ", ".join(f"{s}: {v:.3f}" for s, v in c["test_recall"]) + "\n")
     return text
