@@ -396,12 +396,13 @@ def plan_files(files: Sequence[Path], done: Dict[str, Dict[str, Any]], allow_out
 
 FileJob = Tuple[Path, int, str, int]  # plan_files' (path, size, sha256, mtime_ns)
 MAX_PARSE_WORKERS = 256
+_READER_LOG = logging.getLogger(read_pubmed_xml.__module__)  # the reader's skip warnings
 
 
 def _read_whole_file(path: Path) -> Tuple[List[Record], SkipLog]:
     """A parse worker's job: the file's records in order and what its reader skipped (its warnings are
     logged by the applying process, `_file_readers`, as the in-process reader logs them)."""
-    logging.getLogger(read_pubmed_xml.__module__).setLevel(logging.ERROR)
+    _READER_LOG.setLevel(logging.ERROR)
     skips = SkipLog()
     return list(read_pubmed_xml(path, skips)), skips
 
@@ -438,9 +439,8 @@ def _file_readers(todo: Sequence[FileJob], parse_workers: int) -> Iterator[Tuple
                 raise MirrorError(f"{job[0]}: its parse worker stopped ({exc}); the files before it are applied, "
                                   "rerun to resume (--parse-workers 0 parses in the applying process)") from None
             for example in skips.examples:
-                logging.getLogger(read_pubmed_xml.__module__).warning("skipped %s", example)
+                _READER_LOG.warning("skipped %s", example)
             yield job, records, skips
-            del records
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
