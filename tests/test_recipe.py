@@ -2,6 +2,7 @@
 from per-topic records against hand-computed values, the report, the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -177,6 +178,62 @@ def test_recipe_settings_and_command_line(capsys):
     assert main(["recipe", "--task", "trials_sigir", "--out", "x", "not-an-override"]) == 2
 
 
+def fake_run(run_dir, curve, kept_steps):
+    """A seed's run folder as the trainer leaves it: the stage records, a metrics log with the validation
+    recall of `curve` (step -> value; a later line of a step wins) and checkpoints of `kept_steps`."""
+    from deepretrieval.trainer.checkpoint import HF_EXPORT_DIR, LATEST_FILE, step_dir_name
+
+    state = qs.RunState(run_dir)
+    state.mark("warmup", {"path": str(run_dir / "warmup")})
+    state.mark("train", {"checkpoints": str(run_dir / "checkpoints")})
+    (run_dir / "logs").mkdir(parents=True)
+    lines = [{"step": step, "val/trials_sigir/recall_mean": value} for step, value in curve]
+    lines.insert(1, {"step": 3, "critic/score/mean": 0.5})  # a training line: no validation
+    (run_dir / "logs" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "{broken\n")
+    for step in kept_steps:
+        hf = run_dir / "checkpoints" / step_dir_name(step) / HF_EXPORT_DIR
+        hf.mkdir(parents=True)
+        (hf / "config.json").write_text("{}")
+    (run_dir / "checkpoints" / LATEST_FILE).write_text(str(max(kept_steps)))
+
+
+def test_best_step_is_the_earliest_of_the_highest_validation():
+    assert rc.best_step([(0, 0.2), (8, 0.3), (16, 0.3), (24, 0.1)]) == 8
+    assert rc.best_step([(0, 0.4), (8, 0.3)]) == 0
+    with pytest.raises(ValueError, match="no validation"):
+        rc.best_step([])
+
+
+def test_trained_policy_by_last_step_or_by_validation(tmp_path):
+    from deepretrieval.trainer.checkpoint import step_dir_name
+
+    run = tmp_path / "seed1"
+    # step 16's first validation line (0.9) was redone after a resume (0.25): the later line counts
+    fake_run(run, [(0, 0.2), (8, 0.3), (16, 0.9), (16, 0.25), (24, 0.35), (32, 0.3)], kept_steps=[8, 16, 24, 32])
+    assert rc.validation_curve(run, "trials_sigir") == [(0, 0.2), (8, 0.3), (16, 0.25), (24, 0.35), (32, 0.3)]
+    assert rc.trained_policy(run, "trials_sigir", "last") == (32, str(run / "checkpoints"))
+    assert rc.trained_policy(run, "trials_sigir", "validation") == (24, str(run / "checkpoints" / step_dir_name(24)))
+    with pytest.raises(ValueError, match="select_step"):
+        rc.trained_policy(run, "trials_sigir", "test")
+    # the warm-up validated best: it is the policy tested
+    warm = tmp_path / "seed2"
+    fake_run(warm, [(0, 0.5), (8, 0.3), (16, 0.4)], kept_steps=[8, 16])
+    assert rc.trained_policy(warm, "trials_sigir", "validation") == (0, str(warm / "warmup"))
+    # the best step's checkpoint was pruned (max_actor_ckpt_to_keep=1): refused, with the override that keeps it
+    pruned = tmp_path / "seed3"
+    fake_run(pruned, [(0, 0.1), (8, 0.3), (16, 0.2)], kept_steps=[16])
+    with pytest.raises(RuntimeError, match="max_actor_ckpt_to_keep=null"):
+        rc.trained_policy(pruned, "trials_sigir", "validation")
+
+
+def test_selecting_on_validation_needs_held_out_topics(tmp_path):
+    with pytest.raises(ValueError, match="val_topics > 0"):
+        rc.run_recipe("trials_sigir", [1], tmp_path / "r", select_step="validation", tiny=True)
+    with pytest.raises(ValueError, match="select_step must be"):
+        rc.run_recipe("trials_sigir", [1], tmp_path / "r", select_step="best", tiny=True)
+    assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
 def res_records(out, name):
     path = out / "eval" / "samples" / "trials_sigir" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -226,10 +283,20 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert json.loads((out / "comparison.json").read_text())["topics"] == comp["topics"]
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()
+    assert comp["trained_steps"] == {"1": 1} and "Trained policies: seed 1 step 1 (the last step)" in text
     # a rerun trains nothing again and gives the same comparison
     again = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1, test_freq=1,
                           val_topics=4)
     assert again["comparison"]["paired"] == comp["paired"]
+    # selecting on validation: the step of the best validation recall@100 of the metrics log is the one tested
+    best = rc.best_step(rc.validation_curve(out / "seed1", "trials_sigir"))
+    picked = rc.run_recipe("trials_sigir", [1], out, progress=False, say=said.append, tiny=True, steps=1,
+                           test_freq=1, val_topics=4, select_step="validation")
+    assert picked["comparison"]["trained_steps"] == {"1": best}
+    greedy = res_records(out, "trained_seed_1_greedy")
+    spec = json.loads((out / "eval" / "samples" / "trials_sigir" / "trained_seed_1_greedy.spec.json").read_text())
+    warm_dir = qs.RunState(out / "seed1").done("warmup")["path"]
+    assert (spec["method"]["path"] == str(Path(warm_dir).resolve())) == (best == 0) and len(greedy) == 12
 
 
 def test_recipe_script_passes_task_and_options(tmp_path):

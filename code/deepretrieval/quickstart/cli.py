@@ -8,6 +8,7 @@ from typing import Any
 
 from deepretrieval.quickstart import TASK, TASKS
 from deepretrieval.quickstart.pipeline import PROMPT_STYLE, QUICKSTART_STYLES, WARMUP_KINDS
+from deepretrieval.quickstart.recipe import SELECT_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     return _resumable(lambda: run_recipe(
         args.task, args.seeds, out, images_dir=args.images_dir, trainer_overrides=args.overrides,
         rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
-        warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style, val_topics=args.val_topics))
+        warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style, val_topics=args.val_topics,
+        select_step=args.select_step))
 
 
 VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the trainer's validation, so that "
@@ -121,6 +123,9 @@ def register(subparsers: Any) -> None:
                    help="compact | expand (default: the recipe's)")
     r.add_argument("--val-topics", type=int, default=None, metavar="N",
                    help=VAL_TOPICS_HELP.replace("(default 0)", "(default: the recipe's)"))
+    r.add_argument("--select-step", choices=list(SELECT_STEPS), default=None,
+                   help="which step's policy the final evaluation tests: the last, or the one of the best validation "
+                        "recall@100 on the --val-topics (keeps every validated checkpoint; default: the recipe's)")
     r.add_argument("--rollout", choices=["hf", "vllm"], default="hf", help="training rollout engine (default hf)")
     r.add_argument("--images-dir", default=None, help="also copy the curves to <dir>/recipe_<task>.png")
     r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")

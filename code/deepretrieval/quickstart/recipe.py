@@ -23,7 +23,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from deepretrieval.quickstart import K, TASKS
 
@@ -71,7 +71,8 @@ LENGTH_OVERRIDES = (
 # (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so).
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
-           "prompt_style": "expand", "val_topics": 0, "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES + LENGTH_OVERRIDES}
+           "prompt_style": "expand", "val_topics": 0, "select_step": "last",
+           "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES + LENGTH_OVERRIDES}
     for task in TASKS
 }
 
@@ -100,6 +101,13 @@ def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed{seed}"
 
 
+# Which step's policy the final evaluation tests (`select_step`): the last one, or the one whose validation
+# recall@100 was the highest (the trainer's greedy validation every `test_freq` steps and before training, on
+# `val_topics` held-out *training* topics; step 0 is the warm-up). Choosing on the test topics is not offered.
+SELECT_STEPS = ("last", "validation")
+KEEP_ALL_CHECKPOINTS = "trainer.max_actor_ckpt_to_keep=null"  # "validation" needs every validated step's weights
+
+
 def stage_record(run_dir: Path, stage: str) -> Dict[str, Any]:
     """What a finished quickstart stage of one seed's run recorded (its data files, warm-up folder,
     checkpoints folder: the paths the pipeline chose, read back rather than rebuilt here)."""
@@ -109,6 +117,48 @@ def stage_record(run_dir: Path, stage: str) -> Dict[str, Any]:
     if record is None:
         raise RuntimeError(f"{run_dir}: the quickstart stage {stage!r} has not finished")
     return record
+
+
+# ------------------------------------------------------------------------------------ step selection
+
+
+def validation_curve(run_dir: Path, task: str) -> List[Tuple[int, float]]:
+    """(step, validation recall@100) of one seed's trainer, from its metrics log (a resumed step's last line wins)."""
+    from deepretrieval.quickstart.report import curves, read_metrics
+
+    return list(curves(read_metrics(Path(run_dir) / "logs" / "metrics.jsonl"), task)["test_recall"])
+
+
+def best_step(curve: Sequence[Tuple[int, float]]) -> int:
+    """The step of the highest value; the earliest of equal ones (fewer updates for the same validation score)."""
+    if not curve:
+        raise ValueError("no validation results to choose a step from")
+    best = max(value for _, value in curve)
+    return min(step for step, value in curve if value == best)
+
+
+def trained_policy(run_dir: Path, task: str, select_step: str) -> Tuple[int, str]:
+    """(step, model path) of the policy a seed's final evaluation tests: the trainer's last checkpoint, or with
+    `select_step="validation"` the step of the best validation recall@100 (0: the warm-up itself)."""
+    from deepretrieval.trainer.checkpoint import resolve_model_dir, step_dir_name, step_of
+
+    if select_step not in SELECT_STEPS:
+        raise ValueError(f"select_step must be one of {', '.join(SELECT_STEPS)}; got {select_step!r}")
+    checkpoints = Path(stage_record(run_dir, "train")["checkpoints"])
+    if select_step == "last":
+        model = resolve_model_dir(checkpoints)
+        step = next((s for s in map(step_of, model.parents) if s is not None), None)
+        if step is None:
+            raise RuntimeError(f"{model}: not inside a global_step_N checkpoint of {checkpoints}")
+        return step, str(checkpoints)
+    step = best_step(validation_curve(run_dir, task))
+    if step == 0:
+        return 0, str(stage_record(run_dir, "warmup")["path"])
+    folder = checkpoints / step_dir_name(step)
+    if not folder.is_dir():
+        raise RuntimeError(f"{run_dir}: the best validation step is {step}, but {folder} was not kept (the trainer kept "
+                           f"only its newest checkpoints); train with {KEEP_ALL_CHECKPOINTS} to select on validation")
+    return step, str(folder)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -130,8 +180,10 @@ def per_topic(records: Sequence[Mapping[str, Any]], metric: str) -> Dict[str, fl
 
 
 def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool = True,
-                     max_new_tokens: int = 128) -> Dict[str, List[Dict[str, Any]]]:
-    """Records of every method on the test topics at K=FINAL_K: method label -> records."""
+                     max_new_tokens: int = 128, policies: Optional[Mapping[int, str]] = None
+                     ) -> Dict[str, List[Dict[str, Any]]]:
+    """Records of every method on the test topics at K=FINAL_K: method label -> records. `policies`: seed -> the
+    trained policy's model path (`trained_policy`); by default each seed's latest checkpoint."""
     from deepretrieval.eval.methods import BaselineMethod, ModelMethod
     from deepretrieval.eval.runner import evaluate
     from deepretrieval.eval.samples import load_samples
@@ -145,9 +197,8 @@ def final_evaluation(out: Path, task: str, seeds: Sequence[int], progress: bool 
         methods[name] = BaselineMethod(name)
     for seed in seeds:
         run = seed_dir(out, seed)
-        # the trained policy: the checkpoints folder (its latest step)
-        for stage, path in (("warm-up", stage_record(run, "warmup")["path"]),
-                            ("trained", stage_record(run, "train")["checkpoints"])):
+        trained = (policies or {}).get(seed) or stage_record(run, "train")["checkpoints"]  # a folder: its latest step
+        for stage, path in (("warm-up", stage_record(run, "warmup")["path"]), ("trained", trained)):
             for decoding, options in DECODINGS.items():
                 label = policy_label(stage, seed, decoding)
                 methods[label] = ModelMethod(path, name=label.replace(", ", "_").replace(" ", "_"), backend="hf",
@@ -248,6 +299,11 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
         lines += ["Prompt style `expand`: a policy's query is searched *added to* the input's words (the `original` "
                   "query OR the policy's terms, search.text.expanded_query), in training and here. The warm-up policy "
                   f"(the `{settings.get('warmup_kind')}` warm-up, before any reward) is the control for what RL adds.", ""]
+    if comp.get("trained_steps"):
+        how = ("the step of the best validation recall@100 on the held-out training topics (step 0: the warm-up)"
+               if comp.get("select_step") == "validation" else "the last step")
+        lines += ["Trained policies: " + ", ".join(f"seed {seed} step {step}" for seed, step in comp["trained_steps"].items())
+                  + f" ({how}).", ""]
     lines += ["| method | " + " | ".join(f"{n} [95% CI]" for n in names) + " | query errors |",
               "|---|" + "---|" * (len(names) + 1)]
     for label, row in comp["table"].items():
@@ -338,6 +394,12 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     if not seeds:
         raise ValueError("at least one seed")
     cfg = recipe_settings(task, **settings)
+    if cfg["select_step"] not in SELECT_STEPS:
+        raise ValueError(f"select_step must be one of {', '.join(SELECT_STEPS)}; got {cfg['select_step']!r}")
+    if cfg["select_step"] == "validation" and not cfg["val_topics"]:
+        raise ValueError("select_step='validation' needs val_topics > 0: without held-out training topics the trainer "
+                         "validates on the test topics, and the step would be chosen on them")
+    keep = [KEEP_ALL_CHECKPOINTS] if cfg["select_step"] == "validation" else []
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: Dict[str, float] = {}
@@ -345,14 +407,19 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
         say(f"=== {task}, seed {seed} ===")
         result = run_quickstart(seed_dir(out, seed), steps=cfg["steps"], test_freq=cfg["test_freq"],
                                 warmup_epochs=cfg["warmup_epochs"],
-                                overrides=list(cfg["overrides"]) + list(trainer_overrides),  # the caller's win
+                                overrides=list(cfg["overrides"]) + keep + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
                                 warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"],
                                 prompt_style=cfg["prompt_style"], val_topics=cfg["val_topics"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
-    say("=== final evaluation on the test topics ===")
-    records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"])
+    chosen = {seed: trained_policy(seed_dir(out, seed), task, cfg["select_step"]) for seed in seeds}
+    say("=== final evaluation on the test topics (trained policies: "
+        + ", ".join(f"seed {seed} step {step}" for seed, (step, _) in chosen.items()) + f", {cfg['select_step']}) ===")
+    records = final_evaluation(out, task, list(seeds), progress=progress, max_new_tokens=cfg["response_length"],
+                               policies={seed: path for seed, (_, path) in chosen.items()})
     comp = comparison(records, task, list(seeds))
+    comp["trained_steps"] = {str(seed): step for seed, (step, _) in chosen.items()}
+    comp["select_step"] = cfg["select_step"]
     examples = query_examples(records, seeds[0])
     text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)
     (out / "results.md").write_text(text)
