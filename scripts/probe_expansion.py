@@ -15,6 +15,10 @@ such additions can give, not a policy.
 
     python scripts/probe_expansion.py --task trials_sigir
     python scripts/probe_expansion.py --task pubmed_mini
+    python scripts/probe_expansion.py --task pubmed_mini --split train --question "Which drugs ...?"
+
+`--split train` probes the training topics only (to choose a warm-up setting without the test topics);
+`--question` asks the model another question than the `self` warm-up's (SELF_QUESTIONS).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="all", choices=["all", "train", "test"], help="the task's topics probed")
+    ap.add_argument("--show", action="store_true", help="print each topic's consensus words")
+    ap.add_argument("--question", default=None, help="the question the model answers (default: the self warm-up's)")
     args = ap.parse_args()
 
     from tqdm import tqdm
@@ -43,7 +50,7 @@ def main() -> None:
     from deepretrieval.search.metrics import recall_at_k
     from deepretrieval.search.text import bag_of_words, expanded_query, or_query
 
-    samples = load_samples(task=args.task, split="all")
+    samples = load_samples(task=args.task, split=args.split)
     searcher = Searcher(k=args.k)
     kind = samples[0].row["extra_info"]["task_kind"]
     model = str(prepare_smollm2())
@@ -58,7 +65,7 @@ def main() -> None:
         text = sample.need_text
         return recall(sample, expanded_query(text, " OR ".join(words)) if words else or_query(text))
 
-    answers = sample_answers(model, [s.need_text for s in samples], kind, args.draws, args.seed)
+    answers = sample_answers(model, [s.need_text for s in samples], kind, args.draws, args.seed, question=args.question)
     consensus = consensus_terms(answers)
     rows: Dict[str, List[float]] = {}
     for sample, own, agreed in tqdm(list(zip(samples, answers, consensus)), desc="topics", unit="topic"):
@@ -72,11 +79,14 @@ def main() -> None:
         rows.setdefault(f"+ the untrained model's answer, mean of {args.draws}", []).append(statistics.mean(mine))
         rows.setdefault(f"+ the untrained model's answer, best of {args.draws}", []).append(max(mine))
         rows.setdefault("+ consensus words of the answers", []).append(with_added(sample, agreed))
+        if args.show:
+            tqdm.write(f"{sample.topic_id}: {text[:60]!r} + {' '.join(agreed)!r}")
         if args.task == "trials_sigir":
             gpt4 = baseline_query("gpt4_conditions", sample)
             if gpt4:
                 rows.setdefault("+ GPT-4 condition list", []).append(recall(sample, expanded_query(text, gpt4)))
-    print(f"\n{args.task}, {len(samples)} topics, recall@{args.k} of (input's words) OR (addition):")
+    print(f"\n{args.task} ({args.split}), {len(samples)} topics, recall@{args.k} of (input's words) OR (addition); "
+          f"question: {args.question or 'the self warm-up'}")
     print("| addition | recall | topics |\n|---|---|---|")
     for name, values in rows.items():
         print(f"| {name} | {statistics.mean(values):.3f} | {len(values)} |")

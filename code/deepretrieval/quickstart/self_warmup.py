@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 # the plain question the untrained model answers, per task kind (data.tasks kinds), before the input
 SELF_QUESTIONS: Dict[str, str] = {
@@ -59,9 +59,10 @@ def consensus_terms(answers: Sequence[Sequence[str]], min_count: int = SELF_MIN_
 
 
 def sample_answers(model_path: str, inputs: Sequence[str], task_kind: str, n: int, seed: int,
-                   batch_size: int = 8, max_new_tokens: int = SELF_MAX_NEW_TOKENS) -> List[List[str]]:
-    """`n` sampled free-text answers of the model at `model_path` to the task kind's question, per input.
-    Deterministic in (`model_path`, `inputs`, `seed`) on one machine (torch's CPU sampling)."""
+                   batch_size: int = 8, max_new_tokens: int = SELF_MAX_NEW_TOKENS,
+                   question: Optional[str] = None) -> List[List[str]]:
+    """`n` sampled free-text answers of the model at `model_path` to the task kind's question (or `question`),
+    per input. Deterministic in (`model_path`, `inputs`, `seed`) on one machine (torch's CPU sampling)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +73,7 @@ def sample_answers(model_path: str, inputs: Sequence[str], task_kind: str, n: in
                          f"not {task_kind!r}")
     tokenizer = load_tokenizer(model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
-    question = SELF_QUESTIONS[task_kind]
+    question = question or SELF_QUESTIONS[task_kind]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n\n{text.strip()}"}],
                                              tokenize=False, add_generation_prompt=True) for text in inputs]
     torch.manual_seed(seed)  # the global CPU generator `generate` samples from
