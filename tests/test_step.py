@@ -236,7 +236,7 @@ def step_cfg(**algorithm):
     alg.update(algorithm)
     return OmegaConf.create({
         "algorithm": alg,
-        "actor_rollout_ref": {"actor": {"use_kl_loss": True}, "rollout": {"n": 2}},
+        "actor_rollout_ref": {"actor": {"use_kl_loss": True, "recompute_old_log_prob": True}, "rollout": {"n": 2}},
         "trainer": {"seed": 3, "balance_batch": False, "critic_warmup": 0, "n_gpus_per_node": 1, "nnodes": 1}})
 
 

@@ -422,7 +422,7 @@ class PPOTrainer:
             logger.info("nothing to do: step %d of %d already reached", self.global_step, self.total_training_steps)
             return last
         start_state = self._driver_state()
-        restarts, max_restarts = 0, int(t.get("max_restarts", 0) or 0)
+        restarts, max_restarts = 0, int(t.max_restarts or 0)
         while True:
             try:
                 return self._train(last, restarts)

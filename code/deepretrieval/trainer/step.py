@@ -96,7 +96,7 @@ def ppo_step(batch: Batch, step: int, actor: Any, critic: Any, reward_fn: Callab
         # the sampling temperature the log-probs are scaled by (1.0 when the rollout did not say)
         meta = {"temperature": batch.meta_info.setdefault("temperature", 1.0)}
         # (skipped with actor.recompute_old_log_prob=false: the update reads its own log-probs, detached)
-        recompute = bool(cfg.actor_rollout_ref.actor.get("recompute_old_log_prob", True))
+        recompute = bool(cfg.actor_rollout_ref.actor.recompute_old_log_prob)  # default: config/ppo_trainer.yaml
         if recompute:
             with marked_timer("old_log_prob", timings):
                 lp = actor.compute_log_prob(batch.select(batch_keys=LOG_PROB_KEYS, meta_info_keys=list(meta)))
