@@ -75,6 +75,29 @@ def test_from_dict_rejects_unknown_keys_and_builds_nested_sections():
     assert from_dict(RefConfig, built.ref) is built.ref
 
 
+def test_from_dict_rejects_scalars_of_the_wrong_type_and_accepts_an_int_for_a_float():
+    cases = [({"optim": {"lr": "1e-5"}}, "actor.optim.lr", "must be float, got '1e-5' (str)"),
+             ({"ppo_epochs": 1.5}, "actor.ppo_epochs", "must be int, got 1.5 (float)"),
+             ({"ppo_epochs": True}, "actor.ppo_epochs", "must be int"),  # a bool is not a count
+             ({"use_kl_loss": "false"}, "actor.use_kl_loss", "must be bool, got 'false' (str)"),
+             ({"ppo_micro_batch_size_per_gpu": "4"}, "actor.ppo_micro_batch_size_per_gpu", "must be int or null"),
+             ({"loss_agg_mode": 1}, "actor.loss_agg_mode", "must be str")]
+    for section, key, message in cases:
+        with pytest.raises(ConfigError) as info:
+            from_dict(ActorRolloutRefConfig, {"actor": section}, "actor_rollout_ref")
+        assert info.value.key == f"actor_rollout_ref.{key}" and message in str(info.value), (section, str(info.value))
+    built = from_dict(ActorRolloutRefConfig, {"actor": {"optim": {"lr": 1}, "clip_ratio_low": None,
+                                                        "ppo_micro_batch_size_per_gpu": 4},
+                                              "model": {"target_modules": "all-linear", "lora_alpha": 32}})
+    assert built.actor.optim.lr == 1 and built.actor.clip_ratio_low is None and built.model.lora_alpha == 32
+    # a Union of scalars takes any member (the HF rollout's `compile`: false, true or a mode's name)
+    from deepretrieval.workers.config import HFRolloutConfig
+
+    assert from_dict(HFRolloutConfig, {"compile": "reduce-overhead"}).compile == "reduce-overhead"
+    with pytest.raises(ConfigError, match="must be bool or str"):
+        from_dict(HFRolloutConfig, {"compile": 2})
+
+
 def test_worker_config_from_the_composed_config():
     cfg = compose_config(SMALL + ["actor_rollout_ref.rollout.log_prob_micro_batch_size=6",
                                   "actor_rollout_ref.ref.fsdp_config.param_offload=true",

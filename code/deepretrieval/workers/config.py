@@ -14,7 +14,9 @@ Fields marked `derived` are not YAML keys: the worker fills them from neighbouri
 (`per_rank_batch_config`, `ActorRolloutRefConfig.actor_view` / `ref_view`), as verl's workers do.
 
 `from_dict` rejects a key that is not a field (with a "did you mean"), names the dotted key at
-fault, and turns YAML lists into tuples where a field is a tuple.
+fault, turns YAML lists into tuples where a field is a tuple, and rejects a scalar of the wrong type
+(`lr: "1e-5"`, YAML 1.1's reading of an exponent without a dot, or `ppo_epochs: 1.5`) before a worker
+starts, instead of a TypeError deep in a worker; an int is accepted for a float.
 """
 
 from __future__ import annotations
@@ -289,11 +291,43 @@ def _is_tuple_type(tp: Any) -> bool:
     return False
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar_ok(tp: Any, value: Any) -> bool:
+    """Whether `value` fits the field type `tp`: bool, int (not a bool), float (an int too), str, None
+    for an Optional, any member of a Union; other types (tuples, mappings, Any) are not checked here."""
+    if tp is Any:
+        return True
+    if typing.get_origin(tp) is Union:
+        members = typing.get_args(tp)
+        if not all(m is type(None) or m in _SCALARS for m in members):
+            return True  # a Union with a container member (Union[str, Tuple[str, ...]]): not checked
+        return any(_scalar_ok(m, value) for m in members)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Union:
+        return " or ".join("null" if m is type(None) else _type_name(m) for m in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build the section dataclass `cls` from a plain mapping (a resolved config section); keys not
     given take the field's default; an existing `cls` instance is returned as is. `prefix` is the
     dotted key of `data` in the whole config, for error messages. Raises ConfigError for a key that
-    is not a field or a value that is not a section where one is expected."""
+    is not a field, a value that is not a section where one is expected, or a scalar of another type."""
     if isinstance(data, cls):
         return data
     if data is None:
@@ -314,6 +348,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             value = from_dict(tp, value, _dotted(prefix, key))
         elif _is_tuple_type(tp) and isinstance(value, (list, tuple)):
             value = tuple(value)
+        elif not _scalar_ok(tp, value):
+            raise ConfigError(_dotted(prefix, key), f"must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         kwargs[key] = value
     return cls(**kwargs)
 
