@@ -154,9 +154,9 @@ def _wait_gone(name, timeout_s=30.0):
 
 
 def test_killed_replicas_are_survived_counted_and_restarted(ray_up, source, in_process):
-    """Own replica set (another engine key): one replica killed -> its chunk goes to the other;
-    both killed -> every search `search_unavailable` (the reward's class), then the next call
-    starts the set again and answers."""
+    """Own replica set (another engine key): one replica killed -> its chunk goes to the other, and the
+    set is topped up in the background (the killed replica is back, serving); both killed -> every search
+    `search_unavailable` (the reward's class), then the next call starts the set again and answers."""
     key = "kill-test:" + source.engine_key()
     svc = SearchService(SETTINGS)
     try:
@@ -176,9 +176,17 @@ def test_killed_replicas_are_survived_counted_and_restarted(ray_up, source, in_p
         assert [o.ids for o in outcomes] == [in_process.search(s.query, k=100).ids for s in samples]
         assert client.counters["replica_deaths"] == 1
         assert client.served[names[1]] - before[names[1]] == 4 and client.served[names[0]] == before[names[0]]
+        # the death started a top-up: names[0] is a new process, and the next batch is spread over both again
+        client._top_up_thread.join(timeout=120)
+        assert client.counters["top_ups"] == 1 and sorted(r.name for r in client._replicas) == sorted(names)
+        served = dict(client.served)
+        assert [o.error for o in run_searches(samples, client)] == [ERROR_NONE] * 4
+        assert client.served[names[0]] - served.get(names[0], 0) == 2 and client.served[names[1]] - served[names[1]] == 2
 
-        ray.kill(ray.get_actor(names[1], namespace=SERVICE_NAMESPACE), no_restart=True)
-        _wait_gone(names[1])
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace=SERVICE_NAMESPACE), no_restart=True)
+        for name in names:
+            _wait_gone(name)
         outcomes = run_searches(samples, client)
         assert [o.error for o in outcomes] == [ERROR_SEARCH_UNAVAILABLE] * 4
         assert all(o.detail.startswith("search service: replica ") and "died" in o.detail for o in outcomes)
@@ -189,10 +197,55 @@ def test_killed_replicas_are_survived_counted_and_restarted(ray_up, source, in_p
         outcomes = run_searches(samples, client)  # the next call starts the set again
         assert [o.error for o in outcomes] == [ERROR_NONE] * 4
         assert client.counters["restarts"] == 1 and set(svc._created) == set(names)
+        assert client.counters["top_ups"] == 1  # a set with no replica left is restarted by the call, not topped up
     finally:
         svc.stop()
+    assert client._restart is None  # a stopped service's clients start nothing again
     for name in names:
         _wait_gone(name)
+
+
+def test_a_top_up_that_leaves_the_set_short_backs_off(monkeypatch):
+    """Without Ray: the set is short (1 of 2 nodes x 2 replicas); a top-up whose start fails is
+    counted and not tried again before REFRESH_S, then after 2 x REFRESH_S; one that makes the set whole
+    resets the back-off; a whole set starts none."""
+    from deepretrieval.search import service as sv
+
+    monkeypatch.setattr(sv, "alive_nodes", lambda num_cpus=0.0: ["n1", "n2"])
+    clock = [1000.0]
+    monkeypatch.setattr(sv.time, "monotonic", lambda: clock[0])
+    starts, outcome = [], {"ok": False}
+
+    def restart(timeout_s):
+        starts.append(timeout_s)
+        if not outcome["ok"]:
+            raise sv.SearchUnavailable("no room")
+
+    client = sv.ServiceSearchEngine("k", sv.ServiceSettings(replicas_per_node=2, timeout_s=5.0), name="local",
+                                    restart=restart, node_id="n1")
+    whole = [sv._Replica(f"r{i}", "n1" if i < 2 else "n2", None) for i in range(4)]
+    monkeypatch.setattr(client, "refresh", lambda: whole if outcome["ok"] else whole[:1])
+
+    def top_up(replicas):
+        client._maybe_top_up(replicas)
+        if client._top_up_thread is not None:
+            client._top_up_thread.join(timeout=10)
+
+    top_up(whole[:1])
+    assert starts == [5.0] and client.counters["top_ups"] == 1 and client._top_up_next == 1000.0 + sv.REFRESH_S
+    clock[0] += sv.REFRESH_S - 1
+    top_up(whole[:1])
+    assert len(starts) == 1  # backing off
+    clock[0] += 1
+    top_up(whole[:1])
+    assert len(starts) == 2 and client._top_up_next == clock[0] + 2 * sv.REFRESH_S  # doubled
+    clock[0] += 2 * sv.REFRESH_S
+    outcome["ok"] = True
+    top_up(whole[:1])
+    assert len(starts) == 3 and client._top_up_failures == 0 and client.counters["top_ups"] == 3
+    top_up(whole)  # whole: nothing to do
+    top_up([])  # none left: the next call restarts the whole set, synchronously
+    assert len(starts) == 3
 
 
 def test_an_engine_that_cannot_open_raises_its_own_error(ray_up, tmp_path):

@@ -22,14 +22,18 @@ the deadline are cancelled (`ray.cancel`, force=False: dropped if queued, stoppe
 current query if running). A client created by a `SearchService` starts the replica set again
 (bounded by `timeout_s`) at the start of its next call when no replica of it is left on any node
 (after a failed restart, not again for `REFRESH_S`); a set that lost only some replicas goes on
-with the others and is not topped up. A failed first start (`SearchService.client`) is not tried
+with the others and is topped up in the background: after a call in which a replica died, or when a periodic look-up finds
+fewer than `replicas_per_node` on an alive node, a thread starts the missing ones (`SearchService.start`,
+which reuses the live ones), one top-up at a time; one that leaves the set short (e.g. a node without
+room) is tried again after `REFRESH_S`, doubling up to `TOP_UP_MAX_BACKOFF_S`. A failed first start (`SearchService.client`) is not tried
 again for `REFRESH_S` either, and a start keeps the replicas that answered when others (e.g. on a
 node without room) did not.
 
 Counters (`stats()`, reported by the reward as `reward/engine/<source>/service_*`): `requests`
 (queries sent), `calls` (batches), `replica_deaths`, `timeouts` (queries unanswered at the
 deadline), `unavailable` (queries answered with a service error), `fallback_queries` (answered by
-another node's replica), `restarts` (replica sets started again by the client).
+another node's replica), `restarts` (replica sets started again by the client), `top_ups` (background
+starts of the missing replicas of a set that lost some).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAMESPACE = "deepretrieval-search"
 REPLICA_MAX_RESTARTS = 3  # a replica process that crashes (OOM, segfault) is restarted by Ray this often
 REFRESH_S = 60.0  # a client looks the replicas up again this often (picks up restarted and new ones)
+TOP_UP_MAX_BACKOFF_S = 600.0  # the longest wait between top-ups that leave a set short
 # exceptions an engine raises for bad input that cross the service as themselves (parity with in-process)
 PASSTHROUGH_ERRORS: Dict[str, type] = {"ValueError": ValueError, "TypeError": TypeError}
 
@@ -237,6 +242,9 @@ class ServiceSearchEngine(SearchEngine):
         self._refreshed = float("-inf")
         self._turn = 0
         self._lock = threading.Lock()
+        self._top_up_thread: Optional[threading.Thread] = None
+        self._top_up_next = float("-inf")  # no top-up before this time (after one that left the set short)
+        self._top_up_failures = 0
         self.counters: Counter = Counter()
         self.served: Counter = Counter()  # replica name -> queries it answered
 
@@ -273,7 +281,47 @@ class ServiceSearchEngine(SearchEngine):
         with self._lock:
             stale = time.monotonic() - self._refreshed > REFRESH_S
             replicas = list(self._replicas)
-        return self.refresh() if stale or not replicas else replicas
+        if stale or not replicas:
+            replicas = self.refresh()
+            self._maybe_top_up(replicas)
+        return replicas
+
+    def _maybe_top_up(self, replicas: Sequence[_Replica]) -> None:
+        """Start the missing replicas of a set that lost some, in a background thread (see the module
+        docstring); nothing when the set is whole, a top-up is running, or the last one left it short
+        less than its back-off ago; nor when none is left (the next call starts the whole set, `_ask`)."""
+        if self._restart is None or not replicas:
+            return
+        expected = len(alive_nodes(self.settings.num_cpus)) * self.settings.replicas_per_node
+        if len(replicas) >= expected:
+            return
+        with self._lock:
+            running = self._top_up_thread is not None and self._top_up_thread.is_alive()
+            if running or time.monotonic() < self._top_up_next:
+                return
+            self._top_up_thread = threading.Thread(target=self._top_up, args=(len(replicas), expected),
+                                                   name="search-service-top-up", daemon=True)
+            self._top_up_thread.start()
+
+    def _top_up(self, had: int, expected: int) -> None:
+        restart = self._restart
+        found: List[_Replica] = []
+        try:
+            if restart is not None:
+                restart(self.settings.timeout_s)
+                found = self.refresh()
+        except Exception as exc:  # the set goes on with the replicas it has
+            logger.warning("search service: could not top up engine %s: %s", self.engine_hash, exc)
+        with self._lock:
+            self.counters["top_ups"] += 1
+            if len(found) >= expected:
+                self._top_up_failures, self._top_up_next = 0, float("-inf")
+            else:
+                self._top_up_failures += 1
+                wait = min(REFRESH_S * 2 ** (self._top_up_failures - 1), TOP_UP_MAX_BACKOFF_S)
+                self._top_up_next = time.monotonic() + wait
+        logger.info("search service: topped up engine %s from %d to %d of %d replicas", self.engine_hash, had,
+                    len(found), expected)
 
     def _pool(self, replicas: Sequence[_Replica]) -> List[_Replica]:
         """This node's replicas when it has any, else every other node's; rotated by one per call."""
@@ -325,6 +373,7 @@ class ServiceSearchEngine(SearchEngine):
                     return candidate
             return None
 
+        died = False
         for c, replica in enumerate(pool[: len(chunks)]):
             send(c, replica)
         while pending:
@@ -340,6 +389,7 @@ class ServiceSearchEngine(SearchEngine):
                     self.counters["replica_deaths"] += 1
                     logger.warning("search service: replica %s is gone (%s)", replica.name, type(exc).__name__)
                     self._drop(replica)
+                    died = True
                     other = next_replica(c)
                     if other is not None:
                         send(c, other)
@@ -365,6 +415,10 @@ class ServiceSearchEngine(SearchEngine):
             self.counters["timeouts"] += len(chunks[c])
             self._fail_all(out, chunks[c], f"no answer from replica {replica.name} within "
                            f"{self.settings.timeout_s:g} s (reward_model.search_service.timeout_s)")
+        if died:  # after the call, so that a set that lost every replica is restarted by the next call instead
+            with self._lock:
+                left = list(self._replicas)
+            self._maybe_top_up(left)
         return out  # type: ignore[return-value]
 
     def _fail_all(self, out: List[Any], indices: Sequence[int], why: str) -> List[Any]:
@@ -537,4 +591,6 @@ class SearchService:
         with self._lock:
             for name in list(self._created):
                 self._kill(name)
+            for client in self._clients.values():
+                client._restart = None  # its replica sets are not started again, nor topped up
             self._clients.clear()
