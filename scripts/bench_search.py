@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -182,61 +181,20 @@ def bench_bm25s(topics) -> Dict:
 
 # ----------------------------------------------------------------------------- synthetic scale
 
-def _corpus_profile():
-    """Word frequencies and per-record lengths from pubmed_mini (the synthetic corpus copies them)."""
-    analyzer = make_analyzer()
-    counts: Counter = Counter()
-    title_len, abs_len, mesh_len, headings = [], [], [], Counter()
-    with gzip.open(DATA / "corpus.jsonl.gz", "rt") as fh:
-        for line in fh:
-            r = json.loads(line)
-            tt, at = analyzer.analyze(r["title"]), analyzer.analyze(r["abstract"])
-            counts.update(tt)
-            counts.update(at)
-            title_len.append(len(tt))
-            abs_len.append(len(at))
-            mesh_len.append(len(r["mesh"]))
-            headings.update(r["mesh"])
-    return counts, title_len, abs_len, mesh_len, headings
-
-
 def write_synthetic(path: Path, n: int, profile, seed: int = 0) -> None:
-    import numpy as np
+    """`n` records drawn from pubmed_mini's distributions (search.synthetic, the generator of
+    scripts/bench_search_scale.py) as gzipped JSON Lines."""
+    from itertools import chain
 
-    counts, title_len, abs_len, mesh_len, headings = profile
-    rng = np.random.default_rng(seed)
-    vocab = np.array(list(counts))
-    p = np.array([counts[w] for w in vocab], dtype=np.float64)
-    p /= p.sum()
-    hvocab = np.array(list(headings))
-    hp = np.array([headings[h] for h in hvocab], dtype=np.float64)
-    hp /= hp.sum()
-    # PubMed records nearly all have MeSH; draw MeSH counts from records that have some
-    mesh_nonzero = [m for m in mesh_len if m] or [10]
-    chunk = 10_000
-    with open(path, "w") as fh:
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            tl = rng.choice(title_len, m)
-            al = rng.choice(abs_len, m)
-            ml = rng.choice(mesh_nonzero, m)
-            words = vocab[rng.choice(len(vocab), int(tl.sum() + al.sum()), p=p)]
-            heads = hvocab[rng.choice(len(hvocab), int(ml.sum()), p=hp)]
-            years = rng.integers(1950, 2025, m)
-            months = rng.integers(1, 13, m)
-            wi = hi = 0
-            lines = []
-            for j in range(m):
-                title = " ".join(words[wi:wi + tl[j]]); wi += tl[j]
-                abstract = " ".join(words[wi:wi + al[j]]); wi += al[j]
-                mesh = list(dict.fromkeys(heads[hi:hi + ml[j]].tolist())); hi += ml[j]
-                lines.append(json.dumps({"id": str(start + j + 1), "title": title, "abstract": abstract,
-                                         "mesh": mesh, "pub_date": f"{years[j]}/{months[j]:02d}"}))
-            fh.write("\n".join(lines) + "\n")
+    from deepretrieval.search.synthetic import generate, write_jsonl
+
+    write_jsonl(path, chain.from_iterable(generate(n, profile, seed=seed)))
 
 
 def bench_scale(args, scales: List[int]) -> List[Dict]:
-    profile = _corpus_profile()
+    from deepretrieval.search.synthetic import CorpusProfile
+
+    profile = CorpusProfile.from_corpus(DATA / "corpus.jsonl.gz")
     topics = [json.loads(l) for l in (DATA / "topics.jsonl").open()]
     analyzer = make_analyzer()
     bow = [bow_query(t["title"], analyzer) for t in topics]
@@ -244,7 +202,7 @@ def bench_scale(args, scales: List[int]) -> List[Dict]:
     for n in scales:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench_scale_{n}_"))
         try:
-            corpus = tmp / "corpus.jsonl"
+            corpus = tmp / "corpus.jsonl.gz"
             t0 = time.perf_counter()
             write_synthetic(corpus, n, profile)
             gen_s = time.perf_counter() - t0
