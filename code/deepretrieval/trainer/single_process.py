@@ -95,14 +95,17 @@ def as_reward_manager(reward_fn: RewardFn) -> Callable[..., Dict[str, Any]]:
 
 
 def step_config(n: int, adv_estimator: str, use_kl_in_reward: bool, kl_penalty: str, use_kl_loss: bool,
-                gamma: float, lam: float, norm_adv_by_std_in_grpo: bool, critic_warmup: int, seed: int) -> DictConfig:
+                gamma: float, lam: float, norm_adv_by_std_in_grpo: bool, critic_warmup: int, seed: int,
+                recompute_old_log_prob: bool) -> DictConfig:
     """The trainer-config keys ``ppo_step`` reads, for one in-process worker set (one worker, no
-    batch balancing); the reference runs when ``use_kl_in_reward`` or ``use_kl_loss``."""
+    batch balancing); the reference runs when ``use_kl_in_reward`` or ``use_kl_loss``;
+    ``recompute_old_log_prob`` is the actor's own setting (``ActorConfig``)."""
     return OmegaConf.create({
         "algorithm": {"adv_estimator": adv_estimator, "gamma": gamma, "lam": lam,
                       "norm_adv_by_std_in_grpo": norm_adv_by_std_in_grpo,
                       "use_kl_in_reward": use_kl_in_reward, "kl_penalty": kl_penalty},
-        "actor_rollout_ref": {"actor": {"use_kl_loss": use_kl_loss}, "rollout": {"n": n}},
+        "actor_rollout_ref": {"actor": {"use_kl_loss": use_kl_loss, "recompute_old_log_prob": recompute_old_log_prob},
+                              "rollout": {"n": n}},
         "trainer": {"seed": seed, "balance_batch": False, "critic_warmup": critic_warmup,
                     "n_gpus_per_node": 1, "nnodes": 1},
     })
@@ -168,7 +171,8 @@ def run_ppo_steps(
         raise ValueError("a KL penalty in the reward needs a reference")
     # with a reference, its log-probs go to the actor update (the actor's own use_kl_loss decides)
     config = step_config(resolve_sampling(rollout.config, {}).n, adv_estimator, kl_ctrl is not None, kl_penalty,
-                         reference is not None, gamma, lam, norm_adv_by_std_in_grpo, critic_warmup, seed)
+                         reference is not None, gamma, lam, norm_adv_by_std_in_grpo, critic_warmup, seed,
+                         actor.config.recompute_old_log_prob)
     workers = InProcessActor(actor, rollout, reference)
     critic_workers = InProcessCritic(critic) if critic is not None else None
     manager = as_reward_manager(reward_fn)
