@@ -68,7 +68,8 @@ LENGTH_OVERRIDES = (
 # (`random_words`) or from its raw single answers, RL learnt to add nothing (docs/recipe.md). 32 steps with the
 # overlong penalty (LENGTH_OVERRIDES): without it one seed's answers grew until greedy decoding looped by step 16
 # (runs c1, cons16); with it the answers stayed at 20-30 tokens and the sampled policies kept improving to step 32
-# (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so).
+# (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so). The last
+# step, not the best of 6 validation topics: run val6 chose better on one seed and worse on another.
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
            "prompt_style": "expand", "val_topics": 0, "select_step": "last",
