@@ -32,7 +32,7 @@ Indexing uses tantivy's multi-threaded writer: `num_threads` (0: tantivy's choic
 split like `build_index(shards=N)` (`local_index.shard_of`: every version of a PMID lands in
 the same shard), in `shard-NNN` folders under one metadata file, searched concurrently by
 `LocalSearchEngine`; the writers share the heap and threads as `build_index`'s do.
-With `parse_workers` > 0 the files are read (XML parsing: about as much CPU per record as indexing) by that
+With `parse_workers` > 0 the files are read (XML parsing: about 0.4x the CPU per record of indexing) by that
 many worker processes, up to that many files ahead of the one being applied; the files are still applied
 one at a time in name order by this process, so the index, the manifest, the counts and the behaviour on a
 damaged file or a kill are those of the in-process reader (0, which streams a file instead of holding it).
