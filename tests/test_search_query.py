@@ -308,8 +308,8 @@ def test_line_reference_chains_count_towards_depth():
 
 def _parse_seconds(query, repeats=2):
     """This thread's CPU time: `process_time` also counts the other threads of the test process (an
-    earlier test's server or pool still winding down), which once made a linear 40k-operand parse
-    measure 0.99 s against 0.36 s alone."""
+    earlier test's server or pool still winding down). A full run once measured a 40k-operand parse at
+    0.99 s against 0.36 s alone; the cause was not pinned down."""
     import time
 
     best = float("inf")
