@@ -5,6 +5,7 @@ reward curve, resume."""
 import json
 import time
 
+import pandas as pd
 import pytest
 
 from deepretrieval.quickstart import pipeline as qs
@@ -93,6 +94,9 @@ def test_a_run_folder_keeps_its_prompt_style(tmp_path):
     state.mark("data", {"task": "trials_sigir", "prompt_style": "expand", "val_topics": 4})  # and its validation split
     with pytest.raises(RuntimeError, match="with 4 validation topics"):
         qs.run_quickstart(tmp_path / "run", task="trials_sigir", prompt_style="expand", say=lambda s: None)
+    state.mark("data", {"task": "trials_sigir", "prompt_style": "expand", "val_topics": 0})  # and its fold (0 if unrecorded)
+    with pytest.raises(RuntimeError, match="on fold 0"):
+        qs.run_quickstart(tmp_path / "run", task="trials_sigir", prompt_style="expand", fold=2, say=lambda s: None)
 
 
 def test_validation_topics_are_what_the_trainer_validates_on(tmp_path):
@@ -103,6 +107,10 @@ def test_validation_topics_are_what_the_trainer_validates_on(tmp_path):
     plain = qs.prepare_data(tmp_path / "plain", "trials_sigir", "expand")
     assert "val" not in plain and plain["n_train"] == 36 and qs.validation_name(plain) == "test"
     assert f"data.val_files={plain['test']}" in qs.trainer_overrides(tmp_path, plain, "/m", 2, False)
+    fold = qs.prepare_data(tmp_path / "fold2", "trials_sigir", "expand", fold=2)
+    assert fold["fold"] == 2 and (fold["n_train"], fold["n_test"]) == (36, 12)
+    tested = [set(pd.read_parquet(d["test"])["extra_info"].map(lambda e: e["topic_id"])) for d in (plain, fold)]
+    assert len(tested[0]) == len(tested[1]) == 12 and not tested[0] & tested[1]
 
 
 def test_estimate_grows_with_steps():

@@ -94,6 +94,49 @@ def test_pubmed_mini_topic_split(data_dir):
         assert row["extra_info"]["collection"] == topic["collection"]
 
 
+@pytest.mark.parametrize("task, sizes, untested", [
+    ("trials_sigir", [12, 12, 12, 12], 0),  # one collection of 48: blocks of 12
+    # cohen2006 11 topics: blocks of round(2.75) = 3, the last holds 2; clef2017_dta 17: blocks of round(4.25)
+    # = 4, one topic in no block
+    ("pubmed_mini", [7, 7, 7, 6], 1),
+])
+def test_folds_test_disjoint_topics_and_fold_0_is_the_split(task, sizes, untested):
+    """The folds' test topics are disjoint, each fold trains on every other topic, and fold 0 is the split
+    of every earlier run."""
+    def ids(rows):
+        return {r["extra_info"]["topic_id"] for r in rows}
+
+    plain = tasks.build_splits(task)
+    folds = [tasks.build_splits(task, fold=f) for f in range(len(sizes))]
+    assert tasks.topic_folds(0.25) == len(sizes)
+    assert ids(folds[0]["test"]) == ids(plain["test"]) and ids(folds[0]["train"]) == ids(plain["train"])
+    every = ids(plain["train"]) | ids(plain["test"])
+    tested = [ids(f["test"]) for f in folds]
+    assert [len(t) for t in tested] == sizes
+    assert len(set().union(*tested)) == sum(sizes) == len(every) - untested  # disjoint
+    for f in folds:
+        assert ids(f["train"]) == every - ids(f["test"])
+    with pytest.raises(ValueError, match="fold must be 0 to 3"):
+        tasks.build_splits(task, fold=len(sizes))
+    with pytest.raises(ValueError, match="fixed train and test files"):
+        tasks.build_splits("ctgov", fold=1, max_train=2, max_test=2)
+
+
+def test_split_topics_blocks_by_hand():
+    """10 topics in one collection, test_fraction 0.3: blocks of round(3.0) = 3 in the seeded order, 3 folds;
+    the 10th topic of that order is in no block. A one-topic collection is never tested."""
+    topics = [{"topic_id": f"t{i}", "collection": "a"} for i in range(10)] + [{"topic_id": "solo", "collection": "b"}]
+    order = tasks._shuffled(sorted(f"t{i}" for i in range(10)), 7)
+    assert tasks.topic_folds(0.3) == 3
+    for fold in range(3):
+        got = tasks.split_topics(topics, 0.3, 7, fold)
+        assert sorted(t for t, s in got.items() if s == "test") == sorted(order[3 * fold: 3 * fold + 3])
+        assert got["solo"] == "train" and got[order[9]] == "train"
+    for bad_fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="test_fraction"):
+            tasks.split_topics(topics, bad_fraction, 7)
+
+
 @pytest.mark.parametrize("task", ["trials_sigir", "pubmed_mini"])
 def test_validation_topics_are_held_out_of_training(task):
     """val_from="train": the first val_size topics of the seeded training order become val.parquet and are

@@ -34,6 +34,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "terms to the input's words), original (pubmed/ctgov)",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
+    parser.add_argument("--fold", type=int, default=0,
+                        help="pubmed_mini/trials_sigir: which block of the seeded topic order is test (0 to "
+                        "1/test-fraction - 1; 0 = the split of the recipe's published runs); folds test disjoint topics")
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")
     parser.add_argument("--val-from", default="sample", choices=("sample", "first", "train"),
                         help="val.parquet = a seeded sample of test (default); pubmed/ctgov: first = the first "
@@ -58,6 +61,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         "max_train": args.max_train,
         "max_test": args.max_test,
         "val_from": getattr(args, "val_from", "sample"),
+        "fold": args.fold,
     }
     try:
         paths = prepare_task(args.task, args.out, **options)

@@ -251,8 +251,12 @@ def _prepare_leads(
     max_train: Optional[int] = None,
     max_test: Optional[int] = None,
     val_from: str = "sample",
+    fold: int = 0,
     **_: Any,
 ) -> Dict[str, List[Row]]:
+    if fold:
+        raise ValueError(f"{data_source}: the LEADS tasks have fixed train and test files; folds "
+                         "(fold != 0) exist for the local-corpus tasks (pubmed_mini, trials_sigir)")
     train_path = input or (str(data_root() / default_train) if default_train else None)
     test_path = test_input or str(data_root() / default_test)
     splits: Dict[str, List[Row]] = {}
@@ -290,8 +294,25 @@ def prepare_ctgov(**options: Any) -> Dict[str, List[Row]]:
 # ---------------------------------------------------------------- local-corpus tasks
 
 
-def split_topics(topics: List[Dict[str, Any]], test_fraction: float, seed: int) -> Dict[str, str]:
-    """Seeded topic split, stratified by collection: topic_id -> "train" | "test"."""
+def topic_folds(test_fraction: float) -> int:
+    """How many folds `split_topics` offers: disjoint test blocks of `test_fraction` each (0.25 -> 4)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    return max(1, int(1 / test_fraction + 1e-9))
+
+
+def split_topics(topics: List[Dict[str, Any]], test_fraction: float, seed: int, fold: int = 0) -> Dict[str, str]:
+    """Seeded topic split, stratified by collection: topic_id -> "train" | "test".
+
+    Per collection the topic ids are shuffled with `seed` and cut into blocks of n_test =
+    round(n * test_fraction) (at least 1; none for a collection of one topic); fold f tests block f,
+    ids[f*n_test : (f+1)*n_test], and trains on the rest (ids that rounding leaves outside every
+    block are always trained on). Fold 0 is the split every earlier run used; the folds' test topics
+    are disjoint, so a setting chosen on one fold's test topics can be checked on another fold's,
+    which it never saw."""
+    folds = topic_folds(test_fraction)
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be 0 to {folds - 1} with test_fraction {test_fraction}, got {fold}")
     by_collection: Dict[str, List[str]] = {}
     for topic in topics:
         by_collection.setdefault(str(topic.get("collection", "")), []).append(str(topic["topic_id"]))
@@ -299,8 +320,9 @@ def split_topics(topics: List[Dict[str, Any]], test_fraction: float, seed: int) 
     for collection in sorted(by_collection):
         ids = _shuffled(sorted(by_collection[collection]), seed)
         n_test = max(1, int(round(len(ids) * test_fraction))) if len(ids) > 1 else 0
+        lo, hi = fold * n_test, (fold + 1) * n_test
         for i, topic_id in enumerate(ids):
-            assignment[topic_id] = "test" if i < n_test else "train"
+            assignment[topic_id] = "test" if lo <= i < hi else "train"
     return assignment
 
 
@@ -317,13 +339,14 @@ def _prepare_topics(
     val_size: int = 100,
     style: str = "reasoning",
     val_from: str = "sample",
+    fold: int = 0,
     **_: Any,
 ) -> Dict[str, List[Row]]:
     if val_from not in TOPIC_VAL_FROM:
         raise ValueError(f"{data_source}: val_from={val_from!r} exists for the LEADS tasks (pubmed, ctgov) only; "
                          f"the local-corpus tasks take {' or '.join(map(repr, TOPIC_VAL_FROM))}")
     topics = read_jsonl(input or (data_root() / topics_file))
-    assignment = split_topics(topics, test_fraction, seed)
+    assignment = split_topics(topics, test_fraction, seed, fold)
     splits: Dict[str, List[Row]] = {"train": [], "test": []}
     for topic in sorted(topics, key=lambda t: str(t["topic_id"])):
         split = assignment[str(topic["topic_id"])]

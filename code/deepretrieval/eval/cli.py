@@ -46,6 +46,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="first N topics per task only")
     data.add_argument("--seed", type=int, default=42, help="seed of the task split (as in `prepare`), of "
                       "sampled generation and of the few-shot example choice")
+    data.add_argument("--fold", type=int, default=0, help="pubmed_mini/trials_sigir: the fold of the topic split "
+                      "(as in `prepare`; 0 = the recipe's published split)")
 
     methods = p.add_argument_group("methods (any mix)")
     methods.add_argument("--baseline", action="append", default=[],
@@ -228,7 +230,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 logger.error("give --task, --data or --topics")
                 return 2
             for task in args.task:
-                samples.extend(load_samples(task=task, split=args.split, limit=args.limit, seed=args.seed))
+                samples.extend(load_samples(task=task, split=args.split, limit=args.limit, seed=args.seed,
+                                            fold=args.fold))
         samples.extend(_topic_samples(args, out))
     except (OSError, ValueError, KeyError) as exc:  # a TopicsFileError is a ValueError
         logger.error("cannot load the samples: %s", exc)

@@ -24,6 +24,7 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--test-freq", type=int, default=None,
                    help="validate every N steps (on the test topics, or the --val-topics)")
     p.add_argument("--val-topics", type=int, default=0, metavar="N", help=VAL_TOPICS_HELP)
+    p.add_argument("--fold", type=int, default=0, help=FOLD_HELP)
     p.add_argument("--warmup-epochs", type=int, default=2, help="passes of the format warm-up")
     p.add_argument("--images-dir", default=None, help="also copy reward_curve.png here (e.g. images)")
     p.add_argument("--rollout", choices=["auto", "hf", "vllm"], default="auto",
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, model_path=model, steps=steps, tiny=args.tiny, overrides=overrides, fresh=args.fresh,
         workers=args.workers, test_freq=test_freq, warmup_epochs=args.warmup_epochs, images_dir=args.images_dir,
         rollout=getattr(args, "rollout", "auto"), task=args.task, seed=args.seed, warmup_kind=args.warmup,
-        prompt_style=args.prompt_style, val_topics=args.val_topics))
+        prompt_style=args.prompt_style, val_topics=args.val_topics, fold=args.fold))
 
 
 def _overrides_ok(items: Any) -> bool:
@@ -98,12 +99,14 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         args.task, args.seeds, out, images_dir=args.images_dir, trainer_overrides=args.overrides,
         rollout=args.rollout, steps=args.steps, test_freq=args.test_freq, warmup_kind=args.warmup,
         warmup_epochs=args.warmup_epochs, tiny=args.tiny, prompt_style=args.prompt_style, val_topics=args.val_topics,
-        select_step=args.select_step))
+        select_step=args.select_step, fold=args.fold))
 
 
 VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the trainer's validation, so that "
                    "settings such as the step count can be chosen without the test topics (default 0: validate on "
                    "the test topics)")
+FOLD_HELP = ("which quarter of the seeded topic order is tested (0-3; default 0, the split of the published runs): "
+             "the folds test disjoint topics, so settings chosen on one fold can be checked on another")
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
 vendored task, then every seed's trained policy next to the reference baselines on the held-out
 test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
@@ -123,6 +126,7 @@ def register(subparsers: Any) -> None:
                    help="compact | expand (default: the recipe's)")
     r.add_argument("--val-topics", type=int, default=None, metavar="N",
                    help=VAL_TOPICS_HELP.replace("(default 0)", "(default: the recipe's)"))
+    r.add_argument("--fold", type=int, default=None, help=FOLD_HELP.replace("(default 0", "(default: the recipe's, 0"))
     r.add_argument("--select-step", choices=list(SELECT_STEPS), default=None,
                    help="which step's policy the final evaluation tests: the last, or the one of the best validation "
                         "recall@100 on the --val-topics (keeps every validated checkpoint; default: the recipe's)")

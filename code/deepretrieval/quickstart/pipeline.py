@@ -104,19 +104,22 @@ def run_stage(state: RunState, name: str, fn: Callable[[], Dict[str, Any]], say:
 # ------------------------------------------------------------------------------------ data
 
 
-def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STYLE, val_topics: int = 0) -> Dict[str, Any]:
+def prepare_data(out_dir: Path, task: str = TASK, prompt_style: str = PROMPT_STYLE, val_topics: int = 0,
+                 fold: int = 0) -> Dict[str, Any]:
     """Write `<out>/data/{train,test}.parquet` of `task` in `prompt_style` (and `val.parquet`: `val_topics`
-    training topics held out, not trained on, when > 0); build the index."""
+    training topics held out, not trained on, when > 0) for fold `fold` of the topic split
+    (data.tasks.split_topics); build the index."""
     from deepretrieval.search.local_index import ensure_local_index
     from deepretrieval.data.tasks import build_splits, write_splits
 
     if val_topics:
-        splits = build_splits(task, style=prompt_style, val_from="train", val_size=val_topics)
+        splits = build_splits(task, style=prompt_style, val_from="train", val_size=val_topics, fold=fold)
     else:
-        splits = {name: rows for name, rows in build_splits(task, style=prompt_style).items() if name != "val"}
+        splits = {name: rows for name, rows in build_splits(task, style=prompt_style, fold=fold).items()
+                  if name != "val"}
     paths = write_splits(splits, Path(out_dir) / "data")
     index = ensure_local_index(task)
-    return {"task": task, "prompt_style": prompt_style, "val_topics": val_topics,
+    return {"task": task, "prompt_style": prompt_style, "val_topics": val_topics, "fold": fold,
             **{name: str(path) for name, path in paths.items()},
             "index": str(index), **{f"n_{name}": len(rows) for name, rows in splits.items()}}
 
@@ -440,7 +443,7 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
                    images_dir: "str | os.PathLike[str] | None" = None,
                    say: Callable[[str], None] = print, rollout: str = "auto", task: str = TASK,
                    seed: int = 1, warmup_kind: str = "question", response_length: int = 64,
-                   prompt_style: str = PROMPT_STYLE, val_topics: int = 0) -> Dict[str, Any]:
+                   prompt_style: str = PROMPT_STYLE, val_topics: int = 0, fold: int = 0) -> Dict[str, Any]:
     """Run (or resume) the whole quickstart in `out_dir`; returns the stage results and the table.
 
     `overrides` are extra `key=value` trainer overrides (they win over the quickstart's own).
@@ -451,7 +454,8 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
     fixed); `warmup_kind`: the warm-up targets (:data:`WARMUP_KINDS`); `response_length`: the most
     tokens a response may have, in training and evaluation; `prompt_style`: compact | expand
     (:data:`QUICKSTART_STYLES`); `val_topics`: hold out that many training topics (not trained on) for the
-    trainer's validation instead of validating on the test topics (0).
+    trainer's validation instead of validating on the test topics (0); `fold`: which fold of the topic
+    split is tested (data.tasks.split_topics; 0 = the published runs' split).
     """
     resolve_rollout(rollout)  # a bad value fails before any work
     if task not in TASKS:
@@ -470,12 +474,13 @@ def run_quickstart(out_dir: "str | os.PathLike[str]" = "outputs/quickstart", mod
         f"Estimated time on a 2-core laptop: ~{est / 60:.0f} min ({steps} GRPO steps"
         f"{', tiny model' if tiny else ''}); finished stages are skipped on a rerun, so Ctrl-C is safe.")
 
-    data = run_stage(state, "data", lambda: prepare_data(run_dir, task, prompt_style, val_topics), say)
+    data = run_stage(state, "data", lambda: prepare_data(run_dir, task, prompt_style, val_topics, fold), say)
     if (data.get("prompt_style", PROMPT_STYLE) != prompt_style or data.get("task", TASK) != task
-            or data.get("val_topics", 0) != val_topics):
+            or data.get("val_topics", 0) != val_topics or data.get("fold", 0) != fold):
         raise RuntimeError(f"{run_dir} holds a {data.get('task', TASK)} run in the "
                            f"{data.get('prompt_style', PROMPT_STYLE)!r} prompt style with "
-                           f"{data.get('val_topics', 0)} validation topics; use another --out or --fresh")
+                           f"{data.get('val_topics', 0)} validation topics on fold {data.get('fold', 0)}; "
+                           "use another --out or --fresh")
     model = run_stage(state, "model", lambda: prepare_model(run_dir, model_path, tiny, say), say)
     is_tiny = model["kind"] == "tiny"
     warm = run_stage(state, "warmup", lambda: warmup(

@@ -13,8 +13,9 @@ comparison on the held-out test topics (`deepretrieval recipe`).
     results.md, curves.png    the tables, queries before vs after RL per test topic, and the reward /
                               test-recall curves of all seeds
 
-The topic split is the task's fixed one (data.tasks, seed 42): seeds change the warm-up's random
-targets, the data order and the sampling, never which topics are tested.
+The topic split is the task's fixed one (data.tasks, seed 42; fold 0 unless `fold` says which other
+quarter of the topics to test): seeds change the warm-up's random targets, the data order and the
+sampling, never which topics are tested.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ LENGTH_OVERRIDES = (
 # step, not the best of 6 validation topics: run val6 chose better on one seed and worse on another.
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
-           "prompt_style": "expand", "val_topics": 0, "select_step": "last",
+           "prompt_style": "expand", "val_topics": 0, "select_step": "last", "fold": 0,
            "overrides": SPEED_OVERRIDES + LEARNING_OVERRIDES + LENGTH_OVERRIDES}
     for task in TASKS
 }
@@ -411,7 +412,7 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
                                 overrides=list(cfg["overrides"]) + keep + list(trainer_overrides),  # the caller's win
                                 progress=progress, say=say, rollout=rollout, task=task, seed=seed, tiny=tiny,
                                 warmup_kind=cfg["warmup_kind"], response_length=cfg["response_length"],
-                                prompt_style=cfg["prompt_style"], val_topics=cfg["val_topics"])
+                                prompt_style=cfg["prompt_style"], val_topics=cfg["val_topics"], fold=cfg["fold"])
         seconds[str(seed)] = round(sum(v for v in result["stage_seconds"].values() if v), 1)
     chosen = {seed: trained_policy(seed_dir(out, seed), task, cfg["select_step"]) for seed in seeds}
     say("=== final evaluation on the test topics (trained policies: "
