@@ -213,6 +213,10 @@ def test_cli_prepare_and_example_script(tmp_path, capsys):
     assert main(["prepare", "--task", "pubmed_mini", "--out", str(tmp_path / "cli"), "--seed", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
     assert main(["prepare", "--task", "pubmed", "--out", str(tmp_path / "x"), "--input", str(tmp_path / "missing")]) == 1
+    assert main(["prepare", "--task", "trials_sigir", "--out", str(tmp_path / "f2"), "--fold", "2"]) == 0
+    written = set(pd.read_parquet(tmp_path / "f2" / "test.parquet")["extra_info"].map(lambda e: e["topic_id"]))
+    assert written == {r["extra_info"]["topic_id"] for r in tasks.build_splits("trials_sigir", fold=2)["test"]}
+    assert main(["prepare", "--task", "trials_sigir", "--out", str(tmp_path / "f9"), "--fold", "9"]) == 1
 
     import importlib.util
     from pathlib import Path
