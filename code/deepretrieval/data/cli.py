@@ -15,6 +15,12 @@ from deepretrieval.data.tasks import TASKS, prepare_task
 logger = logging.getLogger(__name__)
 
 
+# the --fold flag of prepare, eval, quickstart and recipe (data.tasks.split_topics)
+FOLD_HELP = ("pubmed_mini/trials_sigir: which block of the seeded topic order is tested (0 to 1/test-fraction - 1, "
+             "0-3 by default; default 0, the split of the recipe's published runs): the folds test disjoint topics, "
+             "so settings chosen on one fold can be checked on another")
+
+
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="which search task")
     parser.add_argument("--out", required=True, help="output folder for train/test/val.parquet")
@@ -34,9 +40,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "terms to the input's words), original (pubmed/ctgov)",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffles and topic split")
-    parser.add_argument("--fold", type=int, default=0,
-                        help="pubmed_mini/trials_sigir: which block of the seeded topic order is test (0 to "
-                        "1/test-fraction - 1; 0 = the split of the recipe's published runs); folds test disjoint topics")
+    parser.add_argument("--fold", type=int, default=0, help=FOLD_HELP)
     parser.add_argument("--val-size", type=int, default=100, help="rows sampled from test into val.parquet")
     parser.add_argument("--val-from", default="sample", choices=("sample", "first", "train"),
                         help="val.parquet = a seeded sample of test (default); pubmed/ctgov: first = the first "

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from deepretrieval.data.cli import FOLD_HELP
+
     data = p.add_argument_group("what to evaluate on")
     data.add_argument("--task", action="append", default=[], help="task (pubmed_mini, trials_sigir, pubmed, ctgov); "
                       "repeatable; its split is built from the vendored data")
@@ -46,8 +48,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="first N topics per task only")
     data.add_argument("--seed", type=int, default=42, help="seed of the task split (as in `prepare`), of "
                       "sampled generation and of the few-shot example choice")
-    data.add_argument("--fold", type=int, default=0, help="pubmed_mini/trials_sigir: the fold of the topic split "
-                      "(as in `prepare`; 0 = the recipe's published split)")
+    data.add_argument("--fold", type=int, default=0, help=FOLD_HELP)
 
     methods = p.add_argument_group("methods (any mix)")
     methods.add_argument("--baseline", action="append", default=[],

@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+from deepretrieval.data.cli import FOLD_HELP
 from deepretrieval.quickstart import TASK, TASKS
 from deepretrieval.quickstart.pipeline import PROMPT_STYLE, QUICKSTART_STYLES, WARMUP_KINDS
 from deepretrieval.quickstart.recipe import SELECT_STEPS
@@ -105,8 +106,6 @@ def run_recipe_command(args: argparse.Namespace) -> int:
 VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the trainer's validation, so that "
                    "settings such as the step count can be chosen without the test topics (default 0: validate on "
                    "the test topics)")
-FOLD_HELP = ("which quarter of the seeded topic order is tested (0-3; default 0, the split of the published runs): "
-             "the folds test disjoint topics, so settings chosen on one fold can be checked on another")
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
 vendored task, then every seed's trained policy next to the reference baselines on the held-out
 test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
@@ -126,7 +125,7 @@ def register(subparsers: Any) -> None:
                    help="compact | expand (default: the recipe's)")
     r.add_argument("--val-topics", type=int, default=None, metavar="N",
                    help=VAL_TOPICS_HELP.replace("(default 0)", "(default: the recipe's)"))
-    r.add_argument("--fold", type=int, default=None, help=FOLD_HELP.replace("(default 0", "(default: the recipe's, 0"))
+    r.add_argument("--fold", type=int, default=None, help=FOLD_HELP)  # the recipe's default is fold 0 too
     r.add_argument("--select-step", choices=list(SELECT_STEPS), default=None,
                    help="which step's policy the final evaluation tests: the last, or the one of the best validation "
                         "recall@100 on the --val-topics (keeps every validated checkpoint; default: the recipe's)")
