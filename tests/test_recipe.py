@@ -263,8 +263,13 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert orig["recall@100"]["mean"] == pytest.approx(0.198, abs=0.001)
     assert orig["recall@1000"]["mean"] >= orig["recall@100"]["mean"] and orig["ndcg@10"]["n"] == 12
     assert table["gpt35_conditions"]["recall@100"]["mean"] == pytest.approx(0.400, abs=0.001)
-    assert set(comp["paired"]) == {"trained, seed 1, greedy", "trained, seed 1, sampled"}
+    assert set(comp["paired"]) == {"trained, seed 1, greedy", "trained, seed 1, sampled",
+                                   "trained, seed 1, greedy-norepeat"}
     assert set(comp["paired"]["trained, seed 1, greedy"]) == {"original", comp["best_other"]}
+    # greedy-norepeat: one query per topic, asked for with the recipe's n-gram rule, and none repeats a bigram
+    spec = json.loads((out / "eval" / "samples" / "trials_sigir" / "trained_seed_1_greedy-norepeat.spec.json").read_text())
+    assert spec["method"]["no_repeat_ngram_size"] == rc.NO_REPEAT_NGRAM == 2 and spec["method"]["n"] == 1
+    assert len(res_records(out, "trained_seed_1_greedy-norepeat")) == 12
     # sampled: SAMPLES queries per topic
     sampled = res_records(out, "trained_seed_1_sampled")
     assert len(sampled) == 12 * rc.SAMPLES

@@ -62,6 +62,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     methods.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --n > 1")
     methods.add_argument("--top-p", type=float, default=1.0)
     methods.add_argument("--max-new-tokens", type=int, default=512)
+    methods.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                         help="--model answers never repeat an N-gram of their own tokens (hf backend; 0 = off; "
+                              "2 stops a greedy `a OR a OR a` loop)")
     methods.add_argument("--max-prompt-length", type=int, default=1024)
     methods.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     methods.add_argument("--device", default=None, help="torch device for --model (default cuda if available)")
@@ -167,6 +170,7 @@ def build_methods(args: argparse.Namespace, tasks: List[str], pool: List[Any]) -
             max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size, device=args.device, seed=args.seed,
             prompt_style=args.prompt_style, force_prompt_style=args.force_prompt_style,
+            no_repeat_ngram_size=args.no_repeat_ngram,
         ))
     if args.llm:
         from deepretrieval.eval.llm_client import ChatClient

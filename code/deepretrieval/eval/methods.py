@@ -169,7 +169,8 @@ class ModelMethod(QueryMethod):
     Backends: `hf` generates with the trainer's rollout (workers.rollout.HFRollout) in batches on
     CPU or GPU; `vllm` uses vllm.LLM when the package is importable; `auto` picks vllm when
     importable and a GPU is present, else hf. Greedy (n=1, temperature 0) by default; n > 1 samples
-    with `temperature`, and the report adds best-of-n next to the mean.
+    with `temperature`, and the report adds best-of-n next to the mean. `no_repeat_ngram_size` > 0 (hf
+    only): the answer never repeats an n-gram of its own tokens (workers.rollout.no_repeat).
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class ModelMethod(QueryMethod):
         seed: int = 0,
         prompt_style: Optional[str] = None,
         force_prompt_style: bool = False,
+        no_repeat_ngram_size: int = 0,
     ):
         from deepretrieval.trainer.checkpoint import choose_prompt_style, read_prompt_settings
 
@@ -211,6 +213,12 @@ class ModelMethod(QueryMethod):
             raise ValueError(f"backend must be hf, vllm or auto, not {backend!r}")
         if backend == "vllm" and not vllm_available():
             raise RuntimeError("backend vllm requested but vllm is not importable; use --backend hf")
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size or 0)
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if self.no_repeat_ngram_size and backend == "vllm":
+            raise ValueError("no_repeat_ngram_size is offered by the hf backend only (workers.rollout.no_repeat); "
+                             "use --backend hf")
         self.backend = backend
         self._model = self._tokenizer = self._llm = None
 
@@ -233,6 +241,7 @@ class ModelMethod(QueryMethod):
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed,
             **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
+            **({"no_repeat_ngram_size": self.no_repeat_ngram_size} if self.no_repeat_ngram_size else {}),
             **rendering,
         }
 
@@ -302,7 +311,8 @@ class ModelMethod(QueryMethod):
             items = [dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))]
             batch = Batch.from_single_dict(collate_fn(items))
             batch.meta_info.update({"validate": greedy, "do_sample": not greedy, "n": self.n,
-                                    "temperature": self.temperature, "seed": self.seed + start})
+                                    "temperature": self.temperature, "seed": self.seed + start,
+                                    "no_repeat_ngram_size": self.no_repeat_ngram_size})
             with torch.no_grad():
                 out = rollout.generate_sequences(batch.to(device))
             responses, mask = out.batch["responses"], out.batch["response_mask"]

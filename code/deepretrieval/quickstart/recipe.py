@@ -3,10 +3,10 @@ comparison on the held-out test topics (`deepretrieval recipe`).
 
     run_recipe(task, seeds)   per seed: `run_quickstart` in `<out>/seed<S>` (resumable: finished
                               seeds and stages are skipped), with the task's settings (`RECIPES`)
-    final_evaluation          every seed's warm-up and trained policy (greedy, and sampled as in
-                              training: `DECODINGS`) and the task's reference baselines, on the test
-                              topics, retrieving K=1000 (recall@10/100/1000; NDCG where judgements
-                              are graded)
+    final_evaluation          every seed's warm-up and trained policy (greedy, sampled as in training,
+                              and greedy with no repeated bigram: `DECODINGS`) and the task's
+                              reference baselines, on the test topics, retrieving K=1000
+                              (recall@10/100/1000; NDCG where judgements are graded)
     comparison                per trained policy, trained - original on the same test topics: the
                               paired bootstrap (eval.metrics.paired_bootstrap_ci), topics won / lost,
                               and the same against the best other reference baseline
@@ -92,8 +92,14 @@ REFERENCE_BASELINES: Dict[str, List[str]] = {
 # (temperature 1, SAMPLES queries per topic, the topic scored by their mean recall: the expected recall of
 # the policy the RL optimised). A warm-up on random word subsets leaves a flat next-word distribution
 # whose greedy decoding repeats one word until the length limit (docs/recipe.md), so both are reported.
+# `greedy-norepeat`: greedy with no bigram of the answer written twice (workers.rollout.no_repeat), so a
+# greedy loop (`knee OR knee OR ...`, cut at the length limit: a format error, scored 0; run fold1) cannot
+# happen. Added after run fold1 and fixed (n = 2, the smallest that forbids the loop) before run fold2's
+# results were seen.
 SAMPLES = 4
-DECODINGS: Dict[str, Dict[str, Any]] = {"greedy": {"n": 1}, "sampled": {"n": SAMPLES, "temperature": 1.0}}
+NO_REPEAT_NGRAM = 2
+DECODINGS: Dict[str, Dict[str, Any]] = {"greedy": {"n": 1}, "sampled": {"n": SAMPLES, "temperature": 1.0},
+                                        "greedy-norepeat": {"n": 1, "no_repeat_ngram_size": NO_REPEAT_NGRAM}}
 
 
 def policy_label(stage: str, seed: int, decoding: str) -> str:
@@ -260,7 +266,8 @@ def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, se
 
 def query_examples(records: Mapping[str, Sequence[Mapping[str, Any]]], seed: int, limit: int = 6) -> List[Dict[str, Any]]:
     """For the error analysis: per test topic, the first sampled query of the warm-up and of the trained
-    policy (seed `seed`) and the trained policy's greedy one, with their recall@100, next to `original`'s."""
+    policy (seed `seed`) and the trained policy's greedy ones (plain and no-repeat), with their recall@100,
+    next to `original`'s."""
     metric = f"recall@{K}"
 
     def by_topic(label: str) -> Dict[str, Mapping[str, Any]]:
@@ -278,8 +285,9 @@ def query_examples(records: Mapping[str, Sequence[Mapping[str, Any]]], seed: int
     before = by_topic(policy_label("warm-up", seed, "sampled"))
     after = by_topic(policy_label("trained", seed, "sampled"))
     greedy = by_topic(policy_label("trained", seed, "greedy"))
+    norepeat = by_topic(policy_label("trained", seed, "greedy-norepeat"))
     return [{"topic_id": topic, "original": side(orig.get(topic))["recall"], "before": side(before.get(topic)),
-             "after": side(after[topic]), "greedy": side(greedy.get(topic))}
+             "after": side(after[topic]), "greedy": side(greedy.get(topic)), "norepeat": side(norepeat.get(topic))}
             for topic in sorted(after)[:limit]]
 
 
@@ -296,8 +304,9 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
                      settings: Mapping[str, Any], seconds: Mapping[str, Any]) -> str:
     names = metric_names(task)
     lines = [f"# CPU recipe results: {task}", "",
-             f"{len(comp['topics'])} held-out test topics; the policies' queries greedy and sampled ({SAMPLES} at temperature 1, "
-             f"a topic scored by their mean); the local engine retrieving {FINAL_K}. "
+             f"{len(comp['topics'])} held-out test topics; the policies' queries greedy, sampled ({SAMPLES} at temperature 1, "
+             f"a topic scored by their mean) and greedy with no bigram of the answer repeated (`greedy-norepeat`); the "
+             f"local engine retrieving {FINAL_K}. "
              f"Settings: `{json.dumps(dict(settings), sort_keys=True)}`.", ""]
     if settings.get("prompt_style") == "expand":
         lines += ["Prompt style `expand`: a policy's query is searched *added to* the input's words (the `original` "
@@ -323,7 +332,8 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
         lines += ["", f"Queries before (warm-up) and after RL, seed {settings.get('example_seed')}: the first sampled "
                       f"query, and the trained policy's greedy one ({comp['metric']} in brackets; `original` = the whole "
                       "input as OR'ed words):", "",
-                  "| topic | original | before RL | after RL | after RL, greedy |", "|---|---|---|---|---|"]
+                  "| topic | original | before RL | after RL | after RL, greedy | after RL, greedy no-repeat |",
+                  "|---|---|---|---|---|---|"]
         for ex in examples:
             def q(side: Mapping[str, Any]) -> str:
                 # an answer with no query is shown as its error class and the start of what was written
@@ -333,7 +343,8 @@ def results_markdown(task: str, comp: Mapping[str, Any], examples: Sequence[Mapp
                 rec = side.get("recall")
                 return f"{text} ({rec:.2f})" if rec is not None else text
             orig = "" if ex["original"] is None else f"{ex['original']:.2f}"
-            lines.append(f"| {ex['topic_id']} | {orig} | {q(ex['before'])} | {q(ex['after'])} | {q(ex['greedy'])} |")
+            lines.append(f"| {ex['topic_id']} | {orig} | {q(ex['before'])} | {q(ex['after'])} | {q(ex['greedy'])} | "
+                         f"{q(ex.get('norepeat') or {})} |")
     lines += ["", "Wall time per seed (s): " + json.dumps(dict(seconds)), ""]
     return "\n".join(lines)
 

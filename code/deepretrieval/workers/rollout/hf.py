@@ -18,6 +18,9 @@ Random draws are made for every row of the full batch at every step, whichever r
 decoded, so a seed gives the plain loop's samples with any option; only floating-point differences
 between batch shapes (a prefill of B instead of B * n rows, a compacted batch, a static cache's longer
 masked attention) can flip a draw that is a near-tie.
+
+``meta_info['no_repeat_ngram_size']`` (evaluation only): the response-only n-gram ban of
+:mod:`deepretrieval.workers.rollout.no_repeat`, applied to each live row's logits before the token is chosen.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from deepretrieval.workers.actor import model_device
 from deepretrieval.workers.config import RolloutConfig
 from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, check_prompt_keys,
                                                 resolve_sampling)
+from deepretrieval.workers.rollout.no_repeat import NGramBlocker
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +292,13 @@ class HFRollout(BaseRollout):
         owner = torch.arange(rows, device=device)  # decoding row -> output row
         noise_rows = None  # after a compaction: draw for all rows, keep the live rows' draws (same samples)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        blocker = NGramBlocker(params.no_repeat_ngram_size, rows, self.eos_ids) if params.no_repeat_ngram_size else None
         for step in range(self.response_length):
+            if blocker is not None:
+                logits = blocker.mask(logits, owner.tolist(), finished.tolist())
             token = sample_next_token(logits, params, generator, noise_rows)
+            if blocker is not None:
+                blocker.add_step(owner.tolist(), token.tolist(), finished.tolist())
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             responses[owner, step] = token
             finished |= torch.isin(token, eos)

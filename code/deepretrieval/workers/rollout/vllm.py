@@ -86,6 +86,9 @@ def vllm_sampling_kwargs(params: SamplingParams, response_length: int, stop_toke
     numerics, and the gap between the two is the train/inference mismatch metric
     (:mod:`deepretrieval.workers.rollout.mismatch`).
     """
+    if params.no_repeat_ngram_size:
+        raise ValueError("no_repeat_ngram_size is a rule of the hf rollout (workers.rollout.no_repeat); the vllm "
+                         "rollout does not offer it: use the hf backend")
     greedy = params.greedy
     kwargs: Dict[str, Any] = {
         "n": 1 if greedy else int(params.n),
