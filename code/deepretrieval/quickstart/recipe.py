@@ -72,7 +72,8 @@ LENGTH_OVERRIDES = (
 # (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so). The last
 # step, not the best of 6 validation topics: run val6 chose better on one seed and worse on another.
 # On fold 1 (12 patients no setting was chosen on, run fold1) the sampled policies beat `original` on every
-# seed, clearly on two; the greedy ones did not (docs/recipe.md).
+# seed, clearly on two; the greedy ones did not. On fold 2 (run fold2, seeds 1-2) every decoding is above
+# `original` on both seeds, clearly on one (docs/recipe.md).
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
            "prompt_style": "expand", "val_topics": 0, "select_step": "last", "fold": 0,
