@@ -285,7 +285,14 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     text = (out / "results.md").read_text()
     assert "| trained, seed 1, sampled | original |" in text and "Queries before (warm-up) and after RL" in text
     assert "Prompt style `expand`" in text
-    assert json.loads((out / "comparison.json").read_text())["topics"] == comp["topics"]
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["topics"] == comp["topics"] and (written["task"], written["fold"]) == ("trials_sigir", 0)
+    # the per-topic scores are kept, so the run pools with other folds' (quickstart.pool); alone it is itself
+    assert written["per_topic"]["original"] == pytest.approx({r["topic_id"]: r["metrics"]["recall@100"]
+                                                             for r in res_records(out, "original")})
+    from deepretrieval.quickstart.pool import pool_runs
+
+    assert pool_runs([out])["paired"] == comp["paired"]
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()
     assert comp["trained_steps"] == {"1": 1} and "Trained policies: seed 1 step 1 (the last step)" in text

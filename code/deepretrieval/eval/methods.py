@@ -17,6 +17,7 @@ from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.samples import EvalSample
 from deepretrieval.trainer.checkpoint import resolve_model_dir
+from deepretrieval.workers.rollout.no_repeat import ngram_size
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,7 @@ class ModelMethod(QueryMethod):
             raise ValueError(f"backend must be hf, vllm or auto, not {backend!r}")
         if backend == "vllm" and not vllm_available():
             raise RuntimeError("backend vllm requested but vllm is not importable; use --backend hf")
-        self.no_repeat_ngram_size = int(no_repeat_ngram_size or 0)
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        self.no_repeat_ngram_size = ngram_size(no_repeat_ngram_size)
         if self.no_repeat_ngram_size and backend == "vllm":
             raise ValueError("no_repeat_ngram_size is offered by the hf backend only (workers.rollout.no_repeat); "
                              "use --backend hf")

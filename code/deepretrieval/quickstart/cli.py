@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from deepretrieval.data.cli import FOLD_HELP
@@ -103,12 +104,31 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         select_step=args.select_step, fold=args.fold))
 
 
+def run_pool_command(args: argparse.Namespace) -> int:
+    from deepretrieval.quickstart.pool import pool_markdown, pool_runs
+
+    try:
+        result = pool_runs(args.runs, out=args.out)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    print(pool_markdown(result), end="")
+    if args.out:
+        print(f"\nwritten: {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
 VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the trainer's validation, so that "
                    "settings such as the step count can be chosen without the test topics (default 0: validate on "
                    "the test topics)")
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
 vendored task, then every seed's trained policy next to the reference baselines on the held-out
 test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
+
+POOL_HELP = """Pool recipe runs of different folds (`deepretrieval recipe --fold F`, deepretrieval.quickstart.pool):
+each fold's test topics are scored by its own policies, which never trained on them, so together the runs
+give one cross-validated comparison per seed and decoding over all their topics, with the paired bootstrap
+interval of (trained - original) and (trained - the best other baseline)."""
 
 
 def register(subparsers: Any) -> None:
@@ -134,6 +154,13 @@ def register(subparsers: Any) -> None:
     r.add_argument("--tiny", action="store_true", help="tiny random model (CI: the whole pipeline in minutes)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="trainer overrides for every seed")
     r.set_defaults(func=run_recipe_command)
+
+    pool = subparsers.add_parser(
+        "recipe-pool", help="pool recipe runs of different folds: one paired comparison over all their test topics",
+        description=POOL_HELP)
+    pool.add_argument("runs", nargs="+", metavar="RUN_DIR", help="recipe run folders (--out of `deepretrieval recipe`)")
+    pool.add_argument("--out", default=None, help="also write the report here (markdown) and its .json next to it")
+    pool.set_defaults(func=run_pool_command)
 
     p = subparsers.add_parser("quickstart", help="prepare, warm up, evaluate, train (GRPO), evaluate again, on CPU",
                               description=__doc__)

@@ -72,8 +72,8 @@ LENGTH_OVERRIDES = (
 # (runs ol24, ol32; the step count was chosen with the test topics' results, docs/recipe.md says so). The last
 # step, not the best of 6 validation topics: run val6 chose better on one seed and worse on another.
 # On fold 1 (12 patients no setting was chosen on, run fold1) the sampled policies beat `original` on every
-# seed, clearly on two; the greedy ones did not. On fold 2 (run fold2, seeds 1-2) every decoding is above
-# `original` on both seeds, clearly on one (docs/recipe.md).
+# seed, clearly on two; the greedy ones did not. On fold 2 (run fold2) every decoding is above `original` on
+# all three seeds, clearly on two (docs/recipe.md).
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
            "prompt_style": "expand", "val_topics": 0, "select_step": "last", "fold": 0,
@@ -227,12 +227,42 @@ def metric_names(task: str) -> List[str]:
     return names
 
 
+def paired_intervals(scores: Mapping[str, Mapping[str, float]], means: Mapping[str, float], task: str,
+                     seeds: Sequence[int], topics: Sequence[str], n_resamples: int = 2000
+                     ) -> Tuple[Optional[str], Dict[str, Dict[str, Any]]]:
+    """(best other reference baseline, paired): `scores` label -> topic -> score, `means` label -> mean score.
+    The best other baseline is the reference baseline after `original` with the highest mean; for each
+    trained policy (every seed and decoding in `scores`), against `original` and it: the paired bootstrap
+    interval of mean_t (trained[t] - baseline[t]) over the topics both scored, and the topics won / lost."""
+    from deepretrieval.eval.metrics import paired_bootstrap_ci
+
+    baselines = REFERENCE_BASELINES[task]
+    others = [b for b in baselines[1:] if scores.get(b)]
+    best_other = max(others, key=lambda b: means[b]) if others else None
+    paired: Dict[str, Dict[str, Any]] = {}
+    for label in [policy_label("trained", seed, d) for seed in seeds for d in DECODINGS]:
+        if label not in scores:
+            continue
+        trained = scores[label]
+        entry = {}
+        for against in [baselines[0]] + ([best_other] if best_other else []):
+            base = scores[against]
+            common = [t for t in topics if t in trained and t in base]
+            ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
+                                     n_resamples=n_resamples)
+            entry[against] = dict(ci.to_dict(), wins=sum(trained[t] > base[t] for t in common),
+                                  losses=sum(trained[t] < base[t] for t in common))
+        paired[label] = entry
+    return best_other, paired
+
+
 def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, seeds: Sequence[int],
                n_resamples: int = 2000) -> Dict[str, Any]:
     """Means with bootstrap intervals per method and metric, and per seed and decoding the paired
     intervals of trained - `original` and trained - the best other reference baseline (by mean
-    recall@100); `paired` is keyed by the trained policy's label."""
-    from deepretrieval.eval.metrics import bootstrap_ci, paired_bootstrap_ci
+    recall@100); `paired` is keyed by the trained policy's label; `per_topic`: label -> topic -> recall@100
+    (what quickstart.pool pools across folds)."""
+    from deepretrieval.eval.metrics import bootstrap_ci
 
     metric = f"recall@{K}"
     topics = sorted({str(r["topic_id"]) for rs in records.values() for r in rs})
@@ -244,25 +274,11 @@ def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, se
             for name, s in scores[label].items()}
         row["errors"] = dict(Counter(r["error"] for r in recs if r.get("error") not in (None, "none")))
         table[label] = row
-    baselines = REFERENCE_BASELINES[task]
-    others = [b for b in baselines[1:] if b in records and scores[b][metric]]
-    best_other = max(others, key=lambda b: table[b][metric]["mean"]) if others else None
-    paired: Dict[str, Dict[str, Any]] = {}
-    for label in [policy_label("trained", seed, d) for seed in seeds for d in DECODINGS]:
-        if label not in records:
-            continue
-        trained = scores[label][metric]
-        entry = {}
-        for against in [baselines[0]] + ([best_other] if best_other else []):
-            base = scores[against][metric]
-            common = [t for t in topics if t in trained and t in base]
-            ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
-                                     n_resamples=n_resamples)
-            wins = sum(trained[t] > base[t] for t in common)
-            losses = sum(trained[t] < base[t] for t in common)
-            entry[against] = dict(ci.to_dict(), wins=wins, losses=losses)
-        paired[label] = entry
-    return {"metric": metric, "topics": topics, "table": table, "paired": paired, "best_other": best_other}
+    best_other, paired = paired_intervals({label: s[metric] for label, s in scores.items()},
+                                          {label: row[metric]["mean"] for label, row in table.items()},
+                                          task, seeds, topics, n_resamples)
+    return {"task": task, "metric": metric, "topics": topics, "table": table, "paired": paired,
+            "best_other": best_other, "per_topic": {label: scores[label][metric] for label in records}}
 
 
 def query_examples(records: Mapping[str, Sequence[Mapping[str, Any]]], seed: int, limit: int = 6) -> List[Dict[str, Any]]:
@@ -436,6 +452,7 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     comp = comparison(records, task, list(seeds))
     comp["trained_steps"] = {str(seed): step for seed, (step, _) in chosen.items()}
     comp["select_step"] = cfg["select_step"]
+    comp["fold"] = cfg["fold"]
     examples = query_examples(records, seeds[0])
     text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)
     (out / "results.md").write_text(text)

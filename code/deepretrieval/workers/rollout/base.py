@@ -13,8 +13,8 @@ A rollout turns a prompt :class:`~deepretrieval.protocol.Batch` (``input_ids`` /
 Sampling settings: training uses the rollout config (``temperature``, ``top_p``, ``top_k``, ``do_sample``,
 ``n``) with ``meta_info`` overrides; ``meta_info['validate']=True`` uses ``val_kwargs`` (greedy by
 default). ``meta_info['no_repeat_ngram_size']`` (either way; evaluation only, the HF rollout only) bans
-repeating an n-gram of the response (:mod:`deepretrieval.workers.rollout.no_repeat`). When sampling, every prompt is repeated ``n`` times, interleaved (``a a b b``), with its
-non-tensor fields.
+repeating an n-gram of the response (:mod:`deepretrieval.workers.rollout.no_repeat`). When sampling,
+every prompt is repeated ``n`` times, interleaved (``a a b b``), with its non-tensor fields.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from deepretrieval.protocol import Batch
 from deepretrieval.workers.config import RolloutConfig
+from deepretrieval.workers.rollout.no_repeat import ngram_size
 
 
 @dataclass
@@ -67,9 +68,7 @@ def resolve_sampling(config: RolloutConfig, meta_info: dict) -> SamplingParams:
             n=int(meta_info.get("n", config.n)),
             do_sample=bool(meta_info.get("do_sample", config.do_sample)),
         )
-    params.no_repeat_ngram_size = int(meta_info.get("no_repeat_ngram_size") or 0)
-    if params.no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {params.no_repeat_ngram_size}")
+    params.no_repeat_ngram_size = ngram_size(meta_info.get("no_repeat_ngram_size"))
     if params.greedy:
         params.n = 1  # n greedy copies would be identical
     if params.n < 1:

@@ -295,10 +295,11 @@ class HFRollout(BaseRollout):
         blocker = NGramBlocker(params.no_repeat_ngram_size, rows, self.eos_ids) if params.no_repeat_ngram_size else None
         for step in range(self.response_length):
             if blocker is not None:
-                logits = blocker.mask(logits, owner.tolist(), finished.tolist())
+                live_rows, done_rows = owner.tolist(), finished.tolist()
+                logits = blocker.mask(logits, live_rows, done_rows)
             token = sample_next_token(logits, params, generator, noise_rows)
             if blocker is not None:
-                blocker.add_step(owner.tolist(), token.tolist(), finished.tolist())
+                blocker.add_step(live_rows, token.tolist(), done_rows)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             responses[owner, step] = token
             finished |= torch.isin(token, eos)

@@ -27,6 +27,14 @@ from typing import Dict, Iterable, List, Sequence, Set, Tuple
 import torch
 
 
+def ngram_size(value) -> int:
+    """The option's value as an int (None/0 = off); ValueError for a negative one."""
+    n = int(value or 0)
+    if n < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {n}")
+    return n
+
+
 class NGramBlocker:
     def __init__(self, n: int, rows: int, never: Iterable[int] = ()):
         if int(n) < 1:

@@ -1,0 +1,125 @@
+"""Pooling recipe runs of different folds (deepretrieval.quickstart.pool): the pooled paired comparison
+against values computed by hand, the refusals, and the command line."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from deepretrieval.eval.metrics import paired_bootstrap_ci
+from deepretrieval.quickstart import pool as pl
+from deepretrieval.quickstart import recipe as rc
+
+S1 = "trained, seed 1, sampled"
+G1 = "trained, seed 1, greedy"
+
+
+def _recs(scores):
+    return [{"topic_id": t, "error": "none", "metrics": {"recall@100": v, "recall@1000": 1.0, "ndcg@10": 0.5},
+             "query": f"q{t}"} for t, v in scores.items()]
+
+
+def _run(fold, label_scores):
+    """A run's comparison.json contents, from records as the recipe computes them."""
+    comp = rc.comparison({label: _recs(s) for label, s in label_scores.items()}, "trials_sigir", [1, 2],
+                         n_resamples=300)
+    comp.update(trained_steps={"1": 32, "2": 32}, select_step="last", fold=fold)
+    return comp
+
+
+FOLD_A = dict(original={"a1": 0.2, "a2": 0.4, "a3": 0.0},
+              gpt4_conditions={"a1": 0.6, "a2": 0.6, "a3": 0.6},
+              clinicians={"a1": 0.1, "a2": 0.1, "a3": 0.1})
+FOLD_B = dict(original={"b1": 0.5, "b2": 0.1},
+              gpt4_conditions={"b1": 0.0, "b2": 0.0},
+              clinicians={"b1": 0.9, "b2": 0.9})
+
+
+def _two_folds():
+    a = _run(0, dict(FOLD_A, **{S1: {"a1": 0.3, "a2": 0.4, "a3": 0.2}, G1: {"a1": 0.0, "a2": 0.5, "a3": 0.0}}))
+    b = _run(1, dict(FOLD_B, **{S1: {"b1": 0.6, "b2": 0.1}, G1: {"b1": 0.4, "b2": 0.1},
+                                "trained, seed 2, sampled": {"b1": 0.9, "b2": 0.9}}))
+    return a, b
+
+
+def test_the_recipes_comparison_keeps_per_topic_scores():
+    a, b = _two_folds()
+    assert S1 == rc.policy_label("trained", 1, "sampled") and G1 == rc.policy_label("trained", 1, "greedy")
+    assert a["task"] == "trials_sigir" and a["per_topic"][S1] == {"a1": 0.3, "a2": 0.4, "a3": 0.2}
+    assert b["per_topic"]["original"] == FOLD_B["original"]
+
+
+def test_pooled_differences_are_over_every_folds_topics():
+    a, b = _two_folds()
+    res = pl.pool([a, b], names=["A", "B"], n_resamples=500)
+    assert res["topics"] == ["a1", "a2", "a3", "b1", "b2"]
+    # sampled - original, by hand: a: +0.1, 0.0, +0.2; b: +0.1, 0.0
+    s = res["paired"][S1]["original"]
+    assert s["mean"] == pytest.approx(0.4 / 5) and s["n"] == 5 and (s["wins"], s["losses"]) == (3, 0)
+    # the interval is the paired bootstrap over the 5 pooled topics, not a combination of per-fold intervals
+    ref = paired_bootstrap_ci([0.3, 0.4, 0.2, 0.6, 0.1], [0.2, 0.4, 0.0, 0.5, 0.1], n_resamples=500)
+    assert (s["low"], s["high"]) == pytest.approx((ref.low, ref.high))
+    assert 0.0 <= s["low"] <= s["mean"] <= s["high"] <= 0.2
+    # greedy: a: -0.2, +0.1, 0.0; b: -0.1, 0.0
+    g = res["paired"][G1]["original"]
+    assert g["mean"] == pytest.approx(-0.2 / 5) and (g["wins"], g["losses"]) == (1, 2)
+    # the best other baseline by pooled mean: clinicians (0.3 + 1.8) / 5 = 0.42 > gpt4 1.8 / 5 = 0.36,
+    # though gpt4 is the better one on fold A
+    assert a["best_other"] == "gpt4_conditions" and b["best_other"] == "clinicians"
+    assert res["best_other"] == "clinicians"
+    assert res["table"]["clinicians"]["mean"] == pytest.approx(0.42)
+    c = res["paired"][S1]["clinicians"]
+    assert c["mean"] == pytest.approx((0.2 + 0.3 + 0.1 - 0.3 - 0.8) / 5) and (c["wins"], c["losses"]) == (3, 2)
+    # seed 2 is only in fold B: listed, not pooled over fewer folds
+    assert "trained, seed 2, sampled" not in res["paired"] and res["missing"] == ["trained, seed 2, sampled"]
+    assert res["runs"] == {"A": {"fold": 0, "topics": 3}, "B": {"fold": 1, "topics": 2}}
+    text = pl.pool_markdown(res)
+    assert "5 test topics from 2 runs" in text and f"| {S1} | original | +0.080 [" in text and "| 3 / 0 |" in text
+    assert "Not pooled (not in every run): trained, seed 2, sampled." in text
+
+
+def test_one_run_pooled_is_the_runs_own_comparison():
+    rng = random.Random(3)
+    topics = [f"t{i}" for i in range(12)]
+    labels = {name: {t: round(rng.random(), 3) for t in topics}
+              for name in ("original", "gpt35_conditions", "clinicians", S1, G1)}
+    comp = _run(2, labels)
+    res = pl.pool([comp], n_resamples=300)
+    assert res["best_other"] == comp["best_other"] and res["paired"] == comp["paired"]
+    assert res["table"]["original"] == comp["table"]["original"]["recall@100"]
+
+
+def test_refusals():
+    a, b = _two_folds()
+    with pytest.raises(ValueError, match="test topic of both A and B"):
+        pl.pool([a, a], names=["A", "B"])
+    other = dict(b, task="pubmed_mini")
+    with pytest.raises(ValueError, match="only runs of one task and metric pool"):
+        pl.pool([a, other])
+    with pytest.raises(ValueError, match="no runs"):
+        pl.pool([])
+
+
+def test_run_folders_and_the_command_line(tmp_path):
+    a, b = _two_folds()
+    for name, comp in (("fold0", a), ("fold1", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / pl.COMPARISON_FILE).write_text(json.dumps(comp))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / pl.COMPARISON_FILE).write_text(json.dumps({k: v for k, v in a.items() if k != "per_topic"}))
+    with pytest.raises(ValueError, match="no per-topic scores.*rerun the recipe's command"):
+        pl.load_comparison(old)
+    with pytest.raises(ValueError, match="not found"):
+        pl.load_comparison(tmp_path / "nothing")
+    out = tmp_path / "pooled" / "pool.md"
+    cmd = [sys.executable, "-m", "deepretrieval.cli", "recipe-pool", str(tmp_path / "fold0"), str(tmp_path / "fold1"),
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"| {S1} | original | +0.080 [" in done.stdout and out.read_text() in done.stdout, done.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["paired"][S1]["original"]["n"] == 5
+    bad = subprocess.run(cmd[:4] + [str(old)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no per-topic scores" in bad.stderr
