@@ -293,6 +293,12 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     from deepretrieval.quickstart.pool import pool_runs
 
     assert pool_runs([out])["paired"] == comp["paired"]
+    # what it trained with is recorded (fold aside), so pooling can refuse runs of another recipe
+    settings = written["settings"]
+    assert settings == json.loads(json.dumps(rc.run_settings(rc.recipe_settings(
+        "trials_sigir", steps=1, test_freq=1, val_topics=4), (), "hf", True)))
+    assert (settings["steps"], settings["val_topics"], settings["tiny"]) == (1, 4, True) and "fold" not in settings
+    assert "reward.recall_scale=5" in settings["overrides"]
     assert (tmp_path / "images" / "recipe_trials_sigir.png").stat().st_size > 5000
     assert (out / "seed1" / "stages" / "train.json").is_file()
     assert comp["trained_steps"] == {"1": 1} and "Trained policies: seed 1 step 1 (the last step)" in text

@@ -74,10 +74,11 @@ def test_pooled_differences_are_over_every_folds_topics():
     assert c["mean"] == pytest.approx((0.2 + 0.3 + 0.1 - 0.3 - 0.8) / 5) and (c["wins"], c["losses"]) == (3, 2)
     # seed 2 is only in fold B: listed, not pooled over fewer folds
     assert "trained, seed 2, sampled" not in res["paired"] and res["missing"] == ["trained, seed 2, sampled"]
-    assert res["runs"] == {"A": {"fold": 0, "topics": 3}, "B": {"fold": 1, "topics": 2}}
+    assert res["runs"] == {"A": {"fold": 0, "topics": 3, "seeds": [1], "runs": ["A"]},
+                           "B": {"fold": 1, "topics": 2, "seeds": [1, 2], "runs": ["B"]}}
     text = pl.pool_markdown(res)
-    assert "5 test topics from 2 runs" in text and f"| {S1} | original | +0.080 [" in text and "| 3 / 0 |" in text
-    assert "Not pooled (not in every run): trained, seed 2, sampled." in text
+    assert "5 test topics from 2 folds" in text and f"| {S1} | original | +0.080 [" in text and "| 3 / 0 |" in text
+    assert "Not pooled (not in every fold): trained, seed 2, sampled." in text
 
 
 def test_one_run_pooled_is_the_runs_own_comparison():
@@ -93,8 +94,11 @@ def test_one_run_pooled_is_the_runs_own_comparison():
 
 def test_refusals():
     a, b = _two_folds()
-    with pytest.raises(ValueError, match="test topic of both A and B"):
-        pl.pool([a, a], names=["A", "B"])
+    with pytest.raises(ValueError, match="seed 1 is in both A and B"):
+        pl.pool([a, a], names=["A", "B"])  # the same fold's seed twice
+    overlap = _run(2, {"original": {"a3": 0.0, "c1": 0.5}, S1: {"a3": 0.1, "c1": 0.5}})
+    with pytest.raises(ValueError, match="topic a3 is a test topic of both A and C, which test different topic sets"):
+        pl.pool([a, overlap], names=["A", "C"])
     other = dict(b, task="pubmed_mini")
     with pytest.raises(ValueError, match="only runs of one task and metric pool"):
         pl.pool([a, other])
@@ -123,3 +127,72 @@ def test_run_folders_and_the_command_line(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["paired"][S1]["original"]["n"] == 5
     bad = subprocess.run(cmd[:4] + [str(old)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no per-topic scores" in bad.stderr
+
+
+G2 = "trained, seed 2, greedy"
+S2 = "trained, seed 2, sampled"
+
+
+def _fold(fold, seeds, topics, baselines):
+    """A run of `seeds` on one fold: the baselines' scores given, each seed's policies' drawn at random from a
+    generator seeded by fold and seed (so a seed's scores are the same whichever run it is in)."""
+    labels = dict(baselines)
+    for seed in seeds:
+        r = random.Random(1000 * fold + seed)
+        for d in ("greedy", "sampled"):
+            labels[rc.policy_label("trained", seed, d)] = {t: round(r.random(), 3) for t in topics}
+    comp = rc.comparison({label: _recs(s) for label, s in labels.items()}, "trials_sigir", list(seeds),
+                         n_resamples=300)
+    comp.update(trained_steps={str(s): 32 for s in seeds}, select_step="last", fold=fold)
+    return comp
+
+
+def test_seeds_of_one_fold_from_separate_runs_merge():
+    rng = random.Random(7)
+    folds = {}
+    for fold in (0, 1):
+        topics = [f"f{fold}t{i}" for i in range(8)]
+        folds[fold] = (topics, {name: {t: round(rng.random(), 3) for t in topics}
+                                for name in ("original", "gpt35_conditions", "clinicians")})
+    together = {f: _fold(f, [1, 2], *folds[f]) for f in folds}
+    apart = {f: [_fold(f, [1], *folds[f]), _fold(f, [2], *folds[f])] for f in folds}
+    assert rc.policy_seed(G2) == 2 and rc.policy_seed("original") is None
+    assert pl.run_seeds(apart[0][1]) == [2] and pl.run_seeds(together[0]) == [1, 2]
+    # one fold: its two one-seed runs give what the two-seed run gives, which is the run's own comparison
+    one = pl.pool(apart[0], names=["s1", "s2"], n_resamples=300)
+    assert one["paired"] == together[0]["paired"] and set(one["paired"]) == {G1, S1, G2, S2}
+    assert one["runs"] == {"s1 + s2": {"fold": 0, "topics": 8, "seeds": [1, 2], "runs": ["s1", "s2"]}}
+    # two folds, seeds in separate runs, in any order: the same pooled comparison as the two-seed runs
+    both = pl.pool([together[0], together[1]], names=["f0", "f1"], n_resamples=300)
+    mixed = pl.pool([apart[1][1], apart[0][0], apart[1][0], apart[0][1]], names=["f1s2", "f0s1", "f1s1", "f0s2"],
+                    n_resamples=300)
+    assert mixed["paired"] == both["paired"] and mixed["table"] == both["table"] and mixed["missing"] == []
+    assert list(mixed["runs"]) == ["f1s2 + f1s1", "f0s1 + f0s2"] and len(mixed["topics"]) == 16
+    # by hand: seed 2 sampled minus original over the 16 pooled topics
+    by_hand = [apart[f][1]["per_topic"][S2][t] - folds[f][1]["original"][t] for f in folds for t in folds[f][0]]
+    assert mixed["paired"][S2]["original"]["mean"] == pytest.approx(sum(by_hand) / 16)
+    # a fold with only seed 1 leaves seed 2 out of the pooled rows
+    partial = pl.pool([together[0], apart[1][0]], n_resamples=300)
+    assert set(partial["paired"]) == {G1, S1} and partial["missing"] == [G2, S2]
+
+
+def test_merging_a_fold_refuses_what_does_not_belong_together():
+    rng = random.Random(8)
+    topics = [f"t{i}" for i in range(6)]
+    base = {"original": {t: round(rng.random(), 3) for t in topics}}
+    s1, s2 = _fold(0, [1], topics, base), _fold(0, [2], topics, base)
+    other_index = _fold(0, [2], topics, {"original": dict(base["original"], t3=0.999)})
+    with pytest.raises(ValueError, match="'original' differs between s1 and s2x on 1 topic.*t3"):
+        pl.pool([s1, other_index], names=["s1", "s2x"])
+    with pytest.raises(ValueError, match="s2 says fold 3, s1 fold 0"):
+        pl.pool([s1, dict(s2, fold=3)], names=["s1", "s2"])
+    # training settings: equal ones pool, different ones are refused, missing ones are listed
+    settings = rc.run_settings(rc.recipe_settings("trials_sigir"), (), "hf", False)
+    ok = pl.pool([dict(s1, settings=settings), dict(s2, settings=dict(settings))], names=["s1", "s2"], n_resamples=200)
+    assert ok["settings_unrecorded"] == []
+    with pytest.raises(ValueError, match=r"s2 was trained with other settings than s1 \(rollout, steps\)"):
+        pl.pool([dict(s1, settings=settings), dict(s2, settings=dict(settings, steps=16, rollout="vllm"))],
+                names=["s1", "s2"])
+    res = pl.pool([dict(s1, settings=settings), s2], names=["s1", "s2"], n_resamples=200)
+    assert res["settings_unrecorded"] == ["s2"]
+    assert "not checked against the others: s2." in pl.pool_markdown(res)

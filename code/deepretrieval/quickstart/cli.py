@@ -128,7 +128,8 @@ test topics, with paired bootstrap intervals of (trained - original). Resumable 
 POOL_HELP = """Pool recipe runs of different folds (`deepretrieval recipe --fold F`, deepretrieval.quickstart.pool):
 each fold's test topics are scored by its own policies, which never trained on them, so together the runs
 give one cross-validated comparison per seed and decoding over all their topics, with the paired bootstrap
-interval of (trained - original) and (trained - the best other baseline)."""
+interval of (trained - original) and (trained - the best other baseline). Runs with the same test topics are
+seeds of one fold run apart (`--seeds 1` here, `--seeds 2 3` elsewhere) and are merged first."""
 
 
 def register(subparsers: Any) -> None:
@@ -156,7 +157,7 @@ def register(subparsers: Any) -> None:
     r.set_defaults(func=run_recipe_command)
 
     pool = subparsers.add_parser(
-        "recipe-pool", help="pool recipe runs of different folds: one paired comparison over all their test topics",
+        "recipe-pool", help="pool recipe runs of different folds (and seeds): one paired comparison over all their topics",
         description=POOL_HELP)
     pool.add_argument("runs", nargs="+", metavar="RUN_DIR", help="recipe run folders (--out of `deepretrieval recipe`)")
     pool.add_argument("--out", default=None, help="also write the report here (markdown) and its .json next to it")

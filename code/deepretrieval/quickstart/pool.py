@@ -12,9 +12,15 @@ every fold, each fold's topics scored by its own seed-s policy:
     difference       = mean over pooled topics t of pooled(s, d)[t] - pooled(original)[t]
 
 with the paired bootstrap interval over the pooled topics (eval.metrics.paired_bootstrap_ci: topics are
-resampled, not the two scores apart). A seed and decoding is pooled only when every run has it (a seed a fold
-lacks would mix fewer folds into one row); the others are listed as missing. The runs must be of one task
-and metric, and no topic may be in two runs (the same fold twice, or two splits that overlap).
+resampled, not the two scores apart). A seed and decoding is pooled only when every fold has it (a seed a fold
+lacks would mix fewer folds into one row); the others are listed as missing.
+
+Seeds of one fold may come from separate runs (`--seeds 1` on one machine or day, `--seeds 2 3` on another):
+runs with the same test topics are one fold, merged first. Their seeds must differ, and the baselines they
+both scored must agree on every topic (they are deterministic given the corpus and engine: a difference means
+another index or engine setting). Runs of different folds must test disjoint topics; a partial overlap is
+refused. All runs must be of one task and metric and, where comparison.json
+records them (`settings`, written since run fold3), trained with the same settings, fold aside.
 
 Reads each run folder's `comparison.json` (written by `deepretrieval recipe`, with its `per_topic`
 scores); a folder written before `per_topic` existed is refused with the command that rewrites it from the
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals
+from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals, policy_seed
 
 COMPARISON_FILE = "comparison.json"
+# Two runs of one fold must score a baseline identically (same corpus, engine and queries); float noise aside.
+SAME_SCORE_TOL = 1e-9
 
 
 def load_comparison(run_dir: "str | Path") -> Dict[str, Any]:
@@ -48,12 +56,87 @@ def load_comparison(run_dir: "str | Path") -> Dict[str, Any]:
     return comp
 
 
+def run_seeds(comp: Mapping[str, Any]) -> List[int]:
+    """The seeds a run's comparison scored a policy of."""
+    return sorted({seed for seed in map(policy_seed, comp["per_topic"]) if seed is not None})
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and abs(a - b) <= SAME_SCORE_TOL
+
+
+def merge_fold(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Dict[str, Any]:
+    """One comparison from runs of the same fold (the same test topics) with different seeds: the policies'
+    per-topic scores and chosen steps of every run, the baselines' once (ValueError when a seed is in two runs,
+    the folds differ, or a baseline's scores differ)."""
+    first = comparisons[0]
+    per_topic: Dict[str, Dict[str, float]] = {}
+    seed_owner: Dict[int, str] = {}
+    base_owner: Dict[str, str] = {}
+    steps: Dict[str, Any] = {}
+    for name, comp in zip(names, comparisons):
+        if comp.get("fold") != first.get("fold"):
+            raise ValueError(f"{name} says fold {comp.get('fold')}, {names[0]} fold {first.get('fold')}, with the "
+                             "same test topics: the runs disagree on their split")
+        for label, scores in comp["per_topic"].items():
+            seed = policy_seed(label)
+            if seed is None and label in per_topic:
+                bad = [t for t in sorted(set(scores) | set(per_topic[label]))
+                       if not _same(scores.get(t), per_topic[label].get(t))]
+                if bad:
+                    t = bad[0]
+                    raise ValueError(f"{label!r} differs between {base_owner[label]} and {name} on {len(bad)} topic(s), "
+                                     f"e.g. {t}: {per_topic[label].get(t)} vs {scores.get(t)}; runs of one fold must "
+                                     "search the same corpus with the same engine settings")
+                continue
+            if seed is not None and seed_owner.setdefault(seed, name) != name:
+                raise ValueError(f"seed {seed} is in both {seed_owner[seed]} and {name}: pool each seed of a fold once")
+            base_owner.setdefault(label, name)
+            per_topic[label] = dict(scores)
+        steps.update(comp.get("trained_steps", {}))
+    return dict(first, per_topic=per_topic, trained_steps=steps)
+
+
+def _check_settings(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]) -> List[str]:
+    """ValueError when two runs record different training settings; returns the runs that record none."""
+    recorded = [(name, comp["settings"]) for name, comp in zip(names, comparisons) if comp.get("settings")]
+    for name, settings in recorded[1:]:
+        ref_name, ref = recorded[0]
+        diff = sorted(k for k in set(ref) | set(settings) if ref.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{name} was trained with other settings than {ref_name} ({', '.join(diff)}): only runs "
+                             "of one recipe pool")
+    return [name for name, comp in zip(names, comparisons) if not comp.get("settings")]
+
+
+def group_folds(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]
+                ) -> List[Tuple[str, Dict[str, Any], List[str]]]:
+    """(name, merged comparison, its runs) per fold: runs with the same test topics merged (merge_fold), in
+    the order of their first run; ValueError when two folds share a topic."""
+    groups: Dict[Tuple[str, ...], List[int]] = {}
+    for i, comp in enumerate(comparisons):
+        groups.setdefault(tuple(sorted(comp["topics"])), []).append(i)
+    owner: Dict[str, str] = {}
+    folds = []
+    for members in groups.values():
+        runs = [names[i] for i in members]
+        name = " + ".join(runs)
+        for topic in comparisons[members[0]]["topics"]:
+            if topic in owner:
+                raise ValueError(f"topic {topic} is a test topic of both {owner[topic]} and {name}, which test "
+                                 "different topic sets: pooled runs are folds of one split (disjoint test topics) "
+                                 "or seeds of one fold (the same test topics)")
+            owner[topic] = name
+        folds.append((name, merge_fold([comparisons[i] for i in members], runs), runs))
+    return folds
+
+
 def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_resamples: int = 2000
          ) -> Dict[str, Any]:
     """The pooled comparison of recipe runs (comparison.json contents; `names` label them in errors and the
     report, default run1, run2, ...): per method the pooled mean with its bootstrap interval, per seed and
-    decoding that every run has the paired intervals against `original` and against the best other reference
-    baseline (by pooled mean), and the seeds/decodings some run lacks."""
+    decoding that every fold has the paired intervals against `original` and against the best other reference
+    baseline (by pooled mean), and the seeds/decodings some fold lacks."""
     from deepretrieval.eval.metrics import bootstrap_ci
 
     if not comparisons:
@@ -64,44 +147,43 @@ def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_
         if comp["task"] != task or comp["metric"] != metric:
             raise ValueError(f"{name}: task {comp['task']!r}, metric {comp['metric']!r}; the first run has "
                              f"{task!r}, {metric!r}: only runs of one task and metric pool")
-    owner: Dict[str, str] = {}
-    for name, comp in zip(names, comparisons):
-        for topic in comp["topics"]:
-            if topic in owner:
-                raise ValueError(f"topic {topic} is a test topic of both {owner[topic]} and {name}: pooled runs "
-                                 "must test disjoint topics (different folds of one split)")
-            owner[topic] = name
-    topics = sorted(owner)
+    unrecorded = _check_settings(comparisons, names)
+    folds = group_folds(comparisons, names)
+    merged = [comp for _, comp, _ in folds]
+    topics = sorted(t for comp in merged for t in comp["topics"])
 
     def pooled(label: str) -> Dict[str, float]:
         out: Dict[str, float] = {}
-        for comp in comparisons:
+        for comp in merged:
             out.update(comp["per_topic"][label])
         return out
 
-    everywhere = [label for label in comparisons[0]["per_topic"]
-                  if all(label in comp["per_topic"] for comp in comparisons)]
-    missing = sorted({label for comp in comparisons for label in comp["per_topic"]} - set(everywhere))
+    everywhere = [label for label in merged[0]["per_topic"] if all(label in comp["per_topic"] for comp in merged)]
+    missing = sorted({label for comp in merged for label in comp["per_topic"]} - set(everywhere))
     scores = {label: pooled(label) for label in everywhere}
     table = {label: dict(bootstrap_ci([s[t] for t in topics if t in s], n_resamples=n_resamples).to_dict())
              for label, s in scores.items()}
     if REFERENCE_BASELINES[task][0] not in scores:
         raise ValueError(f"{REFERENCE_BASELINES[task][0]!r} is not scored in every run")
-    seeds = sorted({int(s) for comp in comparisons for s in comp.get("trained_steps", {})})
+    seeds = sorted({seed for comp in merged for seed in run_seeds(comp)})
     best_other, paired = paired_intervals(scores, {label: row["mean"] for label, row in table.items()}, task, seeds,
                                           topics, n_resamples)
-    return {"task": task, "metric": metric, "runs": {name: {"fold": comp.get("fold"), "topics": len(comp["topics"])}
-                                                     for name, comp in zip(names, comparisons)},
-            "topics": topics, "table": table, "paired": paired, "best_other": best_other, "missing": missing}
+    return {"task": task, "metric": metric,
+            "runs": {name: {"fold": comp.get("fold"), "topics": len(comp["topics"]), "seeds": run_seeds(comp),
+                            "runs": runs} for name, comp, runs in folds},
+            "topics": topics, "table": table, "paired": paired, "best_other": best_other, "missing": missing,
+            "settings_unrecorded": unrecorded}
 
 
 def pool_markdown(result: Mapping[str, Any]) -> str:
     """The pooled comparison as markdown: the runs, the pooled means, the paired intervals."""
     lines = [f"# Pooled recipe runs: {result['task']}, {result['metric']}", "",
-             f"{len(result['topics'])} test topics from {len(result['runs'])} runs, each topic scored by the policy "
-             "of the run that tested it (never trained on it):", "", "| run | fold | test topics |", "|---|---|---|"]
+             f"{len(result['topics'])} test topics from {len(result['runs'])} folds, each topic scored by the policy "
+             "of the fold that tested it (never trained on it):", "", "| runs | fold | test topics | seeds |",
+             "|---|---|---|---|"]
     for name, run in result["runs"].items():
-        lines.append(f"| {name} | {'' if run['fold'] is None else run['fold']} | {run['topics']} |")
+        lines.append(f"| {name} | {'' if run['fold'] is None else run['fold']} | {run['topics']} | "
+                     f"{', '.join(map(str, run['seeds']))} |")
     lines += ["", f"| method | pooled {result['metric']} [95% CI] | topics |", "|---|---|---|"]
     for label, ci in result["table"].items():
         lines.append(f"| {label} | {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] | {ci['n']} |")
@@ -112,7 +194,10 @@ def pool_markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {label} | {against} | {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] | "
                          f"{ci['wins']} / {ci['losses']} |")
     if result["missing"]:
-        lines += ["", "Not pooled (not in every run): " + ", ".join(result["missing"]) + "."]
+        lines += ["", "Not pooled (not in every fold): " + ", ".join(result["missing"]) + "."]
+    if result.get("settings_unrecorded"):
+        lines += ["", "Training settings not recorded in comparison.json (written before they were), so not checked "
+                      "against the others: " + ", ".join(result["settings_unrecorded"]) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ sampling, never which topics are tested.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -73,7 +74,8 @@ LENGTH_OVERRIDES = (
 # step, not the best of 6 validation topics: run val6 chose better on one seed and worse on another.
 # On fold 1 (12 patients no setting was chosen on, run fold1) the sampled policies beat `original` on every
 # seed, clearly on two; the greedy ones did not. On fold 2 (run fold2) every decoding is above `original` on
-# all three seeds, clearly on two (docs/recipe.md).
+# all three seeds, clearly on two. On fold 3 (run fold3, 2 seeds) sampled is above on both, clearly on none
+# (docs/recipe.md).
 RECIPES: Dict[str, Dict[str, Any]] = {
     task: {"steps": 32, "test_freq": 8, "warmup_kind": "self", "warmup_epochs": 1, "response_length": 64,
            "prompt_style": "expand", "val_topics": 0, "select_step": "last", "fold": 0,
@@ -106,6 +108,15 @@ DECODINGS: Dict[str, Dict[str, Any]] = {"greedy": {"n": 1}, "sampled": {"n": SAM
 def policy_label(stage: str, seed: int, decoding: str) -> str:
     """`warm-up, seed 1, greedy` | `trained, seed 2, sampled`: a policy's name in the final tables."""
     return f"{stage}, seed {seed}, {decoding}"
+
+
+_POLICY_LABEL = re.compile(r"^.+, seed (\d+), .+$")
+
+
+def policy_seed(label: str) -> Optional[int]:
+    """The seed in a policy_label (`trained, seed 2, sampled` -> 2); None for a baseline's label (`original`)."""
+    m = _POLICY_LABEL.match(label)
+    return int(m.group(1)) if m else None
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -415,6 +426,14 @@ def recipe_settings(task: str, **overrides: Any) -> Dict[str, Any]:
     return settings
 
 
+def run_settings(cfg: Mapping[str, Any], trainer_overrides: Sequence[str], rollout: str, tiny: bool) -> Dict[str, Any]:
+    """What a run trained with, fold aside (comparison.json's `settings`: quickstart.pool pools only runs that
+    agree on it): the recipe's settings, the caller's extra trainer overrides, the rollout, the model."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "fold"}
+    settings.update(trainer_overrides=list(trainer_overrides), rollout=rollout, tiny=bool(tiny))
+    return settings
+
+
 def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: bool = True,
                images_dir: "str | Path | None" = None, say: Callable[[str], None] = print,
                trainer_overrides: Sequence[str] = (), rollout: str = "hf", tiny: bool = False,
@@ -453,6 +472,7 @@ def run_recipe(task: str, seeds: Sequence[int], out: "str | Path", progress: boo
     comp["trained_steps"] = {str(seed): step for seed, (step, _) in chosen.items()}
     comp["select_step"] = cfg["select_step"]
     comp["fold"] = cfg["fold"]
+    comp["settings"] = run_settings(cfg, trainer_overrides, rollout, tiny)
     examples = query_examples(records, seeds[0])
     text = results_markdown(task, comp, examples, dict(cfg, example_seed=seeds[0]), seconds)
     (out / "results.md").write_text(text)
