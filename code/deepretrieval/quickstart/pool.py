@@ -178,7 +178,7 @@ def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_
 def pool_markdown(result: Mapping[str, Any]) -> str:
     """The pooled comparison as markdown: the runs, the pooled means, the paired intervals."""
     lines = [f"# Pooled recipe runs: {result['task']}, {result['metric']}", "",
-             f"{len(result['topics'])} test topics from {len(result['runs'])} folds, each topic scored by the policy "
+             f"{len(result['topics'])} test topics from {len(result['runs'])} fold{'s' if len(result['runs']) != 1 else ''}, each topic scored by the policy "
              "of the fold that tested it (never trained on it):", "", "| runs | fold | test topics | seeds |",
              "|---|---|---|---|"]
     for name, run in result["runs"].items():
