@@ -21,11 +21,11 @@ def _recs(scores):
              "query": f"q{t}"} for t, v in scores.items()]
 
 
-def _run(fold, label_scores):
+def _run(fold, label_scores, seeds=(1, 2)):
     """A run's comparison.json contents, from records as the recipe computes them."""
-    comp = rc.comparison({label: _recs(s) for label, s in label_scores.items()}, "trials_sigir", [1, 2],
+    comp = rc.comparison({label: _recs(s) for label, s in label_scores.items()}, "trials_sigir", list(seeds),
                          n_resamples=300)
-    comp.update(trained_steps={"1": 32, "2": 32}, select_step="last", fold=fold)
+    comp.update(trained_steps={str(s): 32 for s in seeds}, select_step="last", fold=fold)
     return comp
 
 
@@ -141,10 +141,7 @@ def _fold(fold, seeds, topics, baselines):
         r = random.Random(1000 * fold + seed)
         for d in ("greedy", "sampled"):
             labels[rc.policy_label("trained", seed, d)] = {t: round(r.random(), 3) for t in topics}
-    comp = rc.comparison({label: _recs(s) for label, s in labels.items()}, "trials_sigir", list(seeds),
-                         n_resamples=300)
-    comp.update(trained_steps={str(s): 32 for s in seeds}, select_step="last", fold=fold)
-    return comp
+    return _run(fold, labels, seeds)
 
 
 def test_seeds_of_one_fold_from_separate_runs_merge():

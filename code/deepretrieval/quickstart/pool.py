@@ -80,7 +80,11 @@ def merge_fold(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]) -
                              "same test topics: the runs disagree on their split")
         for label, scores in comp["per_topic"].items():
             seed = policy_seed(label)
-            if seed is None and label in per_topic:
+            if seed is not None:
+                if seed_owner.setdefault(seed, name) != name:
+                    raise ValueError(f"seed {seed} is in both {seed_owner[seed]} and {name}: pool each seed of a fold "
+                                     "once")
+            elif label in per_topic:  # a baseline an earlier run scored: the same scores, kept once
                 bad = [t for t in sorted(set(scores) | set(per_topic[label]))
                        if not _same(scores.get(t), per_topic[label].get(t))]
                 if bad:
@@ -89,9 +93,8 @@ def merge_fold(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]) -
                                      f"e.g. {t}: {per_topic[label].get(t)} vs {scores.get(t)}; runs of one fold must "
                                      "search the same corpus with the same engine settings")
                 continue
-            if seed is not None and seed_owner.setdefault(seed, name) != name:
-                raise ValueError(f"seed {seed} is in both {seed_owner[seed]} and {name}: pool each seed of a fold once")
-            base_owner.setdefault(label, name)
+            else:
+                base_owner[label] = name
             per_topic[label] = dict(scores)
         steps.update(comp.get("trained_steps", {}))
     return dict(first, per_topic=per_topic, trained_steps=steps)
@@ -178,8 +181,8 @@ def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_
 def pool_markdown(result: Mapping[str, Any]) -> str:
     """The pooled comparison as markdown: the runs, the pooled means, the paired intervals."""
     lines = [f"# Pooled recipe runs: {result['task']}, {result['metric']}", "",
-             f"{len(result['topics'])} test topics from {len(result['runs'])} fold{'s' if len(result['runs']) != 1 else ''}, each topic scored by the policy "
-             "of the fold that tested it (never trained on it):", "", "| runs | fold | test topics | seeds |",
+             f"{len(result['topics'])} test topics from {len(result['runs'])} fold{'' if len(result['runs']) == 1 else 's'}, "
+             "each topic scored by the policy of the fold that tested it (never trained on it):", "", "| runs | fold | test topics | seeds |",
              "|---|---|---|---|"]
     for name, run in result["runs"].items():
         lines.append(f"| {name} | {'' if run['fold'] is None else run['fold']} | {run['topics']} | "
