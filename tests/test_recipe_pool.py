@@ -78,7 +78,25 @@ def test_pooled_differences_are_over_every_folds_topics():
                            "B": {"fold": 1, "topics": 2, "seeds": [1, 2], "runs": ["B"]}}
     text = pl.pool_markdown(res)
     assert "5 test topics from 2 folds" in text and f"| {S1} | original | +0.080 [" in text and "| 3 / 0 |" in text
-    assert "Not pooled (not in every fold): trained, seed 2, sampled." in text
+    assert res["seeds_missing_from"] == {2: ["fold 0"]}
+    assert "Not pooled, not in every fold: seed 2 (no run of fold 0)." in text
+
+
+def test_what_a_fold_lacks_is_named_by_seed_or_by_policy():
+    """A seed some fold has no run of is named once; a decoding missing from a fold that ran the seed (an older
+    run's final evaluation without it) is named by itself, with the fold."""
+    a, b = _two_folds()
+    n1 = "trained, seed 1, greedy-norepeat"
+    b["per_topic"][n1] = {"b1": 0.5, "b2": 0.2}
+    res = pl.pool([a, b], names=["A", "B"], n_resamples=200)
+    assert res["missing"] == [n1, "trained, seed 2, sampled"] and n1 not in res["paired"]
+    assert res["missing_from"] == {n1: ["fold 0"], "trained, seed 2, sampled": ["fold 0"]}
+    assert pl.missing_line(res["missing_from"], res["seeds_missing_from"]) == (
+        f"Not pooled, not in every fold: seed 2 (no run of fold 0); {n1} (not in fold 0).")
+    # runs without a fold number are named by their folder
+    a.pop("fold"), b.pop("fold")
+    res = pl.pool([a, b], names=["A", "B"], n_resamples=200)
+    assert res["seeds_missing_from"] == {2: ["A"]} and res["missing_from"][n1] == ["A"]
 
 
 def test_one_run_pooled_is_the_runs_own_comparison():

@@ -134,6 +134,23 @@ def group_folds(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str]
     return folds
 
 
+def _fold_label(name: str, comp: Mapping[str, Any]) -> str:
+    return name if comp.get("fold") is None else f"fold {comp['fold']}"
+
+
+def missing_line(missing_from: Mapping[str, Sequence[str]], seeds_missing_from: Mapping[Any, Sequence[str]]) -> str:
+    """What was not pooled and which folds lack it: a seed that some folds have no run of is named once
+    ("seed 2 (no run of fold 0)"); any other policy or baseline by itself ("trained, seed 1, greedy-norepeat
+    (not in fold 2)")."""
+    parts = [f"seed {seed} (no run of {' or '.join(folds)})" for seed, folds in sorted(seeds_missing_from.items())]
+    for label, folds in missing_from.items():
+        seed = policy_seed(label)
+        if seed in seeds_missing_from and list(folds) == list(seeds_missing_from[seed]):
+            continue  # absent only where the whole seed is
+        parts.append(f"{label} (not in {' or '.join(folds)})")
+    return "Not pooled, not in every fold: " + "; ".join(parts) + "."
+
+
 def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_resamples: int = 2000
          ) -> Dict[str, Any]:
     """The pooled comparison of recipe runs (comparison.json contents; `names` label them in errors and the
@@ -163,19 +180,24 @@ def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_
 
     everywhere = [label for label in merged[0]["per_topic"] if all(label in comp["per_topic"] for comp in merged)]
     missing = sorted({label for comp in merged for label in comp["per_topic"]} - set(everywhere))
+    missing_from = {label: [_fold_label(name, comp) for name, comp, _ in folds if label not in comp["per_topic"]]
+                    for label in missing}
+    seeds = sorted({seed for comp in merged for seed in run_seeds(comp)})
+    seeds_missing_from = {seed: lacking for seed in seeds
+                          if (lacking := [_fold_label(name, comp) for name, comp, _ in folds
+                                          if seed not in run_seeds(comp)])}
     scores = {label: pooled(label) for label in everywhere}
     table = {label: dict(bootstrap_ci([s[t] for t in topics if t in s], n_resamples=n_resamples).to_dict())
              for label, s in scores.items()}
     if REFERENCE_BASELINES[task][0] not in scores:
         raise ValueError(f"{REFERENCE_BASELINES[task][0]!r} is not scored in every run")
-    seeds = sorted({seed for comp in merged for seed in run_seeds(comp)})
     best_other, paired = paired_intervals(scores, {label: row["mean"] for label, row in table.items()}, task, seeds,
                                           topics, n_resamples)
     return {"task": task, "metric": metric,
             "runs": {name: {"fold": comp.get("fold"), "topics": len(comp["topics"]), "seeds": run_seeds(comp),
                             "runs": runs} for name, comp, runs in folds},
             "topics": topics, "table": table, "paired": paired, "best_other": best_other, "missing": missing,
-            "settings_unrecorded": unrecorded}
+            "missing_from": missing_from, "seeds_missing_from": seeds_missing_from, "settings_unrecorded": unrecorded}
 
 
 def pool_markdown(result: Mapping[str, Any]) -> str:
@@ -197,7 +219,7 @@ def pool_markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {label} | {against} | {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] | "
                          f"{ci['wins']} / {ci['losses']} |")
     if result["missing"]:
-        lines += ["", "Not pooled (not in every fold): " + ", ".join(result["missing"]) + "."]
+        lines += ["", missing_line(result["missing_from"], result["seeds_missing_from"])]
     if result.get("settings_unrecorded"):
         lines += ["", "Training settings not recorded in comparison.json (written before they were), so not checked "
                       "against the others: " + ", ".join(result["settings_unrecorded"]) + "."]
