@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from deepretrieval.models.tiny import make_prompt_batch, make_tiny_qwen2
+from deepretrieval.models.tiny import load_tiny_tokenizer, make_prompt_batch, make_tiny_qwen2
 from deepretrieval.workers.config import RolloutConfig, from_dict
 from deepretrieval.workers.rollout import HFRollout
 from deepretrieval.workers.rollout.base import SamplingParams, resolve_sampling
-from deepretrieval.workers.rollout.no_repeat import NGramBlocker
+from deepretrieval.workers.rollout.no_repeat import NGramBlocker, format_token_sequences
 from deepretrieval.workers.rollout.vllm import vllm_sampling_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -20,13 +20,17 @@ PAD = 0
 TEXTS = ["diabetes trials", "heart", "screening for colorectal cancer in adults over fifty"]
 
 
-def brute_banned(history, n, never=()):
-    """Every token t such that history + [t] ends with an n-gram that occurs earlier in history."""
+def brute_banned(history, n, never=(), exempt=()):
+    """Every token t such that history + [t] ends with an n-gram that occurs earlier in history, except the
+    tokens t with which history + [t] ends with a prefix of an exempt sequence."""
     if len(history) < n - 1:
         return set()
     tail = tuple(history[len(history) - n + 1:]) if n > 1 else ()
     grams = [tuple(history[i:i + n]) for i in range(len(history) - n + 1)]
-    return {g[-1] for g in grams if g[:-1] == tail} - set(never)
+    banned = {g[-1] for g in grams if g[:-1] == tail} - set(never)
+    extended = [list(history) + [t] for t in banned]
+    return {s[-1] for s in extended
+            if not any(s[len(s) - k:] == list(e[:k]) for e in exempt for k in range(1, min(len(e), len(s)) + 1))}
 
 
 def repeats(seq, n):
@@ -55,15 +59,34 @@ def test_blocker_by_hand():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_blocker_matches_brute_force(n):
+@pytest.mark.parametrize("exempt", [(), ((1, 2, 3),), ((0, 1), (2, 2, 0, 3))], ids=["plain", "one", "two"])
+def test_blocker_matches_brute_force(n, exempt):
     rng = random.Random(n)
     for _ in range(50):
         seq = [rng.randrange(5) for _ in range(rng.randrange(0, 30))]
-        b = NGramBlocker(n, rows=2, never=[4])
+        b = NGramBlocker(n, rows=2, never=[4], exempt=exempt)
         for i, t in enumerate(seq):
-            assert b.banned(1) == brute_banned(seq[:i], n, never=[4])
+            assert b.banned(1) == brute_banned(seq[:i], n, never=[4], exempt=exempt)
             b.add(1, t)
-        assert b.banned(1) == brute_banned(seq, n, never=[4]) and b.banned(0) == set()
+        assert b.banned(1) == brute_banned(seq, n, never=[4], exempt=exempt) and b.banned(0) == set()
+
+
+def test_the_answer_can_close_its_tag(tok):
+    """`</answer>` repeats the bigram `answer >` of `<answer>`: banned without the exemption, writable with it;
+    the query's own repeats stay banned."""
+    ids = tok.encode('<answer>{"query": "knee OR pain OR knee', add_special_tokens=False)
+    close = tok.encode("</answer>", add_special_tokens=False)
+    seqs = format_token_sequences(tok)
+    assert tuple(close) in seqs and tuple(tok.encode("<answer>", add_special_tokens=False)) in seqs
+    plain, tags = NGramBlocker(2, rows=1), NGramBlocker(2, rows=1, exempt=seqs)
+    for t in ids + close[:-1]:
+        plain.add(0, t)
+        tags.add(0, t)
+    assert close[-1] in plain.banned(0) and close[-1] not in tags.banned(0)
+    knee = NGramBlocker(2, rows=1, exempt=seqs)
+    for t in ids[:-1]:
+        knee.add(0, t)
+    assert ids[-1] in knee.banned(0)  # ` OR` then ` knee` again: still banned
 
 
 def test_mask_touches_only_live_rows():
@@ -87,6 +110,10 @@ class _Tok:
     def __init__(self, eos, pad):
         self.eos_token_id, self.pad_token_id = eos, pad
 
+    @staticmethod
+    def encode(text, add_special_tokens=False):
+        return load_tiny_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+
 
 def _rollout(model, eos_ids, hf=None):
     rollout = HFRollout(model, _Tok(eos_ids[0], PAD), from_dict(RolloutConfig, {"response_length": R, "hf": hf or {}}))
@@ -105,7 +132,7 @@ def _reference_greedy(model, prompts, n, eos_ids):
         for _ in range(R):
             logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
             if n:
-                banned = sorted(brute_banned(resp, n, never=eos_ids))
+                banned = sorted(brute_banned(resp, n, never=eos_ids, exempt=format_token_sequences(load_tiny_tokenizer())))
                 logits[banned] = float("-inf")
             token = int(logits.argmax())
             resp.append(token)
@@ -172,6 +199,8 @@ def test_model_method_spec_and_backend(tiny_dir, monkeypatch):
     blocked = methods.ModelMethod(tiny_dir, backend="hf", no_repeat_ngram_size=2)
     assert "no_repeat_ngram_size" not in plain.spec()  # records written before the option keep their spec
     assert blocked.spec()["no_repeat_ngram_size"] == 2
+    # records decoded before the answer tags were exempt are not taken for this rule's
+    assert blocked.spec()["no_repeat_rule"] == "response only; answer tags exempt"
     monkeypatch.setattr(methods, "vllm_available", lambda: True)  # the refusal comes before any vllm import
     with pytest.raises(ValueError, match="hf backend"):
         methods.ModelMethod(tiny_dir, backend="vllm", no_repeat_ngram_size=2)

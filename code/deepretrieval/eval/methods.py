@@ -17,6 +17,7 @@ from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.samples import EvalSample
 from deepretrieval.trainer.checkpoint import resolve_model_dir
+from deepretrieval.workers.rollout.no_repeat import RULE as NO_REPEAT_RULE
 from deepretrieval.workers.rollout.no_repeat import ngram_size
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ class ModelMethod(QueryMethod):
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed,
             **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
-            **({"no_repeat_ngram_size": self.no_repeat_ngram_size} if self.no_repeat_ngram_size else {}),
+            **({"no_repeat_ngram_size": self.no_repeat_ngram_size, "no_repeat_rule": NO_REPEAT_RULE}
+               if self.no_repeat_ngram_size else {}),
             **rendering,
         }
 

@@ -36,7 +36,7 @@ from deepretrieval.workers.actor import model_device
 from deepretrieval.workers.config import RolloutConfig
 from deepretrieval.workers.rollout.base import (BaseRollout, SamplingParams, build_rollout_batch, check_prompt_keys,
                                                 resolve_sampling)
-from deepretrieval.workers.rollout.no_repeat import NGramBlocker
+from deepretrieval.workers.rollout.no_repeat import NGramBlocker, format_token_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ class HFRollout(BaseRollout):
         self.static_min_rows = STATIC_MIN_ROWS
         self._cuda_graphs = mode == "reduce-overhead" and model_device(model).type == "cuda"
         self._compiled_step = None
+        self._tag_sequences: Optional[List[Tuple[int, ...]]] = None
         if mode is not None:
             # each compaction bucket is one more compiled shape; the default limit (8) would fall back to eager
             dynamo = torch._dynamo.config
@@ -292,7 +293,8 @@ class HFRollout(BaseRollout):
         owner = torch.arange(rows, device=device)  # decoding row -> output row
         noise_rows = None  # after a compaction: draw for all rows, keep the live rows' draws (same samples)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        blocker = NGramBlocker(params.no_repeat_ngram_size, rows, self.eos_ids) if params.no_repeat_ngram_size else None
+        blocker = (NGramBlocker(params.no_repeat_ngram_size, rows, self.eos_ids, self._format_sequences())
+                   if params.no_repeat_ngram_size else None)
         for step in range(self.response_length):
             if blocker is not None:
                 live_rows, done_rows = owner.tolist(), finished.tolist()
@@ -320,6 +322,12 @@ class HFRollout(BaseRollout):
             logits = kv.step(token, next_pos)
             next_pos = next_pos + 1
         return responses[:rows]
+
+    def _format_sequences(self) -> List[Tuple[int, ...]]:
+        """The answer tags' token sequences, which no-repeat decoding never bans (no_repeat.format_token_sequences)."""
+        if self._tag_sequences is None:
+            self._tag_sequences = format_token_sequences(self.tokenizer)
+        return self._tag_sequences
 
     def generate_sequences(self, prompts: Batch) -> Batch:
         check_prompt_keys(prompts)
