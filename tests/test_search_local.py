@@ -373,3 +373,37 @@ def test_wildcard_phrases_from_the_issue_are_refused_quickly(pubmed_mini):
         pubmed_mini.search(" OR ".join(['"of the"'] * 999))
     # specific wildcard phrases stay fine
     assert pubmed_mini.count('"aspirin* resist*" OR "warfarin* therap*"') > 0
+
+
+def test_one_writer_thread_ranks_tied_documents_in_corpus_order(tmp_path):
+    """Documents that tie on a query (here: all of them, identical text) rank in corpus order when one thread
+    indexes them, the same on every build; the vendored indexes are built so (VENDORED_WRITER_THREADS)."""
+    order = [f"d{(i * 37) % 300:03d}" for i in range(300)]  # not sorted: the corpus's order, not the ids'
+    corpus = tmp_path / "ties.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d, "title": "knee pain", "text": "knee pain in adults"}) + "\n"
+                              for d in order))
+    rankings = []
+    for i in range(2):
+        meta = build_index(corpus, tmp_path / f"idx{i}", num_threads=1, progress=False)
+        assert meta["writer_threads"] == 1
+        hits = LocalSearchEngine(tmp_path / f"idx{i}").search("knee", k=300).hits
+        assert len({h.score for h in hits}) == 1  # every document ties
+        rankings.append([h.docid for h in hits])
+    assert rankings[0] == rankings[1] == order
+
+
+def test_vendored_index_is_rebuilt_when_built_with_several_threads(tmp_path, caplog):
+    target = tmp_path / "trials_sigir"
+    assert local_index.ensure_local_index("trials_sigir", target) == target
+    meta = local_index.read_index_meta(target)
+    assert meta["writer_threads"] == local_index.VENDORED_WRITER_THREADS == 1
+    # an index from before (tantivy's own thread count, recorded as 0 or not at all) is rebuilt on first use
+    path = target / INDEX_META_FILE
+    path.write_text(json.dumps({k: v for k, v in meta.items() if k != "writer_threads"}))
+    with caplog.at_level("INFO", logger="deepretrieval.search.local_index"):
+        local_index.ensure_local_index("trials_sigir", target)
+    assert "depends on their timing" in caplog.text
+    assert local_index.read_index_meta(target)["writer_threads"] == 1
+    caplog.clear()
+    local_index.ensure_local_index("trials_sigir", target)  # up to date: kept
+    assert "rebuilding" not in caplog.text and "building" not in caplog.text

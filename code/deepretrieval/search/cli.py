@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--format", choices=["jsonl", "pubmed-xml", "ctgov"], default=None)
     build.add_argument("--batch-size", type=int, default=100_000, help="documents per commit")
     build.add_argument("--threads", type=int, default=0,
-                       help="indexing threads in all (0: tantivy's choice, or one per shard with --shards)")
+                       help="indexing threads in all (0: tantivy's choice, or one per shard with --shards; with more than "
+                            "one per index, documents that tie on a query rank in an order that depends on thread "
+                            "timing, so 1 makes the ranking reproducible across builds)")
     build.add_argument("--heap-mb", type=int, default=256, help="indexing memory budget in all (shared by the shards)")
     build.add_argument("--shards", type=int, default=1, metavar="N",
                        help="split the index into N shards by record id, searched in parallel")

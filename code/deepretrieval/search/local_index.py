@@ -313,6 +313,7 @@ def build_index(
             "text_fields": [f for f in TEXT_FIELDS if f in present],
             "stopwords": stopwords,
             "all_field": bool(all_field),
+            "writer_threads": int(num_threads) if shards == 1 else max(1, int(num_threads) // shards),
             "records_read": stats["added"] + stats["deleted"] + skips.total,
             "records_added": stats["added"],
             "deletions": stats["deleted"],
@@ -384,7 +385,7 @@ def build_summary(meta: Dict[str, Any]) -> List[str]:
 _META_TYPES: Dict[str, Tuple[type, ...]] = {
     "format_version": (int,), "num_docs": (int,), "formats": (list,), "text_fields": (list,), "sources": (list,),
     "skipped": (dict,), "records_read": (int,), "records_added": (int,), "deletions": (int,), "shards": (list,),
-    "stopwords": (str,), "all_field": (bool,),
+    "stopwords": (str,), "all_field": (bool,), "writer_threads": (int,),
 }
 
 
@@ -441,6 +442,16 @@ def index_size_bytes(index_dir: Union[str, os.PathLike]) -> int:
 
 # ----------------------------------------------------------------------------- vendored corpora
 
+# The vendored corpora are indexed by one thread: documents then sit in the index in corpus order, and BM25 ties
+# (common: tantivy quantises document lengths, so a one-word query scores every matching document of one length
+# alike), which the engine breaks by (segment, document), rank the same on every machine. With tantivy's own
+# choice (one thread per core) the threads split the documents between segments by timing: four rebuilds of
+# trials_sigir on one machine ranked short queries' ties differently each time, changing top-100 sets, so a
+# reward, and two recipe reruns went apart (docs/recipe.md, "Pooled so far"). The corpora are small (3.6k-41k
+# documents: well under a second either way).
+VENDORED_WRITER_THREADS = 1
+
+
 def corpus_path(name: str) -> Path:
     if name not in LOCAL_CORPORA:
         raise ValueError(f"no vendored corpus named {name!r}; known: {', '.join(LOCAL_CORPORA)}")
@@ -464,10 +475,23 @@ def index_ready(index_dir: Path) -> bool:
     return True
 
 
+def _vendored_ready(target: Path) -> bool:
+    """A finished vendored index built with VENDORED_WRITER_THREADS (one built before, with tantivy's own thread
+    count, orders tied documents by thread timing and is rebuilt)."""
+    if not index_ready(target):
+        return False
+    if read_index_meta(target).get("writer_threads") != VENDORED_WRITER_THREADS:
+        logger.info("rebuilding local index %s: built with several indexing threads, its order of tied "
+                    "documents depends on their timing", target)
+        return False
+    return True
+
+
 def ensure_local_index(name: str, index_dir: Optional[os.PathLike] = None, rebuild: bool = False) -> Path:
-    """Return the directory of the local index `name`, building it from the vendored corpus if missing."""
+    """Return the directory of the local index `name`, building it from the vendored corpus if missing (one
+    indexing thread: VENDORED_WRITER_THREADS)."""
     target = Path(index_dir) if index_dir is not None else default_index_dir(name)
-    if index_ready(target) and not rebuild:
+    if _vendored_ready(target) and not rebuild:
         return target
     source = corpus_path(name)
     if not source.exists():
@@ -477,11 +501,11 @@ def ensure_local_index(name: str, index_dir: Optional[os.PathLike] = None, rebui
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         try:
-            if index_ready(target) and not rebuild:
+            if _vendored_ready(target) and not rebuild:
                 return target
             logger.info("building local index %r from %s (first use)", name, source)
             # build_index builds next to the target and moves the finished index into place
-            build_index(str(source), str(target), overwrite=True, progress=False)
+            build_index(str(source), str(target), overwrite=True, progress=False, num_threads=VENDORED_WRITER_THREADS)
             logger.info("local index %r ready at %s", name, target)
             return target
         finally:
