@@ -475,14 +475,15 @@ def index_ready(index_dir: Path) -> bool:
     return True
 
 
-def _vendored_ready(target: Path) -> bool:
+def _vendored_ready(target: Path, say_why: bool = False) -> bool:
     """A finished vendored index built with VENDORED_WRITER_THREADS (one built before, with tantivy's own thread
-    count, orders tied documents by thread timing and is rebuilt)."""
+    count, orders tied documents by thread timing and is rebuilt; `say_why` logs that)."""
     if not index_ready(target):
         return False
     if read_index_meta(target).get("writer_threads") != VENDORED_WRITER_THREADS:
-        logger.info("rebuilding local index %s: built with several indexing threads, its order of tied "
-                    "documents depends on their timing", target)
+        if say_why:
+            logger.info("rebuilding local index %s: built with several indexing threads, its order of tied "
+                        "documents depends on their timing", target)
         return False
     return True
 
@@ -501,7 +502,7 @@ def ensure_local_index(name: str, index_dir: Optional[os.PathLike] = None, rebui
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         try:
-            if _vendored_ready(target) and not rebuild:
+            if _vendored_ready(target, say_why=True) and not rebuild:
                 return target
             logger.info("building local index %r from %s (first use)", name, source)
             # build_index builds next to the target and moves the finished index into place
