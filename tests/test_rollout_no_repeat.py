@@ -106,6 +106,15 @@ def model(tok):
     return make_tiny_qwen2(tok, hidden_size=64, seed=3, initializer_range=0.15).eval()  # one greedy row loops
 
 
+_TAGS = []  # the tiny tokenizer's answer-tag sequences, computed once
+
+
+def _tags():
+    if not _TAGS:
+        _TAGS.extend(format_token_sequences(load_tiny_tokenizer()))
+    return _TAGS
+
+
 class _Tok:
     def __init__(self, eos, pad):
         self.eos_token_id, self.pad_token_id = eos, pad
@@ -132,7 +141,7 @@ def _reference_greedy(model, prompts, n, eos_ids):
         for _ in range(R):
             logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
             if n:
-                banned = sorted(brute_banned(resp, n, never=eos_ids, exempt=format_token_sequences(load_tiny_tokenizer())))
+                banned = sorted(brute_banned(resp, n, never=eos_ids, exempt=_tags()))
                 logits[banned] = float("-inf")
             token = int(logits.argmax())
             resp.append(token)

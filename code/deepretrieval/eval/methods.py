@@ -17,8 +17,7 @@ from deepretrieval.data.prompts import get_style, style_reasons
 from deepretrieval.eval import baselines
 from deepretrieval.eval.samples import EvalSample
 from deepretrieval.trainer.checkpoint import resolve_model_dir
-from deepretrieval.workers.rollout.no_repeat import RULE as NO_REPEAT_RULE
-from deepretrieval.workers.rollout.no_repeat import ngram_size
+from deepretrieval.workers.rollout.no_repeat import RULE as NO_REPEAT_RULE, ngram_size
 
 logger = logging.getLogger(__name__)
 

@@ -173,12 +173,18 @@ def shard_dir_name(i: int) -> str:
     return f"shard-{i:03d}"
 
 
+def writer_threads(num_threads: int, shards: int) -> int:
+    """Indexing threads of each shard's writer: `num_threads` for a single index (0: tantivy's choice),
+    an even share of them, at least one, per shard otherwise."""
+    return int(num_threads) if shards == 1 else max(1, int(num_threads) // shards)
+
+
 def _open_writer(index: Any, heap_size: int, num_threads: int, shards: int) -> Any:
-    """One shard's writer: its share of the heap and threads (0 threads: tantivy's choice for a
-    single index, one thread per shard otherwise), at least tantivy's minimum heap per thread."""
+    """One shard's writer: its share of the heap and threads (writer_threads), at least tantivy's minimum
+    heap per thread."""
+    threads = writer_threads(num_threads, shards)
     if shards == 1:
-        return index.writer(heap_size, num_threads) if num_threads else index.writer(heap_size)
-    threads = max(1, num_threads // shards)
+        return index.writer(heap_size, threads) if threads else index.writer(heap_size)
     return index.writer(max(heap_size // shards, MIN_HEAP_PER_THREAD * threads), threads)
 
 
@@ -313,7 +319,7 @@ def build_index(
             "text_fields": [f for f in TEXT_FIELDS if f in present],
             "stopwords": stopwords,
             "all_field": bool(all_field),
-            "writer_threads": int(num_threads) if shards == 1 else max(1, int(num_threads) // shards),
+            "writer_threads": writer_threads(num_threads, shards),
             "records_read": stats["added"] + stats["deleted"] + skips.total,
             "records_added": stats["added"],
             "deletions": stats["deleted"],
@@ -462,25 +468,30 @@ def default_index_dir(name: str) -> Path:
     return cache_root() / "indexes" / name
 
 
+def _finished_meta(index_dir: Path) -> Optional[Dict[str, Any]]:
+    """The metadata of a finished index in `index_dir`, None when it is missing or damaged (logged)."""
+    if not (Path(index_dir) / INDEX_META_FILE).is_file():
+        return None
+    try:
+        return read_index_meta(index_dir)
+    except SearchUnavailable as exc:
+        logger.warning("%s", exc)
+        return None
+
+
 def index_ready(index_dir: Path) -> bool:
     """True when `index_dir` holds a finished index whose metadata reads; `ensure_local_index`
     rebuilds a vendored index whose metadata is missing or damaged."""
-    if not (Path(index_dir) / INDEX_META_FILE).is_file():
-        return False
-    try:
-        read_index_meta(index_dir)
-    except SearchUnavailable as exc:
-        logger.warning("%s", exc)
-        return False
-    return True
+    return _finished_meta(index_dir) is not None
 
 
 def _vendored_ready(target: Path, say_why: bool = False) -> bool:
     """A finished vendored index built with VENDORED_WRITER_THREADS (one built before, with tantivy's own thread
     count, orders tied documents by thread timing and is rebuilt; `say_why` logs that)."""
-    if not index_ready(target):
+    meta = _finished_meta(target)
+    if meta is None:
         return False
-    if read_index_meta(target).get("writer_threads") != VENDORED_WRITER_THREADS:
+    if meta.get("writer_threads") != VENDORED_WRITER_THREADS:
         if say_why:
             logger.info("rebuilding local index %s: built with several indexing threads, its order of tied "
                         "documents depends on their timing", target)
