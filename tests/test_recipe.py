@@ -141,6 +141,10 @@ def test_comparison_pairs_topics_and_picks_the_best_other_baseline():
     assert gpt["mean"] == pytest.approx((-0.2 + 0.0 - 0.1) / 3) and (gpt["wins"], gpt["losses"]) == (0, 2)
     greedy = comp["paired"]["trained, seed 1, greedy"]["original"]
     assert greedy["mean"] == pytest.approx(-0.2) and (greedy["wins"], greedy["losses"]) == (0, 2)
+    # what RL added: against the same seed's warm-up (its format error on b scores 0)
+    rl = comp["paired"]["trained, seed 1, sampled"]["warm-up, seed 1, sampled"]
+    assert rl["mean"] == pytest.approx((0.2 + 0.5 + 0.1) / 3) and rl["n"] == 3 and (rl["wins"], rl["losses"]) == (3, 0)
+    assert "warm-up, seed 1, greedy" not in comp["paired"]["trained, seed 1, greedy"]  # no greedy warm-up scored
     assert comp["table"]["warm-up, seed 1, sampled"]["errors"] == {"format": 1}
     assert comp["table"]["warm-up, seed 1, sampled"]["recall@100"]["mean"] == pytest.approx(0.1 / 3)
     assert set(comp["table"]["original"]) == {"recall@100", "recall@1000", "ndcg@10", "errors"}
@@ -265,7 +269,7 @@ def test_ci_recipe_end_to_end_tiny(tmp_path, monkeypatch):
     assert table["gpt35_conditions"]["recall@100"]["mean"] == pytest.approx(0.400, abs=0.001)
     assert set(comp["paired"]) == {"trained, seed 1, greedy", "trained, seed 1, sampled",
                                    "trained, seed 1, greedy-norepeat"}
-    assert set(comp["paired"]["trained, seed 1, greedy"]) == {"original", comp["best_other"]}
+    assert set(comp["paired"]["trained, seed 1, greedy"]) == {"original", comp["best_other"], "warm-up, seed 1, greedy"}
     # greedy-norepeat: one query per topic, asked for with the recipe's n-gram rule, and none repeats a bigram
     spec = json.loads((out / "eval" / "samples" / "trials_sigir" / "trained_seed_1_greedy-norepeat.spec.json").read_text())
     assert spec["method"]["no_repeat_ngram_size"] == rc.NO_REPEAT_NGRAM == 2 and spec["method"]["n"] == 1

@@ -99,6 +99,23 @@ def test_what_a_fold_lacks_is_named_by_seed_or_by_policy():
     assert res["seeds_missing_from"] == {2: ["A"]} and res["missing_from"][n1] == ["A"]
 
 
+def test_pooled_against_the_warm_up_is_what_rl_added():
+    w1 = rc.policy_label("warm-up", 1, "sampled")
+    a = _run(0, dict(FOLD_A, **{S1: {"a1": 0.3, "a2": 0.4, "a3": 0.2}, w1: {"a1": 0.3, "a2": 0.1, "a3": 0.4}}))
+    b = _run(1, dict(FOLD_B, **{S1: {"b1": 0.6, "b2": 0.1}, w1: {"b1": 0.2, "b2": 0.1}}))
+    res = pl.pool([a, b], n_resamples=500)
+    rl = res["paired"][S1][w1]
+    # trained - warm-up, by hand: a: 0.0, +0.3, -0.2; b: +0.4, 0.0
+    assert rl["mean"] == pytest.approx(0.5 / 5) and rl["n"] == 5 and (rl["wins"], rl["losses"]) == (2, 1)
+    ref = paired_bootstrap_ci([0.3, 0.4, 0.2, 0.6, 0.1], [0.3, 0.1, 0.4, 0.2, 0.1], n_resamples=500)
+    assert (rl["low"], rl["high"]) == pytest.approx((ref.low, ref.high))
+    assert f"| {S1} | {w1} | +0.100 [" in pl.pool_markdown(res)
+    # a warm-up not scored in every fold is not pooled, and no trained policy is compared with it
+    b_without = _run(1, dict(FOLD_B, **{S1: {"b1": 0.6, "b2": 0.1}}))
+    partial = pl.pool([a, b_without], n_resamples=300)
+    assert set(partial["paired"][S1]) == {"original", "clinicians"} and partial["missing"] == [w1]
+
+
 def test_one_run_pooled_is_the_runs_own_comparison():
     rng = random.Random(3)
     topics = [f"t{i}" for i in range(12)]

@@ -155,8 +155,8 @@ def pool(comparisons: Sequence[Mapping[str, Any]], names: Sequence[str] = (), n_
          ) -> Dict[str, Any]:
     """The pooled comparison of recipe runs (comparison.json contents; `names` label them in errors and the
     report, default run1, run2, ...): per method the pooled mean with its bootstrap interval, per seed and
-    decoding that every fold has the paired intervals against `original` and against the best other reference
-    baseline (by pooled mean), and the seeds/decodings some fold lacks."""
+    decoding that every fold has the paired intervals against `original`, the best other reference baseline
+    (by pooled mean) and the same seed's warm-up (what RL added), and the seeds/decodings some fold lacks."""
     from deepretrieval.eval.metrics import bootstrap_ci
 
     if not comparisons:

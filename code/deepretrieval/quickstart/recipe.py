@@ -243,20 +243,22 @@ def paired_intervals(scores: Mapping[str, Mapping[str, float]], means: Mapping[s
                      ) -> Tuple[Optional[str], Dict[str, Dict[str, Any]]]:
     """(best other reference baseline, paired): `scores` label -> topic -> score, `means` label -> mean score.
     The best other baseline is the reference baseline after `original` with the highest mean; for each
-    trained policy (every seed and decoding in `scores`), against `original` and it: the paired bootstrap
-    interval of mean_t (trained[t] - baseline[t]) over the topics both scored, and the topics won / lost."""
+    trained policy (every seed and decoding in `scores`), against `original`, it, and the warm-up policy of
+    the same seed and decoding (what RL added, where scored): the paired bootstrap interval of
+    mean_t (trained[t] - baseline[t]) over the topics both scored, and the topics won / lost."""
     from deepretrieval.eval.metrics import paired_bootstrap_ci
 
     baselines = REFERENCE_BASELINES[task]
     others = [b for b in baselines[1:] if scores.get(b)]
     best_other = max(others, key=lambda b: means[b]) if others else None
     paired: Dict[str, Dict[str, Any]] = {}
-    for label in [policy_label("trained", seed, d) for seed in seeds for d in DECODINGS]:
+    for seed, d in [(seed, d) for seed in seeds for d in DECODINGS]:
+        label, warmup = policy_label("trained", seed, d), policy_label("warm-up", seed, d)
         if label not in scores:
             continue
         trained = scores[label]
         entry = {}
-        for against in [baselines[0]] + ([best_other] if best_other else []):
+        for against in [baselines[0]] + ([best_other] if best_other else []) + ([warmup] if scores.get(warmup) else []):
             base = scores[against]
             common = [t for t in topics if t in trained and t in base]
             ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
@@ -270,8 +272,8 @@ def paired_intervals(scores: Mapping[str, Mapping[str, float]], means: Mapping[s
 def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, seeds: Sequence[int],
                n_resamples: int = 2000) -> Dict[str, Any]:
     """Means with bootstrap intervals per method and metric, and per seed and decoding the paired
-    intervals of trained - `original` and trained - the best other reference baseline (by mean
-    recall@100); `paired` is keyed by the trained policy's label; `per_topic`: label -> topic -> recall@100
+    intervals of trained - `original`, trained - the best other reference baseline (by mean
+    recall@100) and trained - its warm-up (paired_intervals); `paired` is keyed by the trained policy's label; `per_topic`: label -> topic -> recall@100
     (what quickstart.pool pools across folds)."""
     from deepretrieval.eval.metrics import bootstrap_ci
 
