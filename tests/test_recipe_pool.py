@@ -110,6 +110,9 @@ def test_pooled_against_the_warm_up_is_what_rl_added():
     ref = paired_bootstrap_ci([0.3, 0.4, 0.2, 0.6, 0.1], [0.3, 0.1, 0.4, 0.2, 0.1], n_resamples=500)
     assert (rl["low"], rl["high"]) == pytest.approx((ref.low, ref.high))
     assert f"| {S1} | {w1} | +0.100 [" in pl.pool_markdown(res)
+    # the forest plot's rows: every trained policy against `original` and its own warm-up, not the other baseline
+    assert [(label, against) for label, against, _ in pl.forest_rows(res)] == [(S1, "original"), (S1, w1)]
+    assert pl.forest_rows(res)[1][2] == rl
     # a warm-up not scored in every fold is not pooled, and no trained policy is compared with it
     b_without = _run(1, dict(FOLD_B, **{S1: {"b1": 0.6, "b2": 0.1}}))
     partial = pl.pool([a, b_without], n_resamples=300)
@@ -160,6 +163,7 @@ def test_run_folders_and_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"| {S1} | original | +0.080 [" in done.stdout and out.read_text() in done.stdout, done.stdout
     assert json.loads(out.with_suffix(".json").read_text())["paired"][S1]["original"]["n"] == 5
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out.with_suffix(".png")) in done.stdout
     bad = subprocess.run(cmd[:4] + [str(old)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no per-topic scores" in bad.stderr
 

@@ -252,6 +252,35 @@ def test_a_parse_worker_that_dies_stops_the_run_cleanly(files, tmp_path, monkeyp
     check_final_mirror(index)
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_an_id_added_deleted_and_added_again_between_commits_is_there_once(tmp_path, shards):
+    """Only an id in the index (committed or applied since) gets a delete before its add: an id
+    added, deleted and added again before a commit, or one deleted and added again after a commit,
+    must end as one document with the last version; the others untouched."""
+    from deepretrieval.search.ingest import Record
+
+    out = tmp_path / "m"
+    w = mirror.MirrorWriter(out, shards=shards, num_threads=1, heap_size=20_000_000)
+    try:
+        c = mirror.Counts()
+        w.apply([Record(id="7", title="first aspirin"), Record(id="8", title="placebo"), Record(id="7", deleted=True),
+                 Record(id="7", title="second aspirin"), Record(id="9", title="third aspirin")], c)
+        assert (c.added, c.replaced, c.deleted) == (4, 0, 1)  # 7 counts as added again after its deletion
+        w.commit(None, c)
+        c = mirror.Counts()
+        w.apply([Record(id="9", deleted=True), Record(id="9", title="fourth aspirin"),
+                 Record(id="10", deleted=True)], c)
+        assert (c.added, c.replaced, c.deleted, c.delete_missing) == (1, 0, 1, 1)
+        w.commit(None, c)
+    finally:
+        w.close()
+    engine = LocalSearchEngine(out)
+    assert engine.num_docs == 3  # 7, 8, 9
+    assert found(out, "aspirin") == {"7", "9"} and engine.count("aspirin") == 2
+    assert found(out, "second") == {"7"} and found(out, "first") == set()
+    assert found(out, "fourth") == {"9"} and found(out, "third") == set() and found(out, "placebo") == {"8"}
+
+
 def test_sharded_mirror_with_deletions_scores_positive(tmp_path):
     """Revised PMIDs leave deleted versions in a shard until tantivy merges them away; they count
     in the document frequency but not in the live document count, so the whole-index IDF boost

@@ -114,7 +114,8 @@ def run_pool_command(args: argparse.Namespace) -> int:
         return 2
     print(pool_markdown(result), end="")
     if args.out:
-        print(f"\nwritten: {args.out} and {Path(args.out).with_suffix('.json')}")
+        png = Path(args.out).with_suffix(".png")
+        print(f"\nwritten: {args.out}, {Path(args.out).with_suffix('.json')}" + (f" and {png}" if result["paired"] else ""))
     return 0
 
 
@@ -160,7 +161,8 @@ def register(subparsers: Any) -> None:
         "recipe-pool", help="pool recipe runs of different folds (and seeds): one paired comparison over all their topics",
         description=POOL_HELP)
     pool.add_argument("runs", nargs="+", metavar="RUN_DIR", help="recipe run folders (--out of `deepretrieval recipe`)")
-    pool.add_argument("--out", default=None, help="also write the report here (markdown) and its .json next to it")
+    pool.add_argument("--out", default=None,
+                      help="also write the report here (markdown), and its .json and forest plot (.png) next to it")
     pool.set_defaults(func=run_pool_command)
 
     p = subparsers.add_parser("quickstart", help="prepare, warm up, evaluate, train (GRPO), evaluate again, on CPU",

@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals, policy_seed
+from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals, policy_label, policy_seed
 
 COMPARISON_FILE = "comparison.json"
 # Two runs of one fold must score a baseline identically (same corpus, engine and queries); float noise aside.
@@ -226,8 +226,54 @@ def pool_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forest_rows(result: Mapping[str, Any]) -> List[Tuple[str, str, Mapping[str, Any]]]:
+    """The pooled paired intervals a forest plot draws, top to bottom: (policy, against, interval) for every
+    trained policy against `original` and against its own warm-up (what RL added), where pooled."""
+    rows = []
+    for label, entry in result["paired"].items():
+        stage, seed, decoding = label.split(", ")
+        for against in ("original", policy_label("warm-up", int(seed.split()[1]), decoding)):
+            if against in entry:
+                rows.append((label, against, entry[against]))
+    return rows
+
+
+def plot_pooled(result: Mapping[str, Any], png: "str | Path") -> Path:
+    """A forest plot of the pooled paired differences (forest_rows): per trained policy, trained − `original`
+    (circles) and trained − its warm-up (squares) with their 95% intervals, a line at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepretrieval.quickstart.report import save_figure
+
+    rows = forest_rows(result)
+    policies = list(dict.fromkeys(label for label, _, _ in rows))
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(policies) + 1.4))
+    for label, against, ci in rows:
+        y = len(policies) - 1 - policies.index(label)
+        vs_original = against == "original"
+        y += 0.15 if vs_original else -0.15
+        color, marker = ("C0", "o") if vs_original else ("C1", "s")
+        ax.plot([ci["low"], ci["high"]], [y, y], color=color, linewidth=1.5)
+        ax.plot([ci["mean"]], [y], marker=marker, color=color, markersize=5)
+    ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yticks(range(len(policies)))
+    ax.set_yticklabels(list(reversed(policies)), fontsize=8)
+    ax.plot([], [], "o-", color="C0", label="trained − original")
+    ax.plot([], [], "s-", color="C1", label="trained − its warm-up (what RL added)")
+    ax.set_ylim(-0.6, len(policies) - 0.4)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    ax.set_xlabel(f"paired difference in {result['metric']} (95% bootstrap interval)", fontsize=8)
+    fig.suptitle(f"{result['task']}: {len(result['topics'])} held-out topics, {len(result['runs'])} folds pooled",
+                 fontsize=9)
+    return save_figure(fig, png)
+
+
 def pool_runs(run_dirs: Sequence["str | Path"], out: "str | Path | None" = None) -> Dict[str, Any]:
-    """Pool recipe run folders; writes `out` (markdown) and `out` with .json when given."""
+    """Pool recipe run folders; writes `out` (markdown), and next to it the .json and the forest plot (.png),
+    when given."""
     comps: List[Dict[str, Any]] = [load_comparison(d) for d in run_dirs]
     result = pool(comps, names=[str(d) for d in run_dirs])
     if out is not None:
@@ -235,4 +281,6 @@ def pool_runs(run_dirs: Sequence["str | Path"], out: "str | Path | None" = None)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(pool_markdown(result))
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        if result["paired"]:
+            plot_pooled(result, out.with_suffix(".png"))
     return result

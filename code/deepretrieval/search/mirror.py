@@ -262,16 +262,17 @@ class MirrorWriter:
     def _apply_chunk(self, chunk: List[Record], counts: Counts) -> None:
         present = self._present([r.id for r in chunk])
         for rec in chunk:
+            was = present[rec.id]
             try:
                 doc = None if rec.deleted else _document(rec, self.all_field)
                 writer = self.writers[self._shard(rec.id)]
-                writer.delete_documents_by_term("id", rec.id)
+                if was:  # an id in no committed document and not added since needs no delete (most of a baseline)
+                    writer.delete_documents_by_term("id", rec.id)
                 if doc is not None:
                     writer.add_document(doc)
             except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate in a field
                 counts.skips.add("cannot be indexed", f"id {rec.id!r}", f"{type(exc).__name__}: {exc}")
                 continue
-            was = present[rec.id]
             present[rec.id] = self._since_commit[rec.id] = not rec.deleted
             if rec.deleted:
                 if was:
