@@ -124,13 +124,15 @@ VAL_TOPICS_HELP = ("hold out N training topics (seeded; not trained on) for the 
                    "the test topics)")
 RECIPE_HELP = """The CPU recipe (deepretrieval.quickstart.recipe): the quickstart's pipeline once per seed on one
 vendored task, then every seed's trained policy next to the reference baselines on the held-out
-test topics, with paired bootstrap intervals of (trained - original). Resumable like the quickstart."""
+test topics, with paired bootstrap intervals of (trained - original) and (trained - its warm-up). Resumable like
+the quickstart."""
 
 POOL_HELP = """Pool recipe runs of different folds (`deepretrieval recipe --fold F`, deepretrieval.quickstart.pool):
 each fold's test topics are scored by its own policies, which never trained on them, so together the runs
 give one cross-validated comparison per seed and decoding over all their topics, with the paired bootstrap
-interval of (trained - original) and (trained - the best other baseline). Runs with the same test topics are
-seeds of one fold run apart (`--seeds 1` here, `--seeds 2 3` elsewhere) and are merged first."""
+interval of (trained - original), (trained - the best other baseline) and (trained - its own warm-up: what
+RL added). Runs with the same test topics are seeds of one fold run apart (`--seeds 1` here, `--seeds 2 3`
+elsewhere) and are merged first. With --out FILE.md, also FILE.json and FILE.png (a forest plot)."""
 
 
 def register(subparsers: Any) -> None:
