@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals, policy_label, policy_seed
+from deepretrieval.quickstart.recipe import REFERENCE_BASELINES, paired_intervals, policy_seed
 
 COMPARISON_FILE = "comparison.json"
 # Two runs of one fold must score a baseline identically (same corpus, engine and queries); float noise aside.
@@ -229,13 +229,9 @@ def pool_markdown(result: Mapping[str, Any]) -> str:
 def forest_rows(result: Mapping[str, Any]) -> List[Tuple[str, str, Mapping[str, Any]]]:
     """The pooled paired intervals a forest plot draws, top to bottom: (policy, against, interval) for every
     trained policy against `original` and against its own warm-up (what RL added), where pooled."""
-    rows = []
-    for label, entry in result["paired"].items():
-        stage, seed, decoding = label.split(", ")
-        for against in ("original", policy_label("warm-up", int(seed.split()[1]), decoding)):
-            if against in entry:
-                rows.append((label, against, entry[against]))
-    return rows
+    original = REFERENCE_BASELINES[result["task"]][0]
+    return [(label, against, ci) for label, entry in result["paired"].items() for against, ci in entry.items()
+            if against == original or policy_seed(against) is not None]  # a policy compared with: its warm-up
 
 
 def plot_pooled(result: Mapping[str, Any], png: "str | Path") -> Path:

@@ -272,9 +272,9 @@ def paired_intervals(scores: Mapping[str, Mapping[str, float]], means: Mapping[s
 def comparison(records: Mapping[str, Sequence[Mapping[str, Any]]], task: str, seeds: Sequence[int],
                n_resamples: int = 2000) -> Dict[str, Any]:
     """Means with bootstrap intervals per method and metric, and per seed and decoding the paired
-    intervals of trained - `original`, trained - the best other reference baseline (by mean
-    recall@100) and trained - its warm-up (paired_intervals); `paired` is keyed by the trained policy's label; `per_topic`: label -> topic -> recall@100
-    (what quickstart.pool pools across folds)."""
+    intervals of trained - `original`, trained - the best other reference baseline (by mean recall@100)
+    and trained - its warm-up (paired_intervals); `paired` is keyed by the trained policy's label;
+    `per_topic`: label -> topic -> recall@100 (what quickstart.pool pools across folds)."""
     from deepretrieval.eval.metrics import bootstrap_ci
 
     metric = f"recall@{K}"
