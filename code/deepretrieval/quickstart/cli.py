@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from deepretrieval.data.cli import FOLD_HELP
@@ -105,7 +104,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
 
 
 def run_pool_command(args: argparse.Namespace) -> int:
-    from deepretrieval.quickstart.pool import pool_markdown, pool_runs
+    from deepretrieval.quickstart.pool import pool_markdown, pool_runs, report_files
 
     try:
         result = pool_runs(args.runs, out=args.out)
@@ -114,8 +113,7 @@ def run_pool_command(args: argparse.Namespace) -> int:
         return 2
     print(pool_markdown(result), end="")
     if args.out:
-        png = Path(args.out).with_suffix(".png")
-        print(f"\nwritten: {args.out}, {Path(args.out).with_suffix('.json')}" + (f" and {png}" if result["paired"] else ""))
+        print("\nwritten: " + ", ".join(map(str, report_files(args.out, result))))
     return 0
 
 

@@ -267,16 +267,23 @@ def plot_pooled(result: Mapping[str, Any], png: "str | Path") -> Path:
     return save_figure(fig, png)
 
 
+def report_files(out: "str | Path", result: Mapping[str, Any]) -> List[Path]:
+    """The files pool_runs writes for `out`: the markdown, its .json, and the forest plot (.png) when anything
+    was paired."""
+    out = Path(out)
+    return [out, out.with_suffix(".json")] + ([out.with_suffix(".png")] if result["paired"] else [])
+
+
 def pool_runs(run_dirs: Sequence["str | Path"], out: "str | Path | None" = None) -> Dict[str, Any]:
-    """Pool recipe run folders; writes `out` (markdown), and next to it the .json and the forest plot (.png),
-    when given."""
+    """Pool recipe run folders; writes `out` (markdown), and next to it the .json and the forest plot
+    (report_files), when given."""
     comps: List[Dict[str, Any]] = [load_comparison(d) for d in run_dirs]
     result = pool(comps, names=[str(d) for d in run_dirs])
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(pool_markdown(result))
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        if result["paired"]:
-            plot_pooled(result, out.with_suffix(".png"))
+        md, js, *png = report_files(out, result)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(pool_markdown(result))
+        js.write_text(json.dumps(result, indent=2) + "\n")
+        if png:
+            plot_pooled(result, png[0])
     return result

@@ -20,6 +20,7 @@ sampling, never which topics are tested.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -252,13 +253,13 @@ def paired_intervals(scores: Mapping[str, Mapping[str, float]], means: Mapping[s
     others = [b for b in baselines[1:] if scores.get(b)]
     best_other = max(others, key=lambda b: means[b]) if others else None
     paired: Dict[str, Dict[str, Any]] = {}
-    for seed, d in [(seed, d) for seed in seeds for d in DECODINGS]:
+    for seed, d in itertools.product(seeds, DECODINGS):
         label, warmup = policy_label("trained", seed, d), policy_label("warm-up", seed, d)
         if label not in scores:
             continue
         trained = scores[label]
         entry = {}
-        for against in [baselines[0]] + ([best_other] if best_other else []) + ([warmup] if scores.get(warmup) else []):
+        for against in [baselines[0]] + [b for b in (best_other, warmup) if b and scores.get(b)]:
             base = scores[against]
             common = [t for t in topics if t in trained and t in base]
             ci = paired_bootstrap_ci([trained[t] for t in common], [base[t] for t in common],
